@@ -1,0 +1,30 @@
+# The README's two commands: `make serve` and `make test`. Each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA_DIR ?= ./data
+
+.PHONY: serve test lint bench demo clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Reinstall when the package definition or the API changes (the install compiles proto/).
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard proto/flexcache/v1/*.proto)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+serve: $(STAMP)
+	$(BIN)/flexcache serve --data-dir $(DATA_DIR)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info proto/flexcache/v1/*_pb2*.py proto/flexcache/v1/*_pb2*.pyi
