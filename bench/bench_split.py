@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexcache_model.prompt_split import (  # noqa: E402
+from flexcache_model.prompt_split import (
     SCENE_PHRASES,
     SCENE_WORDS,
     PromptSplit,

@@ -79,10 +79,10 @@ SCENE_WORDS: frozenset[str] = _words(
     island islands waves wave surf water waters sand snow ice grass lawn moss rocks boulders trees
     treetops foliage bushes flowers wildflowers sunflowers clouds fog mist
     city cities town village downtown suburb suburbs neighborhood neighbourhood street streets road
-    roads avenue boulevard highway freeway motorway alley alleyway lane path pathway trail sidewalk
+    roads avenue boulevard highway freeway motorway alley alleyway archway clearing lane path pathway trail sidewalk
     crosswalk intersection plaza courtyard driveway parking lot bridge tunnel railway
     railroad tracks track platform station subway metro airport runway raceway racetrack stadium
-    arena court pitch rink ski slope slopes campus campsite camp playground carnival fairground
+    arena court pitch rink slope slopes campus campsite camp playground carnival fairground
     carrousel carousel amusement cemetery graveyard ruins ruin construction site junkyard dump
     factory industrial warehouse area district zone market marketplace bazaar mall supermarket
     store shop shops bakery boutique pharmacy cafe cafeteria restaurant diner bar pub club
@@ -101,7 +101,7 @@ SCENE_WORDS: frozenset[str] = _words(
 # Multi-word scene names whose head alone would mislead ("living room" is fine via "room").
 SCENE_PHRASES: frozenset[str] = frozenset(
     {"parking lot", "golf course", "food court", "phone booth", "gas station", "train station",
-     "outer space", "night sky", "town square", "public square", "city square", "coral reef", "swimming pool", "movie theater", "city street"}
+     "outer space", "night sky", "town square", "ski slope", "ski resort", "ski run", "public square", "city square", "coral reef", "swimming pool", "movie theater", "city street"}
 )
 
 TIME_WORDS: frozenset[str] = _words(
@@ -202,6 +202,12 @@ SUBORDINATORS: frozenset[str] = _words("as while when whilst then meanwhile and 
 
 PRONOUNS: frozenset[str] = _words("he she they it we i you him them someone somebody everyone")
 
+# Verbs that introduce the subject from a style/scene frame: "A whimsical scene, featuring a bear".
+PRESENT_VERBS: frozenset[str] = _words(
+    "featuring features showcasing showcases showing shows depicting depicts including includes "
+    "focusing focuses highlighting highlights presenting presents starring stars capturing captures"
+)
+
 CLAUSE_BREAKERS: frozenset[str] = _words("while whilst as then who whose which that where when")
 
 AUX_VERBS: frozenset[str] = _words(
@@ -213,7 +219,9 @@ AUX_VERBS: frozenset[str] = _words(
     "crashes crash flows flow sways sway shines shine sets set begins begin starts start captures "
     "capture shows show reveals reveal features feature fills fill covers cover hangs hang teem "
     "teems line lines wears wear carries carry eats eat drinks drink reads read writes write sings "
-    "sing talks talk stares stare gazes gaze watches watch waits wait leans lean lands land"
+    "sing talks talk stares stare gazes gaze watches watch waits wait leans lean lands land "
+    "displays display unfolds unfold stretch grazes graze towers tower perches perch glistens glisten "
+    "sparkles sparkle emerges emerge enters enter leaves leave"
 )
 
 ADJECTIVES: frozenset[str] = _words(
@@ -230,6 +238,8 @@ ADJECTIVES: frozenset[str] = _words(
     """
 )
 
+_NOUN_LY = _words("family lily belly jelly fly butterfly dragonfly firefly holy italy july rally ally")
+
 _NOUN_ING = _words(
     "building buildings painting paintings ceiling ceilings clothing evening evenings morning "
     "mornings ring rings king kings thing things string strings spring wing wings swing swings "
@@ -244,6 +254,14 @@ _SENT_END = frozenset(".!?")
 _CHUNK_END = frozenset(",;:")
 
 _OBJ, _BG, _UNK = 0, 1, 2
+
+
+_ADJ_SUFFIXES = ("al", "ic", "ful", "ous", "ive", "ish", "less", "ent", "ant", "able", "ible", "ary")
+
+
+def _is_adj(word: str) -> bool:
+    """Known adjective, or an adjective-looking word ("majestic", "peaceful", "formal")."""
+    return word in ADJECTIVES or (len(word) > 4 and word.endswith(_ADJ_SUFFIXES))
 
 
 def _singular(word: str) -> str:
@@ -301,6 +319,9 @@ class PromptSplitter:
         through = start
         while j < end:
             w = words[j]
+            if w in _CHUNK_END and (head_idx < 0 or _is_adj(words[head_idx])):
+                j += 1  # "A large, rustic barn": a comma between adjectives
+                continue
             if w in _CHUNK_END or w in _SENT_END:
                 break
             if w == "of" and head_idx >= 0:
@@ -319,8 +340,14 @@ class PromptSplitter:
                 j > start
                 and self._is_verbish(words, j)
                 and (words[j] in AUX_VERBS or (head_idx >= 0 and words[head_idx] not in ADJECTIVES))
+                and not (j + 1 < end and self._in(words[j + 1], self.bg_words))
             ):
                 break
+            if len(w) > 4 and w.endswith("ly") and w not in _NOUN_LY:
+                if head_idx >= 0 and words[head_idx] not in ADJECTIVES:
+                    break
+                j += 1
+                continue
             if w not in DETERMINERS and w not in {"and", "or", "&"} and w.isascii():
                 head_idx = j
             j += 1
@@ -328,6 +355,14 @@ class PromptSplitter:
             return 5, j, through
         hw = words[head_idx]
         prev = words[head_idx - 1] if head_idx > start else ""
+        if (
+            head_idx > start
+            and hw.endswith("s")
+            and not self._in(hw, self.bg_words | self.style | ATTRIBUTE_WORDS)
+            and self._in(prev, self.bg_words)
+        ):
+            # "A picturesque university campus unfolds": the -s word is the verb, not the head.
+            hw, prev = prev, words[head_idx - 2] if head_idx - 1 > start else ""
         if f"{prev} {hw}" in self.scene_phrases:
             return 0, j, through
         if self._in(hw, self.style):
@@ -338,7 +373,9 @@ class PromptSplitter:
             return 3, j, through
         if self._in(hw, self.bg_words):
             return 0, j, through
-        if hw in ADJECTIVES and all(w in ADJECTIVES or w in DETERMINERS for w in words[start:j]):
+        if (j >= end or words[j] in _CHUNK_END) and _is_adj(hw) and all(
+            _is_adj(w) or w in DETERMINERS or w in _CHUNK_END for w in words[start:j]
+        ):
             return 5, j, through
         return 4, j, through
 
@@ -356,16 +393,26 @@ class PromptSplitter:
         styles = [False] * n
 
         # Chunks: (start, end) token ranges, plus the index of the sentence they belong to.
+        # A comma after a noun-less fragment ("In a lush, vibrant forest") does not end the chunk.
+        # "while/where/as <subject>" and "and <determiner|pronoun>" start a new clause-chunk.
         chunks: list[tuple[int, int, int]] = []
         s = 0
         sent = 0
         for i, w in enumerate(words):
+            if w in _CHUNK_END and i > s and all(self._is_filler(x) for x in words[s:i]):
+                continue
             if w in _CHUNK_END or w in _SENT_END:
                 if i > s:
                     chunks.append((s, i, sent))
                 if w in _SENT_END:
                     sent += 1
                 s = i + 1
+            elif i > s and i + 1 < n and (
+                w in {"while", "whilst", "where"}
+                or (w in {"as", "and"} and (words[i + 1] in DETERMINERS or words[i + 1] in PRONOUNS))
+            ):
+                chunks.append((s, i, sent))
+                s = i
         if s < n:
             chunks.append((s, n, sent))
 
@@ -413,7 +460,7 @@ class PromptSplitter:
     def _label_chunk(self, words: list[str], a: int, b: int, labels: list[int], styles: list[bool]) -> int:
         """Label tokens of one chunk in place; return the chunk's lead label (_OBJ/_BG/_UNK)."""
         i = a
-        while i < b and words[i] in SUBORDINATORS:
+        while i < b and (words[i] in SUBORDINATORS or words[i] in {"where", "whilst"}):
             i += 1
         if i >= b:
             for t in range(a, b):
@@ -439,6 +486,14 @@ class PromptSplitter:
             rest = end
             for t in range(a, end):
                 labels[t] = lead
+        elif w0 in PRESENT_VERBS and i + 1 < b:
+            # "featuring a majestic zebra ... in a savanna": the introduced noun phrase decides.
+            cls, end = self._head_class(words, i + 1, b)
+            lead = _BG if cls in (0, 1, 3) else _OBJ
+            labels[i] = _BG
+            for t in range(i + 1, end):
+                labels[t] = lead
+            rest = end
         elif self._is_verbish(words, i) and i + 1 < b and (
             words[i + 1] in DETERMINERS or words[i + 1] in PLACE_PREPS or words[i + 1] in ADJECTIVES
             or words[i + 1] in {"with", "by", "to", "up", "down", "off", "out", "away"}
@@ -508,10 +563,29 @@ class PromptSplitter:
                     i = stop
                     cur = lead
                     continue
+            elif w in PRESENT_VERBS and lead == _BG and i + 1 < b:
+                cls, end = self._head_class(words, i + 1, b)
+                if cls == 4:
+                    stop = self._clause_end(words, end, b)
+                    labels[i] = _BG
+                    for t in range(i + 1, stop):
+                        labels[t] = _OBJ
+                    # Place phrases inside the handed-back part still go to the background.
+                    self._label_tail(words, end, stop, _OBJ, labels, styles)
+                    i = stop
+                    continue
             elif w in CLAUSE_BREAKERS or (w == "and" and i + 1 < b and self._starts_clause(words, i + 1, b)):
                 cur = lead
             labels[i] = cur
             i += 1
+
+    @staticmethod
+    def _is_filler(w: str) -> bool:
+        """Words that cannot end a noun phrase: a fragment of only these continues past a comma."""
+        return (
+            w in DETERMINERS or w in ADJECTIVES or w in PLACE_PREPS or w in SUBORDINATORS or w in _CHUNK_END
+            or (w.endswith("ly") and w not in _NOUN_LY)
+        )
 
     def _starts_clause(self, words: list[str], i: int, b: int) -> bool:
         """True when the words after "and" start a new action/subject rather than continue a place."""
@@ -527,7 +601,9 @@ class PromptSplitter:
         """End of a place phrase: the next clause breaker, "and <new clause>", or the chunk end."""
         while i < b:
             w = words[i]
-            if w in CLAUSE_BREAKERS and w not in {"that", "which", "where"}:
+            if w in CLAUSE_BREAKERS and w not in {"that", "which"}:
+                return i
+            if w in AUX_VERBS and w.endswith("s"):
                 return i
             if w == "and" and i + 1 < b and self._starts_clause(words, i + 1, b):
                 return i
