@@ -128,7 +128,9 @@ class Score:
 
 
 def score(
-    prompts: list[str], labels: list[Label], splitter: Callable[[str], PromptSplit] = split_prompt,
+    prompts: list[str],
+    labels: list[Label],
+    splitter: Callable[[str], PromptSplit] = split_prompt,
     kinds: tuple[str, ...] = ("object", "scene"),
 ) -> Score:
     """Score labels (of the given kinds) against the splits of ``prompts`` (indexed by Label.index)."""
@@ -186,9 +188,11 @@ FETV_PEOPLE_ANIMALS = {"people", "animals"}
 def fetv_proxy(data: Path) -> dict[str, tuple[int, int]]:
     """FETV content-class proxy: (hits, total) per check; see docs/prompt_split.md."""
     rows = [json.loads(ln) for ln in (data / "fetv/fetv_data.json").read_text().splitlines() if ln.strip()]
-    checks = {"scenery-only -> background non-empty": [0, 0],
-              "people/animals -> object non-empty": [0, 0],
-              "people/animals only (no place class) -> object non-empty, background empty": [0, 0]}
+    checks = {
+        "scenery-only -> background non-empty": [0, 0],
+        "people/animals -> object non-empty": [0, 0],
+        "people/animals only (no place class) -> object non-empty, background empty": [0, 0],
+    }
     place = {"scenery & natural objects", "buildings & infrastructure"}
     for r in rows:
         sp_cls = set(r["major content"]["spatial"] or [])
@@ -248,18 +252,24 @@ def main(argv: list[str] | None = None) -> int:
     labels = vbench_labels(data)
     suites = vbench_suites(data)
     print("## Label-based accuracy (VBench object/scene labels)\n")
-    print("| prompts | obj labels found | obj P | obj R | scene labels found | scene P | scene R "
-          "| scene R, leave-label-out |")
+    print(
+        "| prompts | obj labels found | obj P | obj R | scene labels found | scene P | scene R "
+        "| scene R, leave-label-out |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, prompts in suites.items():
         s = score(prompts, labels)
         lo = leave_label_out_scene(prompts, labels)
-        print(f"| {name} | {s.n_obj} | {fmt(s.obj_precision())} | {fmt(s.obj_recall())} | {s.n_scene} "
-              f"| {fmt(s.scene_precision())} | {fmt(s.scene_recall())} | {fmt(lo.scene_recall())} |")
+        print(
+            f"| {name} | {s.n_obj} | {fmt(s.obj_precision())} | {fmt(s.obj_recall())} | {s.n_scene} "
+            f"| {fmt(s.scene_precision())} | {fmt(s.scene_recall())} | {fmt(lo.scene_recall())} |"
+        )
     n_obj = sum(lab.kind == "object" for lab in labels)
     n_scene = sum(lab.kind == "scene" for lab in labels)
-    print(f"\nLabels: {n_obj} object, {n_scene} scene; a label counts only where its word occurs in that "
-          "prompt (rewrites sometimes drop or paraphrase it).\n")
+    print(
+        f"\nLabels: {n_obj} object, {n_scene} scene; a label counts only where its word occurs in that "
+        "prompt (rewrites sometimes drop or paraphrase it).\n"
+    )
 
     print("## FETV content-class proxy (held out: not used while writing the rules)\n")
     print("| check | hits / total | rate |")
@@ -279,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         m, p99 = time_split(prompts)
         print(f"| {name} | {len(prompts)} | {statistics.fmean(map(len, prompts)):.0f} | {m:.3f} | {p99:.3f} |")
     m, p99 = time_split(every)
-    print(f"| all of the above | {len(every)} | {statistics.fmean(map(len, every)):.0f} | {m:.3f} "
-          f"| {p99:.3f} |")
+    print(f"| all of the above | {len(every)} | {statistics.fmean(map(len, every)):.0f} | {m:.3f} | {p99:.3f} |")
 
     print("\n## Example splits (random sample, seed 0)\n")
     rng = random.Random(0)

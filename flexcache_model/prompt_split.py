@@ -79,7 +79,8 @@ SCENE_WORDS: frozenset[str] = _words(
     island islands waves wave surf water waters sand snow ice grass lawn moss rocks boulders trees
     treetops foliage bushes flowers wildflowers sunflowers clouds fog mist
     city cities town village downtown suburb suburbs neighborhood neighbourhood street streets road
-    roads avenue boulevard highway freeway motorway alley alleyway archway clearing lane path pathway trail sidewalk
+    roads avenue boulevard highway freeway motorway alley alleyway archway clearing lane path
+    pathway trail sidewalk
     crosswalk intersection plaza courtyard driveway parking lot bridge tunnel railway
     railroad tracks track platform station subway metro airport runway raceway racetrack stadium
     arena court pitch rink slope slopes campus campsite camp playground carnival fairground
@@ -100,8 +101,26 @@ SCENE_WORDS: frozenset[str] = _words(
 
 # Multi-word scene names whose head alone would mislead ("living room" is fine via "room").
 SCENE_PHRASES: frozenset[str] = frozenset(
-    {"parking lot", "golf course", "food court", "phone booth", "gas station", "train station",
-     "outer space", "night sky", "town square", "ski slope", "ski resort", "ski run", "public square", "city square", "coral reef", "swimming pool", "movie theater", "city street"}
+    {
+        "parking lot",
+        "golf course",
+        "food court",
+        "phone booth",
+        "gas station",
+        "train station",
+        "outer space",
+        "night sky",
+        "town square",
+        "ski slope",
+        "ski resort",
+        "ski run",
+        "public square",
+        "city square",
+        "coral reef",
+        "swimming pool",
+        "movie theater",
+        "city street",
+    }
 )
 
 TIME_WORDS: frozenset[str] = _words(
@@ -249,7 +268,7 @@ _NOUN_ING = _words(
     "housing filling"
 )
 
-_TOKEN_RE = re.compile(r"[A-Za-z0-9]+(?:[-'’][A-Za-z0-9]+)*|[^\sA-Za-z0-9]")
+_TOKEN_RE = re.compile(r"[A-Za-z0-9]+(?:[-'\u2019][A-Za-z0-9]+)*|[^\sA-Za-z0-9]")
 _SENT_END = frozenset(".!?")
 _CHUNK_END = frozenset(",;:")
 
@@ -373,8 +392,10 @@ class PromptSplitter:
             return 3, j, through
         if self._in(hw, self.bg_words):
             return 0, j, through
-        if (j >= end or words[j] in _CHUNK_END) and _is_adj(hw) and all(
-            _is_adj(w) or w in DETERMINERS or w in _CHUNK_END for w in words[start:j]
+        if (
+            (j >= end or words[j] in _CHUNK_END)
+            and _is_adj(hw)
+            and all(_is_adj(w) or w in DETERMINERS or w in _CHUNK_END for w in words[start:j])
         ):
             return 5, j, through
         return 4, j, through
@@ -387,7 +408,7 @@ class PromptSplitter:
         if not text.strip():
             raise ValueError("split_prompt: prompt is empty or whitespace-only")
         spans = [(m.start(), m.end()) for m in _TOKEN_RE.finditer(text)]
-        words = [text[a:b].lower().replace("’", "'") for a, b in spans]
+        words = [text[a:b].lower().replace("\u2019", "'") for a, b in spans]
         n = len(words)
         labels = [_OBJ] * n
         styles = [False] * n
@@ -407,9 +428,13 @@ class PromptSplitter:
                 if w in _SENT_END:
                     sent += 1
                 s = i + 1
-            elif i > s and i + 1 < n and (
-                w in {"while", "whilst", "where"}
-                or (w in {"as", "and"} and (words[i + 1] in DETERMINERS or words[i + 1] in PRONOUNS))
+            elif (
+                i > s
+                and i + 1 < n
+                and (
+                    w in {"while", "whilst", "where"}
+                    or (w in {"as", "and"} and (words[i + 1] in DETERMINERS or words[i + 1] in PRONOUNS))
+                )
             ):
                 chunks.append((s, i, sent))
                 s = i
@@ -494,9 +519,15 @@ class PromptSplitter:
             for t in range(i + 1, end):
                 labels[t] = lead
             rest = end
-        elif self._is_verbish(words, i) and i + 1 < b and (
-            words[i + 1] in DETERMINERS or words[i + 1] in PLACE_PREPS or words[i + 1] in ADJECTIVES
-            or words[i + 1] in {"with", "by", "to", "up", "down", "off", "out", "away"}
+        elif (
+            self._is_verbish(words, i)
+            and i + 1 < b
+            and (
+                words[i + 1] in DETERMINERS
+                or words[i + 1] in PLACE_PREPS
+                or words[i + 1] in ADJECTIVES
+                or words[i + 1] in {"with", "by", "to", "up", "down", "off", "out", "away"}
+            )
         ):
             # Participle clause with no subject: "creating a mirror effect", "frozen in time".
             lead = _UNK
@@ -531,9 +562,7 @@ class PromptSplitter:
         self._label_tail(words, rest, b, lead, labels, styles)
         return lead
 
-    def _label_tail(
-        self, words: list[str], i: int, b: int, lead: int, labels: list[int], styles: list[bool]
-    ) -> None:
+    def _label_tail(self, words: list[str], i: int, b: int, lead: int, labels: list[int], styles: list[bool]) -> None:
         """Label the rest of a chunk after its lead: cut out place phrases, hand back objects."""
         cur = lead
         while i < b:
@@ -583,7 +612,11 @@ class PromptSplitter:
     def _is_filler(w: str) -> bool:
         """Words that cannot end a noun phrase: a fragment of only these continues past a comma."""
         return (
-            w in DETERMINERS or w in ADJECTIVES or w in PLACE_PREPS or w in SUBORDINATORS or w in _CHUNK_END
+            w in DETERMINERS
+            or w in ADJECTIVES
+            or w in PLACE_PREPS
+            or w in SUBORDINATORS
+            or w in _CHUNK_END
             or (w.endswith("ly") and w not in _NOUN_LY)
         )
 
