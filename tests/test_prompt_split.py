@@ -1,0 +1,230 @@
+"""Tests for flexcache_model.prompt_split: constructions, edge cases, label floors, speed."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from flexcache_model.prompt_split import PromptSplit, PromptSplitter, split_prompt
+
+DATA = Path("/work/shared/data/prompts")
+needs_data = pytest.mark.skipif(
+    not (DATA / "vbench/vbench/VBench_full_info.json").exists(), reason="prompt suites not present"
+)
+
+
+def _bench() -> ModuleType:
+    """Import bench/bench_split.py (not a package) for its label loaders and metric."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_split.py"
+    spec = importlib.util.spec_from_file_location("bench_split", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_split"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _has(part: str, word: str) -> bool:
+    return word.lower() in part.lower()
+
+
+# ---- constructions ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prompt", "obj", "bg"),
+    [
+        # place prepositional phrase + time of day
+        ("a dog running on the beach at sunset", "a dog running", "on the beach at sunset"),
+        ("a man in a red suit walking in a forest", "a man in a red suit walking", "in a forest"),
+        # relational "on the left of" keeps both objects; view words go to background/style
+        ("a bird on the left of a cat, front view", "a bird on the left of a cat", "front view"),
+        ("a toaster on the top of a microwave", "a toaster on the top of a microwave", ""),
+        # the preposition opens the prompt
+        ("In a still frame, a stop sign", "a stop sign", "In a still frame"),
+        # whole prompt is a scene, incl. the "X of Y" frame pattern
+        ("A tranquil tableau of alley", "", "A tranquil tableau of alley"),
+        ("alley", "", "alley"),
+        ("a person", "a person", ""),
+        # camera / style chunks
+        ("close-up of a corgi, cinematic, 4k, slow pan", "a corgi", "close-up, cinematic, 4k, slow pan"),
+        # attribute phrase is not a place
+        ("a toilet, frozen in time", "a toilet, frozen in time", ""),
+        # noun-less fragment before a comma continues the phrase
+        (
+            "In a lush, vibrant forest clearing, a majestic elephant stands",
+            "a majestic elephant stands",
+            "In a lush, vibrant forest clearing",
+        ),
+    ],
+)
+def test_constructions(prompt: str, obj: str, bg: str) -> None:
+    sp = split_prompt(prompt)
+    assert (sp.object, sp.background) == (obj, bg)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "obj", "bg"),
+    [
+        (
+            "a red square drifting left over a striped blue background",
+            "a red square drifting left",
+            "over a striped blue background",
+        ),
+        (
+            "blue stripes behind a small red square moving to the left",
+            "a small red square moving to the left",
+            "blue stripes",
+        ),
+        ("a small green circle bouncing, night with stars", "a small green circle bouncing", "night with stars"),
+    ],
+)
+def test_procedural_captions(prompt: str, obj: str, bg: str) -> None:
+    sp = split_prompt(prompt)
+    assert (sp.object, sp.background) == (obj, bg)
+
+
+def test_style_is_subset_of_background() -> None:
+    sp = split_prompt("A stop sign. Realistic, Natural lighting, Casual")
+    assert sp.object == "A stop sign."
+    assert _has(sp.background, "natural lighting") and _has(sp.background, "realistic")
+    assert sp.style == "Realistic"
+    assert sp.style in sp.background
+
+
+def test_style_prepositional_phrase() -> None:
+    sp = split_prompt("A beautiful coastal beach in spring, waves lapping on sand, in the style of Ukiyo")
+    assert sp.object == ""
+    assert _has(sp.style, "in the style of Ukiyo")
+
+
+def test_featuring_hands_subject_back_to_object() -> None:
+    sp = split_prompt("A whimsical animated film, featuring a fluffy white sheep grazing in a lush green meadow")
+    assert _has(sp.object, "sheep") and not _has(sp.background, "sheep")
+    assert _has(sp.background, "meadow") and not _has(sp.object, "meadow")
+
+
+def test_long_prompt_sentences() -> None:
+    sp = split_prompt(
+        "A stylish woman walks down a Tokyo street filled with warm glowing neon. She wears a black "
+        "leather jacket and sunglasses. The street is damp and reflective, creating a mirror effect."
+    )
+    assert _has(sp.object, "woman") and _has(sp.object, "leather jacket")
+    assert _has(sp.background, "Tokyo street") and _has(sp.background, "street is damp")
+    assert not _has(sp.object, "street")
+
+
+# ---- edge cases --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "\n\t "])
+def test_empty_input_raises(bad: str) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        split_prompt(bad)
+
+
+def test_non_string_raises() -> None:
+    with pytest.raises(TypeError):
+        split_prompt(None)  # type: ignore[arg-type]
+
+
+def test_punctuation_only_and_odd_input_do_not_crash() -> None:
+    for text in ["...", "!!!", "4k", "日本の庭", "a", "in", "a, , , b"]:
+        sp = split_prompt(text)
+        assert isinstance(sp, PromptSplit)
+
+
+def test_deterministic_and_frozen() -> None:
+    p = "a corgi running on the beach at sunset, cinematic"
+    assert split_prompt(p) == split_prompt(p)
+    with pytest.raises(AttributeError):
+        split_prompt(p).object = "x"  # type: ignore[misc]
+
+
+def test_parts_are_slices_of_the_prompt() -> None:
+    p = "A Fat Rabbit wearing a purple robe walking through a fantasy landscape"
+    sp = split_prompt(p)
+    assert sp.object in p and sp.background in p
+    assert sp.background == "through a fantasy landscape"
+
+
+def test_injected_lexicon_changes_result() -> None:
+    """Without 'alley' in the lexicon a bare 'alley' is no longer recognised as a scene."""
+    from flexcache_model.prompt_split import SCENE_WORDS
+
+    sp = PromptSplitter(scene_words=SCENE_WORDS - {"alley"}).split("alley")
+    assert sp.background == ""
+
+
+def test_module_does_not_import_torch() -> None:
+    import flexcache_model.prompt_split as mod
+
+    assert "torch" not in mod.__dict__
+    src = Path(mod.__file__).read_text()
+    assert "import torch" not in src
+
+
+# ---- accuracy floors on the real labels (fail if the splitter breaks) -----------------------------
+
+
+@needs_data
+def test_vbench_label_floors() -> None:
+    b = _bench()
+    labels = b.vbench_labels(DATA)
+    suites = b.vbench_suites(DATA)
+    orig = b.score(suites["VBench original (946)"], labels)
+    assert orig.n_obj > 400 and orig.n_scene > 80
+    assert orig.obj_recall() >= 0.95 and orig.obj_precision() >= 0.95
+    assert orig.scene_recall() >= 0.90 and orig.scene_precision() >= 0.90
+    hy = b.score(suites["VBench Hunyuan rewrite"], labels)
+    assert hy.obj_recall() >= 0.90 and hy.scene_recall() >= 0.85
+    longer = b.score(suites["VBench GPT 'longer'"], labels)
+    assert longer.obj_recall() >= 0.50 and longer.obj_precision() >= 0.90
+    assert longer.scene_recall() >= 0.65 and longer.scene_precision() >= 0.80
+
+
+@needs_data
+def test_metric_detects_a_broken_splitter() -> None:
+    """The metric itself must fail a splitter that puts everything in the object."""
+    b = _bench()
+    labels = b.vbench_labels(DATA)
+    prompts = b.vbench_suites(DATA)["VBench original (946)"]
+    s = b.score(prompts, labels, lambda t: PromptSplit(object=t, background=""))
+    assert s.scene_recall() == 0.0
+    assert s.obj_precision() < 0.85
+
+
+# ---- speed --------------------------------------------------------------------------------------------
+
+
+def _timing_prompts() -> list[str]:
+    if (DATA / "vbench/prompts/all_dimension.txt").exists():
+        short = (DATA / "vbench/prompts/all_dimension.txt").read_text().splitlines()[:300]
+        long = (
+            (DATA / "vbench/prompts/augmented_prompts/gpt_enhanced_prompts/all_dimension_longer.txt")
+            .read_text()
+            .splitlines()[:100]
+        )
+        return [p for p in short + long if p.strip()]
+    base = [
+        "a dog running on the beach at sunset, cinematic, 4k",
+        "blue stripes behind a small red square moving to the left",
+        "A stylish woman walks down a Tokyo street filled with warm glowing neon. She wears a black coat.",
+    ]
+    return base * 150
+
+
+def test_average_latency_loose() -> None:
+    prompts = _timing_prompts()
+    assert len(prompts) >= 300
+    split_prompt(prompts[0])  # warm
+    t0 = time.perf_counter()
+    for p in prompts:
+        split_prompt(p)
+    avg_ms = (time.perf_counter() - t0) / len(prompts) * 1e3
+    assert avg_ms < 5.0, f"average {avg_ms:.3f} ms per prompt"
