@@ -1,0 +1,23 @@
+"""Vector index backends behind one interface (base.VectorIndex)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Hit, IndexPoint, VectorIndex
+
+__all__ = ["Hit", "IndexPoint", "VectorIndex", "open_index"]
+
+
+def open_index(backend: str, data_dir: Path, *, url: str = "", api_key: str = "", prefer_grpc: bool = True,
+               path: str = "") -> VectorIndex:
+    """The embedded Qdrant Edge shard by default; a Qdrant server (or qdrant-client local mode)."""
+    if backend == "edge":
+        from .edge import EdgeIndex
+
+        return EdgeIndex(data_dir / "index")
+    if backend == "qdrant":
+        from .remote import QdrantIndex
+
+        return QdrantIndex(url=url, api_key=api_key, prefer_grpc=prefer_grpc, path=path)
+    raise ValueError(f"unknown index backend {backend!r}")

@@ -1,0 +1,396 @@
+"""The cache core: put, lookup, fetch, delete and evict over the store, the index and a policy.
+
+It speaks in protobuf messages and domain errors (errors.py), never in gRPC terms, so it can be
+driven by the server or directly by a benchmark. Invariants it keeps:
+
+- RocksDB is written first, the index second; an index failure rolls the store write back, and at
+  startup `open()` repairs whatever a crash left between the two (points with no entry are removed,
+  entries with no point are re-indexed from their stored vectors).
+- A lookup or fetch never crosses namespaces: every index search is filtered by namespace and every
+  fetch checks the entry's recorded namespace.
+- Stored bytes stay within the budget: crossing the high watermark evicts, in the policy's order, down
+  to the low watermark, skipping entries that are being streamed out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from flexcache.v1 import cache_pb2 as pb
+
+from .entries import ROLE_BY_ENUM, NamespaceKey, Usage, entry_id, record_size
+from .errors import Corrupt, InvalidRequest, NotFound, TooLarge, Unavailable
+from .eviction import EvictionPolicy
+from .index import IndexPoint, VectorIndex
+from .metrics import Metrics
+from .steps import StepTable
+from .store import NamespaceInfo, Store
+
+log = logging.getLogger(__name__)
+
+CHUNK_LIMIT = 1 << 20  # bytes per streamed chunk, both directions
+MAX_PROMPT_CHARS = 16_384
+_ENTRY_ID = re.compile(r"[0-9a-f]{64}")
+# How much of a composed latent each donor supplies, for crediting its utility.
+ROLE_WEIGHTS = {"full": 1.0, "object": 0.5, "background": 0.5}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int
+    high_watermark: float
+    low_watermark: float
+    max_blob_bytes: int
+    max_vector_dim: int
+    utility_half_life_s: float
+    utility_prior_steps: float
+
+
+def _vector(values, name: str, dim: int | None, max_dim: int) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float32)
+    if dim is not None and v.size != dim:
+        raise InvalidRequest(f"vectors.{name} has dimension {v.size}, this namespace uses {dim}")
+    if v.size > max_dim:
+        raise InvalidRequest(f"vectors.{name} has dimension {v.size}, above the limit of {max_dim}")
+    if not np.isfinite(v).all():
+        raise InvalidRequest(f"vectors.{name} contains NaN or infinite values")
+    if not np.any(v):
+        raise InvalidRequest(f"vectors.{name} is all zeros, which has no direction to compare")
+    return v
+
+
+def _vectors(msg: pb.Vectors, dim: int | None, max_dim: int) -> dict[str, np.ndarray]:
+    """Validated vectors by name; "full" is required, the other two optional."""
+    if not msg.full:
+        raise InvalidRequest("vectors.full is required")
+    full = _vector(msg.full, "full", dim, max_dim)
+    out = {"full": full}
+    for name in ("object", "background"):
+        values = getattr(msg, name)
+        if values:
+            out[name] = _vector(values, name, full.size, max_dim)
+    return out
+
+
+class PutSession:
+    """One Put stream: validated header first, then chunks, then `finish`. Nothing is stored before."""
+
+    def __init__(self, cache: Cache, header: pb.PutHeader, ns: NamespaceKey, entry: str, existing: bool):
+        self._cache = cache
+        self.header = header
+        self.ns = ns
+        self.entry_id = entry
+        self.existing = existing
+        self.received = 0
+        self._digest = hashlib.sha256()
+        self._pending = cache.store.begin_put(entry)
+
+    def add_chunk(self, data: bytes) -> None:
+        if len(data) > CHUNK_LIMIT:
+            raise InvalidRequest(f"chunk of {len(data)} bytes exceeds the 1 MiB chunk limit")
+        if not data:
+            raise InvalidRequest("empty chunk")
+        self.received += len(data)
+        if self.received > self.header.blob.size:
+            raise InvalidRequest(f"stream carries more than the declared {self.header.blob.size} bytes")
+        self._digest.update(data)
+        self._pending.add_chunk(data)
+
+    def finish(self) -> pb.PutResponse:
+        size = self.header.blob.size
+        if self.received != size:
+            raise InvalidRequest(f"stream ended after {self.received} of {size} declared bytes")
+        if self._digest.digest() != self.header.blob.sha256:
+            raise Corrupt(f"blob checksum mismatch: declared sha256 {self.header.blob.sha256.hex()}, "
+                          f"received {self._digest.hexdigest()}")
+        return self._cache._commit(self, self._pending)
+
+
+class Cache:
+    def __init__(self, store: Store, index: VectorIndex, policy: EvictionPolicy, steps: StepTable,
+                 metrics: Metrics, limits: Limits):
+        self.store = store
+        self.index = index
+        self.policy = policy
+        self.steps = steps
+        self.metrics = metrics
+        self.limits = limits
+        self._lock = threading.RLock()
+        self._namespaces: dict[str, NamespaceInfo] = {}
+        self._usage: dict[str, Usage] = {}
+        self._entry_ns: dict[str, str] = {}  # entry id -> namespace key
+        self._ns_entries: Counter[str] = Counter()
+        self._ns_bytes: Counter[str] = Counter()
+        self._pins: Counter[str] = Counter()
+        self.total_bytes = 0
+        self.evictions = 0
+        metrics.max_bytes.set(limits.max_bytes)
+
+    # ---- startup ----
+    def open(self) -> None:
+        """Load entries into memory and the policy, then reconcile the index with the store."""
+        self._namespaces = self.store.namespaces()
+        to_index: list[IndexPoint] = []
+        indexed = set(self.index.entry_ids())
+        for eid, header, usage in self.store.entries():
+            ns_key = NamespaceKey.of(header.namespace).key
+            self._track(eid, ns_key, usage or self._new_usage(header, time.time()))
+            if eid not in indexed:
+                to_index.append(IndexPoint(eid, ns_key, _vectors(header.vectors, None, 1 << 30)))
+            indexed.discard(eid)
+        if indexed:  # points whose entry is gone: written to the index, then the store write was lost
+            self.index.delete(sorted(indexed))
+            self.metrics.reconciled.labels("orphan_point").inc(len(indexed))
+            log.warning("reconcile: removed %d index points with no stored entry", len(indexed))
+        for start in range(0, len(to_index), 512):
+            self.index.upsert(to_index[start:start + 512])
+        if to_index:
+            self.metrics.reconciled.labels("reindexed").inc(len(to_index))
+            log.warning("reconcile: re-indexed %d stored entries missing from the index", len(to_index))
+        self._evict_if_needed()
+        log.info("cache open: %d entries, %d bytes, %d namespaces", len(self._usage), self.total_bytes,
+                 len(self._namespaces))
+
+    def _new_usage(self, header: pb.PutHeader, now: float) -> Usage:
+        usage = Usage(size=record_size(header), created=now, last_access=now, step=header.blob.step,
+                      total_steps=header.namespace.total_steps, step_cost=header.step_seconds or 1.0)
+        usage.add_credit(self.limits.utility_prior_steps * usage.step_cost, now, self.limits.utility_half_life_s)
+        return usage
+
+    def _track(self, eid: str, ns_key: str, usage: Usage) -> None:
+        self._usage[eid] = usage
+        self._entry_ns[eid] = ns_key
+        self.policy.add(eid, usage)
+        self._ns_entries[ns_key] += 1
+        self._ns_bytes[ns_key] += usage.size
+        self.total_bytes += usage.size
+        self._publish(ns_key)
+
+    def _untrack(self, eid: str) -> Usage:
+        usage = self._usage.pop(eid)
+        ns_key = self._entry_ns.pop(eid)
+        self.policy.remove(eid)
+        self._ns_entries[ns_key] -= 1
+        self._ns_bytes[ns_key] -= usage.size
+        self.total_bytes -= usage.size
+        self._publish(ns_key)
+        return usage
+
+    def _publish(self, ns_key: str) -> None:
+        name = self._namespaces[ns_key].name if ns_key in self._namespaces else ns_key
+        self.metrics.entries.labels(name).set(self._ns_entries[ns_key])
+        self.metrics.bytes.labels(name).set(self._ns_bytes[ns_key])
+
+    # ---- put ----
+    def begin_put(self, header: pb.PutHeader) -> PutSession:
+        if not header.HasField("namespace"):
+            raise InvalidRequest("namespace is required")
+        ns = NamespaceKey.of(header.namespace)
+        if not header.prompt.strip():
+            raise InvalidRequest("prompt is empty")
+        if len(header.prompt) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(f"prompt has {len(header.prompt)} characters, above {MAX_PROMPT_CHARS}")
+        known = self._namespaces.get(ns.key)
+        _vectors(header.vectors, known.dim if known else None, self.limits.max_vector_dim)
+        blob = header.blob
+        if blob.size < 1:
+            raise InvalidRequest("blob.size must be at least 1 byte")
+        if len(blob.sha256) != 32:
+            raise InvalidRequest(f"blob.sha256 must be 32 bytes, got {len(blob.sha256)}")
+        if blob.size > self.limits.max_blob_bytes:
+            raise TooLarge(f"blob of {blob.size} bytes exceeds max_blob_bytes ({self.limits.max_blob_bytes})")
+        if record_size(header) > self.limits.max_bytes * self.limits.low_watermark:
+            raise TooLarge(f"entry of {record_size(header)} bytes cannot fit the cache budget")
+        if blob.step >= header.namespace.total_steps:
+            raise InvalidRequest(f"blob.step {blob.step} must be below total_steps {header.namespace.total_steps}")
+        if header.step_seconds < 0 or header.step_seconds != header.step_seconds:
+            raise InvalidRequest("step_seconds must be a non-negative number")
+        eid = entry_id(ns, header.prompt, blob)
+        with self._lock:
+            existing = eid in self._usage
+        return PutSession(self, header, ns, eid, existing)
+
+    def _commit(self, session: PutSession, pending) -> pb.PutResponse:
+        header, ns, eid = session.header, session.ns, session.entry_id
+        vectors = _vectors(header.vectors, None, self.limits.max_vector_dim)
+        with self._lock:
+            if eid in self._usage:
+                return pb.PutResponse(entry_id=eid, created=False, stored_bytes=self._usage[eid].size)
+            known = self._namespaces.get(ns.key)
+            if known is not None and known.dim != vectors["full"].size:  # a concurrent first Put won
+                raise InvalidRequest(f"vectors.full has dimension {vectors['full'].size}, "
+                                     f"this namespace uses {known.dim}")
+            new_ns = None if known else NamespaceInfo(ns.key, ns.name, int(vectors["full"].size))
+            usage = self._new_usage(header, time.time())
+            self.store.commit(pending, header, usage, new_ns)
+            try:
+                self.index.upsert([IndexPoint(eid, ns.key, vectors)])
+            except Exception as exc:
+                self.store.delete(eid)  # never leave an entry that lookups cannot find
+                log.exception("index upsert failed; put of %s rolled back", eid)
+                raise Unavailable(f"vector index unavailable: {exc}") from exc
+            if new_ns:
+                self._namespaces[ns.key] = new_ns
+            self._track(eid, ns.key, usage)
+            self._evict_if_needed()
+        self.metrics.payload.labels("Put").observe(header.blob.size)
+        return pb.PutResponse(entry_id=eid, created=True, stored_bytes=usage.size)
+
+    # ---- lookup ----
+    def lookup(self, request: pb.LookupRequest) -> pb.LookupResponse:
+        if not request.HasField("namespace"):
+            raise InvalidRequest("namespace is required")
+        ns = NamespaceKey.of(request.namespace)
+        known = self._namespaces.get(ns.key)
+        vectors = _vectors(request.vectors, known.dim if known else None, self.limits.max_vector_dim)
+        top_k = max(1, min(request.top_k or 1, 64))
+        if known is None:
+            return self._miss(ns, "unknown_namespace")
+        total_steps = request.namespace.total_steps
+        # Intermediate-latent entries may be unusable at a given similarity: look a little deeper.
+        hits = self.index.search(ns.key, "full", vectors["full"], limit=top_k * 5)
+        candidates = []
+        for hit in hits:
+            header = self.store.record(hit.entry_id)
+            if header is None:  # deleted since it was indexed; the next startup reconciles it
+                continue
+            similarity = min(1.0, max(-1.0, hit.similarity))
+            granted = self.steps.granted_steps(similarity, total_steps, ns.name)
+            if header.blob.step:  # an intermediate latent serves only its own step
+                granted = header.blob.step if granted >= header.blob.step else 0
+            if granted:
+                candidates.append(pb.Candidate(entry_id=hit.entry_id, similarity=similarity, granted_steps=granted,
+                                               role=pb.ROLE_FULL, blob=header.blob, prompt=header.prompt))
+            if len(candidates) == top_k:
+                break
+        if not candidates:
+            return self._miss(ns, "below_threshold" if hits else "empty_namespace")
+        self.metrics.lookups.labels(ns.name, "hit").inc()
+        return pb.LookupResponse(candidates=candidates)
+
+    def _miss(self, ns: NamespaceKey, reason: str) -> pb.LookupResponse:
+        self.metrics.lookups.labels(ns.name, "miss").inc()
+        self.metrics.misses.labels(ns.name, reason).inc()
+        return pb.LookupResponse(miss_reason=reason)
+
+    # ---- fetch ----
+    def fetch(self, request: pb.FetchRequest) -> tuple[pb.FetchHeader, Iterator[bytes]]:
+        """The entry's header and its chunks. The entry stays pinned until the iterator is closed."""
+        if not request.HasField("namespace"):
+            raise InvalidRequest("namespace is required")
+        ns = NamespaceKey.of(request.namespace)
+        eid = _checked_id(request.entry_id)
+        if request.granted_steps >= request.namespace.total_steps:
+            raise InvalidRequest("granted_steps must be below total_steps")
+        role = ROLE_BY_ENUM.get(request.role)
+        with self._lock:
+            if self._entry_ns.get(eid) != ns.key:
+                raise NotFound(f"no entry {eid} in namespace {ns.name}")
+            self._pins[eid] += 1
+            usage = self._usage[eid]
+            if role and request.granted_steps:
+                now = time.time()
+                usage.record_hit(role, request.granted_steps, now)
+                credit = request.granted_steps * ROLE_WEIGHTS[role] * usage.step_cost
+                usage.add_credit(credit, now, self.limits.utility_half_life_s)
+                self.metrics.hits.labels(ns.name, role).inc()
+                self.metrics.steps.labels(ns.name, role).inc(request.granted_steps)
+        try:
+            header = self.store.record(eid)
+            if header is None:
+                raise NotFound(f"no entry {eid} in namespace {ns.name}")
+            if role and request.granted_steps:
+                self.store.put_usage(eid, usage)
+        except BaseException:
+            self._unpin(eid)
+            raise
+        self.metrics.payload.labels("Fetch").observe(header.blob.size)
+        return pb.FetchHeader(entry_id=eid, prompt=header.prompt, blob=header.blob), self._stream(eid)
+
+    def _stream(self, eid: str) -> Iterator[bytes]:
+        try:
+            yield from self.store.read_blob(eid)
+        finally:
+            self._unpin(eid)
+
+    def _unpin(self, eid: str) -> None:
+        with self._lock:
+            self._pins[eid] -= 1
+            if self._pins[eid] <= 0:
+                del self._pins[eid]
+
+    # ---- delete and evict ----
+    def delete(self, request: pb.DeleteRequest) -> bool:
+        if not request.HasField("namespace"):
+            raise InvalidRequest("namespace is required")
+        ns = NamespaceKey.of(request.namespace)
+        eid = _checked_id(request.entry_id)
+        with self._lock:
+            if self._entry_ns.get(eid) != ns.key:
+                return False
+            self._remove([eid])
+        return True
+
+    def _remove(self, eids: list[str]) -> int:
+        """Store first, then the index; a crash in between leaves orphan points that open() removes."""
+        freed = 0
+        for eid in eids:
+            self.store.delete(eid)
+            freed += self._untrack(eid).size
+        try:
+            self.index.delete(eids)
+        except Exception:  # the entries are gone from the store; stale points are skipped by lookups
+            log.exception("index delete failed for %d entries; they will be reconciled", len(eids))
+        return freed
+
+    def _evict_if_needed(self) -> None:
+        limits = self.limits
+        if self.total_bytes <= limits.max_bytes * limits.high_watermark:
+            return
+        target = limits.max_bytes * limits.low_watermark
+        victims, projected = [], self.total_bytes
+        for eid in self.policy.victims():
+            if projected <= target:
+                break
+            if self._pins[eid]:  # being streamed out
+                continue
+            victims.append(eid)
+            projected -= self._usage[eid].size
+        freed = self._remove(victims)
+        self.evictions += len(victims)
+        self.metrics.evictions.labels(self.policy.name).inc(len(victims))
+        self.metrics.evicted_bytes.labels(self.policy.name).inc(freed)
+        log.info("evicted %d entries (%d bytes) by %s", len(victims), freed, self.policy.name)
+
+    # ---- stats ----
+    def stats(self) -> pb.StatsResponse:
+        with self._lock:
+            namespaces = [
+                pb.NamespaceStats(name=info.name, dimension=info.dim, entries=self._ns_entries[key],
+                                  bytes=self._ns_bytes[key])
+                for key, info in sorted(self._namespaces.items(), key=lambda kv: kv[1].name)
+            ]
+            return pb.StatsResponse(entries=len(self._usage), bytes=self.total_bytes,
+                                    max_bytes=self.limits.max_bytes, eviction_policy=self.policy.name,
+                                    index_backend=self.index.name, evictions=self.evictions,
+                                    namespaces=namespaces)
+
+    def usage_of(self, eid: str) -> Usage | None:
+        with self._lock:
+            return self._usage.get(eid)
+
+
+def _checked_id(value: str) -> str:
+    if not _ENTRY_ID.fullmatch(value):
+        raise InvalidRequest(f"entry_id must be 64 lowercase hex characters, got {value[:80]!r}")
+    return value
+

@@ -1,0 +1,78 @@
+"""`flexcache serve` runs the daemon; `flexcache stats` asks a running one; `flexcache config-table`
+prints the settings table for the README. Errors end with a sentence and a non-zero exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from flexcache.v1 import cache_pb2 as pb
+from flexcache.v1 import cache_pb2_grpc as pb_grpc
+
+from . import config as cfg
+
+EXIT_CONFIG, EXIT_RUNTIME = 2, 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import Daemon  # keeps `flexcache stats` light
+
+    try:
+        config = cfg.from_args(args)
+    except cfg.ConfigError as exc:
+        print(f"flexcache serve: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        daemon = Daemon(config)
+        daemon.start()
+    except Exception as exc:  # a daemon that cannot start says why in one line, then exits
+        logging.getLogger("flexcache").debug("start failed", exc_info=True)
+        print(f"flexcache serve: cannot start: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    print(f"flexcache listening on port {daemon.port}", flush=True)
+    daemon.run_until_signal()
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            stats = pb_grpc.CacheServiceStub(channel).Stats(pb.StatsRequest(), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"flexcache stats: {args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return EXIT_RUNTIME
+    if args.json:
+        print(json.dumps(MessageToDict(stats, always_print_fields_with_no_presence=True), indent=2))
+        return 0
+    print(f"entries {stats.entries}  bytes {stats.bytes} / {stats.max_bytes}  policy {stats.eviction_policy}  "
+          f"index {stats.index_backend}  evictions {stats.evictions}")
+    for ns in stats.namespaces:
+        print(f"  {ns.name}  dim {ns.dimension}  entries {ns.entries}  bytes {ns.bytes}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flexcache", description="FlexCache approximate-cache daemon.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="Run the daemon.")
+    cfg.add_flags(serve)
+    serve.set_defaults(run=_serve)
+    stats = commands.add_parser("stats", help="Print a running daemon's statistics.")
+    stats.add_argument("--target", default="127.0.0.1:50051", help="Daemon address (host:port).")
+    stats.add_argument("--timeout", type=float, default=5.0, help="Seconds to wait for the answer.")
+    stats.add_argument("--json", action="store_true", help="Print JSON instead of text.")
+    stats.set_defaults(run=_stats)
+    table = commands.add_parser("config-table", help="Print the settings table (markdown).")
+    table.set_defaults(run=lambda args: print(cfg.markdown_table()) or 0)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The daemon's settings: one declarative table feeds command-line flags, env vars and the YAML file.
+
+Precedence, lowest first: the table's defaults, the YAML file (`--config`), `FLEXCACHE_*` env vars,
+command-line flags. A key the table does not know is an error wherever it appears, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or its value cannot be used; the message says which and why."""
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+               "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2,
+               "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_size(value: str | int) -> int:
+    """'10GiB' -> 10737418240. Plain integers are bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+        unit = match.group(2).lower() if match else None
+        if not match or unit not in _SIZE_UNITS:
+            raise ValueError(f"not a size: {value!r} (examples: 1048576, 512MiB, 10GiB)")
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size < 0:
+        raise ValueError(f"a size cannot be negative: {value!r}")
+    return size
+
+
+def parse_bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {value!r} (use true or false)")
+
+
+def parse_thresholds(value: str) -> tuple[tuple[float, float], ...]:
+    """'0.95:0.5,0.90:0.4' -> ((0.95, 0.5), (0.9, 0.4)): similarity -> fraction of total steps skipped."""
+    pairs = []
+    for part in str(value).split(","):
+        try:
+            sim_text, frac_text = part.split(":")
+            sim, frac = float(sim_text), float(frac_text)
+        except ValueError:
+            raise ValueError(f"bad threshold {part.strip()!r}: expected similarity:fraction") from None
+        if not (-1.0 <= sim <= 1.0 and 0.0 < frac < 1.0):
+            raise ValueError(f"bad threshold {part.strip()!r}: similarity in [-1, 1], fraction in (0, 1)")
+        pairs.append((sim, frac))
+    if not pairs:
+        raise ValueError("at least one threshold is needed")
+    return tuple(sorted(pairs, reverse=True))
+
+
+def parse_threshold_map(value: str | Mapping[str, Any]) -> dict[str, tuple[tuple[float, float], ...]]:
+    """{glob: thresholds} from YAML, or the same as JSON text from an env var or flag."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON object: {exc}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError("expected a mapping of namespace glob -> thresholds")
+    out = {}
+    for pattern, text in value.items():
+        try:
+            out[str(pattern)] = parse_thresholds(text)
+        except ValueError as exc:
+            raise ValueError(f"[{pattern}]: {exc}") from None
+    return out
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+
+    @property
+    def env(self) -> str:
+        return "FLEXCACHE_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def type_name(self) -> str:
+        names = {parse_size: "size", parse_bool: "bool", parse_threshold_map: "mapping",
+                 parse_thresholds: "thresholds", str: "str", int: "int", float: "float"}
+        return "choice" if self.choices else names[self.parse]
+
+
+# NIRVANA's table for 50 steps (>=0.95 -> 25, ... >=0.65 -> 5) as fractions of the total steps, so
+# it scales to any step count.
+NIRVANA_THRESHOLDS = "0.95:0.5,0.90:0.4,0.85:0.3,0.75:0.2,0.65:0.1"
+
+OPTIONS: tuple[Option, ...] = (
+    Option("data_dir", str, "./data", "Folder for the RocksDB store and the embedded index."),
+    Option("listen", str, "127.0.0.1:50051", "gRPC address to listen on (host:port; port 0 picks one)."),
+    Option("metrics_listen", str, "127.0.0.1:9464",
+           "Prometheus metrics HTTP address (host:port); empty disables the endpoint."),
+    Option("max_bytes", parse_size, "10GiB", "Byte budget for stored entries (blob + record)."),
+    Option("high_watermark", float, 0.95, "Evict when stored bytes exceed this fraction of max_bytes."),
+    Option("low_watermark", float, 0.85, "Evict down to this fraction of max_bytes."),
+    Option("eviction_policy", str, "utility", "Replacement policy.", ("lru", "lcbfu", "utility")),
+    Option("utility_half_life_s", float, 3600.0, "Utility policy: half-life of an entry's credit, seconds."),
+    Option("utility_prior_steps", float, 5.0,
+           "Utility policy: credit (in steps) a new entry starts with, so it is not evicted before use."),
+    Option("skip_thresholds", parse_thresholds, NIRVANA_THRESHOLDS,
+           "Similarity -> fraction of total steps a hit may skip, e.g. 0.95:0.5 (NIRVANA's table)."),
+    Option("skip_thresholds_by_namespace", parse_threshold_map, {},
+           "Per-namespace thresholds: {glob over 'tenant/model/WxHxF/scheduler/steps': thresholds}."),
+    Option("index_backend", str, "edge", "Vector index: embedded Qdrant Edge shard, or a Qdrant server.",
+           ("edge", "qdrant")),
+    Option("qdrant_url", str, "", "index_backend=qdrant: server or cluster URL, e.g. http://qdrant:6333."),
+    Option("qdrant_api_key", str, "", "index_backend=qdrant: API key."),
+    Option("qdrant_prefer_grpc", parse_bool, True, "index_backend=qdrant: talk gRPC to the server."),
+    Option("qdrant_path", str, "",
+           "index_backend=qdrant: use qdrant-client's local mode in this folder instead of a URL."),
+    Option("fsync", parse_bool, False, "fsync every write (survives power loss, not only a crash)."),
+    Option("max_blob_bytes", parse_size, "1GiB", "Largest blob one Put may store."),
+    Option("max_vector_dim", int, 4096, "Largest accepted embedding dimension."),
+    Option("workers", int, 16, "gRPC worker threads (concurrent calls)."),
+    Option("drain_seconds", float, 10.0, "On SIGTERM, how long in-flight calls may finish."),
+    Option("log_level", str, "INFO", "Logging level.", ("DEBUG", "INFO", "WARNING", "ERROR")),
+)
+_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: str
+    listen: str
+    metrics_listen: str
+    max_bytes: int
+    high_watermark: float
+    low_watermark: float
+    eviction_policy: str
+    utility_half_life_s: float
+    utility_prior_steps: float
+    skip_thresholds: tuple[tuple[float, float], ...]
+    skip_thresholds_by_namespace: dict[str, tuple[tuple[float, float], ...]]
+    index_backend: str
+    qdrant_url: str
+    qdrant_api_key: str
+    qdrant_prefer_grpc: bool
+    qdrant_path: str
+    fsync: bool
+    max_blob_bytes: int
+    max_vector_dim: int
+    workers: int
+    drain_seconds: float
+    log_level: str
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+assert [f.name for f in fields(Config)] == [o.name for o in OPTIONS], "Config and OPTIONS disagree"
+
+
+def _parse(option: Option, raw: Any, source: str) -> Any:
+    try:
+        value = option.parse(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {option.name}: {exc}") from None
+    if option.choices and value not in option.choices:
+        raise ConfigError(f"{source}: {option.name} must be one of {', '.join(option.choices)}, not {value!r}")
+    return value
+
+
+def _check(config: Config) -> Config:
+    if not 0 < config.low_watermark <= config.high_watermark <= 1:
+        raise ConfigError("watermarks: need 0 < low_watermark <= high_watermark <= 1")
+    if config.workers < 1:
+        raise ConfigError("workers must be at least 1")
+    if config.index_backend == "qdrant" and not (config.qdrant_url or config.qdrant_path):
+        raise ConfigError("index_backend=qdrant needs qdrant_url (or qdrant_path for local mode)")
+    return config
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of setting: value")
+    return data
+
+
+def resolve(
+    yaml_values: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Merge the layers over the defaults and validate; unknown keys raise ConfigError."""
+    env = os.environ if env is None else env
+    values = {o.name: _parse(o, o.default, "default") for o in OPTIONS}
+    for key, raw in (yaml_values or {}).items():
+        if key not in _BY_NAME:
+            raise ConfigError(f"config file: unknown setting {key!r}")
+        values[key] = _parse(_BY_NAME[key], raw, "config file")
+    known_env = {o.env for o in OPTIONS} | {"FLEXCACHE_CONFIG"}
+    for key in env:
+        if key.startswith("FLEXCACHE_") and key not in known_env:
+            raise ConfigError(f"environment: unknown setting {key}")
+    for option in OPTIONS:
+        if option.env in env:
+            values[option.name] = _parse(option, env[option.env], option.env)
+    for key, raw in (flags or {}).items():
+        if raw is not None:
+            values[key] = _parse(_BY_NAME[key], raw, _BY_NAME[key].flag)
+    return _check(Config(**values))
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per option; each flag's default is None so that 'not given' is distinguishable."""
+    parser.add_argument("--config", default=os.environ.get("FLEXCACHE_CONFIG"),
+                        help="YAML file of settings (env FLEXCACHE_CONFIG).")
+    for option in OPTIONS:
+        parser.add_argument(option.flag, dest=option.name, default=None, metavar=option.type_name.upper(),
+                            help=f"{option.help} [env {option.env}; default {option.default!r}]")
+
+
+def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
+    yaml_values = load_yaml(args.config) if args.config else None
+    return resolve(yaml_values, env, {o.name: getattr(args, o.name) for o in OPTIONS})
+
+
+def markdown_table(options: Sequence[Option] = OPTIONS) -> str:
+    """The README's settings table, generated so it cannot drift from the code."""
+    rows = ["| setting | flag | env | type | default | meaning |", "|---|---|---|---|---|---|"]
+    for o in options:
+        default = "" if o.default in ("", {}) else f"`{o.default}`"
+        meaning = o.help + (f" One of: {', '.join(o.choices)}." if o.choices else "")
+        rows.append(f"| `{o.name}` | `{o.flag}` | `{o.env}` | {o.type_name} | {default} | {meaning} |")
+    return "\n".join(rows)

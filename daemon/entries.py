@@ -1,0 +1,107 @@
+"""What the daemon knows about an entry besides its blob: identity, namespace, usage.
+
+An entry's durable record is the `PutHeader` it was stored with (namespace, prompt, vectors, blob
+info), serialized deterministically; its usage (hits, steps saved, credit) is a separate small record
+that changes on every fetch. Both are plain data so that the store, the eviction policies and the
+server can share them without reaching into each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import asdict, dataclass, field
+
+from flexcache.v1 import cache_pb2 as pb
+
+from .errors import InvalidRequest
+
+ROLES = ("full", "object", "background")
+ROLE_BY_ENUM = {pb.ROLE_FULL: "full", pb.ROLE_OBJECT: "object", pb.ROLE_BACKGROUND: "background"}
+
+
+@dataclass(frozen=True)
+class NamespaceKey:
+    """A namespace in canonical form: `name` for people and metrics, `key` for storage and filters."""
+
+    name: str
+    key: str
+
+    @classmethod
+    def of(cls, ns: pb.Namespace) -> NamespaceKey:
+        if not ns.tenant or not ns.model:
+            raise InvalidRequest("namespace is required: tenant and model must be set")
+        if not ns.scheduler:
+            raise InvalidRequest("namespace.scheduler must be set (e.g. 'flow' or 'ddim')")
+        if ns.total_steps < 1:
+            raise InvalidRequest("namespace.total_steps must be at least 1")
+        parts = (ns.tenant, ns.model, f"{ns.width}x{ns.height}x{ns.frames}", ns.scheduler, str(ns.total_steps))
+        name = "/".join(parts)
+        # Length-prefixed fields so that no two namespaces share an encoding, whatever their text.
+        canonical = b"".join(struct.pack(">I", len(p.encode())) + p.encode() for p in parts)
+        return cls(name=name, key=hashlib.sha256(b"flexcache.ns.v1\0" + canonical).hexdigest()[:32])
+
+
+def entry_id(ns: NamespaceKey, prompt: str, blob: pb.BlobInfo) -> str:
+    """Content address of an entry: the same latent put twice for the same prompt is one entry."""
+    digest = hashlib.sha256(b"flexcache.entry.v1\0")
+    for part in (ns.key.encode(), prompt.encode(), blob.SerializeToString(deterministic=True)):
+        digest.update(struct.pack(">Q", len(part)))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def record_size(header: pb.PutHeader) -> int:
+    """Bytes an entry costs in the budget: its blob plus its record."""
+    return header.blob.size + header.ByteSize()
+
+
+@dataclass
+class Usage:
+    """How much an entry has been worth. Persisted, so policies can be rebuilt after a restart.
+
+    `log2_credit` is log2 of the entry's decayed credit in steps, measured against a fixed epoch
+    (t=0): credit(now) = 2 ** (log2_credit - now / half_life). Every entry decays by the same
+    factor, so comparing log2_credit compares current credit without rescoring every entry, and the
+    log keeps the numbers finite however long the daemon runs.
+    """
+
+    size: int
+    created: float
+    last_access: float
+    step: int = 0  # the blob's own step K (NIRVANA-style intermediate latent), 0 for x0
+    total_steps: int = 1
+    step_cost: float = 1.0  # GPU seconds per denoising step of this entry's model
+    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ROLES, 0))
+    steps_saved: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ROLES, 0.0))
+    log2_credit: float = -math.inf
+
+    def to_bytes(self) -> bytes:
+        data = asdict(self)
+        data["log2_credit"] = None if self.log2_credit == -math.inf else self.log2_credit
+        return json.dumps(data, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Usage:
+        data = json.loads(raw)
+        data["log2_credit"] = -math.inf if data["log2_credit"] is None else data["log2_credit"]
+        return cls(**data)
+
+    @property
+    def total_hits(self) -> int:
+        return sum(self.hits.values())
+
+    def add_credit(self, steps: float, at: float, half_life_s: float) -> None:
+        """Add `steps` of credit earned at time `at` (log-sum-exp, in base 2)."""
+        if steps <= 0:
+            return
+        term = math.log2(steps) + at / half_life_s
+        high, low = max(self.log2_credit, term), min(self.log2_credit, term)
+        self.log2_credit = high + math.log2(1.0 + 2.0 ** (low - high)) if low > -math.inf else high
+
+    def record_hit(self, role: str, steps: int, now: float) -> None:
+        self.hits[role] += 1
+        self.steps_saved[role] += steps
+        self.last_access = now

@@ -1,0 +1,77 @@
+"""The vector index interface: prompt embeddings -> entry ids, filtered by namespace.
+
+Every point carries up to three named vectors ("full", "object", "background") and the payload
+{"ns": namespace key, "entry_id": ...}. Points of different dimensions live in different
+collections (one per dimension), and every search filters on "ns", so a query never sees another
+namespace's entries. The index is derived data: RocksDB is the source of truth and the daemon
+rebuilds missing points from it at startup.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+VECTOR_NAMES = ("full", "object", "background")
+
+
+@dataclass(frozen=True)
+class Hit:
+    entry_id: str
+    similarity: float
+
+
+@dataclass(frozen=True)
+class IndexPoint:
+    entry_id: str
+    namespace_key: str
+    vectors: Mapping[str, Sequence[float]]  # a subset of VECTOR_NAMES; "full" always present
+
+    @property
+    def dim(self) -> int:
+        return len(self.vectors["full"])
+
+    def named_vectors(self) -> dict[str, list[float]]:
+        return {name: list(vec) for name, vec in self.vectors.items() if len(vec)}
+
+    def payload(self) -> dict[str, str]:
+        return {"ns": self.namespace_key, "entry_id": self.entry_id}
+
+
+def group_by_dim(points: Sequence[IndexPoint]) -> dict[int, list[IndexPoint]]:
+    groups: dict[int, list[IndexPoint]] = {}
+    for p in points:
+        groups.setdefault(p.dim, []).append(p)
+    return groups
+
+
+def point_id(entry_id: str) -> str:
+    """Qdrant ids are integers or UUIDs: the first 128 bits of the (sha256) entry id."""
+    return str(uuid.UUID(hex=entry_id[:32]))
+
+
+def collection_name(dim: int) -> str:
+    return f"flexcache_d{dim}"
+
+
+class VectorIndex(ABC):
+    name: str
+
+    @abstractmethod
+    def upsert(self, points: Sequence[IndexPoint]) -> None: ...
+
+    @abstractmethod
+    def search(self, namespace_key: str, vector_name: str, vector: Sequence[float], limit: int) -> list[Hit]:
+        """Nearest entries of one namespace by cosine similarity, best first."""
+
+    @abstractmethod
+    def delete(self, entry_ids: Sequence[str]) -> None: ...
+
+    @abstractmethod
+    def entry_ids(self) -> Iterator[str]:
+        """Every indexed entry id (for reconciliation with the store)."""
+
+    @abstractmethod
+    def close(self) -> None: ...

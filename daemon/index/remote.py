@@ -1,0 +1,83 @@
+"""Remote index: a Qdrant server or cluster through qdrant-client, for fleets that outgrow one machine.
+
+`path` selects qdrant-client's local mode instead of a URL; it runs the same client code against an
+in-process engine, which is how the tests exercise this backend (no Qdrant server runs here).
+One collection per vector dimension ("flexcache_d<dim>"), with a keyword payload index on "ns".
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+
+from qdrant_client import QdrantClient, models
+
+from .base import VECTOR_NAMES, Hit, IndexPoint, VectorIndex, collection_name, group_by_dim, point_id
+
+
+class QdrantIndex(VectorIndex):
+    name = "qdrant"
+
+    def __init__(self, url: str = "", api_key: str = "", prefer_grpc: bool = True, path: str = ""):
+        if path:
+            self._client = QdrantClient(path=path)
+        else:
+            self._client = QdrantClient(url=url, api_key=api_key or None, prefer_grpc=prefer_grpc, timeout=10)
+        self._lock = threading.Lock()
+        self._dims = {
+            int(c.name.removeprefix("flexcache_d"))
+            for c in self._client.get_collections().collections
+            if c.name.startswith("flexcache_d") and c.name.removeprefix("flexcache_d").isdigit()
+        }
+
+    def _ensure_collection(self, dim: int) -> None:
+        with self._lock:
+            if dim in self._dims:
+                return
+            name = collection_name(dim)
+            if not self._client.collection_exists(name):
+                params = models.VectorParams(size=dim, distance=models.Distance.COSINE)
+                self._client.create_collection(name, vectors_config=dict.fromkeys(VECTOR_NAMES, params))
+                self._client.create_payload_index(name, "ns", models.PayloadSchemaType.KEYWORD)
+            self._dims.add(dim)
+
+    def upsert(self, points: Sequence[IndexPoint]) -> None:
+        for dim, group in group_by_dim(points).items():
+            batch = [models.PointStruct(id=point_id(p.entry_id), vector=p.named_vectors(), payload=p.payload())
+                     for p in group]
+            self._ensure_collection(dim)
+            self._client.upsert(collection_name(dim), batch, wait=True)
+
+    def search(self, namespace_key: str, vector_name: str, vector: Sequence[float], limit: int) -> list[Hit]:
+        if len(vector) not in self._dims:
+            return []
+        result = self._client.query_points(
+            collection_name(len(vector)),
+            query=list(vector),
+            using=vector_name,
+            query_filter=models.Filter(
+                must=[models.FieldCondition(key="ns", match=models.MatchValue(value=namespace_key))]
+            ),
+            limit=limit,
+            with_payload=["entry_id"],
+        )
+        return [Hit(p.payload["entry_id"], p.score) for p in result.points]
+
+    def delete(self, entry_ids: Sequence[str]) -> None:
+        selector = models.PointIdsList(points=[point_id(e) for e in entry_ids])
+        for dim in sorted(self._dims):
+            self._client.delete(collection_name(dim), points_selector=selector, wait=True)
+
+    def entry_ids(self) -> Iterator[str]:
+        for dim in sorted(self._dims):
+            offset = None
+            while True:
+                records, offset = self._client.scroll(collection_name(dim), limit=1024, offset=offset,
+                                                      with_payload=["entry_id"])
+                for record in records:
+                    yield record.payload["entry_id"]
+                if offset is None:
+                    break
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,186 @@
+"""gRPC front end: translates CacheService calls to the cache core and domain errors to status codes.
+
+Also owns the process lifecycle: the health service reports NOT_SERVING until the store and index
+are open and reconciled, and SIGTERM drains in-flight calls before closing storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from contextlib import contextmanager
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from flexcache.v1 import cache_pb2 as pb
+from flexcache.v1 import cache_pb2_grpc as pb_grpc
+
+from .cache import CHUNK_LIMIT, Cache, Limits
+from .config import Config
+from .errors import CacheError, Corrupt, InvalidRequest, NotFound, TooLarge, Unavailable
+from .eviction import make_policy
+from .index import open_index
+from .metrics import Metrics
+from .steps import StepTable
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheService"].full_name
+# Room for a 1 MiB chunk plus framing; anything larger is rejected by gRPC with RESOURCE_EXHAUSTED.
+MAX_MESSAGE_BYTES = CHUNK_LIMIT + 64 * 1024
+_STATUS = {InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT, NotFound: grpc.StatusCode.NOT_FOUND,
+           TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED, Corrupt: grpc.StatusCode.DATA_LOSS,
+           Unavailable: grpc.StatusCode.UNAVAILABLE}
+
+
+class CacheServicer(pb_grpc.CacheServiceServicer):
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.cache: Cache | None = None  # set once storage is open
+
+    @contextmanager
+    def _call(self, method: str, context: grpc.ServicerContext):
+        """Time the call, count it by status, and turn domain errors into gRPC statuses."""
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            if self.cache is None:
+                code = grpc.StatusCode.UNAVAILABLE
+                context.abort(code, "daemon is starting: storage is not open yet")
+            yield self.cache
+        except CacheError as exc:
+            code = _STATUS[type(exc)]
+            context.abort(code, str(exc))
+        except Exception:
+            if context.code() not in (None, grpc.StatusCode.OK):  # context.abort() already chose a status
+                code = context.code()
+                raise
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", method)
+            context.abort(code, f"internal error in {method}; see the daemon log")
+        finally:
+            self.metrics.requests.labels(method, code.name).inc()
+            self.metrics.latency.labels(method).observe(time.perf_counter() - start)
+
+    def Put(self, request_iterator: Iterator[pb.PutRequest], context: grpc.ServicerContext) -> pb.PutResponse:
+        with self._call("Put", context) as cache:
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("msg") != "header":
+                raise InvalidRequest("the first Put message must be a header")
+            session = cache.begin_put(first.header)
+            if session.existing:  # content-addressed: the same entry is already stored, skip the upload
+                return pb.PutResponse(entry_id=session.entry_id, created=False)
+            for message in request_iterator:
+                if message.WhichOneof("msg") != "chunk":
+                    raise InvalidRequest("only chunks may follow the Put header")
+                session.add_chunk(message.chunk)
+            if not context.is_active():
+                raise InvalidRequest("client cancelled the Put")
+            return session.finish()
+
+    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
+        with self._call("Lookup", context) as cache:
+            return cache.lookup(request)
+
+    def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.FetchResponse]:
+        with self._call("Fetch", context) as cache:
+            header, chunks = cache.fetch(request)
+        try:
+            yield pb.FetchResponse(header=header)
+            for chunk in chunks:
+                yield pb.FetchResponse(chunk=chunk)
+        finally:
+            chunks.close()  # unpins the entry even when the client goes away mid-stream
+
+    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
+        with self._call("Delete", context) as cache:
+            return pb.DeleteResponse(deleted=cache.delete(request))
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        with self._call("Stats", context) as cache:
+            return cache.stats()
+
+
+class Daemon:
+    """The whole process: gRPC server, health, metrics endpoint, storage."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.metrics = Metrics()
+        self.health = health.HealthServicer()
+        self.servicer = CacheServicer(self.metrics)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ],
+        )
+        pb_grpc.add_CacheServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(config.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {config.listen}")
+        self._stopped = threading.Event()
+        self.store: Store | None = None
+        self.cache: Cache | None = None
+
+    def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def start(self) -> None:
+        """Listen first (NOT_SERVING, so probes get an answer), then open storage, then SERVING."""
+        c = self.config
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.start()
+        if c.metrics_listen:
+            self.metrics.serve(c.metrics_listen)
+        self.store = Store(c.data_path / "store", fsync=c.fsync)
+        index = open_index(c.index_backend, c.data_path, url=c.qdrant_url, api_key=c.qdrant_api_key,
+                           prefer_grpc=c.qdrant_prefer_grpc, path=c.qdrant_path)
+        limits = Limits(c.max_bytes, c.high_watermark, c.low_watermark, c.max_blob_bytes, c.max_vector_dim,
+                        c.utility_half_life_s, c.utility_prior_steps)
+        steps = StepTable(c.skip_thresholds, c.skip_thresholds_by_namespace)
+        self.cache = Cache(self.store, index, make_policy(c.eviction_policy), steps, self.metrics, limits)
+        self.cache.open()
+        self.servicer.cache = self.cache
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("flexcache serving on port %d (index %s, policy %s, budget %d bytes)", self.port,
+                 c.index_backend, c.eviction_policy, c.max_bytes)
+
+    def stop(self) -> None:
+        """Drain: refuse new calls, let in-flight ones finish (up to drain_seconds), close storage."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(grace=self.config.drain_seconds).wait()
+        if self.cache is not None:
+            self.cache.index.close()
+        if self.store is not None:
+            self.store.close()
+        log.info("flexcache stopped")
+
+    def run_until_signal(self) -> None:
+        done = threading.Event()
+        handler: Callable[[int, object], None] = lambda signum, frame: done.set()  # noqa: E731
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+        done.wait()
+        log.info("signal received: draining in-flight calls")
+        self.stop()
+
