@@ -135,7 +135,7 @@ WEATHER_WORDS: frozenset[str] = _words(
     """
     rain rainfall raindrops drizzle downpour storm storms thunderstorm thunder lightning snowfall
     snowstorm blizzard hail fog mist haze smog wind breeze gale sunshine sunlight moonlight
-    starlight stars starry clouds cloud overcast rainbow aurora weather
+    starlight stars starry clouds cloud overcast rainbow aurora weather sun moon
     """
 )
 
@@ -196,7 +196,7 @@ PLACE_PREPS: frozenset[str] = _words(
     """
     in inside within on onto upon at over above across along alongside through throughout into
     under underneath beneath below among amongst amid amidst around near beside by against behind
-    between beyond past toward towards down up from atop outside during before
+    between beyond past toward towards down up out off from atop outside during before
     """
 )
 
@@ -378,10 +378,13 @@ class PromptSplitter:
             head_idx > start
             and hw.endswith("s")
             and not self._in(hw, self.bg_words | self.style | ATTRIBUTE_WORDS)
-            and self._in(prev, self.bg_words)
+            and (self._in(prev, self.bg_words) or self._in(prev, self.style))
         ):
             # "A picturesque university campus unfolds": the -s word is the verb, not the head.
             hw, prev = prev, words[head_idx - 2] if head_idx - 1 > start else ""
+        if hw in RELATIONAL_WORDS and self._in(prev, self.style):
+            # "pan left", "truck right": a direction after a camera move.
+            hw, prev = prev, ""
         if f"{prev} {hw}" in self.scene_phrases:
             return 0, j, through
         if self._in(hw, self.style):
