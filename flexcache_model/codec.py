@@ -282,6 +282,7 @@ class CodecDictionary:
     def __post_init__(self) -> None:
         try:
             zd = zstandard.ZstdCompressionDict(bytes(self.data), dict_type=zstandard.DICT_TYPE_FULLDICT)
+            zd.precompute_compress(level=DEFAULT_LEVEL)  # fails on anything that is not a dictionary
             did = zd.dict_id()
         except zstandard.ZstdError as e:
             raise CodecError(f"not a zstd dictionary: {e}") from e
@@ -308,7 +309,7 @@ def train_dictionary(
     """
     samples: list[bytes] = []
     for x in latents:
-        plan = _plan(x, max_rel_error=max_rel_error, chain=chain, dtype=dtype, threads=None)
+        plan = _plan(x, max_rel_error=max_rel_error, chain=chain, dtype=dtype, threads=None)[0]
         for s in plan.streams:
             mv = memoryview(s).cast("B")
             samples.extend(bytes(mv[i:i + sample_bytes]) for i in range(0, len(mv), sample_bytes))
@@ -449,7 +450,8 @@ def _dequant(codes: np.ndarray, scale: np.float32, bias: np.float32, orig: int,
         return r
     tmp = np.multiply(codes, scale, dtype=np.float32)
     np.add(tmp, bias, out=tmp)
-    return _from_f32(tmp, orig, out)
+    with np.errstate(over="ignore"):  # an overflow shows up as an infinite error at encode
+        return _from_f32(tmp, orig, out)
 
 
 def _channels(x: np.ndarray) -> np.ndarray:
@@ -457,8 +459,12 @@ def _channels(x: np.ndarray) -> np.ndarray:
 
 
 def _plan(x: np.ndarray, *, max_rel_error: float | None, chain: str | None, dtype: str | None,
-          threads: int | None) -> _Plan:
-    """Validate x, choose the chain (forced or from the budget) and produce the stored streams."""
+          threads: int | None) -> list[_Plan]:
+    """Validate x, choose the chain (forced or from the budget) and produce the stored streams.
+
+    Returns one plan, or a few candidates (all within the budget) when sizes can only be compared
+    after compression.
+    """
     if not isinstance(x, np.ndarray):
         raise CodecError(f"expected a numpy array, got {type(x).__name__} (convert torch tensors first)")
     orig = _dtype_code(x, dtype)
@@ -483,6 +489,8 @@ def _plan(x: np.ndarray, *, max_rel_error: float | None, chain: str | None, dtyp
     sq_ref = float(sq.sum())
 
     def check(p: _Plan, name: str) -> _Plan:
+        if not math.isfinite(p.error):
+            raise CodecError(f"chain {name!r} overflows the {_DTYPE_NAME[orig]} range on decode")
         if max_rel_error is not None and p.error > max_rel_error:
             raise CodecError(f"chain {name!r} gives relative error {p.error:.3g} > max_rel_error "
                              f"{max_rel_error:.3g}")
@@ -491,19 +499,25 @@ def _plan(x: np.ndarray, *, max_rel_error: float | None, chain: str | None, dtyp
     if chain is not None:
         stored, shuffle, _ = _parse_chain(chain, orig)
         if stored in _INT_BITS:
-            return check(_quant_range(xc, orig, stored, shuffle, lo, hi, sq_ref, threads, x.shape), chain)
-        return check(_narrow(xc, orig, stored, shuffle, sq_ref, threads, x.shape), chain)
+            return [check(_quant_range(xc, orig, stored, shuffle, lo, hi, sq_ref, threads, x.shape), chain)]
+        return [check(_narrow(xc, orig, stored, shuffle, sq_ref, threads, x.shape), chain)]
 
     budget = DEFAULT_MAX_REL_ERROR if max_rel_error is None else max_rel_error
-    if budget > 0:
-        p = _quant_step(xc, orig, lo, hi, sq_ref, budget, threads, x.shape)
-        if p is not None:
-            return p
-        if orig == _FP32:
-            p = _narrow(xc, orig, _FP16, True, sq_ref, threads, x.shape)
-            if p.error <= budget:
-                return p
-    return _narrow(xc, orig, orig, True, sq_ref, threads, x.shape)
+    if budget == 0:
+        return [_narrow(xc, orig, orig, True, sq_ref, threads, x.shape)]
+    p = _quant_step(xc, orig, lo, hi, sq_ref, budget, threads, x.shape)
+    if p is not None and p.stored != _U16:
+        return [p]  # 8 bits or fewer per value: nothing float-based is smaller
+    # Fine budgets: int16 codes may lose to fp16 (fp32 input) or to the lossless 16-bit input;
+    # encode() compresses these few candidates and keeps the smallest.
+    cands = [p] if p is not None else []
+    if orig == _FP32:
+        f = _narrow(xc, orig, _FP16, True, sq_ref, threads, x.shape)
+        if f.error <= budget:
+            cands.append(f)
+    if orig != _FP32 or not cands:
+        cands.append(_narrow(xc, orig, orig, True, sq_ref, threads, x.shape))
+    return cands
 
 
 def _narrow(xc: np.ndarray, orig: int, stored: int, shuffle: bool, sq_ref: float,
@@ -515,7 +529,8 @@ def _narrow(xc: np.ndarray, orig: int, stored: int, shuffle: bool, sq_ref: float
         if stored == orig:
             return (_shuffle(a) if shuffle else a), 0.0
         f = _to_f32(a, orig)
-        s = _from_f32(f, stored)
+        with np.errstate(over="ignore"):
+            s = _from_f32(f, stored)
         if stored == _FP16 and not np.isfinite(s).all():
             raise CodecError(f"channel {c} has values outside the fp16 range (|x| > 65504)")
         back = _to_f32(_from_f32(_to_f32(s, stored), orig), orig)
@@ -566,6 +581,9 @@ def _quant_range(xc: np.ndarray, orig: int, stored: int, shuffle: bool, lo: np.n
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
     zp = np.where(affine, -np.rint(lo / scale), half)
     bias = (-zp * scale.astype(np.float64)).astype(np.float32)
+    flat = hi == lo  # constant channel: code 0 with bias = the value, exact
+    bias[flat] = lo[flat]
+    affine |= flat
     chmode = np.where(affine, _CH_AFFINE, _CH_SYM).astype(np.uint8)
     streams, sq = _quant_codes(xc, orig, stored, shuffle, scale, bias, qmax, threads)
     raw = [s.nbytes for s in streams]
@@ -598,6 +616,7 @@ def _quant_step(xc: np.ndarray, orig: int, lo: np.ndarray, hi: np.ndarray, sq_re
             stored = _U4 if levels <= 16 else _U8 if levels <= 256 else _U16
             qmax = (1 << _INT_BITS[stored]) - 1
             bias = (-zp * s64).astype(np.float32)
+            bias[width == 0] = lo[width == 0]  # constant channel: code 0 decodes to the value exactly
             shuffle = stored == _U16
             streams, sq = _quant_codes(xc, orig, stored, shuffle, s_c, bias, qmax, threads)
             err = _rel(sq, sq_ref)
@@ -628,21 +647,28 @@ def encode(
     codes + zstd, else fp16 + shuffle + zstd, else the original dtype + shuffle + zstd.  With
     ``chain`` (see ``CHAINS``) that chain is used; a ``max_rel_error`` given too is then checked.
     """
-    plan = _plan(x, max_rel_error=max_rel_error, chain=chain, dtype=dtype, threads=threads)
-    use_zstd = chain is None or _parse_chain(chain, plan.orig)[2]
+    plans = _plan(x, max_rel_error=max_rel_error, chain=chain, dtype=dtype, threads=threads)
+    use_zstd = chain is None or _parse_chain(chain, plans[0].orig)[2]
     if dictionary is not None and not isinstance(dictionary, CodecDictionary):
         raise CodecError("dictionary must be a CodecDictionary")
     zdict = dictionary._zdict if (dictionary is not None and use_zstd) else None
     if not -7 <= level <= 22:
         raise CodecError(f"zstd level must be in -7..22, got {level}")
 
-    if use_zstd:
-        def comp(s: np.ndarray) -> bytes:
-            return _compressor(level, zdict).compress(s)
+    best: tuple[int, _Plan, list[Any]] | None = None
+    for plan in plans:
+        if use_zstd:
+            def comp(s: np.ndarray) -> bytes:
+                return _compressor(level, zdict).compress(s)
 
-        frames: list[Any] = _map(comp, plan.streams, threads, sum(plan.raw_lens))
-    else:
-        frames = [memoryview(s).cast("B") for s in plan.streams]
+            frames: list[Any] = _map(comp, plan.streams, threads, sum(plan.raw_lens))
+        else:
+            frames = [memoryview(s).cast("B") for s in plan.streams]
+        size = sum(len(f) for f in frames)
+        if best is None or size < best[0]:
+            best = (size, plan, frames)
+    assert best is not None
+    _, plan, frames = best
 
     flags = (_F_SHUFFLE if plan.shuffle else 0) | (_F_ZSTD if use_zstd else 0) | (_F_DICT if zdict else 0)
     var = [struct.pack(f"<{len(plan.shape)}Q", *plan.shape)]
