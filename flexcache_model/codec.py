@@ -476,9 +476,20 @@ def _plan(x: np.ndarray, *, max_rel_error: float | None, chain: str | None, dtyp
     xc = _channels(x)
     nbytes = x.nbytes
 
+    # 16-bit input: widen once (numpy's fp16 cast is slow, and every candidate needs fp32 values).
+    if orig == _FP32:
+        xf = xc
+    else:
+        xf = np.empty(xc.shape, np.float32)
+
+        def widen(c: int) -> None:
+            xf[c] = _to_f32(xc[c], orig)
+
+        _map(widen, range(xc.shape[0]), threads, nbytes)
+
     # One pass for stats: per-channel min/max (NaN/Inf check for free) and sum of squares.
     def stats(c: int) -> tuple[float, float, float]:
-        f = _to_f32(xc[c], orig)
+        f = xf[c]
         return float(f.min()), float(f.max()), float(np.dot(f, f))
 
     st = np.array(_map(stats, range(xc.shape[0]), threads, nbytes), dtype=np.float64)
@@ -499,36 +510,36 @@ def _plan(x: np.ndarray, *, max_rel_error: float | None, chain: str | None, dtyp
     if chain is not None:
         stored, shuffle, _ = _parse_chain(chain, orig)
         if stored in _INT_BITS:
-            return [check(_quant_range(xc, orig, stored, shuffle, lo, hi, sq_ref, threads, x.shape), chain)]
-        return [check(_narrow(xc, orig, stored, shuffle, sq_ref, threads, x.shape), chain)]
+            return [check(_quant_range(xf, orig, stored, shuffle, lo, hi, sq_ref, threads, x.shape), chain)]
+        return [check(_narrow(xc, xf, orig, stored, shuffle, sq_ref, threads, x.shape), chain)]
 
     budget = DEFAULT_MAX_REL_ERROR if max_rel_error is None else max_rel_error
     if budget == 0:
-        return [_narrow(xc, orig, orig, True, sq_ref, threads, x.shape)]
-    p = _quant_step(xc, orig, lo, hi, sq_ref, budget, threads, x.shape)
+        return [_narrow(xc, xf, orig, orig, True, sq_ref, threads, x.shape)]
+    p = _quant_step(xf, orig, lo, hi, sq_ref, budget, threads, x.shape)
     if p is not None and p.stored != _U16:
         return [p]  # 8 bits or fewer per value: nothing float-based is smaller
     # Fine budgets: int16 codes may lose to fp16 (fp32 input) or to the lossless 16-bit input;
     # encode() compresses these few candidates and keeps the smallest.
     cands = [p] if p is not None else []
     if orig == _FP32:
-        f = _narrow(xc, orig, _FP16, True, sq_ref, threads, x.shape)
+        f = _narrow(xc, xf, orig, _FP16, True, sq_ref, threads, x.shape)
         if f.error <= budget:
             cands.append(f)
     if orig != _FP32 or not cands:
-        cands.append(_narrow(xc, orig, orig, True, sq_ref, threads, x.shape))
+        cands.append(_narrow(xc, xf, orig, orig, True, sq_ref, threads, x.shape))
     return cands
 
 
-def _narrow(xc: np.ndarray, orig: int, stored: int, shuffle: bool, sq_ref: float,
+def _narrow(xc: np.ndarray, xf: np.ndarray, orig: int, stored: int, shuffle: bool, sq_ref: float,
             threads: int | None, shape: tuple[int, ...]) -> _Plan:
-    """Float storage (possibly the original dtype: lossless)."""
+    """Float storage (possibly the original dtype: lossless); xf = xc as float32."""
 
     def work(c: int) -> tuple[np.ndarray, float]:
         a = xc[c]
         if stored == orig:
             return (_shuffle(a) if shuffle else a), 0.0
-        f = _to_f32(a, orig)
+        f = xf[c]
         with np.errstate(over="ignore"):
             s = _from_f32(f, stored)
         if stored == _FP16 and not np.isfinite(s).all():
@@ -545,18 +556,22 @@ def _narrow(xc: np.ndarray, orig: int, stored: int, shuffle: bool, sq_ref: float
 
 def _quant_codes(xc: np.ndarray, orig: int, stored: int, shuffle: bool, scale: np.ndarray,
                  bias: np.ndarray, qmax: int, threads: int | None) -> tuple[list[np.ndarray], float]:
-    """Quantize every channel and measure the exact squared error of the decoded result."""
+    """Quantize every channel (xc: float32) and measure the exact squared error of the decoded result."""
     cdt = np.uint16 if stored == _U16 else np.uint8
 
     def work(c: int) -> tuple[np.ndarray, float]:
-        f = _to_f32(xc[c], orig)
+        f = xc[c]
         s, b = np.float32(scale[c]), np.float32(bias[c])
         t = np.subtract(f, b, dtype=np.float32)
         t *= np.float32(1.0) / s
         np.rint(t, out=t)
         np.clip(t, 0, qmax, out=t)
         codes = t.astype(cdt)
-        back = _to_f32(_dequant(codes, s, b, orig), orig)
+        if orig == _FP32:
+            back = _dequant(codes, s, b, orig)
+        else:  # the decoder's table, widened: same values, no slow fp16 casts of every value
+            top = 255 if cdt == np.uint8 else int(codes.max())
+            back = np.take(_to_f32(_dequant(np.arange(top + 1, dtype=cdt), s, b, orig), orig), codes)
         d = np.subtract(back, f, out=t)
         err = float(np.dot(d, d))
         if stored == _U4:
