@@ -297,9 +297,10 @@ class Cache:
                 raise NotFound(f"no entry {eid} in namespace {ns.name}")
             self._pins[eid] += 1
             usage = self._usage[eid]
+            now = time.time()
+            usage.last_access = now
             if role and request.granted_steps:
-                now = time.time()
-                usage.record_hit(role, request.granted_steps, now)
+                usage.record_hit(role, request.granted_steps)
                 credit = request.granted_steps * ROLE_WEIGHTS[role] * usage.step_cost
                 usage.add_credit(credit, now, self.limits.utility_half_life_s)
                 self.metrics.hits.labels(ns.name, role).inc()
@@ -308,8 +309,7 @@ class Cache:
             header = self.store.record(eid)
             if header is None:
                 raise NotFound(f"no entry {eid} in namespace {ns.name}")
-            if role and request.granted_steps:
-                self.store.put_usage(eid, usage)
+            self.store.put_usage(eid, usage)
         except BaseException:
             self._unpin(eid)
             raise

@@ -36,6 +36,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"flexcache serve: cannot start: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     print(f"flexcache listening on port {daemon.port}", flush=True)
+    if daemon.metrics_port:
+        print(f"flexcache metrics on port {daemon.metrics_port}", flush=True)
     daemon.run_until_signal()
     return 0
 

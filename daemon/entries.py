@@ -101,7 +101,6 @@ class Usage:
         high, low = max(self.log2_credit, term), min(self.log2_credit, term)
         self.log2_credit = high + math.log2(1.0 + 2.0 ** (low - high)) if low > -math.inf else high
 
-    def record_hit(self, role: str, steps: int, now: float) -> None:
+    def record_hit(self, role: str, steps: int) -> None:
         self.hits[role] += 1
         self.steps_saved[role] += steps
-        self.last_access = now

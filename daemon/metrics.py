@@ -52,9 +52,11 @@ class Metrics:
         self.described.append((name, kind.__name__.lower(), labels, doc))
         return kind(name.removesuffix("_total"), doc, labels, registry=self.registry, **kwargs)
 
-    def serve(self, listen: str) -> None:
+    def serve(self, listen: str) -> int:
+        """Start the /metrics endpoint; returns its port (useful when `listen` asks for port 0)."""
         host, _, port = listen.rpartition(":")
-        start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+        server, _ = start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+        return server.server_port
 
     def markdown_table(self) -> str:
         rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]

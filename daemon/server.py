@@ -121,6 +121,7 @@ class Daemon:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),  # a second daemon on the same port must fail, not share it
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
             ],
@@ -134,6 +135,7 @@ class Daemon:
         self.port = self.server.add_insecure_port(config.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {config.listen}")
+        self.metrics_port: int | None = None
         self._stopped = threading.Event()
         self.store: Store | None = None
         self.cache: Cache | None = None
@@ -148,7 +150,7 @@ class Daemon:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.start()
         if c.metrics_listen:
-            self.metrics.serve(c.metrics_listen)
+            self.metrics_port = self.metrics.serve(c.metrics_listen)
         self.store = Store(c.data_path / "store", fsync=c.fsync)
         index = open_index(c.index_backend, c.data_path, url=c.qdrant_url, api_key=c.qdrant_api_key,
                            prefer_grpc=c.qdrant_prefer_grpc, path=c.qdrant_path)

@@ -19,6 +19,7 @@ class QdrantIndex(VectorIndex):
     name = "qdrant"
 
     def __init__(self, url: str = "", api_key: str = "", prefer_grpc: bool = True, path: str = ""):
+        self._local = bool(path)
         if path:
             self._client = QdrantClient(path=path)
         else:
@@ -38,7 +39,8 @@ class QdrantIndex(VectorIndex):
             if not self._client.collection_exists(name):
                 params = models.VectorParams(size=dim, distance=models.Distance.COSINE)
                 self._client.create_collection(name, vectors_config=dict.fromkeys(VECTOR_NAMES, params))
-                self._client.create_payload_index(name, "ns", models.PayloadSchemaType.KEYWORD)
+                if not self._local:  # local mode scans exhaustively and ignores payload indexes
+                    self._client.create_payload_index(name, "ns", models.PayloadSchemaType.KEYWORD)
             self._dims.add(dim)
 
     def upsert(self, points: Sequence[IndexPoint]) -> None:
