@@ -101,7 +101,7 @@ __all__ = [
 
 MAGIC = b"FXLC"
 FORMAT_VERSION = 1
-#: 1 % relative RMSE on x0: ~50 dB latent SNR, and the step-K rebuild attenuates it by (1 - sigma_K).
+#: 1 % relative RMSE on x0: 40 dB latent SNR, and the step-K rebuild attenuates it by (1 - sigma_K).
 DEFAULT_MAX_REL_ERROR = 0.01
 DEFAULT_LEVEL = 3
 
@@ -249,22 +249,24 @@ def _compressor(level: int, zdict: zstandard.ZstdCompressionDict | None) -> zsta
     """One compressor per thread and setting (zstd contexts are not thread-safe)."""
     cache = _LOCAL.__dict__.setdefault("c", {})
     key = (level, id(zdict))
-    c = cache.get(key)
-    if c is None:
-        c = zstandard.ZstdCompressor(level=level, dict_data=zdict, write_checksum=False,
-                                     write_content_size=True, write_dict_id=False)
-        cache[key] = c
-    return c
+    hit = cache.get(key)
+    if hit is None:  # the entry holds zdict, so its id cannot be reused while cached
+        if len(cache) > 64:
+            cache.clear()
+        hit = cache[key] = (zdict, zstandard.ZstdCompressor(
+            level=level, dict_data=zdict, write_checksum=False, write_content_size=True, write_dict_id=False))
+    return hit[1]
 
 
 def _decompressor(zdict: zstandard.ZstdCompressionDict | None) -> zstandard.ZstdDecompressor:
     cache = _LOCAL.__dict__.setdefault("d", {})
     key = id(zdict)
-    d = cache.get(key)
-    if d is None:
-        d = zstandard.ZstdDecompressor(dict_data=zdict)
-        cache[key] = d
-    return d
+    hit = cache.get(key)
+    if hit is None:  # the entry holds zdict, so its id cannot be reused while cached
+        if len(cache) > 64:
+            cache.clear()
+        hit = cache[key] = (zdict, zstandard.ZstdDecompressor(dict_data=zdict))
+    return hit[1]
 
 
 # ---------------------------------------------------------------------------------------------
