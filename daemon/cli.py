@@ -1,5 +1,6 @@
-"""`flexcache serve` runs the daemon; `flexcache stats` asks a running one; `flexcache config-table`
-prints the settings table for the README. Errors end with a sentence and a non-zero exit code."""
+"""`flexcache serve` runs the daemon; `flexcache stats` asks a running one; `config-table` and
+`metrics-table` print the README's tables from the code. Errors end with a sentence and exit code 1
+(runtime) or 2 (configuration)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,13 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics_table(args: argparse.Namespace) -> int:
+    from .metrics import Metrics
+
+    print(Metrics().markdown_table())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flexcache", description="FlexCache approximate-cache daemon.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     stats.add_argument("--timeout", type=float, default=5.0, help="Seconds to wait for the answer.")
     stats.add_argument("--json", action="store_true", help="Print JSON instead of text.")
     stats.set_defaults(run=_stats)
-    table = commands.add_parser("config-table", help="Print the settings table (markdown).")
+    table = commands.add_parser("config-table", help="Print the settings table (markdown, for the README).")
     table.set_defaults(run=lambda args: print(cfg.markdown_table()) or 0)
+    metrics = commands.add_parser("metrics-table", help="Print the metrics table (markdown, for the README).")
+    metrics.set_defaults(run=_metrics_table)
     args = parser.parse_args(argv)
     return args.run(args)
 

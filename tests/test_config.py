@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from flexcache.daemon.config import OPTIONS, ConfigError, markdown_table, parse_size, resolve
+from flexcache.daemon.metrics import Metrics
 from flexcache.daemon.steps import StepTable
 
 
@@ -57,12 +58,13 @@ def test_sizes() -> None:
         parse_size("-1")
 
 
-def test_readme_table_lists_every_option() -> None:
+def test_readme_tables_are_current() -> None:
     table = markdown_table()
     for option in OPTIONS:
         assert f"`{option.env}`" in table
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert table in readme, "README's settings table is stale: regenerate with `flexcache config-table`"
+    assert Metrics().markdown_table() in readme, "README's metrics table is stale: `flexcache metrics-table`"
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
