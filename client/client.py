@@ -67,11 +67,13 @@ class Candidate:
     role: str  # "full", "object" or "background"
     prompt: str
     blob: pb.BlobInfo = field(repr=False)
+    object_mask: np.ndarray | None = field(default=None, repr=False)  # bool, as stored with the entry
 
     @classmethod
     def from_proto(cls, c: pb.Candidate) -> Candidate:
         role = pb.Role.Name(c.role).removeprefix("ROLE_").lower()
-        return cls(c.entry_id, c.similarity, c.granted_steps, role, c.prompt, c.blob)
+        mask = tensors.unpack_mask(c.object_mask.shape, c.object_mask.bits) if c.HasField("object_mask") else None
+        return cls(c.entry_id, c.similarity, c.granted_steps, role, c.prompt, c.blob, mask)
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,12 @@ class LookupResult:
 
     @property
     def best(self) -> Candidate | None:
-        return self.candidates[0] if self.candidates else None
+        """The best whole-prompt match, if the prompt matched as a whole."""
+        return self.candidates[0] if self.candidates and self.candidates[0].role == "full" else None
+
+    def donors(self, role: str) -> list[Candidate]:
+        """Object or background donors of a composed hit, best first."""
+        return [c for c in self.candidates if c.role == role]
 
 
 @dataclass(frozen=True)
@@ -148,16 +155,20 @@ class CacheClient:
 
     # ---- store ----
     def put(self, prompt: str, latent: Any, vector: Any, *, object_vector: Any = None,
-            background_vector: Any = None, step: int = 0, step_seconds: float = 0.0,
+            background_vector: Any = None, object_mask: Any = None, step: int = 0, step_seconds: float = 0.0,
             attrs: Mapping[str, str] | None = None) -> str | None:
-        """Store a latent (numpy or torch) as raw bytes; returns the entry id, or None on failure."""
+        """Store a latent (numpy or torch) as raw bytes; returns the entry id, or None on failure.
+
+        `object_vector`/`background_vector` (embeddings of the prompt's two parts) and `object_mask`
+        (bool, on the latent grid) make the entry usable as an object or background donor."""
         data, dtype, shape = tensors.to_bytes(latent)
         info = pb.BlobInfo(codec="raw", dtype=dtype, shape=shape, step=step, attrs=dict(attrs or {}))
         return self.put_blob(prompt, data, info, vector, object_vector=object_vector,
-                             background_vector=background_vector, step_seconds=step_seconds)
+                             background_vector=background_vector, object_mask=object_mask,
+                             step_seconds=step_seconds)
 
     def put_blob(self, prompt: str, data: bytes, info: pb.BlobInfo, vector: Any, *, object_vector: Any = None,
-                 background_vector: Any = None, step_seconds: float = 0.0) -> str | None:
+                 background_vector: Any = None, object_mask: Any = None, step_seconds: float = 0.0) -> str | None:
         """Store an already-encoded blob; `info` says how to decode it (size and sha256 are filled in)."""
         blob = pb.BlobInfo()
         blob.CopyFrom(info)
@@ -165,6 +176,9 @@ class CacheClient:
         blob.sha256 = hashlib.sha256(data).digest()
         header = pb.PutHeader(namespace=self._ns, prompt=prompt, blob=blob, step_seconds=step_seconds,
                               vectors=_vectors(vector, object_vector, background_vector))
+        if object_mask is not None:
+            shape, bits = tensors.pack_mask(object_mask)
+            header.object_mask.CopyFrom(pb.Mask(shape=shape, bits=bits))
 
         def messages() -> Iterator[pb.PutRequest]:
             yield pb.PutRequest(header=header)

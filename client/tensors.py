@@ -52,3 +52,17 @@ def from_bytes(data: bytes | bytearray | memoryview, dtype: str, shape: tuple[in
 
         return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
     return array
+
+
+def pack_mask(mask: Any) -> tuple[list[int], bytes]:
+    """A boolean mask (numpy or torch) -> (shape, bits packed MSB-first in C order)."""
+    if is_torch_tensor(mask):
+        mask = mask.detach().to("cpu").numpy()
+    array = np.asarray(mask).astype(bool)
+    return list(array.shape), np.packbits(array, axis=None).tobytes()
+
+
+def unpack_mask(shape: Any, bits: bytes) -> np.ndarray:
+    shape = tuple(int(n) for n in shape)
+    cells = int(np.prod(shape))
+    return np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=cells).astype(bool).reshape(shape)

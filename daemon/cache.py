@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_LIMIT = 1 << 20  # bytes per streamed chunk, both directions
 MAX_PROMPT_CHARS = 16_384
+MAX_MASK_CELLS = 1 << 24  # a latent-grid mask; 16 M cells is far past any video latent
 _ENTRY_ID = re.compile(r"[0-9a-f]{64}")
 # How much of a composed latent each donor supplies, for crediting its utility.
 ROLE_WEIGHTS = {"full": 1.0, "object": 0.5, "background": 0.5}
@@ -214,6 +215,8 @@ class Cache:
             raise InvalidRequest(f"blob.step {blob.step} must be below total_steps {header.namespace.total_steps}")
         if header.step_seconds < 0 or header.step_seconds != header.step_seconds:
             raise InvalidRequest("step_seconds must be a non-negative number")
+        if header.HasField("object_mask"):
+            _check_mask(header.object_mask)
         eid = entry_id(ns, header.prompt, blob)
         with self._lock:
             existing = eid in self._usage
@@ -258,6 +261,24 @@ class Cache:
         total_steps = request.namespace.total_steps
         # Intermediate-latent entries may be unusable at a given similarity: look a little deeper.
         hits = self.index.search(ns.key, "full", vectors["full"], limit=top_k * 5)
+        full = self._usable(ns, hits, total_steps, top_k, pb.ROLE_FULL)
+        if full:
+            self.metrics.lookups.labels(ns.name, "hit").inc()
+            return pb.LookupResponse(candidates=full)
+        if "object" in vectors and "background" in vectors:
+            donors = self._donors(ns, vectors, total_steps, top_k)
+            if donors:
+                self.metrics.lookups.labels(ns.name, "composed").inc()
+                return pb.LookupResponse(candidates=donors)
+        return self._miss(ns, "below_threshold" if hits else "empty_namespace")
+
+    def _usable(self, ns: NamespaceKey, hits: list, total_steps: int, limit: int, role: int) -> list[pb.Candidate]:
+        """Hits that grant steps, as candidates, best first.
+
+        An intermediate latent (blob.step = K) serves only requests granted at least K and grants
+        exactly K. Donors of a composite must be clean latents (step 0): the worker rebuilds both
+        parts at the composite's step, which only a clean latent allows.
+        """
         candidates = []
         for hit in hits:
             header = self.store.record(hit.entry_id)
@@ -265,17 +286,33 @@ class Cache:
                 continue
             similarity = min(1.0, max(-1.0, hit.similarity))
             granted = self.steps.granted_steps(similarity, total_steps, ns.name)
-            if header.blob.step:  # an intermediate latent serves only its own step
+            if header.blob.step:
+                if role != pb.ROLE_FULL:
+                    continue
                 granted = header.blob.step if granted >= header.blob.step else 0
             if granted:
-                candidates.append(pb.Candidate(entry_id=hit.entry_id, similarity=similarity, granted_steps=granted,
-                                               role=pb.ROLE_FULL, blob=header.blob, prompt=header.prompt))
-            if len(candidates) == top_k:
+                candidate = pb.Candidate(entry_id=hit.entry_id, similarity=similarity, granted_steps=granted,
+                                         role=role, blob=header.blob, prompt=header.prompt)
+                if header.HasField("object_mask"):
+                    candidate.object_mask.CopyFrom(header.object_mask)
+                candidates.append(candidate)
+            if len(candidates) == limit:
                 break
-        if not candidates:
-            return self._miss(ns, "below_threshold" if hits else "empty_namespace")
-        self.metrics.lookups.labels(ns.name, "hit").inc()
-        return pb.LookupResponse(candidates=candidates)
+        return candidates
+
+    def _donors(self, ns: NamespaceKey, vectors: dict[str, np.ndarray], total_steps: int,
+                top_k: int) -> list[pb.Candidate]:
+        """Up to top_k object donors and top_k background donors, granted the composite's steps."""
+        objects = self._usable(ns, self.index.search(ns.key, "object", vectors["object"], limit=top_k * 5),
+                               total_steps, top_k, pb.ROLE_OBJECT)
+        backgrounds = self._usable(ns, self.index.search(ns.key, "background", vectors["background"],
+                                                         limit=top_k * 5), total_steps, top_k, pb.ROLE_BACKGROUND)
+        if not objects or not backgrounds:
+            return []
+        steps = min(objects[0].granted_steps, backgrounds[0].granted_steps)
+        for candidate in objects + backgrounds:
+            candidate.granted_steps = min(candidate.granted_steps, steps)
+        return objects + backgrounds
 
     def _miss(self, ns: NamespaceKey, reason: str) -> pb.LookupResponse:
         self.metrics.lookups.labels(ns.name, "miss").inc()
@@ -387,6 +424,17 @@ class Cache:
     def usage_of(self, eid: str) -> Usage | None:
         with self._lock:
             return self._usage.get(eid)
+
+
+def _check_mask(mask: pb.Mask) -> None:
+    if not 1 <= len(mask.shape) <= 4 or min(mask.shape) < 1:
+        raise InvalidRequest(f"object_mask.shape must have 1 to 4 positive sizes, got {list(mask.shape)}")
+    cells = int(np.prod(np.asarray(mask.shape, dtype=np.int64)))
+    if cells > MAX_MASK_CELLS:
+        raise InvalidRequest(f"object_mask has {cells} cells, above {MAX_MASK_CELLS}")
+    if len(mask.bits) != (cells + 7) // 8:
+        raise InvalidRequest(f"object_mask.bits has {len(mask.bits)} bytes, shape {list(mask.shape)} needs "
+                             f"{(cells + 7) // 8}")
 
 
 def _checked_id(value: str) -> str:
