@@ -12,22 +12,27 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
 
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
+from flexcache_model import codec
 
 from . import tensors
 
 log = logging.getLogger("flexcache.client")
 
 CHUNK_BYTES = 1 << 20  # the daemon's per-message limit for blob chunks
+RAW, LATENT_CODEC = "raw", "fxlc"  # BlobInfo.codec: plain bytes, or flexcache_model.codec's format
+_CODEC_DTYPES = ("float32", "float16", tensors.BF16)
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", CHUNK_BYTES + 64 * 1024),
     ("grpc.max_send_message_length", CHUNK_BYTES + 64 * 1024),
@@ -40,6 +45,53 @@ _CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
+
+
+# Blobs from this size on are hashed on a helper thread during the receive; below it a thread costs
+# more than the overlap gains (sha256 runs at ~1.5 GB/s here: 1 MiB is well under a millisecond).
+_THREADED_HASH_BYTES = 2 * CHUNK_BYTES
+
+
+class _Digest:
+    """sha256 on the calling thread."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+
+    def update(self, data: memoryview) -> None:
+        self._hash.update(data)
+
+    def digest(self) -> bytes:
+        return self._hash.digest()
+
+    def close(self) -> None:
+        pass
+
+
+class _ThreadedDigest(_Digest):
+    """sha256 fed in order through a queue to one helper thread, so hashing overlaps the receive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._queue: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="flexcache-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._hash.update(data)
+
+    def update(self, data: memoryview) -> None:
+        self._queue.put(data)
+
+    def digest(self) -> bytes:
+        self.close()
+        return self._hash.digest()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
 
 @dataclass(frozen=True)
@@ -99,10 +151,31 @@ class Fetched:
     data: bytearray  # the verified blob
 
     def latent(self, as_torch: bool = False):
-        """The blob as an array, for entries stored with the raw codec."""
-        if self.blob.codec != "raw":
-            raise ValueError(f"entry {self.entry_id} uses codec {self.blob.codec!r}; decode it with that codec")
-        return tensors.from_bytes(self.data, self.blob.dtype, tuple(self.blob.shape), as_torch=as_torch)
+        """The stored latent, decoded (raises codec.CodecError for a corrupt or foreign blob)."""
+        shape = tuple(self.blob.shape)
+        if self.blob.codec == RAW:
+            return tensors.from_bytes(self.data, self.blob.dtype, shape, as_torch=as_torch)
+        if self.blob.codec == LATENT_CODEC:
+            array = codec.decode(self.data)
+            if array.shape != shape:
+                raise codec.CodecError(f"entry {self.entry_id}: blob holds shape {array.shape}, record says {shape}")
+            return tensors.from_numpy(array, self.blob.dtype, as_torch=as_torch)
+        raise codec.CodecError(f"entry {self.entry_id} uses unknown codec {self.blob.codec!r}")
+
+    @property
+    def seed(self) -> int | None:
+        return int(self.blob.attrs["seed"]) if "seed" in self.blob.attrs else None
+
+
+class Rebuild(Protocol):
+    """Rebuilds the latent at step k of `total_steps` from a clean latent x0 and the seed of its noise.
+
+    It is the scheduler's forward process (flow matching: (1 - sigma_k) x0 + sigma_k eps; DDPM/DDIM:
+    sqrt(abar) x0 + sqrt(1 - abar) eps) with eps regenerated exactly as the worker's sampler draws it
+    from the seed; so it belongs to the worker's model, not to the cache.
+    """
+
+    def __call__(self, x0: Any, seed: int, k: int, total_steps: int) -> Any: ...
 
 
 def _vector(value: Any, name: str) -> list[float]:
@@ -122,9 +195,12 @@ def _vectors(full: Any, obj: Any, background: Any) -> pb.Vectors:
 
 
 class CacheClient:
-    def __init__(self, target: str, namespace: Namespace, *, timeout_s: float = 1.0,
-                 transfer_timeout_s: float = 30.0, warn_every_s: float = 10.0):
+    def __init__(self, target: str, namespace: Namespace, *, max_rel_error: float | None = codec.DEFAULT_MAX_REL_ERROR,
+                 timeout_s: float = 1.0, transfer_timeout_s: float = 30.0, warn_every_s: float = 10.0):
+        """`max_rel_error` is the error budget on stored latents (relative RMSE, 0 = lossless): float
+        latents are compressed within it before they leave the worker; None stores raw bytes."""
         self.target = target
+        self.max_rel_error = max_rel_error
         self.namespace = namespace
         self.timeout_s = timeout_s
         self.transfer_timeout_s = transfer_timeout_s
@@ -155,14 +231,28 @@ class CacheClient:
 
     # ---- store ----
     def put(self, prompt: str, latent: Any, vector: Any, *, object_vector: Any = None,
-            background_vector: Any = None, object_mask: Any = None, step: int = 0, step_seconds: float = 0.0,
-            attrs: Mapping[str, str] | None = None) -> str | None:
-        """Store a latent (numpy or torch) as raw bytes; returns the entry id, or None on failure.
+            background_vector: Any = None, object_mask: Any = None, seed: int | None = None, step: int = 0,
+            step_seconds: float = 0.0, attrs: Mapping[str, str] | None = None) -> str | None:
+        """Store a latent (numpy or torch); returns the entry id, or None on failure.
 
-        `object_vector`/`background_vector` (embeddings of the prompt's two parts) and `object_mask`
-        (bool, on the latent grid) make the entry usable as an object or background donor."""
-        data, dtype, shape = tensors.to_bytes(latent)
-        info = pb.BlobInfo(codec="raw", dtype=dtype, shape=shape, step=step, attrs=dict(attrs or {}))
+        Store the clean latent x0 (step 0) with the `seed` of its initial noise, so that a hit can be
+        rebuilt at any step; or, NIRVANA-style, an intermediate latent with its `step`. Float latents
+        are compressed within the client's error budget. `object_vector`/`background_vector`
+        (embeddings of the prompt's two parts) and `object_mask` (bool, on the latent grid) make the
+        entry usable as an object or background donor."""
+        array, dtype = tensors.to_numpy(latent)
+        attrs = dict(attrs or {})
+        if seed is not None:
+            attrs["seed"] = str(int(seed))
+        info = pb.BlobInfo(codec=RAW, dtype=dtype, shape=array.shape, step=step, attrs=attrs)
+        data: bytes = array.tobytes()
+        if self.max_rel_error is not None and dtype in _CODEC_DTYPES and array.ndim >= 1:
+            try:
+                data = codec.encode(array, max_rel_error=self.max_rel_error, dtype=dtype)
+            except codec.CodecError as exc:  # e.g. NaN in the latent: nothing worth caching
+                self._failed("put", exc)
+                return None
+            info.codec = LATENT_CODEC
         return self.put_blob(prompt, data, info, vector, object_vector=object_vector,
                              background_vector=background_vector, object_mask=object_mask,
                              step_seconds=step_seconds)
@@ -207,24 +297,29 @@ class CacheClient:
 
     def fetch(self, entry_id: str, *, role: str = "full", granted_steps: int = 0) -> Fetched | None:
         """Stream an entry's blob and verify its checksum. `role` and `granted_steps` say how the worker
-        uses it (they credit the entry in the replacement policy); leave granted_steps 0 to only read."""
+        uses it (they credit the entry in the replacement policy); leave granted_steps 0 to only read.
+
+        Large blobs are hashed on a helper thread while the next chunks arrive (hashlib releases the
+        GIL), so sha256 overlaps the gRPC receive instead of following it."""
         request = pb.FetchRequest(namespace=self._ns, entry_id=entry_id, granted_steps=granted_steps,
                                   role=pb.Role.Value(f"ROLE_{role.upper()}"))
+        digest: _Digest | None = None
         try:
             responses = self._stub.Fetch(request, timeout=self.transfer_timeout_s)
             header = next(responses).header
             size = header.blob.size
             data = bytearray(size)
             view = memoryview(data)
-            digest = hashlib.sha256()
+            digest = _ThreadedDigest() if size >= _THREADED_HASH_BYTES else _Digest()
             offset = 0
             for message in responses:
                 chunk = message.chunk
-                if offset + len(chunk) > size:
+                end = offset + len(chunk)
+                if end > size:
                     raise ValueError(f"entry {entry_id}: daemon sent more than the declared {size} bytes")
-                view[offset:offset + len(chunk)] = chunk
-                digest.update(chunk)
-                offset += len(chunk)
+                view[offset:end] = chunk
+                digest.update(view[offset:end])  # hash the copy in place; the chunk can be freed
+                offset = end
             if offset != size:
                 raise ValueError(f"entry {entry_id}: stream ended after {offset} of {size} bytes")
             if digest.digest() != header.blob.sha256:
@@ -232,10 +327,18 @@ class CacheClient:
         except (grpc.RpcError, ValueError, StopIteration) as exc:
             self._failed("fetch", exc)
             return None
+        finally:
+            if digest is not None:
+                digest.close()
         return Fetched(header.entry_id, header.prompt, header.blob, data)
 
-    def get(self, vector: Any, *, as_torch: bool = False) -> tuple[Any, Candidate] | None:
-        """Lookup + fetch of the best full-prompt match: (latent, candidate), or None on a miss."""
+    def get(self, vector: Any, *, rebuild: Rebuild | None = None, as_torch: bool = False
+            ) -> tuple[Any, Candidate] | None:
+        """Lookup + fetch + decode of the best whole-prompt match: (latent, candidate), or None.
+
+        The latent is the one to start sampling from at step candidate.granted_steps: an entry's
+        intermediate latent as stored, or a clean latent rebuilt at that step by `rebuild` (without
+        `rebuild`, the clean latent itself)."""
         result = self.lookup(vector)
         if result is None or result.best is None:
             return None
@@ -243,7 +346,16 @@ class CacheClient:
         fetched = self.fetch(best.entry_id, role="full", granted_steps=best.granted_steps)
         if fetched is None:
             return None
-        return fetched.latent(as_torch=as_torch), best
+        try:
+            latent = fetched.latent(as_torch=as_torch)
+            if rebuild is not None and fetched.blob.step == 0:
+                if fetched.seed is None:
+                    raise ValueError(f"entry {best.entry_id} has no seed to rebuild its noise from")
+                latent = rebuild(latent, fetched.seed, best.granted_steps, self.namespace.total_steps)
+        except (codec.CodecError, ValueError) as exc:
+            self._failed("decode", exc)
+            return None
+        return latent, best
 
     # ---- admin ----
     def delete(self, entry_id: str) -> bool | None:

@@ -123,7 +123,12 @@ def daemon(start_daemon) -> DaemonProcess:
     return start_daemon()
 
 
+def connect(target: str, namespace: Namespace = NS, **options: object) -> CacheClient:
+    """A client for tests: patient, and lossless (max_rel_error=0) so round trips compare exactly."""
+    return CacheClient(target, namespace, **{"timeout_s": 5.0, "max_rel_error": 0.0, **options})
+
+
 @pytest.fixture
 def client(daemon: DaemonProcess) -> Iterator[CacheClient]:
-    with CacheClient(daemon.target, NS, timeout_s=5.0) as c:
+    with connect(daemon.target) as c:
         yield c

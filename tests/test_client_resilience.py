@@ -9,12 +9,12 @@ import time
 import numpy as np
 
 from flexcache.client import CacheClient
-from tests.conftest import NS
+from tests.conftest import NS, connect
 from tests.vectors import unit
 
 
 def test_killed_daemon_is_a_miss_and_the_client_recovers(daemon, caplog) -> None:
-    with CacheClient(daemon.target, NS, timeout_s=2) as c:
+    with connect(daemon.target, timeout_s=2) as c:
         entry_id = c.put("kept across the outage", np.ones(64, np.float32), unit(1))
         daemon.kill()
         with caplog.at_level(logging.WARNING, logger="flexcache.client"):

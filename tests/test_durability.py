@@ -11,13 +11,12 @@ import urllib.request
 import grpc
 import numpy as np
 
-from flexcache.client import CacheClient
 from flexcache.daemon.entries import NamespaceKey
 from flexcache.daemon.index.base import IndexPoint
 from flexcache.daemon.index.edge import EdgeIndex
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
-from tests.conftest import NS
+from tests.conftest import NS, connect
 from tests.vectors import unit
 
 
@@ -26,11 +25,11 @@ def latent_for(i: int) -> np.ndarray:
 
 
 def test_restart_keeps_every_entry(daemon) -> None:
-    with CacheClient(daemon.target, NS, timeout_s=5) as c:
+    with connect(daemon.target) as c:
         ids = [c.put(f"prompt {i}", latent_for(i), unit(i)) for i in range(20)]
     assert daemon.terminate() == 0
     daemon.start()
-    with CacheClient(daemon.target, NS, timeout_s=5) as c:
+    with connect(daemon.target) as c:
         assert c.stats().entries == 20
         for i, entry_id in enumerate(ids):
             best = c.lookup(unit(i)).best
@@ -43,7 +42,7 @@ def test_sigkill_during_puts_loses_no_acknowledged_entry(daemon) -> None:
     stop = threading.Event()
 
     def writer() -> None:
-        with CacheClient(daemon.target, NS, timeout_s=5, warn_every_s=1e9) as c:
+        with connect(daemon.target, warn_every_s=1e9) as c:
             i = 0
             while not stop.is_set() and i < 10_000:
                 entry_id = c.put(f"prompt {i}", latent_for(i), unit(i))
@@ -62,7 +61,7 @@ def test_sigkill_during_puts_loses_no_acknowledged_entry(daemon) -> None:
     thread.join(30)
     assert len(acknowledged) >= 15
     daemon.start()
-    with CacheClient(daemon.target, NS, timeout_s=5) as c:
+    with connect(daemon.target) as c:
         stored = c.stats().entries
         assert len(acknowledged) <= stored <= len(acknowledged) + 1  # at most the in-flight one, whole
         for i, entry_id in acknowledged.items():
@@ -78,19 +77,19 @@ def test_sigkill_during_puts_loses_no_acknowledged_entry(daemon) -> None:
 
 
 def test_startup_reindexes_entries_missing_from_the_index(daemon) -> None:
-    with CacheClient(daemon.target, NS, timeout_s=5) as c:
+    with connect(daemon.target) as c:
         ids = [c.put(f"prompt {i}", latent_for(i), unit(i)) for i in range(5)]
     daemon.terminate()
     shutil.rmtree(daemon.data_dir / "index")  # as if the index writes had been lost
     daemon.start()
-    with CacheClient(daemon.target, NS, timeout_s=5) as c:
+    with connect(daemon.target) as c:
         assert [c.lookup(unit(i)).best.entry_id for i in range(5)] == ids
     metrics = _metrics(daemon)
     assert 'flexcache_reconciled_total{action="reindexed"} 5.0' in metrics
 
 
 def test_startup_removes_index_points_without_entries(daemon) -> None:
-    with CacheClient(daemon.target, NS, timeout_s=5) as c:
+    with connect(daemon.target) as c:
         kept = c.put("kept", latent_for(1), unit(1))
     daemon.terminate()
     # An index point whose store write was lost (written to the index, then the process died).
@@ -100,7 +99,7 @@ def test_startup_removes_index_points_without_entries(daemon) -> None:
     assert set(index.entry_ids()) == {kept, orphan}
     index.close()
     daemon.start()
-    with CacheClient(daemon.target, NS, timeout_s=5) as c:
+    with connect(daemon.target) as c:
         assert c.lookup(unit(2)).miss_reason == "below_threshold"
         assert c.lookup(unit(1)).best.entry_id == kept
     assert 'flexcache_reconciled_total{action="orphan_point"} 1.0' in _metrics(daemon)
@@ -135,7 +134,7 @@ def test_sigterm_drains_in_flight_put(daemon) -> None:
         thread.join(30)
     assert result["r"].created
     daemon.start()
-    with CacheClient(daemon.target, NS, timeout_s=5) as c:
+    with connect(daemon.target) as c:
         assert c.lookup(unit(9)).best.prompt == "slow"
 
 

@@ -15,7 +15,7 @@ from flexcache.daemon.index.edge import EdgeIndex
 from flexcache.daemon.metrics import Metrics
 from flexcache.daemon.steps import StepTable
 from flexcache.daemon.store import Store
-from tests.conftest import NS
+from tests.conftest import NS, connect
 from tests.vectors import unit
 
 KIB = 1024
@@ -32,7 +32,7 @@ def present(c: CacheClient, ids: list[str]) -> list[bool]:
 @pytest.mark.parametrize("policy", ["lru", "lcbfu", "utility"])
 def test_stays_within_the_budget(start_daemon, policy: str) -> None:
     daemon = start_daemon(max_bytes="3MiB", eviction_policy=policy)
-    with CacheClient(daemon.target, NS, timeout_s=5) as c:
+    with connect(daemon.target) as c:
         for i in range(40):
             assert c.put(f"p{i}", latent(i), unit(i))
             stats = c.stats()
@@ -43,7 +43,7 @@ def test_stays_within_the_budget(start_daemon, policy: str) -> None:
 
 def test_lru_evicts_least_recently_used(start_daemon) -> None:
     daemon = start_daemon(max_bytes="3MiB", eviction_policy="lru")
-    with CacheClient(daemon.target, NS, timeout_s=5) as c:
+    with connect(daemon.target) as c:
         ids = [c.put(f"p{i}", latent(i), unit(i)) for i in range(10)]
         c.fetch(ids[0])  # a read refreshes recency
         c.put("p10", latent(10), unit(10))
@@ -53,7 +53,7 @@ def test_lru_evicts_least_recently_used(start_daemon) -> None:
 
 def test_lcbfu_evicts_lowest_hits_times_k(start_daemon) -> None:
     daemon = start_daemon(max_bytes="3MiB", eviction_policy="lcbfu")
-    with CacheClient(daemon.target, NS, timeout_s=5) as c:
+    with connect(daemon.target) as c:
         ids = [c.put(f"p{i}", latent(i), unit(i)) for i in range(10)]
         for e in ids[:5]:
             c.fetch(e, role="full", granted_steps=20)  # hits, long ago
@@ -61,7 +61,7 @@ def test_lcbfu_evicts_lowest_hits_times_k(start_daemon) -> None:
             c.fetch(e)  # recent reads without a hit: LRU would keep these
         daemon.terminate()  # policy state must be rebuilt from stored usage
         daemon.start()
-    with CacheClient(daemon.target, NS, timeout_s=5) as c:
+    with connect(daemon.target) as c:
         c.put("p10", latent(10), unit(10))
         c.put("p11", latent(11), unit(11))
         assert present(c, ids[:5]) == [True] * 5
@@ -70,7 +70,7 @@ def test_lcbfu_evicts_lowest_hits_times_k(start_daemon) -> None:
 
 def test_utility_evicts_least_value_per_byte(start_daemon) -> None:
     daemon = start_daemon(max_bytes="4MiB", eviction_policy="utility")
-    with CacheClient(daemon.target, NS, timeout_s=5) as c:
+    with connect(daemon.target) as c:
         small = [c.put(f"small {i}", latent(i, 128), unit(i)) for i in range(8)]
         large = [c.put(f"large {i}", latent(100 + i, 512), unit(100 + i)) for i in range(4)]
         for e in small + large:

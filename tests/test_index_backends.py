@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexcache.client import CacheClient
 from flexcache.daemon.index.base import IndexPoint, VectorIndex
 from flexcache.daemon.index.edge import EdgeIndex
 from flexcache.daemon.index.remote import QdrantIndex
-from tests.conftest import NS
+from tests.conftest import connect
 from tests.vectors import unit
 
 
@@ -65,11 +64,11 @@ def test_backends_agree(backends: list[VectorIndex]) -> None:
 
 def test_daemon_on_the_qdrant_backend(start_daemon, tmp_path: Path) -> None:
     daemon = start_daemon(index_backend="qdrant", qdrant_path=str(tmp_path / "qdrant-local"))
-    with CacheClient(daemon.target, NS, timeout_s=5) as c:
+    with connect(daemon.target) as c:
         ids = [c.put(f"p{i}", np.full(16, i, np.float32), unit(i)) for i in range(10)]
         assert [c.lookup(unit(i)).best.entry_id for i in range(10)] == ids
         assert c.stats().index_backend == "qdrant"
     daemon.terminate()
     daemon.start()
-    with CacheClient(daemon.target, NS, timeout_s=5) as c:
+    with connect(daemon.target) as c:
         assert c.lookup(unit(3)).best.entry_id == ids[3]

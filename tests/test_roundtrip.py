@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from flexcache.client import CacheClient
-from tests.conftest import NS
+from tests.conftest import NS, connect
 from tests.vectors import at_similarity, unit
 
 LATENT_SHAPE = (16, 3, 12, 20)
@@ -46,7 +46,7 @@ def test_large_blob_streams_in_chunks(client: CacheClient) -> None:
     latent = np.random.default_rng(3).standard_normal((16, 21, 60, 104)).astype(np.float16)  # Wan 480p, 4.2 MB
     entry_id = client.put("a wide shot of a city at night", latent, unit(3))
     fetched = client.fetch(entry_id)
-    assert fetched is not None and fetched.blob.size == latent.nbytes
+    assert fetched is not None and fetched.blob.size > 3 << 20  # several 1 MiB chunks
     np.testing.assert_array_equal(fetched.latent(), latent)
 
 
@@ -65,7 +65,7 @@ def test_granted_steps_follow_nirvana_table(client: CacheClient) -> None:
 
 def test_steps_scale_with_total_steps(daemon) -> None:
     ns30 = dataclasses.replace(NS, total_steps=30)
-    with CacheClient(daemon.target, ns30) as c:
+    with connect(daemon.target, ns30) as c:
         c.put("p", np.zeros(8, np.float32), unit(4))
         assert c.lookup(unit(4)).best.granted_steps == 15
         assert c.lookup(at_similarity(unit(4), 0.80, seed=1)).best.granted_steps == 6
@@ -101,7 +101,7 @@ def test_namespaces_are_isolated(daemon, client: CacheClient) -> None:
     other_tenant = dataclasses.replace(NS, tenant="globex")
     other_steps = dataclasses.replace(NS, total_steps=30)
     for ns in (other_tenant, other_steps):
-        with CacheClient(daemon.target, ns) as other:
+        with connect(daemon.target, ns) as other:
             result = other.lookup(unit(50))
             assert result.best is None and result.miss_reason == "unknown_namespace"
             assert other.fetch(entry_id) is None
@@ -113,9 +113,9 @@ def test_namespaces_are_isolated(daemon, client: CacheClient) -> None:
 
 
 def test_delete_and_stats(client: CacheClient) -> None:
-    entry_id = client.put("to delete", np.ones(1000, np.float32), unit(60))
+    entry_id = client.put("to delete", np.random.default_rng(0).standard_normal(1000).astype(np.float32), unit(60))
     stats = client.stats()
-    assert stats.entries == 1 and stats.bytes > 4000 and stats.namespaces[0].dimension == 384
+    assert stats.entries == 1 and stats.bytes > 3000 and stats.namespaces[0].dimension == 384
     assert stats.namespaces[0].name == "acme/wan2.1-t2v-1.3b/832x480x81/flow/50"
     assert client.delete(entry_id) is True
     assert client.delete(entry_id) is False
