@@ -1,0 +1,37 @@
+# FlexCache daemon image: ghcr.io/flexcache/flexcache:0.1.0 in k8s/.
+#   docker build -t ghcr.io/flexcache/flexcache:0.1.0 .
+#   docker run -p 50051:50051 -p 9464:9464 -v flexcache-data:/var/lib/flexcache ghcr.io/flexcache/flexcache:0.1.0
+# The daemon never imports torch, so the package is installed without the [model] extra.
+
+# Build stage: compiles proto/ into the wheel (grpcio-tools is a build-system requirement) and
+# collects wheels for the runtime dependencies.
+FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY proto/ proto/
+COPY daemon/ daemon/
+COPY client/ client/
+COPY flexcache_model/ flexcache_model/
+RUN pip wheel --wheel-dir /wheels .
+
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# No FLEXCACHE_* variables here on purpose: env vars override the --config file, so an image
+# default would silently win over a Kubernetes ConfigMap.
+RUN groupadd --system --gid 10001 flexcache \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+       --shell /usr/sbin/nologin flexcache \
+    && mkdir -p /var/lib/flexcache \
+    && chown 10001:10001 /var/lib/flexcache
+COPY --from=build /wheels /wheels
+RUN pip install --no-index --find-links /wheels flexcache && rm -rf /wheels
+USER 10001:10001
+WORKDIR /var/lib/flexcache
+EXPOSE 50051 9464
+ENTRYPOINT ["flexcache", "serve"]
+# Defaults for `docker run`; Kubernetes `args:` replace them (k8s/ passes --config instead).
+CMD ["--data-dir", "/var/lib/flexcache", "--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9464"]
