@@ -70,7 +70,7 @@ def _metrics_table(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flexcache", description="FlexCache approximate-cache daemon.")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="Run the daemon.")
+    serve = commands.add_parser("serve", help="Run the daemon.", allow_abbrev=False)
     cfg.add_flags(serve)
     serve.set_defaults(run=_serve)
     stats = commands.add_parser("stats", help="Print a running daemon's statistics.")

@@ -202,6 +202,19 @@ def _check(config: Config) -> Config:
     return config
 
 
+_SERVICE_LINK = re.compile(
+    r"FLEXCACHE\w*?(_SERVICE_HOST|_SERVICE_PORT(_\w+)?|_PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)"
+)
+
+
+def _is_service_link(key: str, value: str) -> bool:
+    """Variables Kubernetes injects for a Service named flexcache*, e.g. FLEXCACHE_SERVICE_HOST or
+    FLEXCACHE_PORT=tcp://10.0.0.1:50051: not settings, so not typos either."""
+    if _SERVICE_LINK.fullmatch(key):
+        return True
+    return key.endswith("_PORT") and value.startswith(("tcp://", "udp://", "sctp://"))
+
+
 def load_yaml(path: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
@@ -227,8 +240,8 @@ def resolve(
             raise ConfigError(f"config file: unknown setting {key!r}")
         values[key] = _parse(_BY_NAME[key], raw, "config file")
     known_env = {o.env for o in OPTIONS} | {"FLEXCACHE_CONFIG"}
-    for key in env:
-        if key.startswith("FLEXCACHE_") and key not in known_env:
+    for key, raw in env.items():
+        if key.startswith("FLEXCACHE_") and key not in known_env and not _is_service_link(key, raw):
             raise ConfigError(f"environment: unknown setting {key}")
     for option in OPTIONS:
         if option.env in env:

@@ -43,6 +43,16 @@ def test_errors(layer: str, values: dict, message: str) -> None:
     assert message in str(info.value)
 
 
+def test_kubernetes_service_links_are_not_typos() -> None:
+    env = {"FLEXCACHE_SERVICE_HOST": "10.0.0.1", "FLEXCACHE_SERVICE_PORT": "50051",
+           "FLEXCACHE_SERVICE_PORT_GRPC": "50051", "FLEXCACHE_PORT": "tcp://10.0.0.1:50051",
+           "FLEXCACHE_PORT_50051_TCP": "tcp://10.0.0.1:50051", "FLEXCACHE_PORT_50051_TCP_ADDR": "10.0.0.1",
+           "FLEXCACHE_METRICS_SERVICE_HOST": "10.0.0.2", "FLEXCACHE_WORKERS": "3"}
+    assert resolve(None, env).workers == 3
+    with pytest.raises(ConfigError, match="FLEXCACHE_METRICS_PORT"):
+        resolve(None, {"FLEXCACHE_METRICS_PORT": "9464"})  # a plausible typo, not a service link
+
+
 def test_thresholds_per_namespace_glob() -> None:
     config = resolve({"skip_thresholds_by_namespace": {"*/wan2.1-*/*": "0.97:0.4"}}, {})
     table = StepTable(config.skip_thresholds, config.skip_thresholds_by_namespace)
@@ -80,6 +90,8 @@ def test_cli_rejects_bad_config_with_a_sentence(tmp_path: Path) -> None:
     assert result.stderr.strip() == "flexcache serve: config file: unknown setting 'evict_policy'"
     result = run_cli("serve", "--config", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2 and "cannot read config file" in result.stderr
+    result = run_cli("serve", "--max-byte", "1GiB")  # abbreviations would hide typos
+    assert result.returncode == 2 and "unrecognized arguments: --max-byte" in result.stderr
 
 
 def test_cli_port_in_use(daemon, tmp_path: Path) -> None:
