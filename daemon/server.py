@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -55,6 +55,9 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
                 code = grpc.StatusCode.UNAVAILABLE
                 context.abort(code, "daemon is starting: storage is not open yet")
             yield self.cache
+        except GeneratorExit:  # a streaming call whose client went away
+            code = grpc.StatusCode.CANCELLED
+            raise
         except CacheError as exc:
             code = _STATUS[type(exc)]
             context.abort(code, str(exc))
@@ -90,14 +93,12 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             return cache.lookup(request)
 
     def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.FetchResponse]:
-        with self._call("Fetch", context) as cache:
+        with self._call("Fetch", context) as cache:  # times the whole stream, not just its start
             header, chunks = cache.fetch(request)
-        try:
-            yield pb.FetchResponse(header=header)
-            for chunk in chunks:
-                yield pb.FetchResponse(chunk=chunk)
-        finally:
-            chunks.close()  # unpins the entry even when the client goes away mid-stream
+            with closing(chunks):  # unpins the entry even when the client goes away mid-stream
+                yield pb.FetchResponse(header=header)
+                for chunk in chunks:
+                    yield pb.FetchResponse(chunk=chunk)
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
         with self._call("Delete", context) as cache:

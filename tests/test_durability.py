@@ -140,3 +140,13 @@ def test_sigterm_drains_in_flight_put(daemon) -> None:
 
 def _metrics(daemon) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=5).read().decode()
+
+
+def test_fsync_mode_round_trip(start_daemon) -> None:
+    daemon = start_daemon(fsync="true")
+    with connect(daemon.target) as c:
+        entry_id = c.put("synced", latent_for(1), unit(1))
+    daemon.kill()
+    daemon.start()
+    with connect(daemon.target) as c:
+        np.testing.assert_array_equal(c.fetch(entry_id).latent(), latent_for(1))

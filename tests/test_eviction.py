@@ -121,3 +121,29 @@ def test_entry_being_streamed_is_not_evicted(tmp_path: Path) -> None:
     finally:
         index.close()
         store.close()
+
+
+def test_abandoned_fetch_releases_its_entry(start_daemon) -> None:
+    import time
+    import urllib.request
+
+    import grpc
+
+    from flexcache.v1 import cache_pb2 as pb
+    from flexcache.v1 import cache_pb2_grpc as pb_grpc
+
+    daemon = start_daemon(max_bytes="64MiB", eviction_policy="lru")
+    with connect(daemon.target) as c:
+        big = c.put("big", latent(0, 32 * 1024), unit(0))  # large enough not to fit in flow-control windows
+        with grpc.insecure_channel(daemon.target) as channel:
+            stream = pb_grpc.CacheServiceStub(channel).Fetch(pb.FetchRequest(namespace=NS.to_proto(), entry_id=big))
+            next(stream), next(stream)  # header and the first chunk, then walk away
+            stream.cancel()
+        url = f"http://127.0.0.1:{daemon.metrics_port}/metrics"
+        deadline = time.monotonic() + 10
+        while 'code="CANCELLED",method="Fetch"' not in urllib.request.urlopen(url, timeout=5).read().decode():
+            assert time.monotonic() < deadline, "the abandoned stream was never closed"
+            time.sleep(0.05)
+        for i in range(1, 9):  # the pin is gone: as the least recently used entry it is evicted
+            c.put(f"p{i}", latent(i, 4 * 1024), unit(i))
+        assert c.fetch(big) is None
