@@ -26,7 +26,7 @@ from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
 from flexcache_model import codec
 
-from . import tensors
+from . import compose, tensors
 
 log = logging.getLogger("flexcache.client")
 
@@ -50,6 +50,30 @@ _CHANNEL_OPTIONS = [
 # Blobs from this size on are hashed on a helper thread during the receive; below it a thread costs
 # more than the overlap gains (sha256 runs at ~1.5 GB/s here: 1 MiB is well under a millisecond).
 _THREADED_HASH_BYTES = 2 * CHUNK_BYTES
+
+
+_FETCH_METHOD = f"/{pb.DESCRIPTOR.services_by_name['CacheService'].full_name}/Fetch"
+
+
+def _chunk_of(raw: bytes) -> memoryview | bytes:
+    """The blob bytes of one serialized FetchResponse, without copying them.
+
+    A chunk message is field 2 (bytes): tag 0x12, a varint length, the data. Anything else (a
+    header, unknown fields, a chunk split oddly) goes through the protobuf parser, which is always
+    right; the fast path only accepts the exact single-field encoding."""
+    view = memoryview(raw)
+    if len(view) > 1 and view[0] == 0x12:
+        length, shift, pos = 0, 0, 1
+        while pos < len(view) and shift < 64:
+            byte = view[pos]
+            pos += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                if pos + length == len(view):
+                    return view[pos:]
+                break
+    return pb.FetchResponse.FromString(raw).chunk
 
 
 class _Digest:
@@ -178,6 +202,30 @@ class Rebuild(Protocol):
     def __call__(self, x0: Any, seed: int, k: int, total_steps: int) -> Any: ...
 
 
+@dataclass(frozen=True)
+class Hit:
+    """What `CacheClient.get` serves: start sampling from `latent` at step `steps`."""
+
+    latent: Any
+    steps: int
+    kind: str  # "full": one entry matched the whole prompt; "composed": object and background donors
+    sources: list[Candidate]
+
+
+def _best_pair(objects: list[Candidate], backgrounds: list[Candidate]) -> tuple[Candidate, Candidate] | None:
+    """The (object donor, background donor) pair to compose; see compose.py for the rule."""
+    scored = []
+    for o in objects:
+        for b in backgrounds:
+            score = compose.pair_score(o.similarity, b.similarity, o.object_mask, b.object_mask)
+            if score is not None:
+                scored.append((score, o, b))
+    if not scored:
+        return None
+    _, o, b = max(scored, key=lambda item: item[0])
+    return o, b
+
+
 def _vector(value: Any, name: str) -> list[float]:
     if value is None:
         return []
@@ -300,20 +348,23 @@ class CacheClient:
         uses it (they credit the entry in the replacement policy); leave granted_steps 0 to only read.
 
         Large blobs are hashed on a helper thread while the next chunks arrive (hashlib releases the
-        GIL), so sha256 overlaps the gRPC receive instead of following it."""
+        GIL), so sha256 overlaps the gRPC receive instead of following it; chunk messages are read as
+        raw bytes and copied once, straight into the result (no protobuf parse and `.chunk` copy)."""
         request = pb.FetchRequest(namespace=self._ns, entry_id=entry_id, granted_steps=granted_steps,
                                   role=pb.Role.Value(f"ROLE_{role.upper()}"))
         digest: _Digest | None = None
         try:
-            responses = self._stub.Fetch(request, timeout=self.transfer_timeout_s)
-            header = next(responses).header
+            fetch_raw = self._channel.unary_stream(_FETCH_METHOD, request_serializer=pb.FetchRequest.SerializeToString,
+                                                   response_deserializer=None)  # bytes: see _chunk_of
+            responses = fetch_raw(request, timeout=self.transfer_timeout_s)
+            header = pb.FetchResponse.FromString(next(responses)).header
             size = header.blob.size
             data = bytearray(size)
             view = memoryview(data)
             digest = _ThreadedDigest() if size >= _THREADED_HASH_BYTES else _Digest()
             offset = 0
-            for message in responses:
-                chunk = message.chunk
+            for raw in responses:
+                chunk = _chunk_of(raw)
                 end = offset + len(chunk)
                 if end > size:
                     raise ValueError(f"entry {entry_id}: daemon sent more than the declared {size} bytes")
@@ -332,30 +383,50 @@ class CacheClient:
                 digest.close()
         return Fetched(header.entry_id, header.prompt, header.blob, data)
 
-    def get(self, vector: Any, *, rebuild: Rebuild | None = None, as_torch: bool = False
-            ) -> tuple[Any, Candidate] | None:
-        """Lookup + fetch + decode of the best whole-prompt match: (latent, candidate), or None.
+    def get(self, vector: Any, *, object_vector: Any = None, background_vector: Any = None,
+            rebuild: Rebuild | None = None, as_torch: bool = False, top_k: int = 3) -> Hit | None:
+        """Lookup, fetch and decode: the latent to start sampling from at step `hit.steps`, or None.
 
-        The latent is the one to start sampling from at step candidate.granted_steps: an entry's
-        intermediate latent as stored, or a clean latent rebuilt at that step by `rebuild` (without
-        `rebuild`, the clean latent itself)."""
-        result = self.lookup(vector)
-        if result is None or result.best is None:
-            return None
-        best = result.best
-        fetched = self.fetch(best.entry_id, role="full", granted_steps=best.granted_steps)
-        if fetched is None:
+        A whole-prompt match comes first. With `object_vector` and `background_vector`, a prompt that
+        matches nothing as a whole may still be served by composing the object of one entry with the
+        background of another (see compose.py). Clean latents are rebuilt at the granted step by
+        `rebuild` (without it, the clean latent itself is returned); an intermediate latent is
+        returned as stored."""
+        result = self.lookup(vector, object_vector=object_vector, background_vector=background_vector, top_k=top_k)
+        if result is None:
             return None
         try:
-            latent = fetched.latent(as_torch=as_torch)
-            if rebuild is not None and fetched.blob.step == 0:
-                if fetched.seed is None:
-                    raise ValueError(f"entry {best.entry_id} has no seed to rebuild its noise from")
-                latent = rebuild(latent, fetched.seed, best.granted_steps, self.namespace.total_steps)
+            if result.best is not None:
+                latent = self._fetch_at_step(result.best, rebuild, as_torch)
+                return None if latent is None else Hit(latent, result.best.granted_steps, "full", [result.best])
+            pair = _best_pair(result.donors("object"), result.donors("background"))
+            if pair is None:
+                return None
+            obj, bg = pair
+            latents = [self._fetch_at_step(c, rebuild, as_torch=False) for c in pair]
+            if latents[0] is None or latents[1] is None:
+                return None
+            latent, _ = compose.compose(np.asarray(latents[0]), np.asarray(latents[1]), obj.object_mask,
+                                        bg.object_mask)
+            if as_torch:
+                import torch
+
+                latent = torch.from_numpy(latent)
+            return Hit(latent, obj.granted_steps, "composed", [obj, bg])
         except (codec.CodecError, ValueError) as exc:
             self._failed("decode", exc)
             return None
-        return latent, best
+
+    def _fetch_at_step(self, candidate: Candidate, rebuild: Rebuild | None, as_torch: bool) -> Any:
+        fetched = self.fetch(candidate.entry_id, role=candidate.role, granted_steps=candidate.granted_steps)
+        if fetched is None:
+            return None
+        latent = fetched.latent(as_torch=as_torch)
+        if rebuild is None or fetched.blob.step != 0:
+            return latent
+        if fetched.seed is None:
+            raise ValueError(f"entry {candidate.entry_id} has no seed to rebuild its noise from")
+        return rebuild(latent, fetched.seed, candidate.granted_steps, self.namespace.total_steps)
 
     # ---- admin ----
     def delete(self, entry_id: str) -> bool | None:

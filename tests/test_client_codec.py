@@ -41,7 +41,7 @@ def test_bf16_tensor_through_the_codec(daemon) -> None:
     x0 = torch.from_numpy(smooth_latent(1)).to(torch.bfloat16)
     with CacheClient(daemon.target, NS, max_rel_error=0.01, timeout_s=5) as c:
         c.put("p", x0, unit(2), seed=1)
-        latent, _ = c.get(unit(2), as_torch=True)
+        latent = c.get(unit(2), as_torch=True).latent
     assert latent.dtype == torch.bfloat16
     err = (latent.float() - x0.float()).norm() / x0.float().norm()
     assert err <= 0.011
@@ -59,13 +59,14 @@ def test_get_rebuilds_the_latent_at_the_granted_step(daemon) -> None:
     x0 = smooth_latent(2)
     with CacheClient(daemon.target, NS, max_rel_error=0.0, timeout_s=5) as c:
         c.put("with seed", x0, unit(3), seed=99)
-        latent, candidate = c.get(unit(3), rebuild=rebuild)
-        assert calls == [(99, 25, 50)] and candidate.granted_steps == 25
+        hit = c.get(unit(3), rebuild=rebuild)
+        latent = hit.latent
+        assert calls == [(99, 25, 50)] and hit.steps == 25 and hit.kind == "full"
         np.testing.assert_allclose(latent, rebuild(x0, 99, 25, 50), rtol=1e-6)
         c.put("a NIRVANA row at step 20", x0, unit(4), step=20)
-        row, candidate = c.get(unit(4), rebuild=rebuild)  # stored at its step: returned as is
-        assert candidate.granted_steps == 20 and len(calls) == 2
-        np.testing.assert_array_equal(row, x0)
+        row = c.get(unit(4), rebuild=rebuild)  # stored at its step: returned as is
+        assert row.steps == 20 and len(calls) == 2  # one by get(), one by the check above
+        np.testing.assert_array_equal(row.latent, x0)
 
 
 def test_undecodable_entries_are_a_miss_with_a_warning(daemon, caplog) -> None:
@@ -91,7 +92,7 @@ def test_non_float_and_bad_latents(daemon) -> None:
         ints = np.arange(64, dtype=np.int32).reshape(8, 8)
         entry = c.put("integer latent", ints, unit(9))
         assert c.fetch(entry).blob.codec == "raw"
-        np.testing.assert_array_equal(c.get(unit(9))[0], ints)
+        np.testing.assert_array_equal(c.get(unit(9)).latent, ints)
         nan = smooth_latent(5)
         nan[0, 0, 0, 0] = np.nan
         assert c.put("nan latent", nan, unit(10)) is None  # never raises into the worker

@@ -32,8 +32,7 @@ def test_killed_daemon_is_a_miss_and_the_client_recovers(daemon, caplog) -> None
         while (result := c.lookup(unit(1))) is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert result is not None and result.best.entry_id == entry_id
-        array, _ = c.get(unit(1))
-        np.testing.assert_array_equal(array, np.ones(64, np.float32))
+        np.testing.assert_array_equal(c.get(unit(1)).latent, np.ones(64, np.float32))
 
 
 def test_slow_daemon_is_a_miss_within_the_deadline() -> None:

@@ -24,9 +24,9 @@ def test_numpy_round_trip(client: CacheClient, dtype) -> None:
     latent = np.random.default_rng(1).standard_normal(LATENT_SHAPE).astype(dtype)
     entry_id = client.put("a corgi running on a beach", latent, unit(1), attrs={"seed": "7"})
     assert entry_id and len(entry_id) == 64
-    got = client.get(unit(1))
-    assert got is not None
-    array, candidate = got
+    hit = client.get(unit(1))
+    assert hit is not None and hit.kind == "full"
+    array, (candidate,) = hit.latent, hit.sources
     assert candidate.entry_id == entry_id and candidate.granted_steps == 25 and candidate.role == "full"
     assert candidate.blob.attrs["seed"] == "7"
     assert array.dtype == dtype and array.shape == LATENT_SHAPE
@@ -36,9 +36,9 @@ def test_numpy_round_trip(client: CacheClient, dtype) -> None:
 def test_bf16_round_trip(client: CacheClient) -> None:
     latent = torch.randn(LATENT_SHAPE, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     client.put("a red square drifting left", latent, unit(2))
-    tensor, _ = client.get(unit(2), as_torch=True)
+    tensor = client.get(unit(2), as_torch=True).latent
     assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, latent)
-    widened, _ = client.get(unit(2))  # numpy has no bf16: it widens exactly to float32
+    widened = client.get(unit(2)).latent  # numpy has no bf16: it widens exactly to float32
     assert widened.dtype == np.float32 and np.array_equal(widened, latent.float().numpy())
 
 

@@ -1,0 +1,90 @@
+"""Composition of an object donor and a background donor: placement, feathering, and end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flexcache.client.compose import compose, feathered, pair_score, placement, shift
+from tests.conftest import connect
+from tests.vectors import at_similarity, unit
+
+GRID = (3, 12, 16)  # T, H, W
+
+
+def box(rows: slice, cols: slice) -> np.ndarray:
+    m = np.zeros(GRID, bool)
+    m[:, rows, cols] = True
+    return m
+
+
+def test_feathered_keeps_the_object_whole_and_softens_outside() -> None:
+    m = feathered(box(slice(4, 8), slice(4, 8)), feather=1)
+    assert (m[:, 4:8, 4:8] == 1).all() and (m[:, :2] == 0).all()
+    assert 0 < m[0, 3, 5] < 1 and 0 < m[0, 8, 5] < 1
+    np.testing.assert_array_equal(feathered(box(slice(4, 8), slice(4, 8)), 0), box(slice(4, 8), slice(4, 8)))
+
+
+def test_shift_moves_content() -> None:
+    a = box(slice(2, 4), slice(2, 4)).astype(np.int8)
+    moved = shift(a, (3, -2))
+    np.testing.assert_array_equal(moved, box(slice(5, 7), slice(0, 2)).astype(np.int8))
+
+
+def test_placement_aligns_objects_that_do_not_overlap() -> None:
+    obj, bg = box(slice(1, 3), slice(1, 3)), box(slice(8, 10), slice(10, 12))
+    place = placement(obj, bg)
+    assert place.iou == 0 and place.shift == (7, 9)
+    assert placement(obj, obj).shift == (0, 0)  # already in place
+    assert placement(obj, None).shift == (0, 0)  # nothing to align to
+
+
+def test_compose_takes_object_inside_and_background_outside() -> None:
+    c = 4
+    obj_latent = np.full((c, *GRID), 1.0, np.float32)
+    bg_latent = np.full((c, *GRID), -1.0, np.float32)
+    mask = box(slice(4, 8), slice(4, 8))
+    out, place = compose(obj_latent, bg_latent, mask, mask.copy(), feather=1)
+    assert place.shift == (0, 0) and out.shape == obj_latent.shape
+    assert (out[:, :, 4:8, 4:8] == 1).all() and (out[:, :, 0, :] == -1).all()
+    assert ((out > -1) & (out < 1)).any()  # a feathered seam
+    with pytest.raises(ValueError, match="differ in shape"):
+        compose(obj_latent, bg_latent[:2], mask)
+
+
+def test_pair_score_prefers_overlap_and_needs_an_object_mask() -> None:
+    a, b = box(slice(4, 8), slice(4, 8)), box(slice(0, 2), slice(0, 2))
+    assert pair_score(0.9, 0.9, a, a) > pair_score(0.9, 0.9, a, b)
+    assert pair_score(0.9, 0.9, None, a) is None
+    assert pair_score(0.9, 0.9, a, np.zeros((1, 2, 2), bool)) is None
+
+
+def test_composed_hit_end_to_end(daemon) -> None:
+    """"a dog on a beach": the dog of one entry, the beach of another."""
+    dog, forest, cat, beach = unit(1), unit(2), unit(3), unit(4)
+    shape = (4, *GRID)
+    dog_latent, beach_latent = np.full(shape, 2.0, np.float32), np.full(shape, -2.0, np.float32)
+    dog_mask, cat_mask = box(slice(3, 7), slice(3, 7)), box(slice(4, 8), slice(8, 12))
+    with connect(daemon.target) as c:
+        c.put("a dog in a forest", dog_latent, unit(10), object_vector=dog, background_vector=forest,
+              object_mask=dog_mask, seed=1)
+        c.put("a cat on a beach", beach_latent, unit(11), object_vector=cat, background_vector=beach,
+              object_mask=cat_mask, seed=2)
+        seen = []
+
+        def rebuild(x0, seed, k, n):
+            seen.append((seed, k, n))
+            return x0
+
+        hit = c.get(unit(12), object_vector=at_similarity(dog, 0.96, 100),
+                    background_vector=at_similarity(beach, 0.92, 101), rebuild=rebuild)
+        assert hit is not None and hit.kind == "composed" and hit.steps == 20
+        assert [s.prompt for s in hit.sources] == ["a dog in a forest", "a cat on a beach"]
+        assert sorted(seen) == [(1, 20, 50), (2, 20, 50)]  # each donor rebuilt at the composite's step
+        # The dog was moved onto the cat's place, covering it; the rest is beach.
+        assert (hit.latent[:, :, 4:8, 8:12] == 2.0).all()
+        assert (hit.latent[:, :, :2, :2] == -2.0).all()
+        stats = c.stats()
+        assert stats.entries == 2
+        # Without the parts' vectors the same request is a plain miss.
+        assert c.get(unit(12)) is None
