@@ -106,7 +106,8 @@ def _open_sora(root: Path) -> list[str]:
 
 def _fetv(root: Path) -> list[str]:
     path = root / "fetv/fetv_data.json"
-    return [_clean(json.loads(line)["prompt"]) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [_clean(json.loads(line)["prompt"]) for line in lines if line.strip()]
 
 
 def load_intents(root: Path = DEFAULT_DATA) -> list[Intent]:
