@@ -41,7 +41,6 @@ from flexcache_model.prompt_split import split_prompt  # noqa: E402
 
 OUT = ROOT / "bench/out"
 DOCS = ROOT / "docs"
-IMG = DOCS / "img"
 TOTAL_STEPS = 50
 BLOB_BYTES = 256 * 1024  # a compressed Wan-2.1-480p-class x0 latent: every entry the same size
 MODES = ("whole", "decoupled")
@@ -371,13 +370,13 @@ def similarity_table(sims: dict[str, np.ndarray]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def plot(cells: Sequence[Cell], sims: dict[str, np.ndarray], zipf_s: float, tag: str) -> list[Path]:
+def plot(cells: Sequence[Cell], sims: dict[str, np.ndarray], zipf_s: float, img: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    IMG.mkdir(parents=True, exist_ok=True)
+    img.mkdir(parents=True, exist_ok=True)
     colors = {"lru": "tab:blue", "lcbfu": "tab:orange", "utility": "tab:green"}
     styles = {"whole": ("--", "o"), "decoupled": ("-", "s")}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
@@ -406,7 +405,7 @@ def plot(cells: Sequence[Cell], sims: dict[str, np.ndarray], zipf_s: float, tag:
     fig.suptitle(f"Zipf trace (s={zipf_s}) over VBench/VBench-2.0/Open-Sora/FETV intents — synthetic popularity, "
                  f"no real request log", fontsize=10)
     fig.tight_layout()
-    paths = [IMG / f"traces_hit_rate{tag}.png"]
+    paths = [img / "traces_hit_rate.png"]
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
 
@@ -423,7 +422,7 @@ def plot(cells: Sequence[Cell], sims: dict[str, np.ndarray], zipf_s: float, tag:
         ax.set_title("MiniLM similarity by role, with NIRVANA's grant thresholds", fontsize=10)
         ax.legend()
         fig.tight_layout()
-        paths.append(IMG / f"traces_similarity{tag}.png")
+        paths.append(img / "traces_similarity.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
@@ -431,7 +430,8 @@ def plot(cells: Sequence[Cell], sims: dict[str, np.ndarray], zipf_s: float, tag:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small smoke run (one budget grid on a short trace)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small smoke run (300 intents, 200 + 400 requests); writes to bench/out/quick/")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--zipf-s", type=float, default=0.8)
@@ -440,8 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--intents", type=int, default=None, help="intents sampled from the pool")
     parser.add_argument("--requests", type=int, default=None, help="measured requests")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up requests (not measured)")
-    parser.add_argument("--no-docs", action="store_true", help="print only; do not write docs/")
+    parser.add_argument("--no-docs", action="store_true", help="print only; write no markdown or PNG")
     args = parser.parse_args(argv)
+    # SIGTERM raises SystemExit, so the replay's finally blocks stop their daemon subprocesses.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     n_intents = args.intents or (300 if args.quick else 1200)
     n_requests = args.requests or (400 if args.quick else 1500)
     n_warmup = args.warmup if args.warmup is not None else (200 if args.quick else 500)
@@ -481,11 +483,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = render(args, trace, facts, eligible, cells, sims, budgets_bytes, t_embed, total_s, traces)
     print(report)
     if not args.no_docs:
-        tag = "_quick" if args.quick else ""
-        paths = plot(cells, sims, args.zipf_s, tag)
-        doc = DOCS / f"bench_traces{tag}.md"
-        doc.write_text(report.replace("](docs/img/", "](img/").replace("traces_hit_rate.png", paths[0].name)
-                       .replace("traces_similarity.png", paths[-1].name))
+        # A --quick smoke run writes to the git-ignored bench/out/, never over the committed docs.
+        doc = OUT / "quick/bench_traces.md" if args.quick else DOCS / "bench_traces.md"
+        plot(cells, sims, args.zipf_s, doc.parent / "img")
+        doc.write_text(report.replace("](docs/img/", "](img/"))
+        paths = sorted((doc.parent / "img").glob("traces_*.png"))
         print(f"wrote {doc} and {', '.join(str(p) for p in paths)}", file=sys.stderr)
     return 0
 
