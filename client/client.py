@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
@@ -375,7 +376,7 @@ class CacheClient:
                 raise ValueError(f"entry {entry_id}: stream ended after {offset} of {size} bytes")
             if digest.digest() != header.blob.sha256:
                 raise ValueError(f"entry {entry_id}: checksum mismatch, blob discarded")
-        except (grpc.RpcError, ValueError, StopIteration) as exc:
+        except (grpc.RpcError, ValueError, StopIteration, DecodeError) as exc:
             self._failed("fetch", exc)
             return None
         finally:
