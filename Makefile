@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA_DIR ?= ./data
 
-.PHONY: serve test lint bench demo clean
+.PHONY: serve test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,14 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+# Every benchmark, one after another (about an hour here); each also runs alone, see the README.
+bench: $(STAMP)
+	$(BIN)/python bench/bench_daemon.py
+	$(BIN)/python bench/bench_codec.py
+	$(BIN)/python bench/bench_compression.py
+	$(BIN)/python bench/bench_split.py
+	$(BIN)/python bench/bench_traces.py
+	$(BIN)/python bench/model_quality.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info proto/flexcache/v1/*_pb2*.py proto/flexcache/v1/*_pb2*.pyi
