@@ -18,7 +18,7 @@ from torch import nn
 class DiTConfig:
     """Width/depth and latent geometry of the denoiser."""
 
-    latent_shape: tuple[int, int, int, int] = (8, 4, 8, 8)
+    latent_shape: tuple[int, int, int, int] = (4, 4, 8, 8)
     patch: tuple[int, int, int] = (1, 2, 2)
     width: int = 128
     depth: int = 4

@@ -49,7 +49,7 @@ def _videos_to_tensor(v: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(v).float().div_(255.0)
 
 
-def train_vae(cfg: TrainConfig, steps: int = 1100, batch: int = 16, n_clips: int = 4000,
+def train_vae(cfg: TrainConfig, steps: int = 700, batch: int = 24, n_clips: int = 4000,
               lr: float = 2e-3) -> dict:
     """Train the video autoencoder on rendered clips; fit latent normalisation; save 'vae'."""
     _setup(cfg)
@@ -87,7 +87,7 @@ def train_vae(cfg: TrainConfig, steps: int = 1100, batch: int = 16, n_clips: int
         xv = _videos_to_tensor(videos[:64])
         mse = float((model.decode(model.encode(xv)) - xv).pow(2).mean())
     info = {"config": vcfg.to_dict(), "steps": steps, "batch": batch, "n_clips": n_clips, "lr": lr,
-            "seed": cfg.seed, "train_seconds": round(time.time() - t0, 1), "recon_mse": mse}
+            "seed": cfg.seed, "threads": cfg.threads, "train_seconds": round(time.time() - t0, 1), "recon_mse": mse}
     checkpoint.save(model, info, cfg.out_dir, "vae")
     return info
 
@@ -105,11 +105,16 @@ def _denoiser_data(vae: VideoAutoencoder, n_clips: int, captions_per_clip: int, 
     return lat, emb
 
 
-def train_denoiser(cfg: TrainConfig, schedule: str = "flow", steps: int = 1800, batch: int = 128,
+def train_denoiser(cfg: TrainConfig, schedule: str = "flow", steps: int | None = None, batch: int = 128,
                    n_clips: int = 6000, captions_per_clip: int = 2, lr: float = 6e-4,
                    p_uncond: float = 0.1, ema: float = 0.995, prediction: str = "v") -> dict:
-    """Train a DiT on VAE latents for one schedule; save 'denoiser_<schedule>' (EMA weights)."""
+    """Train a DiT on VAE latents for one schedule; save 'denoiser_<schedule>' (EMA weights).
+
+    Default steps: 1200 for flow (the main schedule), 800 for DDPM, to fit the CPU budget.
+    """
     _setup(cfg)
+    if steps is None:
+        steps = 1200 if schedule == "flow" else 800
     vae_info = checkpoint.load_config(cfg.out_dir, "vae")
     vae = checkpoint.load_weights(VideoAutoencoder(VAEConfig(**vae_info["config"])), cfg.out_dir, "vae")
     vcfg = VAEConfig(**vae_info["config"])
@@ -152,14 +157,14 @@ def train_denoiser(cfg: TrainConfig, schedule: str = "flow", steps: int = 1800, 
             bar.set_postfix(loss=f"{loss.item():.4f}")
     info = {"config": dcfg.to_dict(), "schedule": schedule, "scheduler": sched_kw, "steps": steps,
             "batch": batch, "n_clips": n_clips, "captions_per_clip": captions_per_clip, "lr": lr,
-            "p_uncond": p_uncond, "ema": ema, "seed": cfg.seed, "guidance": 3.0,
+            "p_uncond": p_uncond, "ema": ema, "seed": cfg.seed, "threads": cfg.threads, "guidance": 2.0,
             "data_seconds": round(t_data, 1), "train_seconds": round(time.time() - t0, 1),
             "final_loss": float(loss.item())}
     checkpoint.save(ema_model, info, cfg.out_dir, f"denoiser_{schedule}")
     return info
 
 
-def train_probe(cfg: TrainConfig, steps: int = 900, batch: int = 64, n_clips: int = 8000,
+def train_probe(cfg: TrainConfig, steps: int = 1500, batch: int = 64, n_clips: int = 8000,
                 lr: float = 2e-3) -> dict:
     """Train the quality probe on rendered clips (with blur/noise augmentation); save 'probe'."""
     from .quality import Probe, ProbeConfig, QualityMetric, augment, probe_loss, targets
@@ -192,7 +197,7 @@ def train_probe(cfg: TrainConfig, steps: int = 900, batch: int = 64, n_clips: in
     acc = float(np.nanmean(QualityMetric(model).fidelity(_videos_to_tensor(vvideos),
                                                           [c[0] for c in vcaps])))
     info = {"config": pcfg.to_dict(), "steps": steps, "batch": batch, "n_clips": n_clips, "lr": lr,
-            "seed": cfg.seed, "train_seconds": round(time.time() - t0, 1),
+            "seed": cfg.seed, "threads": cfg.threads, "train_seconds": round(time.time() - t0, 1),
             "heldout_fidelity_rendered": acc}
     checkpoint.save(model, info, cfg.out_dir, "probe")
     return info

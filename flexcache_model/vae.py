@@ -18,7 +18,7 @@ from torch import nn
 class VAEConfig:
     """Shape and width of the autoencoder."""
 
-    latent_channels: int = 8
+    latent_channels: int = 4
     c1: int = 24
     c2: int = 48
     c3: int = 64
