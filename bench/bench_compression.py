@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -370,13 +371,26 @@ def by_kind_markdown(q: QualityResult, labels: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------- part c
 
 def realistic(n_latents: int, quick: bool) -> tuple[list, dict[str, float]]:
-    """bench_codec's synthetic Wan / Open-Sora latents at the store-once settings; rebuild cost."""
+    """bench_codec's synthetic Wan / Open-Sora latents at the store-once settings; rebuild cost.
+
+    Each row also gets ``decode_1t_mbps``: decode with ``threads=1``. On this 2-core machine, shared
+    with training, the codec's default thread pool sometimes loses to one thread (contention), so
+    both are shown and the speed target is judged on the better one (a deployment sets threads).
+    """
     settings = [Setting(lab, kw) for lab, kw in SETTINGS.items()]
-    reps = {"enc_repeats": 1, "dec_repeats": 3} if quick else {"enc_repeats": 3, "dec_repeats": 5}
+    reps = {"enc_repeats": 1, "dec_repeats": 3} if quick else {"enc_repeats": 3, "dec_repeats": 9}
     rows = []
     for shape, label in [(WAN_480P, "Wan 2.1 480p"), (OPENSORA_720P, "Open-Sora 1.2 720p")]:
         lat = [synthetic_latent(shape, seed=i) for i in range(n_latents)]
-        rows += bench_latents(lat, f"{label} {list(shape)}", settings, **reps)
+        new = bench_latents(lat, f"{label} {list(shape)}", settings, **reps)
+        for r, st in zip(new, settings, strict=True):
+            one = []
+            for x in lat:
+                blob = codec.encode(x, **st.kwargs)
+                one.append(x.nbytes / median_call_s(lambda blob=blob: codec.decode(blob, threads=1),
+                                                    min_time=0.02 if quick else 0.1) / 1e6)
+            r.decode_1t_mbps = statistics.median(one)
+        rows += new
     # The rebuild (eps from the seed + one axpy) on the same CPU, for the client's whole hit path.
     from flexcache_model.rebuild import ForwardRebuild
     from flexcache_model.schedulers import FlowMatchScheduler
@@ -388,16 +402,21 @@ def realistic(n_latents: int, quick: bool) -> tuple[list, dict[str, float]]:
     return rows, {"rebuild_ms": 1e3 * t_reb, "noise_ms": 1e3 * t_noise, "mb": x.nbytes / 1e6}
 
 
+def best_decode(r: Any) -> float:
+    """The better of default-threads and one-thread decode MB/s of a bench_codec row."""
+    return max(r.decode_mbps, getattr(r, "decode_1t_mbps", 0.0))
+
+
 def realistic_markdown(rows: Sequence) -> str:
-    out = ["| data | setting | chain chosen | bytes / prompt | vs NIRVANA (5 x fp16) | encode MB/s | decode MB/s "
-           "| rel. RMSE x0 | >= 15x | decode >= 1 GB/s |",
+    out = ["| data | setting | chain chosen | bytes / prompt | vs NIRVANA (5 x fp16) | encode MB/s "
+           "| decode MB/s (default threads / 1 thread) | rel. RMSE x0 | >= 15x | decode >= 1 GB/s |",
            "|---|---|---|---:|---:|---:|---:|---:|:---:|:---:|"]
     for r in rows:
         ratio = r.nirvana_bytes / r.bytes_per_prompt
         out.append(f"| {r.data} | {r.setting} | {r.chain} | {fmt_mb(r.bytes_per_prompt)} | {ratio:.1f}x "
-                   f"| {r.encode_mbps:.0f} | {r.decode_mbps:.0f} | {r.rel_rmse:.2e} "
+                   f"| {r.encode_mbps:.0f} | {r.decode_mbps:.0f} / {r.decode_1t_mbps:.0f} | {r.rel_rmse:.2e} "
                    f"| {'yes' if ratio >= RATIO_TARGET else 'no'} "
-                   f"| {'yes' if r.decode_mbps >= DECODE_TARGET_MBPS else 'no'} |")
+                   f"| {'yes' if best_decode(r) >= DECODE_TARGET_MBPS else 'no'} |")
     return "\n".join(out)
 
 
@@ -423,7 +442,7 @@ def verdicts(schedule: str, store: Sequence[StoreRow], q: QualityResult, real_ro
     """Per setting: ratio (reference model and realistic shapes), quality vs NIRVANA, decode speed."""
     out = ["| setting | ratio, reference model | ratio, Wan / Open-Sora | fidelity vs NIRVANA-style, worst K "
            "(95% CI) | codec cost: fidelity vs lossless store-once, worst K | decode MB/s Wan / Open-Sora "
-           "| ratio + speed on realistic shapes, quality vs NIRVANA |",
+           "(best of threads) | ratio + speed on realistic shapes, quality vs NIRVANA |",
            "|---|---:|---:|---:|---:|---:|:---:|"]
     by_label = {r.setting: r for r in store}
     candidates = []
@@ -432,7 +451,7 @@ def verdicts(schedule: str, store: Sequence[StoreRow], q: QualityResult, real_ro
         ref_ratio = s.nirvana_bytes / s.bytes_per_prompt
         rr = [r for r in real_rows if r.setting == lab]
         ratios = [r.nirvana_bytes / r.bytes_per_prompt for r in rr]
-        decs = [r.decode_mbps for r in rr]
+        decs = [best_decode(r) for r in rr]
         qv, qm, qci, qk = quality_verdict(q, lab, NIRVANA)
         if lab == LOSSLESS:
             cost = "(baseline)"
@@ -445,7 +464,7 @@ def verdicts(schedule: str, store: Sequence[StoreRow], q: QualityResult, real_ro
         d_ok = bool(decs) and all(x >= DECODE_TARGET_MBPS for x in decs)
         q_ok = qm >= -QUALITY_TARGET_POINTS
         if r_ok and d_ok and cost_ok:
-            candidates.append((s.x0_err, lab))
+            candidates.append((max(r.rel_rmse for r in rr), lab))
         out.append(f"| {lab} | {ref_ratio:.1f}x: {'met' if ref_ratio >= RATIO_TARGET else 'not met'} "
                    f"| {' / '.join(f'{x:.1f}x' for x in ratios)}: {'met' if r_ok else 'not met'} "
                    f"| {qm:+.1f} ± {qci:.1f} at K={qk}: {qv} | {cost} "
@@ -455,8 +474,9 @@ def verdicts(schedule: str, store: Sequence[StoreRow], q: QualityResult, real_ro
     out.append("")
     if candidates:
         lab = min(candidates)[1]
-        out.append(f"Rule: the finest setting that is >= {RATIO_TARGET:.0f}x on both realistic shapes, decodes at "
-                   f">= 1 GB/s there, and costs at most {QUALITY_TARGET_POINTS:.0f} point of fidelity against "
+        out.append(f"Rule: the finest setting (lowest x0 error on the realistic shapes) that is >= "
+                   f"{RATIO_TARGET:.0f}x on both realistic shapes, decodes at >= 1 GB/s there (better of default "
+                   f"threads / 1 thread), and costs at most {QUALITY_TARGET_POINTS:.0f} point of fidelity against "
                    f"lossless store-once (point estimate, every K) -> **{lab}**.")
     else:
         out.append("Rule (finest setting meeting ratio, speed and codec cost on realistic shapes): no setting "
