@@ -156,7 +156,7 @@ def k_sweep(pipe: Pipeline, metric: QualityMetric, n: int) -> dict:
     print(f"Pairs: same spec reworded or one attribute changed ({', '.join(sorted(set(kinds)))}); "
           f"MiniLM cosine donor/target: mean {sim.mean():.3f}, min {sim.min():.3f}.\n")
     print("| K | fidelity to target prompt, true donor x_K | fidelity, x_K rebuilt by add_noise "
-          "| FD (true x_K) | fidelity when only obj/bg attr changed |")
+          "| FD (true x_K) | fidelity by pair type (points) |")
     print("|---|---|---|---|---|")
     out = {}
     kinds_a = np.array(kinds)

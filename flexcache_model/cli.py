@@ -12,15 +12,21 @@ from pathlib import Path
 import numpy as np
 
 
+def check_output(path: str | Path) -> Path:
+    """Reject a bad output path before spending time on generation."""
+    p = Path(path)
+    if p.suffix.lower() not in (".gif", ".png"):
+        raise ValueError(f"output must end in .gif or .png, not {p.name!r}")
+    if not p.parent.exists():
+        raise ValueError(f"output folder {str(p.parent)!r} does not exist")
+    return p
+
+
 def save_video(video: np.ndarray, path: str | Path, scale: int = 4, fps: float = 8.0) -> Path:
     """Write [T,3,H,W] in [0,1] as an animated .gif or a frame strip .png (nearest upscaled)."""
     from PIL import Image
 
-    p = Path(path)
-    if p.suffix.lower() not in (".gif", ".png"):
-        raise ValueError(f"output must end in .gif or .png, not {p.name!r}")
-    if p.parent and not p.parent.exists():
-        raise ValueError(f"output folder {str(p.parent)!r} does not exist")
+    p = check_output(path)
     frames = (np.clip(video, 0, 1) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
     frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
     if p.suffix.lower() == ".png":
@@ -38,6 +44,9 @@ def _cmd_sample(a: argparse.Namespace) -> int:
         raise ValueError("the prompt is empty")
     if not 1 <= a.steps <= 1000:
         raise ValueError("--steps must be between 1 and 1000")
+    if a.scale < 1:
+        raise ValueError("--scale must be at least 1")
+    check_output(a.output)
     pipe = load_pipeline(a.schedule, a.checkpoint_dir, guidance=a.guidance)
     video = pipe.generate(a.prompt, a.seed, a.steps)
     out = save_video(video, a.output, a.scale)
@@ -48,6 +57,7 @@ def _cmd_sample(a: argparse.Namespace) -> int:
 def _cmd_render(a: argparse.Namespace) -> int:
     from .world import parse_caption, render
 
+    check_output(a.output)
     spec = parse_caption(a.prompt)
     video, _ = render(spec, a.seed)
     out = save_video(video, a.output, a.scale)

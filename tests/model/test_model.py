@@ -12,6 +12,10 @@ import torch
 from flexcache_model import world
 from flexcache_model.schedulers import DDIMScheduler, FlowMatchScheduler, initial_noise
 
+# One intra-op thread: the tiny tensors here gain nothing from more, and on a shared 2-core machine
+# extra OpenMP threads spin against other processes.
+torch.set_num_threads(1)
+
 
 # ----------------------------------------------------------------------------- world
 def test_render_shapes_and_determinism() -> None:
@@ -80,7 +84,6 @@ def test_oracle_sampler_follows_forward_process(sched) -> None:
 def pipe():
     from flexcache_model.pipeline import load_pipeline
 
-    torch.set_num_threads(2)
     return load_pipeline("flow")
 
 
@@ -144,6 +147,8 @@ def test_cli_sample_and_errors(tmp_path) -> None:
     assert main(["sample", "a red circle", "-o", str(tmp_path / "a.mp3"), "--steps", "2"]) == 2
     assert main(["sample", "   ", "-o", str(out)]) == 2
     assert main(["sample", "x", "-o", str(tmp_path / "missing" / "a.gif")]) == 2
+    assert main(["render", "a blue square rising over a starry night", "-o", str(tmp_path / "r.png")]) == 0
+    assert main(["parse", "blue stripes behind a small red square moving to the left"]) == 0
 
 
 def test_tiny_training_runs(tmp_path) -> None:
