@@ -110,11 +110,11 @@ def train_denoiser(cfg: TrainConfig, schedule: str = "flow", steps: int | None =
                    p_uncond: float = 0.1, ema: float = 0.995, prediction: str = "v") -> dict:
     """Train a DiT on VAE latents for one schedule; save 'denoiser_<schedule>' (EMA weights).
 
-    Default steps: 1200 for flow (the main schedule), 800 for DDPM, to fit the CPU budget.
+    Default steps: 1200 for flow (the main schedule), 600 for DDPM, to fit the CPU budget.
     """
     _setup(cfg)
     if steps is None:
-        steps = 1200 if schedule == "flow" else 800
+        steps = 1200 if schedule == "flow" else 600
     vae_info = checkpoint.load_config(cfg.out_dir, "vae")
     vae = checkpoint.load_weights(VideoAutoencoder(VAEConfig(**vae_info["config"])), cfg.out_dir, "vae")
     vcfg = VAEConfig(**vae_info["config"])
