@@ -28,6 +28,7 @@ cache at the same K, decode >= 1 GB/s.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import statistics
 import sys
@@ -504,6 +505,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         schedules = [s.strip() for s in a.schedules.split(",") if s.strip()]
     report: list[str] = []
+    ckpts = ", ".join(f"{f.stem} {hashlib.sha256(f.read_bytes()).hexdigest()[:12]}"
+                      for f in sorted(checkpoint.CHECKPOINT_DIR.glob("*.safetensors"))
+                      if f.stem in {"vae", "probe", *(f"denoiser_{s}" for s in schedules)})
 
     def emit(text: str = "") -> None:
         print(text, flush=True)
@@ -512,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     emit(f"Command: `.venv/bin/python bench/bench_compression.py{' --quick' if a.quick else ''}"
          f"{f' --prompts {a.prompts}' if a.prompts else ''}` -- schedules {', '.join(schedules)}; "
          f"M = {m} cached generations, {2 * m} requests; N = {STEPS}; torch threads {a.threads}.")
+    emit(f"Checkpoints (sha256 prefix; the model is still being trained): {ckpts}.")
     t0 = time.perf_counter()
     real_rows, reb = realistic(1 if a.quick else 2, a.quick)
     t_real = time.perf_counter() - t0
