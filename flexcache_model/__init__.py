@@ -20,6 +20,7 @@ _LAZY = {
     "DDIMScheduler": "schedulers",
     "initial_noise": "schedulers",
     "embed": "text",
+    "rebuild_for": "rebuild",
 }
 
 
