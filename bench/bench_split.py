@@ -30,7 +30,7 @@ from flexcache_model.prompt_split import (
     split_prompt,
 )
 
-DEFAULT_DATA = Path("/work/shared/data/prompts")
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"  # ../shared beside the repo
 VB = Path("vbench")
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_DATA = Path("/work/shared/data/prompts")
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"  # ../shared beside the repo
 
 # (source name, original list, rewrites line-aligned with it), paths relative to the data folder.
 _VB = "vbench/prompts"

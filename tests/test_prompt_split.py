@@ -12,7 +12,7 @@ import pytest
 
 from flexcache_model.prompt_split import PromptSplit, PromptSplitter, split_prompt
 
-DATA = Path("/work/shared/data/prompts")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"  # ../shared beside the repo
 needs_data = pytest.mark.skipif(
     not (DATA / "vbench/vbench/VBench_full_info.json").exists(), reason="prompt suites not present"
 )
