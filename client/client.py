@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
-from flexcache_model import codec
+from flexcache_model import codec, masks
 
 from . import compose, tensors
 
@@ -288,8 +288,11 @@ class CacheClient:
         rebuilt at any step; or, NIRVANA-style, an intermediate latent with its `step`. Float latents
         are compressed within the client's error budget. `object_vector`/`background_vector`
         (embeddings of the prompt's two parts) and `object_mask` (bool, on the latent grid) make the
-        entry usable as an object or background donor."""
+        entry usable as an object or background donor; without a mask, an entry with an object vector
+        gets one estimated from the latent (flexcache_model.masks)."""
         array, dtype = tensors.to_numpy(latent)
+        if object_mask is None and object_vector is not None and array.ndim == 4 and dtype in _CODEC_DTYPES:
+            object_mask = masks.estimate_object_mask(tensors.from_numpy(array, dtype))
         attrs = dict(attrs or {})
         if seed is not None:
             attrs["seed"] = str(int(seed))
