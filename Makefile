@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_compression.py
 	$(BIN)/python bench/bench_split.py
 	$(BIN)/python bench/bench_traces.py
+	$(BIN)/python bench/bench_masks.py
 	$(BIN)/python bench/model_quality.py
 
 clean:
