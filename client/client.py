@@ -297,7 +297,6 @@ class CacheClient:
         if seed is not None:
             attrs["seed"] = str(int(seed))
         info = pb.BlobInfo(codec=RAW, dtype=dtype, shape=array.shape, step=step, attrs=attrs)
-        data: bytes = array.tobytes()
         if self.max_rel_error is not None and dtype in _CODEC_DTYPES and array.ndim >= 1:
             try:
                 data = codec.encode(array, max_rel_error=self.max_rel_error, dtype=dtype)
@@ -305,6 +304,8 @@ class CacheClient:
                 self._failed("put", exc)
                 return None
             info.codec = LATENT_CODEC
+        else:
+            data = array.tobytes()
         return self.put_blob(prompt, data, info, vector, object_vector=object_vector,
                              background_vector=background_vector, object_mask=object_mask,
                              step_seconds=step_seconds)
