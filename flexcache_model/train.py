@@ -45,6 +45,17 @@ def _lr(step: int, total: int, base: float, warmup: int = 50) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def _optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float, clip=None) -> None:
+    """One optimiser step at learning rate `lr`, optionally clipping the gradient norm of `clip` to 1."""
+    for pg in opt.param_groups:
+        pg["lr"] = lr
+    opt.zero_grad()
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+
+
 def _videos_to_tensor(v: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(v).float().div_(255.0)
 
@@ -71,11 +82,7 @@ def train_vae(cfg: TrainConfig, steps: int = 700, batch: int = 24, n_clips: int 
         err = (y - x).pow(2)
         # objects are small; weight their pixels up so shape/colour survive the bottleneck
         loss = (err * (1 + 4 * m)).mean() + 0.5 * (y - x).abs().mean() + 1e-4 * z.pow(2).mean()
-        for pg in opt.param_groups:
-            pg["lr"] = _lr(step, steps, lr)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        _optimise(opt, loss, _lr(step, steps, lr))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     model.eval()
@@ -143,12 +150,7 @@ def train_denoiser(cfg: TrainConfig, schedule: str = "flow", steps: int | None =
         xt, t, target = sched.training_pair(x0, eps, u)
         uncond = torch.rand(batch, generator=g) < p_uncond
         loss = (model(xt, t, e, uncond) - target).pow(2).mean()
-        for pg in opt.param_groups:
-            pg["lr"] = _lr(step, steps, lr, warmup=100)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _optimise(opt, loss, _lr(step, steps, lr, warmup=100), clip=model.parameters())
         with torch.no_grad():
             d = min(ema, (1 + step) / (10 + step))
             for pe, pm in zip(ema_model.parameters(), model.parameters(), strict=True):
@@ -185,11 +187,7 @@ def train_probe(cfg: TrainConfig, steps: int = 1500, batch: int = 64, n_clips: i
         x = augment(_videos_to_tensor(videos[idx.numpy()]), g)
         _, logits = model(x)
         loss = probe_loss(logits, {k: v[idx] for k, v in tgt.items()})
-        for pg in opt.param_groups:
-            pg["lr"] = _lr(step, steps, lr)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        _optimise(opt, loss, _lr(step, steps, lr))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     model.eval()
