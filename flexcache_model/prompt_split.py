@@ -20,8 +20,9 @@ How it works (see docs/prompt_split.md for the full description and the measured
 3. Inside an object chunk, a place prepositional phrase whose noun is a scene word ("running *on the
    beach at sunset*", "drifting left *over a striped blue background*") is cut out to the background,
    up to the next clause break (", while", "and <verb>", ...).
-4. Inside a background chunk opened by a pattern/scene phrase, "behind/in front of/under X" with a
-   non-scene X hands X back to the object ("blue stripes behind *a small red square moving left*").
+4. Inside a background chunk opened by a pattern/scene phrase, "behind/in front of/under/with X" or
+   "featuring/showing X" with a non-scene X hands X back to the object ("blue stripes behind *a small
+   red square moving left*", "a checkered yellow background with *a large red square*").
 
 Style and camera words ("cinematic, 4k, slow pan", "in the style of Van Gogh", "front view") are part
 of the background text -- they set the global look, which the background donor supplies -- and are
@@ -187,8 +188,8 @@ FRAME_WORDS: frozenset[str] = _words(
 # A quantifier-ish frame word: looks through but its head is an object group ("a group of people").
 PATTERN_WORDS: frozenset[str] = _words(
     """
-    stripes stripe striped checkerboard checkers grid gradient pattern patterns dots polka texture
-    textures wallpaper tiles mosaic backdrop background backgrounds
+    stripes stripe striped checkerboard checkers checks checkered grid gradient pattern patterns dots polka
+    texture textures noise wallpaper tiles mosaic backdrop background backgrounds
     """
 )
 
@@ -595,7 +596,7 @@ class PromptSplitter:
                     i = stop
                     cur = lead
                     continue
-            elif w in PRESENT_VERBS and lead == _BG and i + 1 < b:
+            elif (w in PRESENT_VERBS or w == "with") and lead == _BG and i + 1 < b:
                 cls, end = self._head_class(words, i + 1, b)
                 if cls == 4:
                     stop = self._clause_end(words, end, b)
