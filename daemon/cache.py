@@ -273,11 +273,12 @@ class Cache:
         return self._miss(ns, "below_threshold" if hits else "empty_namespace")
 
     def _usable(self, ns: NamespaceKey, hits: list, total_steps: int, limit: int, role: int) -> list[pb.Candidate]:
-        """Hits that grant steps, as candidates, best first.
+        """Hits that grant steps, as candidates, best first: most granted steps, then most similar.
 
         An intermediate latent (blob.step = K) serves only requests granted at least K and grants
-        exactly K. Donors of a composite must be clean latents (step 0): the worker rebuilds both
-        parts at the composite's step, which only a clean latent allows.
+        exactly K; so the NIRVANA-style checkpoints of one prompt (equal vectors) come back largest
+        usable K first, as NIRVANA picks them. Donors of a composite must be clean latents (step 0):
+        the worker rebuilds both parts at the composite's step, which only a clean latent allows.
         """
         candidates = []
         for hit in hits:
@@ -296,9 +297,8 @@ class Cache:
                 if header.HasField("object_mask"):
                     candidate.object_mask.CopyFrom(header.object_mask)
                 candidates.append(candidate)
-            if len(candidates) == limit:
-                break
-        return candidates
+        candidates.sort(key=lambda c: (c.granted_steps, c.similarity), reverse=True)  # stable for ties
+        return candidates[:limit]
 
     def _donors(self, ns: NamespaceKey, vectors: dict[str, np.ndarray], total_steps: int,
                 top_k: int) -> list[pb.Candidate]:

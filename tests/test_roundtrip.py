@@ -88,6 +88,14 @@ def test_intermediate_latent_serves_only_its_own_step(client: CacheClient) -> No
     assert client.lookup(at_similarity(base, 0.87, seed=3)).best is None  # allows 15 < 20
 
 
+def test_nirvana_checkpoints_serve_the_largest_usable_step(client: CacheClient) -> None:
+    base = unit(31)
+    for k in (25, 5, 20, 10, 15):  # one generation's five checkpoints share its vector
+        client.put("nirvana prompt", np.full(4, k, np.float16), base, step=k)
+    assert [c.granted_steps for c in client.lookup(base, top_k=5).candidates] == [25, 20, 15, 10, 5]
+    assert client.lookup(at_similarity(base, 0.87, seed=4)).best.granted_steps == 15  # allows 15
+
+
 def test_put_is_content_addressed(client: CacheClient) -> None:
     latent = np.ones((2, 2), np.float32)
     first = client.put("same", latent, unit(40))
