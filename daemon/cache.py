@@ -131,6 +131,7 @@ class Cache:
         self._entry_ns: dict[str, str] = {}  # entry id -> namespace key
         self._ns_entries: Counter[str] = Counter()
         self._ns_bytes: Counter[str] = Counter()
+        self._ns_blob_bytes: Counter[str] = Counter()
         self._pins: Counter[str] = Counter()
         self.total_bytes = 0
         self.evictions = 0
@@ -144,7 +145,9 @@ class Cache:
         indexed = set(self.index.entry_ids())
         for eid, header, usage in self.store.entries():
             ns_key = NamespaceKey.of(header.namespace).key
-            self._track(eid, ns_key, usage or self._new_usage(header, time.time()))
+            usage = usage or self._new_usage(header, time.time())
+            usage.blob_size = header.blob.size
+            self._track(eid, ns_key, usage)
             if eid not in indexed:
                 to_index.append(IndexPoint(eid, ns_key, _vectors(header.vectors, None, 1 << 30)))
             indexed.discard(eid)
@@ -162,8 +165,9 @@ class Cache:
                  len(self._namespaces))
 
     def _new_usage(self, header: pb.PutHeader, now: float) -> Usage:
-        usage = Usage(size=record_size(header), created=now, last_access=now, step=header.blob.step,
-                      total_steps=header.namespace.total_steps, step_cost=header.step_seconds or 1.0)
+        usage = Usage(size=record_size(header), blob_size=header.blob.size, created=now, last_access=now,
+                      step=header.blob.step, total_steps=header.namespace.total_steps,
+                      step_cost=header.step_seconds or 1.0)
         usage.add_credit(self.limits.utility_prior_steps * usage.step_cost, now, self.limits.utility_half_life_s)
         return usage
 
@@ -173,6 +177,7 @@ class Cache:
         self.policy.add(eid, usage)
         self._ns_entries[ns_key] += 1
         self._ns_bytes[ns_key] += usage.size
+        self._ns_blob_bytes[ns_key] += usage.blob_size
         self.total_bytes += usage.size
         self._publish(ns_key)
 
@@ -182,6 +187,7 @@ class Cache:
         self.policy.remove(eid)
         self._ns_entries[ns_key] -= 1
         self._ns_bytes[ns_key] -= usage.size
+        self._ns_blob_bytes[ns_key] -= usage.blob_size
         self.total_bytes -= usage.size
         self._publish(ns_key)
         return usage
@@ -190,6 +196,7 @@ class Cache:
         name = self._namespaces[ns_key].name if ns_key in self._namespaces else ns_key
         self.metrics.entries.labels(name).set(self._ns_entries[ns_key])
         self.metrics.bytes.labels(name).set(self._ns_bytes[ns_key])
+        self.metrics.blob_bytes.labels(name).set(self._ns_blob_bytes[ns_key])
 
     # ---- put ----
     def begin_put(self, header: pb.PutHeader) -> PutSession:
@@ -413,10 +420,11 @@ class Cache:
         with self._lock:
             namespaces = [
                 pb.NamespaceStats(name=info.name, dimension=info.dim, entries=self._ns_entries[key],
-                                  bytes=self._ns_bytes[key])
+                                  bytes=self._ns_bytes[key], blob_bytes=self._ns_blob_bytes[key])
                 for key, info in sorted(self._namespaces.items(), key=lambda kv: kv[1].name)
             ]
             return pb.StatsResponse(entries=len(self._usage), bytes=self.total_bytes,
+                                    blob_bytes=sum(self._ns_blob_bytes.values()),
                                     max_bytes=self.limits.max_bytes, eviction_policy=self.policy.name,
                                     index_backend=self.index.name, evictions=self.evictions,
                                     namespaces=namespaces)

@@ -68,7 +68,7 @@ class Usage:
     log keeps the numbers finite however long the daemon runs.
     """
 
-    size: int
+    size: int  # blob + record: what the entry costs in the budget
     created: float
     last_access: float
     step: int = 0  # the blob's own step K (NIRVANA-style intermediate latent), 0 for x0
@@ -77,6 +77,7 @@ class Usage:
     hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ROLES, 0))
     steps_saved: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ROLES, 0.0))
     log2_credit: float = -math.inf
+    blob_size: int = 0  # the latent blob alone (0 in records written before it was kept)
 
     def to_bytes(self) -> bytes:
         data = asdict(self)

@@ -41,6 +41,8 @@ class Metrics:
         self.entries = add(Gauge, "flexcache_entries", "Entries stored, by namespace.", ("namespace",))
         self.bytes = add(Gauge, "flexcache_stored_bytes", "Bytes stored (blobs and records), by namespace.",
                          ("namespace",))
+        self.blob_bytes = add(Gauge, "flexcache_stored_blob_bytes",
+                              "Latent blob bytes stored (as sent: compressed or not), by namespace.", ("namespace",))
         self.max_bytes = add(Gauge, "flexcache_max_bytes", "The configured byte budget.")
         self.evictions = add(Counter, "flexcache_evictions_total", "Entries evicted, by policy.", ("policy",))
         self.evicted_bytes = add(Counter, "flexcache_evicted_bytes_total", "Bytes evicted, by policy.",

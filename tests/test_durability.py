@@ -27,10 +27,13 @@ def latent_for(i: int) -> np.ndarray:
 def test_restart_keeps_every_entry(daemon) -> None:
     with connect(daemon.target) as c:
         ids = [c.put(f"prompt {i}", latent_for(i), unit(i)) for i in range(20)]
+        before = c.stats()
     assert daemon.terminate() == 0
     daemon.start()
     with connect(daemon.target) as c:
-        assert c.stats().entries == 20
+        after = c.stats()
+        assert after.entries == 20
+        assert (after.bytes, after.blob_bytes) == (before.bytes, before.blob_bytes)
         for i, entry_id in enumerate(ids):
             best = c.lookup(unit(i)).best
             assert best.entry_id == entry_id

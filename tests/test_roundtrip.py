@@ -123,12 +123,15 @@ def test_namespaces_are_isolated(daemon, client: CacheClient) -> None:
 def test_delete_and_stats(client: CacheClient) -> None:
     entry_id = client.put("to delete", np.random.default_rng(0).standard_normal(1000).astype(np.float32), unit(60))
     stats = client.stats()
-    assert stats.entries == 1 and stats.bytes > 3000 and stats.namespaces[0].dimension == 384
+    assert stats.entries == 1 and stats.namespaces[0].dimension == 384
+    blob = client.fetch(entry_id).blob.size  # lossless codec: about the 4,000 raw bytes
+    assert stats.blob_bytes == stats.namespaces[0].blob_bytes == blob > 3000
+    assert stats.bytes == stats.namespaces[0].bytes > blob + 384 * 4  # the record holds the vector
     assert stats.namespaces[0].name == "acme/wan2.1-t2v-1.3b/832x480x81/flow/50"
     assert client.delete(entry_id) is True
     assert client.delete(entry_id) is False
     assert client.lookup(unit(60)).miss_reason == "empty_namespace"
-    assert client.stats().entries == 0 and client.stats().bytes == 0
+    assert client.stats().entries == 0 and client.stats().bytes == client.stats().blob_bytes == 0
 
 
 def test_health_and_reflection(daemon) -> None:
