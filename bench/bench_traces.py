@@ -15,15 +15,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import re
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from launch import daemon  # noqa: E402
 from traces import DEFAULT_DATA, Trace, build_trace, describe, load_intents, sample_intents  # noqa: E402
 
 from flexcache.client import CacheClient, Namespace  # noqa: E402
@@ -108,43 +104,6 @@ def embed_trace(trace: Trace) -> Embedded:
     )
 
 
-# ---------------------------------------------------------------------------------------------- daemon
-@contextmanager
-def daemon(max_bytes: int, policy: str) -> Iterator[str]:
-    """A real `flexcache serve` on a free loopback port with a fresh data dir; always stopped."""
-    data_dir = Path(tempfile.mkdtemp(prefix="flexcache-traces-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXCACHE_")}
-    cmd = [sys.executable, "-m", "flexcache.daemon.cli", "serve", "--data-dir", str(data_dir / "data"),
-           "--listen", "127.0.0.1:0", "--metrics-listen", "", "--max-bytes", str(max_bytes),
-           "--eviction-policy", policy, "--high-watermark", str(HIGH_WATERMARK),
-           "--low-watermark", str(LOW_WATERMARK), "--log-level", "WARNING"]
-    log = (data_dir / "daemon.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    try:
-        port = None
-        deadline = time.monotonic() + 60
-        while port is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"daemon exited with {proc.wait()}: {(data_dir / 'daemon.log').read_text()}")
-            if m := re.match(r"flexcache listening on port (\d+)", line):
-                port = int(m.group(1))
-        if port is None:
-            raise TimeoutError("daemon did not start")
-        yield f"127.0.0.1:{port}"
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        proc.stdout.close()
-        log.close()
-        shutil.rmtree(data_dir, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------- replay
 @dataclass
 class Cell:
@@ -194,7 +153,9 @@ def replay(trace: Trace, emb: Embedded, mode: str, policy: str, budget: float, m
     info = pb.BlobInfo(codec="raw", dtype="uint8", shape=[BLOB_BYTES], step=0, attrs={"seed": "0"})
     t0 = time.monotonic()
     seen: set[str] = set()
-    with daemon(max_bytes, policy) as target, CacheClient(target, NS, timeout_s=30.0, max_rel_error=None) as client:
+    settings = dict(max_bytes=max_bytes, eviction_policy=policy, high_watermark=HIGH_WATERMARK,
+                    low_watermark=LOW_WATERMARK)
+    with daemon(**settings) as d, CacheClient(d.target, NS, timeout_s=30.0, max_rel_error=None) as client:
         for i, req in enumerate(trace.requests):
             measured = i >= trace.warmup
             new = req.text not in seen

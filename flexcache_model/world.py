@@ -140,6 +140,17 @@ _OBJ_FIRST = ["{o} over {b}", "{o} on {b}", "{o} in front of {b}", "{o}, {b}"]
 _BG_FIRST = ["{b} behind {o}", "{b} with {o}", "{b}, {o}", "on {b}, {o}"]
 
 
+def motion_phrases(motion: str) -> list[str]:
+    """The wordings captions use for a motion, canonical first."""
+    return list(_MOTION_PHRASES[motion])
+
+
+def background_phrase(bg_type: str, bg_color: str | None, variant: int = 0) -> str:
+    """One wording of a background (variant 0 is the canonical one)."""
+    phrases = _BG_PHRASES[bg_type]
+    return _articles(re.sub(r"\s+", " ", phrases[variant % len(phrases)].format(c=bg_color or "")).strip())
+
+
 def object_phrase(o: ObjectSpec, rng: np.random.Generator | None = None) -> str:
     """Noun phrase for one object, e.g. 'a small red square drifting left'."""
     rng = rng or np.random.default_rng(0)
@@ -161,9 +172,8 @@ def caption_parts(spec: ClipSpec, rng: np.random.Generator | None = None) -> tup
     if spec.bg_type is None:
         bg = "a background"
     else:
-        bg = str(rng.choice(_BG_PHRASES[spec.bg_type])).format(c=spec.bg_color or "")
-        bg = re.sub(r"\s+", " ", bg).strip()
-    return _articles(obj), _articles(bg)
+        bg = background_phrase(spec.bg_type, spec.bg_color, int(rng.integers(len(_BG_PHRASES[spec.bg_type]))))
+    return _articles(obj), bg
 
 
 def _articles(text: str) -> str:

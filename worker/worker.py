@@ -1,0 +1,181 @@
+"""A diffusion worker with the cache shim inside its sampling loop.
+
+For each request: embed the prompt (and, for decoupled lookup, its object and background parts),
+ask the cache for a starting latent, run the remaining N-K denoising steps of the reference model,
+decode the video, and hand what the mode keeps to a background thread that stores it. Without a
+cache (mode `none`, or a daemon that is down or slow) the same loop runs all N steps: the client
+turns every cache failure into a miss.
+
+Stores are off the request's path, as a serving worker would do them: the caller gets its video
+when decoding ends. At most `store_backlog` generations wait to be stored; beyond that a new one is
+dropped with a warning (the cache is an accelerator, never back-pressure on serving).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from flexcache.client import CacheClient, Namespace
+from flexcache_model.pipeline import Pipeline
+from flexcache_model.prompt_split import split_prompt
+from flexcache_model.rebuild import rebuild_for
+
+from .modes import Mode
+
+__all__ = ["DiffusionWorker", "Job", "Outcome", "namespace_for"]
+
+log = logging.getLogger("flexcache.worker")
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int  # position in the trace
+    prompt: str
+    seed: int
+
+
+@dataclass
+class Outcome:
+    index: int
+    kind: str  # "miss", "full" (whole-prompt hit) or "composed" (object + background donors)
+    start_step: int  # K: the step sampling started from
+    steps_run: int  # N - K
+    latency_s: float  # embed + lookup + fetch + sampling + decode (storing runs in the background)
+    lookup_s: float  # embed + lookup + fetch + rebuild/compose
+    sample_s: float
+    decode_s: float
+    x0: np.ndarray = field(repr=False)  # the generated clean latent, float32
+    sources: tuple[str, ...] = ()  # entry ids the start latent came from
+    similarity: float = 0.0  # of the whole-prompt match or the object donor
+
+
+def namespace_for(pipeline: Pipeline, steps: int) -> Namespace:
+    """The cache namespace of the reference model: latents of other settings never mix."""
+    _, t, h, w = pipeline.latent_shape
+    return Namespace(tenant="reference", model=f"flexcache-reference-{pipeline.schedule}", width=w, height=h,
+                     frames=t, scheduler=pipeline.schedule, total_steps=steps)
+
+
+class _Storer:
+    """One background thread running store calls in order; full backlog -> the newest is dropped."""
+
+    def __init__(self, backlog: int) -> None:
+        self.backlog = backlog
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=backlog)
+        self._thread = threading.Thread(target=self._run, name="flexcache-store", daemon=True)
+        self._thread.start()
+        self.dropped = 0
+
+    def _run(self) -> None:
+        while (task := self._queue.get()) is not None:
+            try:
+                task()
+            except Exception:  # a failed store must not stop later ones
+                log.exception("storing a generation failed")
+
+    def submit(self, task: Callable[[], None]) -> None:
+        try:
+            self._queue.put_nowait(task)
+        except queue.Full:
+            self.dropped += 1
+            log.warning("store backlog full: generation not cached (%d dropped so far)", self.dropped)
+
+    def close(self) -> None:
+        """Finish the stores already queued, then stop."""
+        self._queue.put(None)
+        self._thread.join()
+
+
+class DiffusionWorker:
+    """Serves one request at a time; `cache` is None in mode `none`."""
+
+    def __init__(self, pipeline: Pipeline, mode: Mode, cache: CacheClient | None, steps: int = 50,
+                 store_backlog: int = 8) -> None:
+        if mode.uses_cache and cache is None:
+            raise ValueError(f"mode {mode.name} needs a CacheClient")
+        self.pipeline = pipeline
+        self.mode = mode
+        self.cache = cache if mode.uses_cache else None
+        self.steps = steps
+        self.rebuild = rebuild_for(pipeline)
+        self._storer = _Storer(store_backlog) if self.cache is not None else None
+
+    @classmethod
+    def connect(cls, pipeline: Pipeline, mode: Mode, target: str | None, steps: int = 50) -> DiffusionWorker:
+        """A worker with a client for `target` configured as the mode says (no client for `none`)."""
+        cache = None
+        if mode.uses_cache:
+            if not target:
+                raise ValueError(f"mode {mode.name} needs a daemon address")
+            cache = CacheClient(target, namespace_for(pipeline, steps), max_rel_error=mode.max_rel_error)
+        return cls(pipeline, mode, cache, steps)
+
+    def flush(self) -> None:
+        """Wait until every generation handed to the store thread is stored (or failed)."""
+        if self._storer is not None:
+            self._storer.close()
+            self._storer = _Storer(self._storer.backlog)
+
+    def close(self) -> None:
+        if self._storer is not None:
+            self._storer.close()
+            self._storer = None
+        if self.cache is not None:
+            self.cache.close()
+
+    def run(self, job: Job) -> Outcome:
+        t0 = time.perf_counter()
+        vector, parts = self._embed(job.prompt)
+        start, start_step, kind, sources, similarity = None, 0, "miss", (), 0.0
+        if self.cache is not None:
+            hit = self.cache.get(vector, object_vector=parts[0], background_vector=parts[1], rebuild=self.rebuild)
+            if hit is not None:
+                start = torch.from_numpy(np.asarray(hit.latent, dtype=np.float32))
+                start_step, kind = hit.steps, hit.kind
+                sources = tuple(c.entry_id for c in hit.sources)
+                similarity = hit.sources[0].similarity
+        t1 = time.perf_counter()
+        keep_trajectory = self.mode.store == "trajectory"
+        result = self.pipeline.sample(vector, job.seed, self.steps, start_latent=start, start_step=start_step,
+                                      return_trajectory=keep_trajectory)
+        x0, trajectory = result if keep_trajectory else (result, None)
+        t2 = time.perf_counter()
+        self.pipeline.decode(x0)  # the video a serving worker returns to its caller
+        t3 = time.perf_counter()
+        steps_run = self.steps - start_step
+        if self._storer is not None:
+            step_seconds = (t2 - t1) / max(steps_run, 1)
+            self._storer.submit(lambda: self._store(job, x0, trajectory, vector, parts, start_step, step_seconds))
+        return Outcome(job.index, kind, start_step, steps_run, t3 - t0, t1 - t0, t2 - t1, t3 - t2,
+                       x0.numpy().astype(np.float32), sources, similarity)
+
+    def _embed(self, prompt: str) -> tuple[np.ndarray, tuple[np.ndarray | None, np.ndarray | None]]:
+        """The prompt's vector (also the denoiser's conditioning) and, for decoupled lookup, its parts'."""
+        if self.mode.lookup != "decoupled":
+            return self.pipeline.embed([prompt])[0], (None, None)
+        split = split_prompt(prompt)
+        texts = [prompt] + [t for t in (split.object, split.background) if t]
+        vectors = dict(zip(texts, self.pipeline.embed(texts), strict=True))
+        return vectors[prompt], (vectors.get(split.object), vectors.get(split.background))
+
+    def _store(self, job: Job, x0: torch.Tensor, trajectory: list[torch.Tensor | None] | None, vector: np.ndarray,
+               parts: tuple[np.ndarray | None, np.ndarray | None], start_step: int, step_seconds: float) -> None:
+        assert self.cache is not None
+        dtype = np.dtype(self.mode.store_dtype)
+        if self.mode.store == "x0":
+            self.cache.put(job.prompt, x0.numpy().astype(dtype), vector, object_vector=parts[0],
+                           background_vector=parts[1], seed=job.seed, step_seconds=step_seconds)
+        elif self.mode.store == "trajectory":
+            assert trajectory is not None
+            for k in self.mode.checkpoint_steps(self.steps):
+                if k > start_step:  # the latents before K were never computed by this generation
+                    self.cache.put(job.prompt, trajectory[k].numpy().astype(dtype), vector, step=k,
+                                   step_seconds=step_seconds)
