@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA_DIR ?= ./data
 
-.PHONY: serve test lint bench clean
+.PHONY: serve test lint bench demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_traces.py
 	$(BIN)/python bench/bench_masks.py
 	$(BIN)/python bench/model_quality.py
+	$(BIN)/python bench/bench_serving.py
+
+# A daemon on embedded defaults, two workers, a short trace: a table and GIFs in demo_out/ (minutes).
+demo: $(STAMP)
+	$(BIN)/python bench/demo.py --out demo_out
 
 clean:
-	rm -rf $(VENV) build *.egg-info proto/flexcache/v1/*_pb2*.py proto/flexcache/v1/*_pb2*.pyi
+	rm -rf $(VENV) build demo_out *.egg-info proto/flexcache/v1/*_pb2*.py proto/flexcache/v1/*_pb2*.pyi

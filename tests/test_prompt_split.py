@@ -228,3 +228,17 @@ def test_average_latency_loose() -> None:
         split_prompt(p)
     avg_ms = (time.perf_counter() - t0) / len(prompts) * 1e3
     assert avg_ms < 5.0, f"average {avg_ms:.3f} ms per prompt"
+
+
+def test_reference_world_captions_split_into_both_parts() -> None:
+    """The serving benchmark's decoupled lookup needs both parts of the reference model's prompts."""
+    import numpy as np
+
+    from flexcache_model import world
+
+    rng = np.random.default_rng(5)
+    captions = [world.caption(world.random_spec(rng), rng) for _ in range(500)]
+    both = [c for c in captions if (s := split_prompt(c)).object and s.background]
+    assert len(both) >= 0.97 * len(captions)
+    assert split_prompt("a checkered yellow background with a large red square swelling") == PromptSplit(
+        object="a large red square swelling", background="a checkered yellow background")

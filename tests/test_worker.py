@@ -1,0 +1,116 @@
+"""Diffusion workers with the client inside the sampling loop, against a real daemon (10-step runs)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from flexcache.worker.fleet import run_fleet
+from flexcache.worker.modes import MODES
+from flexcache.worker.worker import DiffusionWorker, Job
+from flexcache_model import world
+from flexcache_model.grounding import Grounder
+
+STEPS = 10
+PROMPT = "a small red square drifting left over blue stripes"
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    torch.set_num_threads(1)
+    from flexcache_model.pipeline import load_pipeline
+
+    return load_pipeline("flow")
+
+
+def stats(worker: DiffusionWorker):
+    worker.flush()  # stores run on the worker's background thread
+    return worker.cache.stats()
+
+
+def test_modes_are_configuration() -> None:
+    assert MODES["nirvana"].checkpoint_steps(50) == [5, 10, 15, 20, 25]
+    assert {m.eviction_policy for m in MODES.values()} == {None, "lcbfu", "utility"}
+    assert not MODES["none"].uses_cache and MODES["flexcache"].lookup == "decoupled"
+
+
+def test_without_a_cache_every_step_runs(pipeline) -> None:
+    worker = DiffusionWorker(pipeline, MODES["none"], None, steps=STEPS)
+    out = worker.run(Job(0, PROMPT, seed=3))
+    assert (out.kind, out.start_step, out.steps_run) == ("miss", 0, STEPS)
+    torch.testing.assert_close(torch.from_numpy(out.x0), pipeline.sample(PROMPT, 3, STEPS))
+
+
+def test_flexcache_stores_x0_once_and_a_repeat_starts_at_k(daemon, pipeline) -> None:
+    worker = DiffusionWorker.connect(pipeline, MODES["flexcache"], daemon.target, steps=STEPS)
+    try:
+        first = worker.run(Job(0, PROMPT, seed=1))
+        s = stats(worker)
+        assert first.kind == "miss" and s.entries == 1
+        assert s.blob_bytes < first.x0.nbytes / 2  # compressed by the codec before it left the worker
+        again = worker.run(Job(1, PROMPT, seed=2))
+        assert (again.kind, again.start_step, again.steps_run) == ("full", STEPS // 2, STEPS // 2)
+        assert again.sources and again.similarity == pytest.approx(1.0, abs=1e-5)
+        scratch = pipeline.sample(PROMPT, 2, STEPS)
+        assert not np.allclose(again.x0, scratch.numpy())  # it really started from the cached latent
+        assert stats(worker).entries == 2  # every generation is admitted
+    finally:
+        worker.close()
+
+
+def test_nirvana_stores_five_checkpoints_and_serves_the_largest(daemon, pipeline) -> None:
+    worker = DiffusionWorker.connect(pipeline, MODES["nirvana"], daemon.target, steps=STEPS)
+    try:
+        worker.run(Job(0, PROMPT, seed=1))
+        s = stats(worker)
+        assert s.entries == 5 and s.blob_bytes == 5 * int(np.prod(pipeline.latent_shape)) * 2  # raw fp16
+        again = worker.run(Job(1, PROMPT, seed=2))
+        assert (again.kind, again.start_step) == ("full", 5)  # K = 5 of 10, the largest checkpoint
+        assert stats(worker).entries == 5  # a hit at K = 5 computed no checkpoint after it
+    finally:
+        worker.close()
+
+
+def test_a_dead_daemon_is_a_miss_and_the_worker_keeps_serving(pipeline, caplog) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{s.getsockname()[1]}"
+    worker = DiffusionWorker.connect(pipeline, MODES["flexcache"], target, steps=STEPS)
+    try:
+        with caplog.at_level(logging.WARNING, logger="flexcache.client"):
+            outs = [worker.run(Job(i, PROMPT, seed=i)) for i in range(2)]
+            worker.flush()
+        assert [(o.kind, o.steps_run) for o in outs] == [("miss", STEPS)] * 2
+        assert "treated as a miss" in caplog.text
+    finally:
+        worker.close()
+
+
+def test_fleet_runs_a_trace_through_worker_processes(daemon) -> None:
+    prompts = [PROMPT, "a large green circle bouncing on a yellow checkerboard"]
+    jobs = [Job(i, prompts[i % 2], seed=100 + i) for i in range(8)]
+    run = run_fleet("flexcache", daemon.target, jobs, warmup=2, workers=2, steps=STEPS, progress=False)
+    assert [o.index for o in run.warmup] == [0, 1] and [o.index for o in run.measured] == list(range(2, 8))
+    assert run.measured_wall_s > 0 and run.workers == 2
+    assert sum(o.kind == "full" for o in run.measured) >= 4  # the warm-up stored both prompts
+    with pytest.raises(ValueError, match="unknown mode"):
+        run_fleet("memcached", daemon.target, jobs, warmup=0)
+
+
+def test_grounding_is_deterministic_and_keeps_colours() -> None:
+    grounder = Grounder()
+    spec = grounder.spec("a red stop sign in a still frame")
+    assert spec == Grounder().spec("a red stop sign in a still frame")
+    assert len(spec.objects) == 1 and spec.objects[0].color == "red"
+    for prompt in ("a dog running on the beach at sunset", "A tranquil tableau of bedroom", "green stripes"):
+        s = grounder.spec(prompt)
+        assert s.objects[0].color != s.bg_color and None not in (s.objects[0].shape, s.objects[0].motion)
+        for variant in range(4):  # every wording says the same clip (the size word is sometimes left out)
+            parsed = world.parse_caption(Grounder.caption(s, variant))
+            assert parsed.bg_type == s.bg_type and parsed.bg_color == s.bg_color
+            o, p = s.objects[0], parsed.objects[0]
+            assert (p.shape, p.color, p.motion) == (o.shape, o.color, o.motion) and p.size in (o.size, None)
