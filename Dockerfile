@@ -12,6 +12,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY proto/ proto/
 COPY daemon/ daemon/
 COPY client/ client/
+COPY worker/ worker/
 COPY flexcache_model/ flexcache_model/
 RUN pip wheel --wheel-dir /wheels .
 
