@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_traces.py
 	$(BIN)/python bench/bench_masks.py
 	$(BIN)/python bench/model_quality.py
+	$(BIN)/python bench/bench_composed.py
 	$(BIN)/python bench/bench_serving.py
 
 # A daemon on embedded defaults, two workers, a short trace: a table and GIFs in demo_out/ (minutes).
