@@ -50,6 +50,25 @@ def test_large_blob_streams_in_chunks(client: CacheClient) -> None:
     np.testing.assert_array_equal(fetched.latent(), latent)
 
 
+def test_fetch_chunks_parse_with_plain_protobuf(daemon, client: CacheClient) -> None:
+    """The daemon pre-encodes chunk messages; any gRPC client (here the generated stub) must parse them."""
+    from flexcache.daemon.server import encoded_chunk
+    from flexcache.v1 import cache_pb2 as pb
+    from flexcache.v1 import cache_pb2_grpc as pb_grpc
+
+    for size in (1, 127, 128, 300, 1 << 20):
+        chunk = np.random.default_rng(size).bytes(size)
+        assert encoded_chunk(chunk) == pb.FetchResponse(chunk=chunk).SerializeToString()
+    data = np.random.default_rng(1).bytes(3 * (1 << 20) + 17)
+    entry_id = client.put_blob("wire format", data, pb.BlobInfo(codec="raw", dtype="uint8", shape=[len(data)]),
+                               unit(70))
+    with grpc.insecure_channel(daemon.target, options=[("grpc.max_receive_message_length", 2 << 20)]) as channel:
+        stream = pb_grpc.CacheServiceStub(channel).Fetch(pb.FetchRequest(namespace=NS.to_proto(), entry_id=entry_id))
+        messages = list(stream)
+    assert messages[0].header.entry_id == entry_id
+    assert b"".join(m.chunk for m in messages[1:]) == data and len(messages) == 5
+
+
 def test_granted_steps_follow_nirvana_table(client: CacheClient) -> None:
     base = unit(10)
     client.put("base prompt", np.zeros((4, 4), np.float16), base)
