@@ -3,8 +3,10 @@
 Run:  .venv/bin/python bench/bench_rebuild.py [--pairs 600]
 
 For `--pairs` random single-object world specs, a cached generation (one wording, one seed, its full
-trajectory kept) serves a request for the same clip in another wording with another seed. Each
-request is sampled from scratch and, at K = 15 and 20 of 50, from three starting latents:
+trajectory kept) serves a request with another seed: for the same clip in another wording
+(`--population paraphrase`), or for the clip with one attribute changed (`--population changed`:
+shape, colour, size, motion or background colour, one at random). Each request is sampled from
+scratch and, at K = 15 and 20 of 50, from three starting latents:
 
 - the cached generation's true trajectory latent x_K (what a NIRVANA-style cache stores),
 - x_K rebuilt from its x0 with its own seed's noise (what FlexCache's store-once does today),
@@ -40,12 +42,32 @@ def _pts(x: np.ndarray) -> str:
     return f"{100 * x.mean():+.1f} ± {196 * x.std(ddof=1) / math.sqrt(len(x)):.1f}"
 
 
+def changed(spec: world.ClipSpec, rng: np.random.Generator) -> world.ClipSpec:
+    """The spec with one attribute set to another value the background leaves visible."""
+    from dataclasses import replace
+
+    obj = spec.objects[0]
+    while True:
+        field = str(rng.choice(["shape", "color", "size", "motion", "bg_color"]))
+        if field == "bg_color":
+            if spec.bg_color is None:
+                continue
+            value = str(rng.choice([c for c in world.BG_COLORS if c not in (spec.bg_color, obj.color)]))
+            return replace(spec, bg_color=value)
+        choices = {"shape": world.SHAPES, "color": world.OBJ_COLORS, "size": world.SIZES, "motion": world.MOTIONS}
+        hidden = {spec.bg_color} | ({"blue", "green"} if spec.bg_type == "sky" else set())
+        values = [v for v in choices[field] if v != getattr(obj, field) and not (field == "color" and v in hidden)]
+        return replace(spec, objects=(replace(obj, **{field: str(rng.choice(values))}),))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=600)
+    ap.add_argument("--population", choices=("paraphrase", "changed"), default="paraphrase")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "docs/bench_rebuild.md")
+    ap.add_argument("--out", type=Path, default=None, help="default docs/bench_rebuild_<population>.md")
     args = ap.parse_args(argv)
+    args.out = args.out or ROOT / f"docs/bench_rebuild_{args.population}.md"
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     pipe, metric = load_pipeline("flow"), load_metric()
@@ -53,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = args.pairs
     specs = [world.random_spec(rng, p_two=0.0) for _ in range(n)]
     cached = [world.caption(s, np.random.default_rng([1, i])) for i, s in enumerate(specs)]
-    asked = [world.caption(s, np.random.default_rng([2, i])) for i, s in enumerate(specs)]
+    asked_specs = specs if args.population == "paraphrase" else [changed(s, rng) for s in specs]
+    asked = [world.caption(s, np.random.default_rng([2, i])) for i, s in enumerate(asked_specs)]
     seeds_c, seeds_r = [100_000 + i for i in range(n)], [200_000 + i for i in range(n)]
 
     def run(prompts, seeds, start=None, k=0, trajectory=False):
@@ -88,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc = "\n".join([
         "# Hits from rebuilt latents against hits from true trajectory latents",
         "",
-        f"Command: `.venv/bin/python bench/bench_rebuild.py --pairs {n}` ({(time.perf_counter() - t0) / 60:.0f} min, "
+        f"Command: `.venv/bin/python bench/bench_rebuild.py --pairs {n} --population {args.population}` "
+        f"({(time.perf_counter() - t0) / 60:.0f} min, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; reference flow model, 50 steps).",
         "",
         (__doc__ or "").split("\n\n", 1)[1].split("\n\nPrints")[0],

@@ -389,26 +389,28 @@ class CacheClient:
         return Fetched(header.entry_id, header.prompt, header.blob, data)
 
     def get(self, vector: Any, *, object_vector: Any = None, background_vector: Any = None,
-            rebuild: Rebuild | None = None, as_torch: bool = False, top_k: int = 3) -> Hit | None:
+            rebuild: Rebuild | None = None, noise_seed: int | None = None, as_torch: bool = False,
+            top_k: int = 3) -> Hit | None:
         """Lookup, fetch and decode: the latent to start sampling from at step `hit.steps`, or None.
 
         A whole-prompt match comes first. With `object_vector` and `background_vector`, a prompt that
         matches nothing as a whole may still be served by composing the object of one entry with the
         background of another (see compose.py). Clean latents are rebuilt at the granted step by
-        `rebuild` (without it, the clean latent itself is returned); an intermediate latent is
-        returned as stored."""
+        `rebuild` (without it, the clean latent itself is returned) with the noise of the entry's own
+        seed, or of `noise_seed` when given (the request's seed: on the reference model that is at
+        least as good, bench/bench_rebuild.py); an intermediate latent is returned as stored."""
         result = self.lookup(vector, object_vector=object_vector, background_vector=background_vector, top_k=top_k)
         if result is None:
             return None
         try:
             if result.best is not None:
-                latent = self._fetch_at_step(result.best, rebuild, as_torch)
+                latent = self._fetch_at_step(result.best, rebuild, noise_seed, as_torch)
                 return None if latent is None else Hit(latent, result.best.granted_steps, "full", [result.best])
             pair = _best_pair(result.donors("object"), result.donors("background"))
             if pair is None:
                 return None
             obj, bg = pair
-            latents = [self._fetch_at_step(c, rebuild, as_torch=False) for c in pair]
+            latents = [self._fetch_at_step(c, rebuild, noise_seed, as_torch=False) for c in pair]
             if latents[0] is None or latents[1] is None:
                 return None
             latent, _ = compose.compose(np.asarray(latents[0]), np.asarray(latents[1]), obj.object_mask,
@@ -422,16 +424,18 @@ class CacheClient:
             self._failed("decode", exc)
             return None
 
-    def _fetch_at_step(self, candidate: Candidate, rebuild: Rebuild | None, as_torch: bool) -> Any:
+    def _fetch_at_step(self, candidate: Candidate, rebuild: Rebuild | None, noise_seed: int | None,
+                       as_torch: bool) -> Any:
         fetched = self.fetch(candidate.entry_id, role=candidate.role, granted_steps=candidate.granted_steps)
         if fetched is None:
             return None
         latent = fetched.latent(as_torch=as_torch)
         if rebuild is None or fetched.blob.step != 0:
             return latent
-        if fetched.seed is None:
+        seed = fetched.seed if noise_seed is None else noise_seed
+        if seed is None:
             raise ValueError(f"entry {candidate.entry_id} has no seed to rebuild its noise from")
-        return rebuild(latent, fetched.seed, candidate.granted_steps, self.namespace.total_steps)
+        return rebuild(latent, seed, candidate.granted_steps, self.namespace.total_steps)
 
     # ---- admin ----
     def delete(self, entry_id: str) -> bool | None:

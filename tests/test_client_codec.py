@@ -67,6 +67,10 @@ def test_get_rebuilds_the_latent_at_the_granted_step(daemon) -> None:
         row = c.get(unit(4), rebuild=rebuild)  # stored at its step: returned as is
         assert row.steps == 20 and len(calls) == 2  # one by get(), one by the check above
         np.testing.assert_array_equal(row.latent, x0)
+        c.get(unit(3), rebuild=rebuild, noise_seed=7)  # the request's noise instead of the entry's
+        assert calls[-1] == (7, 25, 50)
+        c.put("no seed stored", x0, unit(8))
+        assert c.get(unit(8), rebuild=rebuild, noise_seed=5).steps == 25 and calls[-1] == (5, 25, 50)
 
 
 def test_undecodable_entries_are_a_miss_with_a_warning(daemon, caplog) -> None:
