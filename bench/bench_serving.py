@@ -441,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--calibrated-budgets", default="0.05,0.1,0.25", help="budgets run with the calibrated table too")
     ap.add_argument("--any-k-budgets", default="", help="budgets run with the calibrated-any-k table too")
     ap.add_argument("--ablation-budget", type=float, default=0.1, help="budget of the flexcache-whole cell")
+    ap.add_argument("--modes", default="nirvana,flexcache", help="cache modes run at every budget")
     ap.add_argument("--gpu-hour-usd", type=float, default=2.50)
     ap.add_argument("--cpu-hour-usd", type=float, default=0.05)
     ap.add_argument("--out", type=Path, default=None, help="markdown report (default docs/bench_serving.md)")
@@ -465,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells = [run_cell("none", None, 0, "-", workload, args.workers, progress)]
     for budget, table in plan:
         max_bytes = int(budget * per_prompt * len(prompts))
-        modes = ["nirvana", "flexcache"] + (["flexcache-whole"] if budget == args.ablation_budget else [])
+        modes = args.modes.split(",") + (["flexcache-whole"] if budget == args.ablation_budget else [])
         for mode in modes:
             cells.append(run_cell(mode, budget, max_bytes, table, workload, args.workers, progress))
             print(f"{cells[-1].label}: {cells[-1].throughput:.1f} videos/min", flush=True)

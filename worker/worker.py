@@ -136,7 +136,9 @@ class DiffusionWorker:
         vector, parts = self._embed(job.prompt)
         start, start_step, kind, sources, similarity = None, 0, "miss", (), 0.0
         if self.cache is not None:
-            hit = self.cache.get(vector, object_vector=parts[0], background_vector=parts[1], rebuild=self.rebuild)
+            noise_seed = job.seed if self.mode.rebuild_noise == "request" else None
+            hit = self.cache.get(vector, object_vector=parts[0], background_vector=parts[1], rebuild=self.rebuild,
+                                 noise_seed=noise_seed)
             if hit is not None:
                 start = torch.from_numpy(np.asarray(hit.latent, dtype=np.float32))
                 start_step, kind = hit.steps, hit.kind
