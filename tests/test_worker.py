@@ -35,6 +35,7 @@ def stats(worker: DiffusionWorker):
 def test_modes_are_configuration() -> None:
     assert MODES["nirvana"].checkpoint_steps(50) == [5, 10, 15, 20, 25]
     assert {m.eviction_policy for m in MODES.values()} == {None, "lcbfu", "utility"}
+    assert MODES["flexcache-reseed"].rebuild_noise == "request" and MODES["flexcache-fresh"].admit == "misses"
     assert not MODES["none"].uses_cache and MODES["flexcache"].lookup == "decoupled"
 
 
@@ -58,6 +59,15 @@ def test_flexcache_stores_x0_once_and_a_repeat_starts_at_k(daemon, pipeline) -> 
         scratch = pipeline.sample(PROMPT, 2, STEPS)
         assert not np.allclose(again.x0, scratch.numpy())  # it really started from the cached latent
         assert stats(worker).entries == 2  # every generation is admitted
+    finally:
+        worker.close()
+
+
+def test_fresh_admission_stores_only_generations_from_scratch(daemon, pipeline) -> None:
+    worker = DiffusionWorker.connect(pipeline, MODES["flexcache-fresh"], daemon.target, steps=STEPS)
+    try:
+        assert worker.run(Job(0, PROMPT, seed=1)).kind == "miss" and stats(worker).entries == 1
+        assert worker.run(Job(1, PROMPT, seed=2)).kind == "full" and stats(worker).entries == 1
     finally:
         worker.close()
 
