@@ -24,7 +24,6 @@ rendered truth); writes docs/bench_composed.md.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -35,7 +34,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from report import points  # noqa: E402  (bench/, the script's own folder)
+
 from flexcache.client.compose import compose, pair_score  # noqa: E402
+from flexcache.daemon.config import NIRVANA_THRESHOLDS, parse_thresholds  # noqa: E402
+from flexcache.daemon.steps import StepTable  # noqa: E402
 from flexcache_model import text, world  # noqa: E402
 from flexcache_model.masks import estimate_object_mask  # noqa: E402
 from flexcache_model.pipeline import load_pipeline  # noqa: E402
@@ -44,20 +47,12 @@ from flexcache_model.quality import frechet_distance, load_metric  # noqa: E402
 from flexcache_model.rebuild import rebuild_for  # noqa: E402
 
 STEPS = 50
-NIRVANA = ((0.95, 0.5), (0.90, 0.4), (0.85, 0.3), (0.75, 0.2), (0.65, 0.1))  # the daemon's default table
+STEP_TABLE = StepTable(parse_thresholds(NIRVANA_THRESHOLDS))  # the daemon's default similarity -> steps table
 BATCH = 64
 
 
 def granted(similarity: float) -> int:
-    return next((round(f * STEPS) for s, f in NIRVANA if similarity >= s), 0)
-
-
-def _ci(x: np.ndarray) -> float:
-    return 1.96 * float(np.std(x, ddof=1)) / math.sqrt(len(x))
-
-
-def _pts(x: np.ndarray) -> str:
-    return f"{100 * x.mean():.1f} ± {100 * _ci(x):.1f}"
+    return STEP_TABLE.granted_steps(similarity, STEPS, "")
 
 
 def sample(pipe, prompts: Sequence[str], seeds: Sequence[int], starts: np.ndarray | None, k: int) -> np.ndarray:
@@ -119,8 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         whole_sim.append(float(sims.max()))
         so, sb = obj_pool @ obj_req[i], bg_pool @ bg_req[i]
         top_o, top_b = np.argsort(-so)[:3], np.argsort(-sb)[:3]  # the daemon's top_k donors per role
-        best = max(((pair_score(so[o], sb[b], pool_masks[o], pool_masks[b]), o, b) for o in top_o for b in top_b
-                    if pair_score(so[o], sb[b], pool_masks[o], pool_masks[b]) is not None), key=lambda t: t[0])
+        scored = ((pair_score(so[o], sb[b], pool_masks[o], pool_masks[b]), o, b) for o in top_o for b in top_b)
+        best = max((t for t in scored if t[0] is not None), key=lambda t: t[0])
         pair.append((best[1], best[2]))
         pair_k.append(min(granted(so[best[1]]), granted(sb[best[2]])))
         exact += pool[best[1]].objects == requests[i].objects and (pool[best[2]].bg_type, pool[best[2]].bg_color) \
@@ -150,12 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     scratch_fid, scratch_feat = score(sample(pipe, req_prompts, req_seeds, None, 0), everyone)
     rows = ["| start | K | requests | fidelity (points) | Δ vs from scratch (paired) | FD to truth |",
             "|---|---:|---:|---:|---:|---:|",
-            f"| from scratch | 0 | {len(everyone)} | {_pts(scratch_fid)} | - | "
+            f"| from scratch | 0 | {len(everyone)} | {points(scratch_fid)} | - | "
             f"{frechet_distance(scratch_feat, truth_feat):.0f} |"]
     for k in (10, 20):
         for name, starter in (("whole-prompt hit", start_whole), ("composed hit", start_composed)):
             fid, feat = score(sample(pipe, req_prompts, req_seeds, starter(everyone, k), k), everyone)
-            rows.append(f"| {name} | {k} | {len(everyone)} | {_pts(fid)} | {_pts(fid - scratch_fid)} | "
+            rows.append(f"| {name} | {k} | {len(everyone)} | {points(fid)} | {points(fid - scratch_fid)} | "
                         f"{frechet_distance(feat, truth_feat):.0f} |")
     # At the K the default table grants: requests grouped by K, one batch per group.
     for name, ks, starter in (("whole-prompt hit", [granted(s) for s in whole_sim], start_whole),
@@ -168,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         served = ~np.isnan(fid)
         if served.any():
             rows.append(f"| {name}, K from the default table | {np.mean(np.array(ks)[served]):.1f} (mean) | "
-                        f"{int(served.sum())} | {_pts(fid[served])} | {_pts(fid[served] - scratch_fid[served])} | - |")
+                        f"{int(served.sum())} | {points(fid[served])} | "
+                        f"{points(fid[served] - scratch_fid[served])} | - |")
     table = "\n".join(rows)
     whole_same = np.mean([pool[whole[i]] == requests[i] for i in everyone])
     doc = "\n".join([

@@ -19,7 +19,6 @@ The codec is left out: bench_compression.py shows it costs nothing measurable at
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from report import points
 
 from flexcache_model import world
 from flexcache_model.pipeline import load_pipeline
@@ -36,10 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 50
 KS = (15, 20)
 BATCH = 100
-
-
-def _pts(x: np.ndarray) -> str:
-    return f"{100 * x.mean():+.1f} ± {196 * x.std(ddof=1) / math.sqrt(len(x)):.1f}"
 
 
 def changed(spec: world.ClipSpec, rng: np.random.Generator) -> world.ClipSpec:
@@ -104,9 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         starts = {"true": true, "cached": pipe.add_noise(x0_c, eps_c, k, STEPS),
                   "request": pipe.add_noise(x0_c, eps_r, k, STEPS)}
         fid = {name: fidelity(run(asked, seeds_r, start, k)[0]) for name, start in starts.items()}
-        rows.append(f"| {k} | {_pts(fid['true'] - scratch)} | {_pts(fid['cached'] - scratch)} | "
-                    f"{_pts(fid['request'] - scratch)} | {_pts(fid['cached'] - fid['true'])} | "
-                    f"{_pts(fid['request'] - fid['true'])} |")
+        rows.append(f"| {k} | {points(fid['true'] - scratch, True)} | {points(fid['cached'] - scratch, True)} | "
+                    f"{points(fid['request'] - scratch, True)} | {points(fid['cached'] - fid['true'], True)} | "
+                    f"{points(fid['request'] - fid['true'], True)} |")
         print(rows[-1], flush=True)
     doc = "\n".join([
         "# Hits from rebuilt latents against hits from true trajectory latents",

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import os
 import signal
 import sys
@@ -36,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from launch import daemon  # noqa: E402
+from report import ci95, points  # noqa: E402
 from traces import Trace, build_trace, describe, load_intents, sample_intents  # noqa: E402
 
 from flexcache.client import CacheClient, Namespace  # noqa: E402
@@ -175,14 +175,6 @@ def score(cells: Sequence[Cell], workload: Workload) -> np.ndarray:
     return metric.features(truth)
 
 
-def _ci95(x: np.ndarray) -> float:
-    return 1.96 * float(np.std(x, ddof=1)) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
-
-
-def _pts(x: np.ndarray) -> str:
-    return f"{100 * np.mean(x):.1f} ± {100 * _ci95(x):.1f}" if len(x) else "-"
-
-
 # ---------------------------------------------------------------------------------------------- report
 def cost_per_1000(cell: Cell, gpu_hour_usd: float, cpu_hour_usd: float) -> float:
     """Each worker holds one accelerator for the whole measured phase; the daemon's CPU time is priced apart."""
@@ -210,8 +202,8 @@ def main_table(cells: Sequence[Cell], truth: np.ndarray, base: Cell, args: argpa
             f"{'-' if not c.max_bytes else f'{c.max_bytes:,}'} | {c.throughput:.1f} | "
             f"{lat.mean():.3f} / {np.percentile(lat, 95):.3f} | {saved:.1%} | "
             f"{np.mean(kinds == 'full'):.1%} / {np.mean(kinds == 'composed'):.1%} | "
-            f"{hits.mean() if len(hits) else 0:.1f} | {_pts(c.fidelity)} | "
-            f"{'-' if c is base else _pts(delta)} | {frechet_distance(c.features, truth):.0f} | "
+            f"{hits.mean() if len(hits) else 0:.1f} | {points(c.fidelity)} | "
+            f"{'-' if c is base else points(delta)} | {frechet_distance(c.features, truth):.0f} | "
             f"{stats.entries if stats else '-'} | {stats.evictions if stats else '-'} | "
             f"{f'{stats.blob_bytes:,}' if stats else '-'} | "
             f"{f'{stats.bytes:,}' if stats else '-'} | {cost_per_1000(c, args.gpu_hour_usd, args.cpu_hour_usd):.2f} |")
@@ -244,7 +236,8 @@ def calibration_table(workload: Workload) -> str:
 
     spec_of = dict(zip((j.prompt for j in workload.jobs), workload.specs, strict=True))
     prompts = list(spec_of)
-    sims = text.embed(prompts) @ text.embed(prompts).T
+    vectors = text.embed(prompts)
+    sims = vectors @ vectors.T
     i, j = np.triu_indices(len(prompts), 1)
     same = np.array([spec_of[prompts[a]] == spec_of[prompts[b]] for a, b in zip(i, j, strict=True)])
     obj = np.array([spec_of[prompts[a]].objects == spec_of[prompts[b]].objects for a, b in zip(i, j, strict=True)])
@@ -277,8 +270,8 @@ def ratio_table(cells: Sequence[Cell], base: Cell) -> str:
             f"{per_generation(n)[0]:,.0f} / {per_generation(f)[0]:,.0f} = "
             f"{per_generation(n)[0] / per_generation(f)[0]:.1f}x | "
             f"{per_generation(n)[1]:,.0f} / {per_generation(f)[1]:,.0f} = "
-            f"{per_generation(n)[1] / per_generation(f)[1]:.1f}x | {_pts(f.fidelity - base.fidelity)} | "
-            f"{_pts(n.fidelity - base.fidelity)} |")
+            f"{per_generation(n)[1] / per_generation(f)[1]:.1f}x | {points(f.fidelity - base.fidelity)} | "
+            f"{points(n.fidelity - base.fidelity)} |")
     return "\n".join(rows)
 
 
@@ -296,8 +289,8 @@ def kind_table(cells: Sequence[Cell], base: Cell) -> str:
             if not sel.any():
                 continue
             rows.append(f"| {c.label} | {name} | {int(sel.sum())} | {starts[sel].mean():.1f} | "
-                        f"{_pts(c.fidelity[sel])} | {_pts(base.fidelity[sel])} | "
-                        f"{_pts(c.fidelity[sel] - base.fidelity[sel])} |")
+                        f"{points(c.fidelity[sel])} | {points(base.fidelity[sel])} | "
+                        f"{points(c.fidelity[sel] - base.fidelity[sel])} |")
     return "\n".join(rows)
 
 
@@ -317,7 +310,7 @@ def plot(cells: Sequence[Cell], base: Cell, img: Path, name: str) -> Path:
         x = [100 * c.budget for c in sel]
         label = f"{mode}, {table} table"
         ax1.plot(x, [c.throughput for c in sel], style, label=label)
-        ax2.errorbar(x, [100 * np.mean(c.fidelity) for c in sel], yerr=[100 * _ci95(c.fidelity) for c in sel],
+        ax2.errorbar(x, [100 * np.mean(c.fidelity) for c in sel], yerr=[100 * ci95(c.fidelity) for c in sel],
                      fmt=style, capsize=3, label=label)
     for ax, y in ((ax1, base.throughput), (ax2, 100 * np.mean(base.fidelity))):
         ax.axhline(y, color="gray", linestyle=":", label="no cache")
@@ -349,7 +342,7 @@ def render_doc(args: argparse.Namespace, workload: Workload, cells: Sequence[Cel
             f"a stored generation costs {per_generation(n)[0] / per_generation(f)[0]:.1f}x fewer latent bytes, "
             f"{per_generation(n)[1] / per_generation(f)[1]:.1f}x fewer with records (target >= 10x); "
             f"fidelity {100 * d.mean():+.1f} ± "
-            f"{100 * _ci95(d):.1f} points vs no cache (target within 1 point: "
+            f"{100 * ci95(d):.1f} points vs no cache (target within 1 point: "
             f"{'met' if d.mean() >= -0.01 else 'MISSED'})")
     return "\n".join([
         "# End-to-end serving: no cache, NIRVANA-style and FlexCache",
