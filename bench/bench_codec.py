@@ -81,11 +81,11 @@ DEFAULT_SETTINGS = [
     Setting("budget 0 (lossless)", {"max_rel_error": 0.0}),
     Setting("budget 1e-3", {"max_rel_error": 1e-3}),
     Setting("budget 5e-3", {"max_rel_error": 5e-3}),
-    Setting("budget 1e-2 (default)", {}),
-    Setting("budget 1e-2 + dictionary", {}, dictionary=True),
+    Setting("budget 1e-2", {"max_rel_error": 1e-2}),
     Setting("budget 2e-2", {"max_rel_error": 2e-2}),
     Setting("budget 3e-2", {"max_rel_error": 3e-2}),
-    Setting("budget 5e-2", {"max_rel_error": 5e-2}),
+    Setting(f"budget {codec.DEFAULT_MAX_REL_ERROR:g} (default)", {}),
+    Setting(f"budget {codec.DEFAULT_MAX_REL_ERROR:g} + dictionary", {}, dictionary=True),
 ]
 
 
@@ -180,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             dsamp = [synthetic_latent(shape, seed=100 + i, texture=texture) for i in range(2)]
             rows += bench_latents(lat, f"{label} {list(shape)}", dict_samples=dsamp, **reps)
         x = synthetic_latent(WAN_480P, seed=0)
-        fp16_set = [Setting("budget 1e-2 (default)", {}), Setting("budget 0 (lossless)", {"max_rel_error": 0.0})]
+        fp16_set = [Setting(f"budget {codec.DEFAULT_MAX_REL_ERROR:g} (default)", {}),
+                    Setting("budget 0 (lossless)", {"max_rel_error": 0.0})]
         rows += bench_latents([x.astype(np.float16)], "Wan 2.1 480p, fp16 input", fp16_set, **reps)
         rows += bench_latents([codec.fp32_to_bf16(x)], "Wan 2.1 480p, bf16 input", fp16_set, dtype="bfloat16",
                               **reps)

@@ -23,12 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_serving import STEPS, Cell, build_workload, main_table, score, time_table
-from launch import daemon
+from bench_serving import STEPS, Cell, Group, build_workload, main_table, run_cell, score, time_table
 
-from flexcache.client import CacheClient, Namespace
-from flexcache.worker.fleet import run_fleet
-from flexcache.worker.modes import MODES
+from flexcache.client import CacheClient
 from flexcache.worker.worker import Outcome, namespace_for
 from flexcache_model import world
 from flexcache_model.cli import save_video
@@ -95,29 +92,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"building a trace of {args.warmup} + {args.requests} requests from the real prompt suites ...", flush=True)
     workload = build_workload(args.intents, args.warmup, args.requests, zipf_s=0.8, seed=0)
-    cells = []
+    cells: list[Cell] = []
+    gifs: list[str] = []
+
+    def gifs_while_up(cell: Cell, target: str) -> None:  # donors' videos come from the daemon itself
+        print("writing GIFs ...", flush=True)
+        gifs.extend(write_gifs(cell, cells[0], workload, target, args.out))
+
     for mode in ("none", "nirvana", "flexcache"):
-        spec = MODES[mode]
-        if not spec.uses_cache:
-            run = run_fleet(mode, None, workload.jobs, workload.warmup, args.workers, steps=STEPS)
-            cells.append(Cell(mode, None, "-", 0, run, None, 0.0))
-            continue
-        with daemon(eviction_policy=spec.eviction_policy) as d:  # embedded defaults otherwise
-            print(f"{mode}: daemon on {d.target} (data in {d.data_dir})", flush=True)
-            cpu0 = d.cpu_seconds()
-            run = run_fleet(mode, d.target, workload.jobs, workload.warmup, args.workers, steps=STEPS)
-            with CacheClient(d.target, Namespace("demo", "stats")) as client:  # Stats is global
-                stats = client.stats()
-            cells.append(Cell(mode, None, "nirvana", 0, run, stats, d.cpu_seconds() - cpu0))
-            if mode == "flexcache":
-                print("scoring and writing GIFs ...", flush=True)
-                gifs = write_gifs(cells[-1], cells[0], workload, d.target, args.out)
+        print(f"{mode}: serving the trace ...", flush=True)  # the daemon runs on embedded defaults
+        cells.append(run_cell(mode, None, 0, "nirvana", workload, args.workers, progress=True,
+                              while_up=gifs_while_up if mode == "flexcache" else None))
         print(f"{mode}: {cells[-1].throughput:.0f} videos/min", flush=True)
     truth = score(cells, workload)
     print()
-    print(main_table(cells, truth, cells[0], args))
+    groups = [Group([c]) for c in cells]
+    print(main_table(groups, truth, groups[0], args))
     print()
-    print(time_table(cells))
+    print(time_table(groups))
     print()
     print("\n".join(gifs))
     print(f"\ndemo done in {time.perf_counter() - t0:.0f} s; the full benchmark: bench/bench_serving.py "

@@ -35,7 +35,8 @@ def stats(worker: DiffusionWorker):
 def test_modes_are_configuration() -> None:
     assert MODES["nirvana"].checkpoint_steps(50) == [5, 10, 15, 20, 25]
     assert {m.eviction_policy for m in MODES.values()} == {None, "lcbfu", "utility"}
-    assert MODES["flexcache-reseed"].rebuild_noise == "request" and MODES["flexcache-fresh"].admit == "misses"
+    assert MODES["flexcache"].rebuild_noise == "request" and MODES["flexcache"].admit == "misses"
+    assert MODES["flexcache-admit-all"].admit == "all"
     assert not MODES["none"].uses_cache and MODES["flexcache"].lookup == "decoupled"
 
 
@@ -47,7 +48,7 @@ def test_without_a_cache_every_step_runs(pipeline) -> None:
 
 
 def test_flexcache_stores_x0_once_and_a_repeat_starts_at_k(daemon, pipeline) -> None:
-    worker = DiffusionWorker.connect(pipeline, MODES["flexcache"], daemon.target, steps=STEPS)
+    worker = DiffusionWorker.connect(pipeline, MODES["flexcache-admit-all"], daemon.target, steps=STEPS)
     try:
         first = worker.run(Job(0, PROMPT, seed=1))
         s = stats(worker)
@@ -58,16 +59,22 @@ def test_flexcache_stores_x0_once_and_a_repeat_starts_at_k(daemon, pipeline) -> 
         assert again.sources and again.similarity == pytest.approx(1.0, abs=1e-5)
         scratch = pipeline.sample(PROMPT, 2, STEPS)
         assert not np.allclose(again.x0, scratch.numpy())  # it really started from the cached latent
-        assert stats(worker).entries == 2  # every generation is admitted
+        assert stats(worker).entries == 2  # admit-all: the hit's generation is stored too
     finally:
         worker.close()
 
 
-def test_fresh_admission_stores_only_generations_from_scratch(daemon, pipeline) -> None:
-    worker = DiffusionWorker.connect(pipeline, MODES["flexcache-fresh"], daemon.target, steps=STEPS)
+def test_flexcache_admits_only_generations_from_scratch_and_rebuilds_with_the_request_noise(daemon, pipeline) -> None:
+    worker = DiffusionWorker.connect(pipeline, MODES["flexcache"], daemon.target, steps=STEPS)
     try:
         assert worker.run(Job(0, PROMPT, seed=1)).kind == "miss" and stats(worker).entries == 1
-        assert worker.run(Job(1, PROMPT, seed=2)).kind == "full" and stats(worker).entries == 1
+        again = worker.run(Job(1, PROMPT, seed=2))
+        assert again.kind == "full" and stats(worker).entries == 1
+        vector = pipeline.embed([PROMPT])[0]
+        start = worker.cache.get(vector, rebuild=worker.rebuild, noise_seed=2)
+        expected = pipeline.sample(PROMPT, 2, STEPS, start_latent=torch.from_numpy(start.latent),
+                                   start_step=start.steps)
+        torch.testing.assert_close(torch.from_numpy(again.x0), expected)
     finally:
         worker.close()
 

@@ -1,23 +1,25 @@
 """Cache modes of a diffusion worker: each is a row of configuration, never a separate code path.
 
-| mode              | stores                                          | looks up                  | eviction |
-|-------------------|-------------------------------------------------|---------------------------|----------|
-| `none`            | nothing                                         | nothing (no cache)        | -        |
-| `nirvana`         | latents at K = 10..50 % of N, fp16, raw bytes   | whole prompt              | lcbfu    |
-| `flexcache`       | x0 + seed once, compressed (codec, 5 % budget)  | whole, then obj + bg      | utility  |
-| `flexcache-whole` | as flexcache                                    | whole prompt only         | utility  |
-| `flexcache-reseed`| as flexcache; x_K rebuilt with the request's noise | whole, then obj + bg      | utility  |
-| `flexcache-fresh` | as flexcache, but only generations from scratch | whole, then obj + bg      | utility  |
+| mode                  | stores                                         | looks up             | eviction |
+|-----------------------|------------------------------------------------|----------------------|----------|
+| `none`                | nothing                                        | nothing (no cache)   | -        |
+| `nirvana`             | latents at K = 10..50 % of N, fp16, raw bytes  | whole prompt         | lcbfu    |
+| `flexcache`           | x0 + seed once, compressed (codec, 5 % budget) | whole, then obj + bg | utility  |
+| `flexcache-whole`     | as flexcache                                   | whole prompt only    | utility  |
+| `flexcache-admit-all` | as flexcache, also generations served by hits  | whole, then obj + bg | utility  |
 
 `nirvana` is NIRVANA as the FlexCache paper compares against (five intermediate latents per
-generation, K = 5, 10, 15, 20, 25 of 50 steps, top-1 whole-prompt lookup, LCBFU);
-`flexcache-whole` is an ablation that separates what compression buys from what decoupling buys;
-`flexcache-reseed` rebuilds hits with the request's own seed instead of the entry's (bench_rebuild.py
-found that at least as good as NIRVANA-style's true latents on the reference model);
-`flexcache-fresh` admits only misses, so no cached latent descends from another hit (a NIRVANA-style
-cache gets that by construction: a hit at K = 25 computes no checkpoint to store).
-Every mode admits every generation it runs (a hit at K stores what it computed: NIRVANA the
-checkpoints after K, FlexCache its new x0), the way a serving fleet fills its cache.
+generation, K = 5, 10, 15, 20, 25 of 50 steps, top-1 whole-prompt lookup, LCBFU). It stores every
+generation it runs: a hit at K stores the checkpoints after K (NIRVANA's own rule), so a hit at
+K = 25 stores nothing.
+
+`flexcache` rebuilds a hit's x_K with the request's own noise (bench/bench_rebuild.py: at least as
+good as NIRVANA-style's true latents on the reference model, and better than the entry's noise) and
+admits only generations run from scratch. Admitting everything lets a latent served from a hit be
+cached and served again, drifting further from its prompt each time (reuse chains: the
+`flexcache-admit-all` ablation measures it); a NIRVANA-style cache is spared that because the
+checkpoints a hit computes lie after its own K. `flexcache-whole` separates what compression buys
+from what decoupled lookup buys.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class Mode:
     max_rel_error: float | None = None  # the client's codec error budget; None sends raw bytes
     store_dtype: str = "float32"  # dtype latents are stored in (before any codec)
     checkpoints: tuple[float, ...] = ()  # trajectory mode: fractions of N whose latents are stored
-    rebuild_noise: str = "entry"  # x0 mode: rebuild x_K with the stored seed's noise, or the "request"'s
+    rebuild_noise: str = "request"  # x0 mode: rebuild x_K with the "request"'s noise or the stored seed's ("entry")
     admit: str = "all"  # "all" generations, or only "misses" (generated from scratch: no reuse chains)
 
     @property
@@ -54,11 +56,9 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("nirvana", store="trajectory", lookup="whole", eviction_policy="lcbfu", store_dtype="float16",
          checkpoints=(0.1, 0.2, 0.3, 0.4, 0.5)),
     Mode("flexcache", store="x0", lookup="decoupled", eviction_policy="utility",
-         max_rel_error=codec.DEFAULT_MAX_REL_ERROR),
-    Mode("flexcache-whole", store="x0", lookup="whole", eviction_policy="utility",
-         max_rel_error=codec.DEFAULT_MAX_REL_ERROR),
-    Mode("flexcache-reseed", store="x0", lookup="decoupled", eviction_policy="utility",
-         max_rel_error=codec.DEFAULT_MAX_REL_ERROR, rebuild_noise="request"),
-    Mode("flexcache-fresh", store="x0", lookup="decoupled", eviction_policy="utility",
          max_rel_error=codec.DEFAULT_MAX_REL_ERROR, admit="misses"),
+    Mode("flexcache-whole", store="x0", lookup="whole", eviction_policy="utility",
+         max_rel_error=codec.DEFAULT_MAX_REL_ERROR, admit="misses"),
+    Mode("flexcache-admit-all", store="x0", lookup="decoupled", eviction_policy="utility",
+         max_rel_error=codec.DEFAULT_MAX_REL_ERROR),
 )}
