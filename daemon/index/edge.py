@@ -7,35 +7,13 @@ fast as the cache grows without putting index builds on the request path.
 
 Search configuration (`shard_config`, `SEARCH_PARAMS`): HNSW m=32, ef_construct=128, scalar int8
 quantization of the indexed segments kept in RAM (the graph walk scores int8 codes; the final
-candidates are rescored with the float vectors, so returned similarities are exact), and
-hnsw_ef=64 at search time. Qdrant's defaults (m=16, ef_construct=100, no quantization, search ef =
-ef_construct) were the cause of the slow lookups: the shard was fully indexed (one HNSW segment
-plus a small appendable one), so nothing was brute-forced; the time went into the graph walk itself
-over float32 vectors, and on 384-d data a degree-16 graph needs ef ~100 just to reach recall@1
-0.965. Measured 2026-11-25 on this shared 2-core machine (load 3.5-9.5, so absolute numbers are
-inflated; configurations alternated query by query in one process), 100k x 384-d random unit
-vectors, one namespace, the daemon's query (ns filter, limit 5, payload entry_id), queries = stored
-vector + noise (cosine ~0.96), 2000 queries, recall@1 against numpy brute force:
-
-    default config (before)            2.18 ms median / 3.30 ms p99, recall@1 0.965
-    m=16 + int8, hnsw_ef=128           1.34 / 2.54 ms, recall@1 0.986  (same run as default: 2.34 / 4.04)
-    m=32 + int8, hnsw_ef=64 (this)     0.65 / 1.19 ms, recall@1 0.9995
-    m=32 + int8, hnsw_ef=32 / 48       0.60 / 1.25, 0.987;  0.54 / 1.17, 0.996
-
-i.e. 3.4x lower median and 2.8x lower p99 at higher recall. Tried and not kept: one search thread
-(`max_search_threads=1`: no measurable difference), vectors/payload pinned in RAM (no difference:
-the vectors were already in RAM), the unfiltered query (0.53 / 0.84 ms: the ns filter costs ~20%).
-The price is index build time: re-indexing the 100k shard took 161 s at m=32 vs 70 s at m=16
-(both with int8), in the background optimizer thread.
-
-Optimizer indexing threshold 1,000 KB instead of Qdrant's 10,000 KB: with the default, the newest
-points (up to ~6.5k at 384-d) stay in the plain appendable segment and are brute-forced in float32
-on every query. Loading 100k points the daemon's way (2000-point batches, optimize after each):
-default threshold left 4,000 points unindexed and searched at 2.11 / 3.43 ms vs 1.42 / 2.60 ms for
-the same config fully indexed (same run, load ~8); a second run, threshold 10,000 vs 1,000 KB:
-2.43 vs 1.74 ms median (p99 6.4 / 6.6 ms, both dominated by the machine's load that minute),
-recall@1 0.999 / 1.000. The cost is optimizer CPU: that load took 469 s of optimize() instead of
-238 s, because every batch is now indexed and merged into the large segment.
+candidates are rescored with the float vectors, so returned similarities are exact), hnsw_ef=64 at
+search time, and an optimizer indexing threshold of 1,000 KB (Qdrant's 10,000 KB leaves the newest
+~6.5k 384-d points in a plain segment that every query scans in float32). Qdrant's defaults (m=16,
+ef_construct=100, float32 scoring) were most of our lookup time: in an A/B on a 100k x 384-d shard
+they took 2.18 / 3.30 ms median / p99 at recall@1 0.965, this configuration 0.65 / 1.19 ms at 0.9995
+(2026-11-25; the runs and what was tried and not kept are in docs/bench_daemon.md). The price is
+optimizer CPU in the background thread: indexing 100k points takes about twice as long.
 
 Shards written before this configuration are upgraded when loaded: `EdgeShard.load` is given the
 configuration (it persists it) and one optimizer pass is queued, which rebuilds the old segments in
