@@ -220,7 +220,7 @@ class Group:
 
 def throughput_text(g: Group) -> str:
     t = g.throughputs()
-    return f"{np.median(t):.1f}" + (f" ({t.min():.0f}-{t.max():.0f})" if len(t) > 1 else "")
+    return f"{g.throughput:.1f}" + (f" ({t.min():.0f}-{t.max():.0f})" if len(t) > 1 else "")
 
 
 def ratio_text(r: np.ndarray) -> str:

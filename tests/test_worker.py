@@ -35,7 +35,7 @@ def stats(worker: DiffusionWorker):
 def test_modes_are_configuration() -> None:
     assert MODES["nirvana"].checkpoint_steps(50) == [5, 10, 15, 20, 25]
     assert {m.eviction_policy for m in MODES.values()} == {None, "lcbfu", "utility"}
-    assert MODES["flexcache"].rebuild_noise == "request" and MODES["flexcache"].admit == "misses"
+    assert MODES["flexcache"].admit == "misses"
     assert MODES["flexcache-admit-all"].admit == "all"
     assert not MODES["none"].uses_cache and MODES["flexcache"].lookup == "decoupled"
 

@@ -40,7 +40,6 @@ class Mode:
     max_rel_error: float | None = None  # the client's codec error budget; None sends raw bytes
     store_dtype: str = "float32"  # dtype latents are stored in (before any codec)
     checkpoints: tuple[float, ...] = ()  # trajectory mode: fractions of N whose latents are stored
-    rebuild_noise: str = "request"  # x0 mode: rebuild x_K with the "request"'s noise or the stored seed's ("entry")
     admit: str = "all"  # "all" generations, or only "misses" (generated from scratch: no reuse chains)
 
     @property

@@ -136,9 +136,9 @@ class DiffusionWorker:
         vector, parts = self._embed(job.prompt)
         start, start_step, kind, sources, similarity = None, 0, "miss", (), 0.0
         if self.cache is not None:
-            noise_seed = job.seed if self.mode.rebuild_noise == "request" else None
+            # x_K is rebuilt with the request's own noise (modes.py says why), not the entry's stored seed
             hit = self.cache.get(vector, object_vector=parts[0], background_vector=parts[1], rebuild=self.rebuild,
-                                 noise_seed=noise_seed)
+                                 noise_seed=job.seed)
             if hit is not None:
                 start = torch.from_numpy(np.asarray(hit.latent, dtype=np.float32))
                 start_step, kind = hit.steps, hit.kind
