@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import crc32c
 import numpy as np
 
 from flexcache.v1 import cache_pb2 as pb
@@ -93,6 +94,7 @@ class PutSession:
         self.existing = existing
         self.received = 0
         self._digest = hashlib.sha256()
+        self._crc = 0  # CRC-32C so far, checked when the header declares one
         self._pending = cache.store.begin_put(entry)
 
     def add_chunk(self, data: bytes) -> None:
@@ -104,6 +106,8 @@ class PutSession:
         if self.received > self.header.blob.size:
             raise InvalidRequest(f"stream carries more than the declared {self.header.blob.size} bytes")
         self._digest.update(data)
+        if self.header.blob.HasField("crc32c"):
+            self._crc = crc32c.crc32c(data, value=self._crc)
         self._pending.add_chunk(data)
 
     def finish(self) -> pb.PutResponse:
@@ -113,6 +117,9 @@ class PutSession:
         if self._digest.digest() != self.header.blob.sha256:
             raise Corrupt(f"blob checksum mismatch: declared sha256 {self.header.blob.sha256.hex()}, "
                           f"received {self._digest.hexdigest()}")
+        if self.header.blob.HasField("crc32c") and self._crc != self.header.blob.crc32c:
+            raise Corrupt(f"blob checksum mismatch: declared crc32c {self.header.blob.crc32c:08x}, "
+                          f"received {self._crc:08x}")
         return self._cache._commit(self, self._pending)
 
 
@@ -287,13 +294,18 @@ class Cache:
         usable K first, as NIRVANA picks them. Donors of a composite must be clean latents (step 0):
         the worker rebuilds both parts at the composite's step, which only a clean latent allows.
         """
-        candidates = []
-        for hit in hits:
+        candidates: list[pb.Candidate] = []
+        for hit in hits:  # most similar first
+            similarity = min(1.0, max(-1.0, hit.similarity))
+            granted = self.steps.granted_steps(similarity, total_steps, ns.name)
+            # No later hit can grant more than this one's table value (the table is monotone) nor be
+            # more similar: once `limit` candidates grant at least that much, the rest cannot rank.
+            if not granted or (len(candidates) >= limit
+                               and sorted(c.granted_steps for c in candidates)[-limit] >= granted):
+                break
             header = self.store.record(hit.entry_id)
             if header is None:  # deleted since it was indexed; the next startup reconciles it
                 continue
-            similarity = min(1.0, max(-1.0, hit.similarity))
-            granted = self.steps.granted_steps(similarity, total_steps, ns.name)
             if header.blob.step:
                 if role != pb.ROLE_FULL:
                     continue

@@ -8,6 +8,7 @@ silently falls back to a default.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -68,7 +69,11 @@ def parse_thresholds(value: str) -> tuple[tuple[float, float], ...]:
         pairs.append((sim, frac))
     if not pairs:
         raise ValueError("at least one threshold is needed")
-    return tuple(sorted(pairs, reverse=True))
+    pairs.sort(reverse=True)
+    for (sim_hi, frac_hi), (sim_lo, frac_lo) in itertools.pairwise(pairs):
+        if frac_hi < frac_lo:  # lookups rely on it: a less similar entry never grants more (cache.py)
+            raise ValueError(f"bad thresholds: similarity {sim_hi} grants less than {sim_lo} ({frac_hi} < {frac_lo})")
+    return tuple(pairs)
 
 
 def parse_threshold_map(value: str | Mapping[str, Any]) -> dict[str, tuple[tuple[float, float], ...]]:
@@ -142,6 +147,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("fsync", parse_bool, False, "fsync every write (survives power loss, not only a crash)."),
     Option("max_blob_bytes", parse_size, "1GiB", "Largest blob one Put may store."),
     Option("max_vector_dim", int, 4096, "Largest accepted embedding dimension."),
+    Option("shm_dir", str, "/dev/shm/flexcache",
+           "Shared-memory folder for same-host fetches (clients that see it get blobs as files, not "
+           "streams); empty disables."),
     Option("workers", int, 16, "gRPC worker threads (concurrent calls)."),
     Option("drain_seconds", float, 10.0, "On SIGTERM, how long in-flight calls may finish."),
     Option("log_level", str, "INFO", "Logging level.", ("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -170,6 +178,7 @@ class Config:
     fsync: bool
     max_blob_bytes: int
     max_vector_dim: int
+    shm_dir: str
     workers: int
     drain_seconds: float
     log_level: str

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import closing, contextmanager
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
 
+from . import shm
 from .cache import CHUNK_LIMIT, Cache, Limits
 from .config import Config
 from .errors import CacheError, Corrupt, InvalidRequest, NotFound, TooLarge, Unavailable
@@ -80,8 +82,9 @@ def add_servicer(servicer: CacheServicer, server: grpc.Server) -> None:
 
 
 class CacheServicer(pb_grpc.CacheServiceServicer):
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, outbox: shm.Outbox | None = None):
         self.metrics = metrics
+        self.outbox = outbox  # same-host handover of fetched blobs; None: always stream
         self.cache: Cache | None = None  # set once storage is open
 
     @contextmanager
@@ -133,8 +136,19 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
 
     def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.FetchResponse | bytes]:
         with self._call("Fetch", context) as cache:  # times the whole stream, not just its start
+            if request.shm_probe and not shm.PROBE_NAME.match(request.shm_probe):
+                raise InvalidRequest("shm_probe must be a file name 'probe-' + 32 lowercase hex digits")
             header, chunks = cache.fetch(request)
             with closing(chunks):  # unpins the entry even when the client goes away mid-stream
+                fd = self.outbox.open(request.shm_probe) if request.shm_probe and self.outbox else None
+                if fd is not None:
+                    try:
+                        self.outbox.fill(fd, chunks, header.blob.size)
+                    except OSError as exc:  # the chunks are spent; the client retries as a stream
+                        raise TooLarge(f"shared-memory handover failed ({exc}); fetch again without shm_probe") from exc
+                    header.in_shm = True
+                    yield pb.FetchResponse(header=header)
+                    return
                 yield pb.FetchResponse(header=header)
                 for chunk in chunks:
                     yield encoded_chunk(chunk)  # FetchResponse(chunk=...), pre-encoded: see add_servicer
@@ -148,6 +162,17 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             return cache.stats()
 
 
+def _outbox(folder: str) -> shm.Outbox | None:
+    """The same-host handover folder, or None (fetches stream) if it is disabled or cannot be made."""
+    if not folder:
+        return None
+    try:
+        return shm.Outbox(Path(folder))
+    except OSError as exc:
+        log.warning("shm_dir %s unusable (%s): every fetch streams", folder, exc)
+        return None
+
+
 class Daemon:
     """The whole process: gRPC server, health, metrics endpoint, storage."""
 
@@ -155,7 +180,7 @@ class Daemon:
         self.config = config
         self.metrics = Metrics()
         self.health = health.HealthServicer()
-        self.servicer = CacheServicer(self.metrics)
+        self.servicer = CacheServicer(self.metrics, _outbox(config.shm_dir))
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
             options=[

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import crc32c
 import grpc
 import numpy as np
 import pytest
@@ -83,6 +84,9 @@ BAD_PUTS = {
                                  grpc.StatusCode.INVALID_ARGUMENT, "more than the declared"),
     "checksum mismatch": (lambda: [pb.PutRequest(header=header()), *chunks(BLOB[:-1] + b"\x00")],
                           grpc.StatusCode.DATA_LOSS, "checksum mismatch"),
+    "crc32c mismatch": (lambda: [pb.PutRequest(header=header(blob=pb.BlobInfo(
+                            size=len(BLOB), sha256=hashlib.sha256(BLOB).digest(), crc32c=crc32c.crc32c(BLOB) ^ 1))),
+                            *chunks()], grpc.StatusCode.DATA_LOSS, "declared crc32c"),
     "short checksum": (lambda: [pb.PutRequest(header=header(blob=pb.BlobInfo(size=len(BLOB), sha256=b"abc"))),
                                 *chunks()], grpc.StatusCode.INVALID_ARGUMENT, "sha256 must be 32 bytes"),
     "chunk over 1 MiB": (lambda: [pb.PutRequest(header=header()), *chunks(size=(1 << 20) + 1)],
@@ -137,6 +141,9 @@ def test_bad_lookup_fetch_delete(stub) -> None:
            lambda: next(stub.Fetch(pb.FetchRequest(namespace=GOOD_NS, entry_id="0" * 64), timeout=5)))
     expect(grpc.StatusCode.INVALID_ARGUMENT, "granted_steps must be below total_steps",
            lambda: next(stub.Fetch(pb.FetchRequest(namespace=GOOD_NS, entry_id="0" * 64, granted_steps=50),
+                                   timeout=5)))
+    expect(grpc.StatusCode.INVALID_ARGUMENT, "shm_probe must be a file name",
+           lambda: next(stub.Fetch(pb.FetchRequest(namespace=GOOD_NS, entry_id="0" * 64, shm_probe="../../etc/x"),
                                    timeout=5)))
     expect(grpc.StatusCode.INVALID_ARGUMENT, "entry_id must be",
            lambda: stub.Delete(pb.DeleteRequest(namespace=GOOD_NS, entry_id=""), timeout=5))

@@ -34,6 +34,7 @@ def test_precedence_yaml_then_env_then_flags() -> None:
     ("env", {"FLEXCACHE_FSYNC": "maybe"}, "FLEXCACHE_FSYNC: fsync: not a boolean"),
     ("yaml", {"low_watermark": 0.99, "high_watermark": 0.9}, "low_watermark <= high_watermark"),
     ("yaml", {"skip_thresholds": "0.9"}, "expected similarity:fraction"),
+    ("yaml", {"skip_thresholds": "0.95:0.1,0.9:0.4"}, "similarity 0.95 grants less than 0.9"),
     ("yaml", {"skip_thresholds_by_namespace": {"*/wan*": "0.9:2"}}, "[*/wan*]"),
     ("yaml", {"index_backend": "qdrant"}, "needs qdrant_url"),
 ])

@@ -1,56 +1,42 @@
-"""An Edge shard written with the old (default) configuration still opens, answers, and is upgraded."""
+"""An index in the old embedded layout (one Edge shard per dimension, shared by every namespace and
+filtered on "ns") is dropped at startup and rebuilt from the store, namespace by namespace."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
+import shutil
 
-import numpy as np
 import qdrant_edge as qe
 
+from flexcache.daemon.entries import NamespaceKey
 from flexcache.daemon.index.base import VECTOR_NAMES, point_id
-from flexcache.daemon.index.edge import HNSW_M, EdgeIndex
+from tests.conftest import NS, connect
+from tests.test_durability import latent_for
+from tests.vectors import unit
 
 
-def entry(i: int) -> str:
-    return hashlib.sha256(str(i).encode()).hexdigest()
+def test_old_per_dimension_index_is_rebuilt_per_namespace(daemon) -> None:
+    with connect(daemon.target) as c:
+        ids = [c.put(f"prompt {i}", latent_for(i), unit(i)) for i in range(5)]
+    daemon.terminate()
+    index_dir = daemon.data_dir / "index"
+    ns_key = NamespaceKey.of(NS.to_proto()).key
+    [new_shard] = index_dir.iterdir()
+    assert new_shard.name.startswith(f"{ns_key}.d")
+    dim = int(new_shard.name.rsplit(".d", 1)[1])
 
-
-def test_old_shard_reopens_and_gets_the_new_config(tmp_path: Path) -> None:
-    dim, rng = 16, np.random.default_rng(1)
-    vectors = rng.standard_normal((50, dim)).astype(np.float32)
-    old = qe.EdgeShard.create(  # what EdgeIndex wrote before the search configuration existed
-        str(tmp_path / f"d{dim}"),
+    # Replace it with what earlier versions wrote: index/d<dim>/, an "ns" keyword index, Qdrant's defaults.
+    shutil.rmtree(new_shard)
+    old = qe.EdgeShard.create(
+        str(index_dir / f"d{dim}"),
         qe.EdgeConfig(vectors={n: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine) for n in VECTOR_NAMES}),
     )
     old.update(qe.UpdateOperation.create_field_index("ns", qe.PayloadSchemaType.Keyword))
-    old.update(
-        qe.UpdateOperation.upsert_points(
-            [
-                qe.Point(point_id(entry(i)), {"full": v.tolist()}, {"ns": "ns-a", "entry_id": entry(i)})
-                for i, v in enumerate(vectors)
-            ]
-        )
-    )
+    old.update(qe.UpdateOperation.upsert_points(
+        [qe.Point(point_id(e), {"full": unit(i).tolist()}, {"ns": ns_key, "entry_id": e}) for i, e in enumerate(ids)]))
     old.flush()
     old.close()
 
-    index = EdgeIndex(tmp_path)
-    try:
-        assert set(index.entry_ids()) == {entry(i) for i in range(50)}
-        for i in (0, 17, 49):
-            hits = index.search("ns-a", "full", vectors[i].tolist(), limit=3)
-            assert hits[0].entry_id == entry(i)
-            assert abs(hits[0].similarity - 1.0) < 1e-4
-    finally:
-        index.close()
-    persisted = json.loads((tmp_path / f"d{dim}" / "edge_config.json").read_text())
-    assert persisted["hnsw_config"]["m"] == HNSW_M
-    assert persisted["quantization_config"]["scalar"]["type"] == "int8"
-
-    index = EdgeIndex(tmp_path)  # and the upgraded shard opens again
-    try:
-        assert index.search("ns-a", "full", vectors[5].tolist(), limit=1)[0].entry_id == entry(5)
-    finally:
-        index.close()
+    daemon.start()
+    with connect(daemon.target) as c:
+        assert [c.lookup(unit(i)).best.entry_id for i in range(5)] == ids
+    assert sorted(p.name for p in index_dir.iterdir()) == [new_shard.name]

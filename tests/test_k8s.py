@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
+from flexcache.client.shm import DEFAULT_DIR as DEFAULT_SHM_DIR
 from flexcache.daemon import config as cfg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -385,6 +386,19 @@ def test_sidecar_is_a_native_sidecar_next_to_the_worker() -> None:
         assert not [name for name in env if name.startswith("FLEXCACHE_")], "FLEXCACHE_* is the daemon's"
         host, port = host_port(env["CACHE_TARGET"])
         assert host in ("127.0.0.1", "localhost") and port == daemon.grpc_port
+
+
+def test_sidecar_shares_its_shm_dir_with_the_worker() -> None:
+    """Same-host fetches need the daemon's shm_dir on a Memory emptyDir mounted at the same path in the
+    worker (CacheClient's default shm_dir); the shared daemon, in a pod of its own, streams."""
+    (daemon,) = daemons_in(K8S / "sidecar")
+    assert daemon.config.shm_dir == DEFAULT_SHM_DIR
+    (mount,) = [m for m in daemon.container["volumeMounts"] if m["mountPath"] == daemon.config.shm_dir]
+    assert daemon.volume(mount["name"])["emptyDir"]["medium"] == "Memory"
+    for worker in daemon.pod["containers"]:
+        assert {"name": mount["name"], "mountPath": DEFAULT_SHM_DIR} in worker.get("volumeMounts", [])
+    (shared,) = daemons_in(K8S / "shared")
+    assert shared.config.shm_dir == ""
 
 
 def test_sidecar_grpc_port_is_not_open_to_other_pods() -> None:

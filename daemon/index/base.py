@@ -1,10 +1,10 @@
-"""The vector index interface: prompt embeddings -> entry ids, filtered by namespace.
+"""The vector index interface: prompt embeddings -> entry ids, kept apart by namespace.
 
 Every point carries up to three named vectors ("full", "object", "background") and the payload
-{"ns": namespace key, "entry_id": ...}. Points of different dimensions live in different
-collections (one per dimension), and every search filters on "ns", so a query never sees another
-namespace's entries. The index is derived data: RocksDB is the source of truth and the daemon
-rebuilds missing points from it at startup.
+{"ns": namespace key, "entry_id": ...}. A search names its namespace and never sees another's
+points: the embedded backend keeps one shard per namespace, the remote one filters on "ns". The
+index is derived data: RocksDB is the source of truth and the daemon rebuilds missing points from
+it at startup.
 """
 
 from __future__ import annotations
@@ -40,20 +40,9 @@ class IndexPoint:
         return {"ns": self.namespace_key, "entry_id": self.entry_id}
 
 
-def group_by_dim(points: Sequence[IndexPoint]) -> dict[int, list[IndexPoint]]:
-    groups: dict[int, list[IndexPoint]] = {}
-    for p in points:
-        groups.setdefault(p.dim, []).append(p)
-    return groups
-
-
 def point_id(entry_id: str) -> str:
     """Qdrant ids are integers or UUIDs: the first 128 bits of the (sha256) entry id."""
     return str(uuid.UUID(hex=entry_id[:32]))
-
-
-def collection_name(dim: int) -> str:
-    return f"flexcache_d{dim}"
 
 
 class VectorIndex(ABC):

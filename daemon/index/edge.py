@@ -1,35 +1,46 @@
 """Embedded index: Qdrant Edge shards (Qdrant's own engine, in-process) on local disk.
 
-One shard per vector dimension under `<data_dir>/index/d<dim>/`, each with a keyword payload index
-on "ns". New points land in an appendable segment that is searched exhaustively; a background
-thread runs the shard's optimizer (HNSW build) once enough points have arrived, so lookups stay
-fast as the cache grows without putting index builds on the request path.
+One shard per namespace (and vector dimension, which the daemon fixes per namespace), under
+`<data_dir>/index/<namespace key>.d<dim>/`. A shard of its own makes a namespace's isolation
+physical: a search never sees another namespace's points, so it needs no payload filter. The
+filter was half of our lookup time: on a 100k x 384-d shard holding one namespace, the search
+filtered on a keyword payload index took 1.28 / 2.25 ms median / p99 and the same search
+unfiltered 0.56 / 1.31 ms (2026-11-30, docs/bench_daemon.md): Qdrant checks the condition at every
+graph node it visits. The price is one set of segment and WAL files per namespace, which suits a
+daemon serving a handful of namespaces (models x generation settings); a fleet with thousands of
+tenants should use the remote backend, which keeps one collection per dimension and filters on
+the namespace, as Qdrant advises for many tenants.
+
+New points land in an appendable segment that is searched exhaustively; a background thread runs
+each shard's optimizer (HNSW build) once enough points have arrived, so lookups stay fast as the
+cache grows without putting index builds on the request path.
 
 Search configuration (`shard_config`, `SEARCH_PARAMS`): HNSW m=32, ef_construct=128, scalar int8
 quantization of the indexed segments kept in RAM (the graph walk scores int8 codes; the final
 candidates are rescored with the float vectors, so returned similarities are exact), hnsw_ef=64 at
 search time, and an optimizer indexing threshold of 1,000 KB (Qdrant's 10,000 KB leaves the newest
 ~6.5k 384-d points in a plain segment that every query scans in float32). Qdrant's defaults (m=16,
-ef_construct=100, float32 scoring) were most of our lookup time: in an A/B on a 100k x 384-d shard
-they took 2.18 / 3.30 ms median / p99 at recall@1 0.965, this configuration 0.65 / 1.19 ms at 0.9995
-(2026-11-25; the runs and what was tried and not kept are in docs/bench_daemon.md). The price is
+ef_construct=100, float32 scoring) took 2.18 / 3.30 ms median / p99 at recall@1 0.965 in an A/B on
+a 100k x 384-d shard, this configuration 0.65 / 1.19 ms at 0.9995 (2026-11-25). The price is
 optimizer CPU in the background thread: indexing 100k points takes about twice as long.
 
-Shards written before this configuration are upgraded when loaded: `EdgeShard.load` is given the
-configuration (it persists it) and one optimizer pass is queued, which rebuilds the old segments in
-the background while lookups keep using them.
+Indexes written by earlier versions (one shard per dimension, `index/d<dim>/`, shared by all
+namespaces) are deleted when the index opens; the store is the source of truth and the daemon's
+startup reconciliation re-indexes every entry from its stored vectors.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import shutil
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import qdrant_edge as qe
 
-from .base import VECTOR_NAMES, Hit, IndexPoint, VectorIndex, group_by_dim, point_id
+from .base import VECTOR_NAMES, Hit, IndexPoint, VectorIndex, point_id
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +52,9 @@ HNSW_M = 32  # Qdrant's default is 16
 HNSW_EF_CONSTRUCT = 128  # default 100
 SEARCH_HNSW_EF = 64  # candidates kept per search; Qdrant's default is ef_construct
 INDEXING_THRESHOLD_KB = 1000  # appendable segments larger than this get indexed; Qdrant's default 10,000
+
+_SHARD_DIR = re.compile(r"^(?P<ns>[A-Za-z0-9_-]+)\.d(?P<dim>[0-9]+)$")
+_OLD_SHARD_DIR = re.compile(r"^d[0-9]+$")  # before 2026-11-30: one shard per dimension, filtered by "ns"
 
 
 def shard_config(dim: int) -> qe.EdgeConfig:
@@ -65,52 +79,56 @@ class EdgeIndex(VectorIndex):
     def __init__(self, root: Path):
         self._root = root
         self._root.mkdir(parents=True, exist_ok=True)
-        self._shards: dict[int, qe.EdgeShard] = {}
+        self._shards: dict[tuple[str, int], qe.EdgeShard] = {}  # (namespace key, dim) -> shard
         self._lock = threading.Lock()  # guards self._shards and the pending-optimize counters
-        self._pending: dict[int, int] = {}
+        self._pending: dict[tuple[str, int], int] = {}
         self._optimize_wanted = threading.Event()
         self._closed = False
-        for folder in sorted(self._root.glob("d*")):
-            if folder.name[1:].isdigit():
-                dim = int(folder.name[1:])
-                # Re-applying the config upgrades shards written before it (no quantization): the
-                # optimizer pass queued here rebuilds them in the background; lookups keep working
-                # on the old segments meanwhile. On an up-to-date shard that pass finds nothing to do.
-                self._shards[dim] = qe.EdgeShard.load(str(folder), shard_config(dim))
-                self._pending[dim] = OPTIMIZE_AFTER_POINTS
+        for folder in sorted(self._root.iterdir()):
+            if _OLD_SHARD_DIR.match(folder.name):
+                log.warning("removing the old per-dimension index %s; entries are re-indexed from the store",
+                            folder)
+                shutil.rmtree(folder)
+            elif match := _SHARD_DIR.match(folder.name):
+                # Loading re-applies the configuration; one queued optimizer pass rebuilds segments
+                # that do not match it or were never indexed (on an up-to-date shard: a no-op, ~0.1 ms).
+                key = (match["ns"], int(match["dim"]))
+                self._shards[key] = qe.EdgeShard.load(str(folder), shard_config(key[1]))
+                self._pending[key] = OPTIMIZE_AFTER_POINTS
                 self._optimize_wanted.set()
         self._optimizer = threading.Thread(target=self._optimize_loop, name="edge-optimizer", daemon=True)
         self._optimizer.start()
 
-    def _shard(self, dim: int, create: bool) -> qe.EdgeShard | None:
+    def _shard(self, key: tuple[str, int]) -> qe.EdgeShard:
         with self._lock:
-            shard = self._shards.get(dim)
-            if shard is None and create:
-                shard = qe.EdgeShard.create(str(self._root / f"d{dim}"), shard_config(dim))
-                shard.update(qe.UpdateOperation.create_field_index("ns", qe.PayloadSchemaType.Keyword))
-                self._shards[dim] = shard
+            shard = self._shards.get(key)
+            if shard is None:
+                namespace_key, dim = key
+                if not _SHARD_DIR.match(f"{namespace_key}.d{dim}"):
+                    raise ValueError(f"namespace key {namespace_key!r} cannot name a shard folder")
+                shard = qe.EdgeShard.create(str(self._root / f"{namespace_key}.d{dim}"), shard_config(dim))
+                self._shards[key] = shard
             return shard
 
     def upsert(self, points: Sequence[IndexPoint]) -> None:
-        for dim, group in group_by_dim(points).items():
+        groups: dict[tuple[str, int], list[IndexPoint]] = {}
+        for p in points:
+            groups.setdefault((p.namespace_key, p.dim), []).append(p)
+        for key, group in groups.items():
             batch = [qe.Point(point_id(p.entry_id), p.named_vectors(), p.payload()) for p in group]
-            self._shard(dim, create=True).update(qe.UpdateOperation.upsert_points(batch))
+            self._shard(key).update(qe.UpdateOperation.upsert_points(batch))
             with self._lock:
-                self._pending[dim] = self._pending.get(dim, 0) + len(batch)
-                if self._pending[dim] >= OPTIMIZE_AFTER_POINTS:
+                self._pending[key] = self._pending.get(key, 0) + len(batch)
+                if self._pending[key] >= OPTIMIZE_AFTER_POINTS:
                     self._optimize_wanted.set()
 
     def search(self, namespace_key: str, vector_name: str, vector: Sequence[float], limit: int) -> list[Hit]:
-        shard = self._shard(len(vector), create=False)
+        with self._lock:
+            shard = self._shards.get((namespace_key, len(vector)))
         if shard is None:
             return []
-        request = qe.QueryRequest(
-            limit=limit,
-            query=qe.Query.Nearest(list(vector), using=vector_name),
-            filter=qe.Filter(must=[qe.FieldCondition(key="ns", match=qe.MatchValue(namespace_key))]),
-            with_payload=["entry_id"],
-            params=SEARCH_PARAMS,
-        )
+        request = qe.QueryRequest(limit=limit, query=qe.Query.Nearest(list(vector), using=vector_name),
+                                  with_payload=["entry_id"], params=SEARCH_PARAMS)
         return [Hit(p.payload["entry_id"], p.score) for p in shard.query(request)]
 
     def delete(self, entry_ids: Sequence[str]) -> None:
@@ -139,14 +157,14 @@ class EdgeIndex(VectorIndex):
                 return
             self._optimize_wanted.clear()
             with self._lock:
-                due = [(dim, self._shards[dim]) for dim, n in self._pending.items() if n >= OPTIMIZE_AFTER_POINTS]
-                for dim, _ in due:
-                    self._pending[dim] = 0
-            for dim, shard in due:
+                due = [(key, self._shards[key]) for key, n in self._pending.items() if n >= OPTIMIZE_AFTER_POINTS]
+                for key, _ in due:
+                    self._pending[key] = 0
+            for key, shard in due:
                 try:
                     shard.optimize()
                 except Exception:  # an optimizer failure must not take lookups down; log and go on
-                    log.exception("optimizing the d%d shard failed", dim)
+                    log.exception("optimizing the index shard %s.d%d failed", *key)
 
     def close(self) -> None:
         self._closed = True

@@ -12,7 +12,18 @@ from collections.abc import Iterator, Sequence
 
 from qdrant_client import QdrantClient, models
 
-from .base import VECTOR_NAMES, Hit, IndexPoint, VectorIndex, collection_name, group_by_dim, point_id
+from .base import VECTOR_NAMES, Hit, IndexPoint, VectorIndex, point_id
+
+
+def group_by_dim(points: Sequence[IndexPoint]) -> dict[int, list[IndexPoint]]:
+    groups: dict[int, list[IndexPoint]] = {}
+    for p in points:
+        groups.setdefault(p.dim, []).append(p)
+    return groups
+
+
+def collection_name(dim: int) -> str:
+    return f"flexcache_d{dim}"
 
 
 class QdrantIndex(VectorIndex):
