@@ -65,6 +65,11 @@ class Store:
         self._db = rocksdict.Rdict(str(path), options)
         self._write_options = rocksdict.WriteOptions()
         self._write_options.sync = fsync
+        # Blob chunks are read without RocksDB's per-record checksum: clients verify every fetched blob
+        # end to end (CRC-32C or sha256), and RocksDB's check ran at ~0.7 GB/s here, against ~3 GB/s
+        # without it: 80% of the time to fetch an 8 MiB entry once it had been flushed to a blob file.
+        self._blob_read = rocksdict.ReadOptions()
+        self._blob_read.set_verify_checksums(False)
 
     def close(self) -> None:
         self._db.close()
@@ -105,7 +110,7 @@ class Store:
         """The blob's chunks from one snapshot: consistent even if the entry is deleted meanwhile."""
         start, end = _blob_range(entry_id)
         snapshot = self._db.snapshot()
-        it = snapshot.iter()
+        it = snapshot.iter(self._blob_read)
         it.seek(start)
         while it.valid() and it.key() < end:
             yield it.value()
