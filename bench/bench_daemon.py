@@ -53,7 +53,26 @@ MiB = 1 << 20
 MB = 1e6
 DIM = 384
 DOC = ROOT / "docs" / "bench_daemon.md"
-SYSTEMS = ("flexcache", "flexcache-shm", "redis", "rocksdict")
+SYSTEMS = ("flexcache", "flexcache-shm", "grpc-bare", "redis", "rocksdict")
+# The ceiling of the daemon's transport: a Python gRPC server (same grpcio, sync server, generic handler)
+# streaming pre-built 1 MiB messages; no storage, no protobuf, no checksum.
+BARE_STREAM_SERVER = """
+import os, sys, grpc
+from concurrent import futures
+chunk = os.urandom(1 << 20)
+def stream(request, context):
+    size = int(request)
+    for start in range(0, size, len(chunk)):
+        yield chunk[:min(len(chunk), size - start)]
+handler = grpc.method_handlers_generic_handler("bench.Bare", {"Stream": grpc.unary_stream_rpc_method_handler(
+    stream, request_deserializer=lambda b: b.decode(), response_serializer=None)})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                     options=[("grpc.max_send_message_length", 2 << 20)])
+server.add_generic_rpc_handlers((handler,))
+print("bare stream on port", server.add_insecure_port("127.0.0.1:0"), flush=True)
+server.start()
+server.wait_for_termination()
+"""
 SHM_ROOT = "/dev/shm" if os.path.isdir("/dev/shm") else None  # tmpfs, as in a pod's Memory emptyDir
 
 
@@ -192,12 +211,34 @@ def bench_throughput(procs: Procs, tmp: Path, sizes: Sequence[int], reps: int) -
         shutil.rmtree(shm_dir, ignore_errors=True)
 
 
+def bare_stream(procs: Procs, tmp: Path) -> Callable[[int], bytearray]:
+    """Start the bare gRPC stream server; returns a reader of `size` bytes into one bytearray."""
+    import grpc
+
+    log = tmp / "bare-stream.log"
+    proc = procs.start([sys.executable, "-c", BARE_STREAM_SERVER], log)
+    port = int(_read_line_until(proc, r"bare stream on port (\d+)", 60.0, log).group(1))
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 2 << 20)])
+    call = channel.unary_stream("/bench.Bare/Stream", request_serializer=str.encode, response_deserializer=None)
+
+    def read(size: int) -> bytearray:
+        data, offset = bytearray(size), 0
+        for message in call(str(size), timeout=60.0):
+            data[offset:offset + len(message)] = message
+            offset += len(message)
+        return data
+
+    return read
+
+
 def _throughput(client, local, tmp: Path, sizes: Sequence[int], reps: int, procs: Procs) -> list[Throughput]:
     """`client` streams its fetches, `local` shares the daemon's shared-memory folder."""
     import redis
     import rocksdict
 
     from flexcache.v1 import cache_pb2 as pb
+
+    bare = bare_stream(procs, tmp)
 
     rport = start_redis(procs, tmp / "redis")
     rcli = redis.Redis(host="127.0.0.1", port=rport)
@@ -231,24 +272,26 @@ def _throughput(client, local, tmp: Path, sizes: Sequence[int], reps: int, procs
                 key = f"blob:{size}:{rep}"
                 dt, fetched = _timed(partial(client.fetch, entry_ids[rep + 1]))
                 dt_s, fetched_s = _timed(partial(local.fetch, entry_ids[rep + 1]))
+                dt_b, got_b = _timed(partial(bare, size))
                 dt_r, got_r = _timed(partial(rcli.get, key))
                 dt_k, got_k = _timed(partial(rdb.get, key.encode()))
                 if fetched is None or fetched_s is None or local.shm_probe is None:
                     raise RuntimeError(f"a daemon fetch failed: {client.last_error or local.last_error}")
-                if {len(fetched.data), len(fetched_s.data), len(got_r), len(got_k)} != {size}:
+                if {len(fetched.data), len(fetched_s.data), len(got_b), len(got_r), len(got_k)} != {size}:
                     raise RuntimeError(f"a read of {size} bytes came back with another size")
                 if rep == 0 and not (bytes(fetched.data) == bytes(fetched_s.data) == got_r == got_k == data):
                     raise RuntimeError("a read returned different bytes than were written")
                 if rep >= 0:
                     rows["flexcache"].read_mbs.append(size / MB / dt)
                     rows["flexcache-shm"].read_mbs.append(size / MB / dt_s)
+                    rows["grpc-bare"].read_mbs.append(size / MB / dt_b)
                     rows["redis"].read_mbs.append(size / MB / dt_r)
                     rows["rocksdict"].read_mbs.append(size / MB / dt_k)
-                del fetched, fetched_s, got_r, got_k
+                del fetched, fetched_s, got_b, got_r, got_k
             results.extend(rows.values())
             print(f"  {size // MiB} MiB: " + "; ".join(
-                f"{r.system} put {statistics.median(r.write_mbs):.0f} get {statistics.median(r.read_mbs):.0f} MB/s"
-                for r in rows.values()), flush=True)
+                f"{r.system} put {_median(r.write_mbs)} get {_median(r.read_mbs)} MB/s" for r in rows.values()),
+                flush=True)
     finally:
         client.close()
         local.close()
@@ -540,10 +583,17 @@ def throughput_table(rows: list[Throughput]) -> str:
     out = ["| system | blob | put / SET MB/s (median) | fetch / GET MB/s (median) | reps | put range | get range |",
            "|---|---|---:|---:|---:|---|---|"]
     for r in rows:
-        out.append(f"| {r.system} | {r.size // MiB} MiB | {statistics.median(r.write_mbs):.0f} | "
-                   f"{statistics.median(r.read_mbs):.0f} | {len(r.read_mbs)} | "
-                   f"{min(r.write_mbs):.0f}-{max(r.write_mbs):.0f} | {min(r.read_mbs):.0f}-{max(r.read_mbs):.0f} |")
+        out.append(f"| {r.system} | {r.size // MiB} MiB | {_median(r.write_mbs)} | {_median(r.read_mbs)} | "
+                   f"{len(r.read_mbs)} | {_range(r.write_mbs)} | {_range(r.read_mbs)} |")
     return "\n".join(out)
+
+
+def _median(values: list[float]) -> str:
+    return f"{statistics.median(values):.0f}" if values else "-"  # grpc-bare has no put
+
+
+def _range(values: list[float]) -> str:
+    return f"{min(values):.0f}-{max(values):.0f}" if values else "-"
 
 
 def latency_table(rows: list[Latency]) -> str:
@@ -566,6 +616,9 @@ def verdicts(tp: list[Throughput], lat: list[Latency]) -> list[str]:
             a = statistics.median(by[(system, size)].read_mbs)
             lines.append(f"- fetch {size // MiB} MiB, {path}: {system} {a:.0f} vs redis GET {b:.0f} MB/s "
                          f"({a / b:.2f}x): target (>= 1.0x) {'met' if a >= b else 'MISSED'}")
+        bare = statistics.median(by[("grpc-bare", size)].read_mbs)
+        lines.append(f"  (the bare Python gRPC stream, no storage or checksum, moved {bare:.0f} MB/s: "
+                     f"{bare / b:.2f}x redis)")
     top = max(x.entries for x in lat)
     row = {r.path: r for r in lat if r.backend == "edge" and r.entries == top}
     lines.append(f"- embedded (edge) index lookup p99 at {top:,} entries: {row['index'].p99:.2f} ms: "

@@ -328,7 +328,9 @@ class Cache:
                                                          limit=top_k * 5), total_steps, top_k, pb.ROLE_BACKGROUND)
         if not objects or not backgrounds:
             return []
-        steps = min(objects[0].granted_steps, backgrounds[0].granted_steps)
+        steps = self.steps.composed_steps(objects[0].granted_steps, backgrounds[0].granted_steps, total_steps)
+        if not steps:
+            return []
         for candidate in objects + backgrounds:
             candidate.granted_steps = min(candidate.granted_steps, steps)
         return objects + backgrounds

@@ -137,6 +137,9 @@ OPTIONS: tuple[Option, ...] = (
            "Similarity -> fraction of total steps a hit may skip, e.g. 0.95:0.5 (NIRVANA's table)."),
     Option("skip_thresholds_by_namespace", parse_threshold_map, {},
            "Per-namespace thresholds: {glob over 'tenant/model/WxHxF/scheduler/steps': thresholds}."),
+    Option("composed_max_fraction", float, 1.0,
+           "Composed hits (object and background from two entries) skip at most this fraction of the "
+           "total steps; 1 leaves only the table's limit."),
     Option("index_backend", str, "edge", "Vector index: embedded Qdrant Edge shard, or a Qdrant server.",
            ("edge", "qdrant")),
     Option("qdrant_url", str, "", "index_backend=qdrant: server or cluster URL, e.g. http://qdrant:6333."),
@@ -170,6 +173,7 @@ class Config:
     utility_prior_steps: float
     skip_thresholds: tuple[tuple[float, float], ...]
     skip_thresholds_by_namespace: dict[str, tuple[tuple[float, float], ...]]
+    composed_max_fraction: float
     index_backend: str
     qdrant_url: str
     qdrant_api_key: str
@@ -204,6 +208,8 @@ def _parse(option: Option, raw: Any, source: str) -> Any:
 def _check(config: Config) -> Config:
     if not 0 < config.low_watermark <= config.high_watermark <= 1:
         raise ConfigError("watermarks: need 0 < low_watermark <= high_watermark <= 1")
+    if not 0 <= config.composed_max_fraction <= 1:
+        raise ConfigError("composed_max_fraction must be between 0 and 1")
     if config.workers < 1:
         raise ConfigError("workers must be at least 1")
     if config.index_backend == "qdrant" and not (config.qdrant_url or config.qdrant_path):

@@ -221,7 +221,7 @@ class Daemon:
                            prefer_grpc=c.qdrant_prefer_grpc, path=c.qdrant_path)
         limits = Limits(c.max_bytes, c.high_watermark, c.low_watermark, c.max_blob_bytes, c.max_vector_dim,
                         c.utility_half_life_s, c.utility_prior_steps)
-        steps = StepTable(c.skip_thresholds, c.skip_thresholds_by_namespace)
+        steps = StepTable(c.skip_thresholds, c.skip_thresholds_by_namespace, c.composed_max_fraction)
         self.cache = Cache(self.store, index, make_policy(c.eviction_policy), steps, self.metrics, limits)
         self.cache.open()
         self.servicer.cache = self.cache

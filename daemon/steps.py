@@ -1,4 +1,4 @@
-"""Similarity -> how many denoising steps a hit may skip.
+"""Similarity -> how many denoising steps a hit may skip (a whole-prompt match, or a composite).
 
 NIRVANA's table (for 50 steps: >=0.95 -> 25, >=0.90 -> 20, >=0.85 -> 15, >=0.75 -> 10, >=0.65 -> 5)
 is kept as fractions of the total, so a 30-step namespace gets 15, 12, 9, 6, 3. Namespaces can
@@ -14,9 +14,11 @@ Thresholds = tuple[tuple[float, float], ...]  # (min similarity, fraction of ste
 
 
 class StepTable:
-    def __init__(self, default: Thresholds, overrides: Mapping[str, Thresholds] | None = None):
+    def __init__(self, default: Thresholds, overrides: Mapping[str, Thresholds] | None = None,
+                 composed_max_fraction: float = 1.0):
         self._default = default
         self._overrides = dict(overrides or {})
+        self._composed_max_fraction = composed_max_fraction
 
     def thresholds_for(self, namespace_name: str) -> Thresholds:
         for pattern, table in self._overrides.items():
@@ -30,3 +32,11 @@ class StepTable:
             if similarity >= min_similarity:
                 return max(0, min(total_steps - 1, round(fraction * total_steps)))
         return 0
+
+    def composed_steps(self, object_steps: int, background_steps: int, total_steps: int) -> int:
+        """Steps a composite of two donors may skip: no more than either part allows, and at most
+        `composed_max_fraction` of the total. A composed start is further from what the request
+        would have become than a whole-prompt match of the same similarity, and the gap grows with K
+        (bench/bench_composed.py, docs/bench_composed.md), so its K is capped on its own."""
+        cap = round(self._composed_max_fraction * total_steps)
+        return max(0, min(object_steps, background_steps, cap, total_steps - 1))

@@ -9,7 +9,7 @@ import pytest
 from flexcache.client import CacheClient
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
-from tests.conftest import NS
+from tests.conftest import NS, connect
 from tests.vectors import at_similarity, unit
 
 MASK = np.zeros((3, 12, 20), bool)
@@ -32,6 +32,20 @@ def test_object_and_background_from_different_entries(client: CacheClient) -> No
     assert obj.granted_steps == bg.granted_steps == 20  # the composite gets what the weaker part allows
     np.testing.assert_array_equal(obj.object_mask, MASK)
     assert bg.object_mask is None
+
+
+@pytest.mark.parametrize(("fraction", "steps"), [(0.1, 5), (0.0, 0)])
+def test_composed_steps_are_capped(start_daemon, fraction: float, steps: int) -> None:
+    """composed_max_fraction caps a composite's K (0 turns composed hits off); whole matches keep theirs."""
+    daemon = start_daemon(composed_max_fraction=fraction)
+    with connect(daemon.target) as client:
+        client.put("a dog in a forest", np.ones(8, np.float32), unit(10), object_vector=unit(1),
+                   background_vector=unit(4))
+        client.put("a cat on a beach", np.zeros(8, np.float32), unit(11), object_vector=unit(3),
+                   background_vector=unit(2))
+        result = client.lookup(unit(12), object_vector=unit(1), background_vector=unit(2))
+        assert [c.granted_steps for c in result.candidates] == ([steps, steps] if steps else [])
+        assert client.lookup(unit(10)).best.granted_steps == 25
 
 
 def test_whole_prompt_match_comes_first(client: CacheClient) -> None:

@@ -41,6 +41,7 @@ class Mode:
     store_dtype: str = "float32"  # dtype latents are stored in (before any codec)
     checkpoints: tuple[float, ...] = ()  # trajectory mode: fractions of N whose latents are stored
     admit: str = "all"  # "all" generations, or only "misses" (generated from scratch: no reuse chains)
+    composed_max_fraction: float = 1.0  # the daemon's cap on a composed hit's K, as a fraction of N
 
     @property
     def uses_cache(self) -> bool:
