@@ -139,8 +139,9 @@ def run_cell(mode: str, budget: float | None, max_bytes: int, table: str, worklo
     if not spec.uses_cache:
         run = run_fleet(mode, None, workload.jobs, workload.warmup, workers, steps=STEPS, progress=progress)
         return Cell(mode, None, "-", 0, run, None, 0.0)
-    settings: dict[str, object] = dict(eviction_policy=spec.eviction_policy,
-                                       composed_max_fraction=spec.composed_max_fraction)
+    settings: dict[str, object] = dict(eviction_policy=spec.eviction_policy)
+    if spec.composed_max_fraction is not None:
+        settings["composed_max_fraction"] = spec.composed_max_fraction
     if max_bytes:
         settings.update(max_bytes=max_bytes, high_watermark=HIGH_WATERMARK, low_watermark=LOW_WATERMARK)
     if TABLES[table] is not None:

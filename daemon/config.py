@@ -137,9 +137,9 @@ OPTIONS: tuple[Option, ...] = (
            "Similarity -> fraction of total steps a hit may skip, e.g. 0.95:0.5 (NIRVANA's table)."),
     Option("skip_thresholds_by_namespace", parse_threshold_map, {},
            "Per-namespace thresholds: {glob over 'tenant/model/WxHxF/scheduler/steps': thresholds}."),
-    Option("composed_max_fraction", float, 1.0,
+    Option("composed_max_fraction", float, 0.1,
            "Composed hits (object and background from two entries) skip at most this fraction of the "
-           "total steps; 1 leaves only the table's limit."),
+           "total steps (0 turns them off, 1 leaves only the table's limit)."),
     Option("index_backend", str, "edge", "Vector index: embedded Qdrant Edge shard, or a Qdrant server.",
            ("edge", "qdrant")),
     Option("qdrant_url", str, "", "index_backend=qdrant: server or cluster URL, e.g. http://qdrant:6333."),

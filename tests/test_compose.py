@@ -78,9 +78,9 @@ def test_composed_hit_end_to_end(daemon) -> None:
 
         hit = c.get(unit(12), object_vector=at_similarity(dog, 0.96, 100),
                     background_vector=at_similarity(beach, 0.92, 101), rebuild=rebuild)
-        assert hit is not None and hit.kind == "composed" and hit.steps == 20
+        assert hit is not None and hit.kind == "composed" and hit.steps == 5  # the daemon's composed cap: 10 %
         assert [s.prompt for s in hit.sources] == ["a dog in a forest", "a cat on a beach"]
-        assert sorted(seen) == [(1, 20, 50), (2, 20, 50)]  # each donor rebuilt at the composite's step
+        assert sorted(seen) == [(1, 5, 50), (2, 5, 50)]  # each donor rebuilt at the composite's step
         # The dog was moved onto the cat's place, covering it; the rest is beach.
         assert (hit.latent[:, :, 4:8, 8:12] == 2.0).all()
         assert (hit.latent[:, :, :2, :2] == -2.0).all()

@@ -16,7 +16,15 @@ MASK = np.zeros((3, 12, 20), bool)
 MASK[:, 4:8, 5:11] = True
 
 
-def test_object_and_background_from_different_entries(client: CacheClient) -> None:
+@pytest.fixture
+def uncapped(start_daemon) -> CacheClient:
+    """A client of a daemon that lets composed hits skip what the steps table grants (no 10 % cap)."""
+    with connect(start_daemon(composed_max_fraction=1.0).target) as c:
+        yield c
+
+
+def test_object_and_background_from_different_entries(uncapped: CacheClient) -> None:
+    client = uncapped
     dog, beach, cat, forest = unit(1), unit(2), unit(3), unit(4)
     a = client.put("a dog in a forest", np.ones(8, np.float32), unit(10), object_vector=dog,
                    background_vector=forest, object_mask=MASK)

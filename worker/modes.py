@@ -7,6 +7,7 @@
 | `flexcache`           | x0 + seed once, compressed (codec, 5 % budget) | whole, then obj + bg | utility  |
 | `flexcache-whole`     | as flexcache                                   | whole prompt only    | utility  |
 | `flexcache-admit-all` | as flexcache, also generations served by hits  | whole, then obj + bg | utility  |
+| `flexcache-uncapped`  | as flexcache                                   | as flexcache, composed K uncapped | utility |
 
 `nirvana` is NIRVANA as the FlexCache paper compares against (five intermediate latents per
 generation, K = 5, 10, 15, 20, 25 of 50 steps, top-1 whole-prompt lookup, LCBFU). It stores every
@@ -19,7 +20,9 @@ admits only generations run from scratch. Admitting everything lets a latent ser
 cached and served again, drifting further from its prompt each time (reuse chains: the
 `flexcache-admit-all` ablation measures it); a NIRVANA-style cache is spared that because the
 checkpoints a hit computes lie after its own K. `flexcache-whole` separates what compression buys
-from what decoupled lookup buys.
+from what decoupled lookup buys. Composed hits skip at most 10 % of the steps (the daemon's
+`composed_max_fraction`; docs/bench_composed.md); `flexcache-uncapped` lets them skip what the
+steps table grants the weaker part.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class Mode:
     store_dtype: str = "float32"  # dtype latents are stored in (before any codec)
     checkpoints: tuple[float, ...] = ()  # trajectory mode: fractions of N whose latents are stored
     admit: str = "all"  # "all" generations, or only "misses" (generated from scratch: no reuse chains)
-    composed_max_fraction: float = 1.0  # the daemon's cap on a composed hit's K, as a fraction of N
+    composed_max_fraction: float | None = None  # the daemon's cap on a composed hit's K (None: its default)
 
     @property
     def uses_cache(self) -> bool:
@@ -61,4 +64,6 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          max_rel_error=codec.DEFAULT_MAX_REL_ERROR, admit="misses"),
     Mode("flexcache-admit-all", store="x0", lookup="decoupled", eviction_policy="utility",
          max_rel_error=codec.DEFAULT_MAX_REL_ERROR),
+    Mode("flexcache-uncapped", store="x0", lookup="decoupled", eviction_policy="utility",
+         max_rel_error=codec.DEFAULT_MAX_REL_ERROR, admit="misses", composed_max_fraction=1.0),
 )}
