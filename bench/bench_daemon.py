@@ -9,13 +9,16 @@ Why one script: the numbers only mean something side by side, measured in the sa
 Part 1, blob throughput (MB/s, MB = 10^6 bytes; median over repetitions, the systems interleaved per
 repetition so that background load hits them alike):
   * flexcache: a real `flexcache serve` subprocess on loopback, the real CacheClient: `put_blob`
-    (client sha256 + streamed Put + daemon checksum + RocksDB WriteBatch + index upsert) and `fetch`
-    (streamed Fetch + the client's sha256 verification into a bytearray).
+    (client sha256 + CRC-32C, streamed Put, the daemon's checks, RocksDB WriteBatch, index upsert)
+    and `fetch` (streamed Fetch into a bytearray, the client's CRC-32C check).
+  * flexcache-shm: `fetch` from a client sharing the daemon's shared-memory folder (daemon/shm.py).
+  * grpc-bare: a Python gRPC server streaming pre-built 1 MiB messages: the transport's ceiling.
   * redis: a real redis-server subprocess (no persistence), redis-py with hiredis, SET / GET.
   * rocksdict: in-process RocksDB, Options(raw_mode=True), no compression, put / get.
 Part 2, lookup latency (median and p99, ms) at 10k and 100k entries for the embedded Qdrant Edge
 index ("edge") and qdrant-client local mode ("qdrant", standing in for a Qdrant server):
   * e2e: CacheClient.lookup over gRPC to a daemon subprocess (search + record read + response).
+  * rtt: a gRPC health check to the same daemon after each e2e lookup: Python gRPC's own round trip.
   * index: the daemon's index class in-process (EdgeIndex / QdrantIndex .search, limit 5 as the
     daemon's top-1 lookup uses).
   Queries are stored vectors plus noise (cosine ~0.96), so every lookup is a hit; recall@1 checks

@@ -378,7 +378,8 @@ def plot(groups: Sequence[Group], base: Group, img: Path, name: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    styles = {"nirvana": "s", "flexcache": "o", "flexcache-whole": "^", "flexcache-admit-all": "v"}
+    styles = {"nirvana": "s", "flexcache": "o", "flexcache-whole": "^", "flexcache-admit-all": "v",
+              "flexcache-uncapped": "D"}
     lines = {"nirvana": "--", "calibrated": ":", "any-k": "-"}
     for (mode, table) in dict.fromkeys((g.mode, g.table) for g in groups if g.budget is not None):
         sel = sorted((g for g in groups if (g.mode, g.table) == (mode, table)), key=lambda g: g.budget)
@@ -453,9 +454,11 @@ def render_doc(args: argparse.Namespace, workload: Workload, groups: Sequence[Gr
         "background thread.",
         "- Modes (worker/modes.py): **nirvana**: fp16 latents at K = 5, 10, 15, 20, 25, whole-prompt lookup, LCBFU, "
         "every generation stored (a hit at K stores the checkpoints after K). **flexcache**: x0 + seed once, codec "
-        "within 5 % relative error, decoupled lookup, utility policy, hits rebuilt with the request's own noise, "
-        "only generations from scratch stored. Ablations: **flexcache-whole** (no decoupled lookup) and "
-        "**flexcache-admit-all** (hits' generations stored too, so cached latents descend from other hits).",
+        "within 5 % relative error, decoupled lookup with composed hits capped at K = 5 (the daemon's default "
+        "`composed_max_fraction` 0.1), utility policy, hits rebuilt with the request's own noise, only "
+        "generations that ran at least 90 % of the steps stored. Ablations: **flexcache-whole** (no decoupled "
+        "lookup), **flexcache-admit-all** (generations from deep hits stored too, so cached latents descend "
+        "from other hits) and **flexcache-uncapped** (composed hits get the K the table grants their weaker part).",
         f"- Budgets: fractions of the bytes a NIRVANA-style cache needs for every distinct prompt of the trace "
         f"({per_prompt:,.0f} bytes a prompt in the daemon's accounting: five 512-byte fp16 latents plus five records "
         "holding the 384-d vector), the same max_bytes for every mode; watermarks 0.95 / 0.85.",
@@ -531,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--plan", default="any-k=0.05,0.1,0.25;calibrated=0.1;nirvana=0.1",
                     help="steps table=budgets;... : the cells every mode of --modes runs")
     ap.add_argument("--modes", default="nirvana,flexcache", help="cache modes run in every cell of --plan")
-    ap.add_argument("--ablations", default="flexcache-whole,flexcache-admit-all",
+    ap.add_argument("--ablations", default="flexcache-whole,flexcache-admit-all,flexcache-uncapped",
                     help="modes run only at --ablation-budget with the plan's first table")
     ap.add_argument("--ablation-budget", type=float, default=0.1)
     ap.add_argument("--repeats", type=int, default=2, help="rounds; each runs every cell once")

@@ -35,8 +35,8 @@ def stats(worker: DiffusionWorker):
 def test_modes_are_configuration() -> None:
     assert MODES["nirvana"].checkpoint_steps(50) == [5, 10, 15, 20, 25]
     assert {m.eviction_policy for m in MODES.values()} == {None, "lcbfu", "utility"}
-    assert MODES["flexcache"].admit == "misses"
-    assert MODES["flexcache-admit-all"].admit == "all"
+    assert MODES["flexcache"].admit_max_start == 0.1
+    assert MODES["flexcache-admit-all"].admit_max_start == 1.0
     assert not MODES["none"].uses_cache and MODES["flexcache"].lookup == "decoupled"
 
 
@@ -64,7 +64,8 @@ def test_flexcache_stores_x0_once_and_a_repeat_starts_at_k(daemon, pipeline) -> 
         worker.close()
 
 
-def test_flexcache_admits_only_generations_from_scratch_and_rebuilds_with_the_request_noise(daemon, pipeline) -> None:
+def test_flexcache_admits_only_generations_that_ran_most_steps_and_rebuilds_with_the_request_noise(
+        daemon, pipeline) -> None:
     worker = DiffusionWorker.connect(pipeline, MODES["flexcache"], daemon.target, steps=STEPS)
     try:
         assert worker.run(Job(0, PROMPT, seed=1)).kind == "miss" and stats(worker).entries == 1

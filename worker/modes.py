@@ -6,7 +6,7 @@
 | `nirvana`             | latents at K = 10..50 % of N, fp16, raw bytes  | whole prompt         | lcbfu    |
 | `flexcache`           | x0 + seed once, compressed (codec, 5 % budget) | whole, then obj + bg | utility  |
 | `flexcache-whole`     | as flexcache                                   | whole prompt only    | utility  |
-| `flexcache-admit-all` | as flexcache, also generations served by hits  | whole, then obj + bg | utility  |
+| `flexcache-admit-all` | as flexcache, also generations from deep hits  | whole, then obj + bg | utility  |
 | `flexcache-uncapped`  | as flexcache                                   | as flexcache, composed K uncapped | utility |
 
 `nirvana` is NIRVANA as the FlexCache paper compares against (five intermediate latents per
@@ -16,10 +16,14 @@ K = 25 stores nothing.
 
 `flexcache` rebuilds a hit's x_K with the request's own noise (bench/bench_rebuild.py: at least as
 good as NIRVANA-style's true latents on the reference model, and better than the entry's noise) and
-admits only generations run from scratch. Admitting everything lets a latent served from a hit be
-cached and served again, drifting further from its prompt each time (reuse chains: the
-`flexcache-admit-all` ablation measures it); a NIRVANA-style cache is spared that because the
-checkpoints a hit computes lie after its own K. `flexcache-whole` separates what compression buys
+admits only generations that ran at least 90 % of their steps: from scratch, or from a hit at
+K <= 5 of 50 (every composed hit, under the daemon's cap). Admitting everything lets a latent served
+from a deep hit be cached and served again, drifting further from its prompt each time (reuse
+chains: the `flexcache-admit-all` ablation measures it); a NIRVANA-style cache is spared that because
+the checkpoints a hit computes lie after its own K. Admitting only misses starved the cache instead:
+a request served by a shallow composed hit was never stored, so its repeats could not hit it whole
+(in a 2026-11-30 serving run at a 10 % budget, 622 videos/min with decoupled lookup against 753
+without it). `flexcache-whole` separates what compression buys
 from what decoupled lookup buys. Composed hits skip at most 10 % of the steps (the daemon's
 `composed_max_fraction`; docs/bench_composed.md); `flexcache-uncapped` lets them skip what the
 steps table grants the weaker part.
@@ -43,7 +47,7 @@ class Mode:
     max_rel_error: float | None = None  # the client's codec error budget; None sends raw bytes
     store_dtype: str = "float32"  # dtype latents are stored in (before any codec)
     checkpoints: tuple[float, ...] = ()  # trajectory mode: fractions of N whose latents are stored
-    admit: str = "all"  # "all" generations, or only "misses" (generated from scratch: no reuse chains)
+    admit_max_start: float = 1.0  # store generations that started at K <= this fraction of N (1: all)
     composed_max_fraction: float | None = None  # the daemon's cap on a composed hit's K (None: its default)
 
     @property
@@ -59,11 +63,11 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("nirvana", store="trajectory", lookup="whole", eviction_policy="lcbfu", store_dtype="float16",
          checkpoints=(0.1, 0.2, 0.3, 0.4, 0.5)),
     Mode("flexcache", store="x0", lookup="decoupled", eviction_policy="utility",
-         max_rel_error=codec.DEFAULT_MAX_REL_ERROR, admit="misses"),
+         max_rel_error=codec.DEFAULT_MAX_REL_ERROR, admit_max_start=0.1),
     Mode("flexcache-whole", store="x0", lookup="whole", eviction_policy="utility",
-         max_rel_error=codec.DEFAULT_MAX_REL_ERROR, admit="misses"),
+         max_rel_error=codec.DEFAULT_MAX_REL_ERROR, admit_max_start=0.1),
     Mode("flexcache-admit-all", store="x0", lookup="decoupled", eviction_policy="utility",
          max_rel_error=codec.DEFAULT_MAX_REL_ERROR),
     Mode("flexcache-uncapped", store="x0", lookup="decoupled", eviction_policy="utility",
-         max_rel_error=codec.DEFAULT_MAX_REL_ERROR, admit="misses", composed_max_fraction=1.0),
+         max_rel_error=codec.DEFAULT_MAX_REL_ERROR, admit_max_start=0.1, composed_max_fraction=1.0),
 )}

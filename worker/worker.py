@@ -153,7 +153,7 @@ class DiffusionWorker:
         self.pipeline.decode(x0)  # the video a serving worker returns to its caller
         t3 = time.perf_counter()
         steps_run = self.steps - start_step
-        if self._storer is not None and (self.mode.admit == "all" or start_step == 0):
+        if self._storer is not None and start_step <= self.mode.admit_max_start * self.steps:
             step_seconds = (t2 - t1) / max(steps_run, 1)
             self._storer.submit(lambda: self._store(job, x0, trajectory, vector, parts, start_step, step_seconds))
         return Outcome(job.index, kind, start_step, steps_run, t3 - t0, t1 - t0, t2 - t1, t3 - t2,
