@@ -150,6 +150,20 @@ class EdgeIndex(VectorIndex):
                 if offset is None:
                     break
 
+    def optimize(self) -> None:
+        """Run every shard's optimizer now and wait for it (maintenance, benchmarks); the background
+        thread does the same on its own once enough points have arrived."""
+        with self._lock:
+            shards = list(self._shards.values())
+        for shard in shards:
+            shard.optimize()
+            shard.flush()
+
+    def info(self) -> list[str]:
+        """Each shard's segment and point counts, as Qdrant reports them."""
+        with self._lock:
+            return [f"{ns}.d{dim}: {shard.info()}" for (ns, dim), shard in self._shards.items()]
+
     def _optimize_loop(self) -> None:
         while True:
             self._optimize_wanted.wait()
