@@ -32,6 +32,7 @@ from launch import daemon  # noqa: E402
 from traces import DEFAULT_DATA, Trace, build_trace, describe, load_intents, sample_intents  # noqa: E402
 
 from flexcache.client import CacheClient, Namespace  # noqa: E402
+from flexcache.daemon.entries import record_size  # noqa: E402
 from flexcache.v1 import cache_pb2 as pb  # noqa: E402
 from flexcache_model.prompt_split import split_prompt  # noqa: E402
 
@@ -209,13 +210,13 @@ def replay(trace: Trace, emb: Embedded, mode: str, policy: str, budget: float, m
 
 
 def entry_bytes(emb: Embedded, text: str) -> int:
-    """Budgeted bytes of a decoupled entry (blob + PutHeader record), as daemon/entries.record_size counts."""
+    """Budgeted bytes of a decoupled entry: daemon/entries.record_size of its Put header."""
     vecs = pb.Vectors(full=emb.full[text].tolist(), object=_as_list(emb.object[text]),
                       background=_as_list(emb.background[text]))
     header = pb.PutHeader(namespace=NS.to_proto(), prompt=text, vectors=vecs, step_seconds=1.0,
                           blob=pb.BlobInfo(size=BLOB_BYTES, sha256=bytes(32), codec="raw", dtype="uint8",
                                            shape=[BLOB_BYTES], attrs={"seed": "0"}))
-    return BLOB_BYTES + header.ByteSize()
+    return record_size(header)
 
 
 def _as_list(v: np.ndarray | None) -> list[float]:

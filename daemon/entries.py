@@ -14,6 +14,8 @@ import math
 import struct
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from flexcache.v1 import cache_pb2 as pb
 
 from .errors import InvalidRequest
@@ -53,9 +55,41 @@ def entry_id(ns: NamespaceKey, prompt: str, blob: pb.BlobInfo) -> str:
     return digest.hexdigest()
 
 
+_VECTORS_FORMAT = struct.Struct("<B3I")  # version, then the sizes of the full, object and background vectors
+
+
+def split_record(header: pb.PutHeader) -> tuple[pb.PutHeader, bytes]:
+    """What the store keeps of a Put header: the header without its vectors, and the vectors packed.
+
+    The vectors are only read again to rebuild the index, so they are kept as unit-length float16:
+    a third of a decoupled entry's record is one 384-d vector in float32, and on a small latent the
+    three vectors cost more than the latent itself (docs/bench_serving.md). Cosine similarity is
+    unchanged by the scaling, and float16 moves it by about 1e-6."""
+    record = pb.PutHeader()
+    record.CopyFrom(header)
+    record.ClearField("vectors")
+    parts = []
+    for values in (header.vectors.full, header.vectors.object, header.vectors.background):
+        v = np.asarray(values, dtype=np.float64)
+        norm = float(np.linalg.norm(v)) if v.size else 0.0
+        parts.append((v / norm if norm > 0 else v).astype("<f2"))
+    packed = _VECTORS_FORMAT.pack(1, *(p.size for p in parts)) + b"".join(p.tobytes() for p in parts)
+    return record, packed
+
+
+def unpack_vectors(data: bytes) -> pb.Vectors:
+    version, *sizes = _VECTORS_FORMAT.unpack_from(data)
+    if version != 1 or len(data) != _VECTORS_FORMAT.size + 2 * sum(sizes):
+        raise ValueError(f"stored vectors: unknown format (version {version}, {len(data)} bytes)")
+    values = np.frombuffer(data, "<f2", offset=_VECTORS_FORMAT.size).astype(np.float32)
+    full, obj, background = np.split(values, np.cumsum(sizes)[:2])
+    return pb.Vectors(full=full.tolist(), object=obj.tolist(), background=background.tolist())
+
+
 def record_size(header: pb.PutHeader) -> int:
-    """Bytes an entry costs in the budget: its blob plus its record."""
-    return header.blob.size + header.ByteSize()
+    """Bytes an entry costs in the budget: its blob, its record and its vectors, as the store keeps them."""
+    record, vectors = split_record(header)
+    return header.blob.size + record.ByteSize() + len(vectors)
 
 
 @dataclass

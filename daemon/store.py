@@ -3,11 +3,13 @@
 Key layout (entry ids are 64 hex characters, so '/' < '0' bounds a prefix):
 
     n/<namespace key>   JSON {"name", "dim"}       written with the namespace's first entry
-    m/<entry id>        PutHeader (deterministic)  the entry's record; present <=> the entry exists
+    m/<entry id>        PutHeader (deterministic)  the entry's record, without its vectors;
+                                                   present <=> the entry exists
+    v/<entry id>        packed float16 vectors     entries.split_record: read only to rebuild the index
     u/<entry id>        Usage JSON                 hits and credit, rewritten on each fetch
     b/<entry id>/<i>    blob chunk i (8 hex digits), as the client streamed it (at most 1 MiB)
 
-A Put lands as one WriteBatch (chunks, record, usage, namespace), so a crash leaves either the
+A Put lands as one WriteBatch (chunks, record, vectors, usage, namespace), so a crash leaves either the
 whole entry or nothing. Reads of a blob go through a snapshot, so a concurrent delete never tears a
 stream. Large values go to RocksDB blob files, which keeps compaction from rewriting latents.
 """
@@ -23,7 +25,7 @@ import rocksdict
 
 from flexcache.v1 import cache_pb2 as pb
 
-from .entries import Usage
+from .entries import Usage, split_record, unpack_vectors
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,9 @@ class Store:
     def commit(self, pending: PendingPut, header: pb.PutHeader, usage: Usage,
                new_namespace: NamespaceInfo | None = None) -> None:
         batch = pending.batch
-        batch.put(f"m/{pending.entry_id}".encode(), header.SerializeToString(deterministic=True))
+        record, vectors = split_record(header)
+        batch.put(f"m/{pending.entry_id}".encode(), record.SerializeToString(deterministic=True))
+        batch.put(f"v/{pending.entry_id}".encode(), vectors)
         batch.put(f"u/{pending.entry_id}".encode(), usage.to_bytes())
         if new_namespace is not None:
             value = json.dumps({"name": new_namespace.name, "dim": new_namespace.dim}).encode()
@@ -94,6 +98,7 @@ class Store:
     def delete(self, entry_id: str) -> None:
         batch = rocksdict.WriteBatch(raw_mode=True)
         batch.delete(f"m/{entry_id}".encode())
+        batch.delete(f"v/{entry_id}".encode())
         batch.delete(f"u/{entry_id}".encode())
         batch.delete_range(*_blob_range(entry_id))
         self._db.write(batch, self._write_options)
@@ -103,6 +108,7 @@ class Store:
         return self._db.get(f"m/{entry_id}".encode()) is not None
 
     def record(self, entry_id: str) -> pb.PutHeader | None:
+        """The entry's Put header without its vectors (lookups need only the blob info, prompt and mask)."""
         raw = self._db.get(f"m/{entry_id}".encode())
         return None if raw is None else pb.PutHeader.FromString(raw)
 
@@ -117,14 +123,19 @@ class Store:
             it.next()
 
     def entries(self) -> Iterator[tuple[str, pb.PutHeader, Usage | None]]:
-        """Every entry with its record and usage (startup: reconcile and rebuild policy state)."""
+        """Every entry with its whole Put header (vectors included) and usage: startup reconciles the
+        index and rebuilds policy state from these. Records written before the vectors moved to their
+        own key (2026-11-30) still hold them inline."""
         it = self._db.iter()
         it.seek(b"m/")
         while it.valid() and it.key().startswith(b"m/"):
             entry_id = it.key()[2:].decode()
+            header = pb.PutHeader.FromString(it.value())
+            if (packed := self._db.get(f"v/{entry_id}".encode())) is not None:
+                header.vectors.CopyFrom(unpack_vectors(packed))
             raw_usage = self._db.get(f"u/{entry_id}".encode())
             usage = None if raw_usage is None else Usage.from_bytes(raw_usage)
-            yield entry_id, pb.PutHeader.FromString(it.value()), usage
+            yield entry_id, header, usage
             it.next()
 
     def namespaces(self) -> dict[str, NamespaceInfo]:

@@ -69,7 +69,7 @@ def test_lcbfu_evicts_lowest_hits_times_k(start_daemon) -> None:
 
 
 def test_utility_evicts_least_value_per_byte(start_daemon) -> None:
-    daemon = start_daemon(max_bytes="4MiB", eviction_policy="utility")
+    daemon = start_daemon(max_bytes="4MiB", eviction_policy="utility", low_watermark=0.8)
     with connect(daemon.target) as c:
         small = [c.put(f"small {i}", latent(i, 128), unit(i)) for i in range(8)]
         large = [c.put(f"large {i}", latent(100 + i, 512), unit(100 + i)) for i in range(4)]
@@ -77,7 +77,7 @@ def test_utility_evicts_least_value_per_byte(start_daemon) -> None:
             c.fetch(e, role="full", granted_steps=10)  # the same steps saved each
         for _ in range(6):
             c.fetch(large[0], role="full", granted_steps=25)  # saved enough to be worth its size
-        # 3 MiB stored; 1 MiB more crosses the high watermark (3.8 MiB) and evicts down to 3.4 MiB.
+        # 3 MiB stored; the 7th extra crosses the high watermark (3.8 MiB) and evicts down to 3.2 MiB.
         # Per byte, the large entries with one hit are worth least, even below brand-new small ones.
         extra = [c.put(f"extra {i}", latent(200 + i, 128), unit(200 + i)) for i in range(8)]
         assert present(c, large) == [True, False, False, True]
