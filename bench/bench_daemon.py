@@ -1,6 +1,6 @@
 """Benchmark the FlexCache daemon against Redis and raw RocksDB, and its lookup path per index backend.
 
-    .venv/bin/python bench/bench_daemon.py            # full run (~10 min on the shared 2-core box)
+    .venv/bin/python bench/bench_daemon.py            # full run (~7 min on the shared 2-core box)
     .venv/bin/python bench/bench_daemon.py --quick    # smoke run (~2 min): fewer reps, 1k/10k entries
 
 Why one script: the numbers only mean something side by side, measured in the same run on the same
