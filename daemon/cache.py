@@ -152,6 +152,8 @@ class Cache:
         indexed = set(self.index.entry_ids())
         for eid, header, usage in self.store.entries():
             ns_key = NamespaceKey.of(header.namespace).key
+            if usage is None or eid not in indexed:  # the rare paths that need the vectors
+                header.vectors.CopyFrom(self.store.vectors(eid, header))
             usage = usage or self._new_usage(header, time.time())
             usage.blob_size = header.blob.size
             self._track(eid, ns_key, usage)

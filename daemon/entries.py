@@ -87,9 +87,14 @@ def unpack_vectors(data: bytes) -> pb.Vectors:
 
 
 def record_size(header: pb.PutHeader) -> int:
-    """Bytes an entry costs in the budget: its blob, its record and its vectors, as the store keeps them."""
-    record, vectors = split_record(header)
-    return header.blob.size + record.ByteSize() + len(vectors)
+    """Bytes an entry costs in the budget: its blob, its record and its vectors, as the store keeps them
+    (split_record's sizes, without packing the vectors)."""
+    record = pb.PutHeader()
+    record.CopyFrom(header)
+    record.ClearField("vectors")
+    v = header.vectors
+    return header.blob.size + record.ByteSize() + _VECTORS_FORMAT.size + 2 * (len(v.full) + len(v.object)
+                                                                              + len(v.background))
 
 
 @dataclass

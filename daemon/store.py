@@ -122,20 +122,22 @@ class Store:
             yield it.value()
             it.next()
 
+    def vectors(self, entry_id: str, record: pb.PutHeader) -> pb.Vectors:
+        """The entry's vectors (to rebuild its index point). Records written before the vectors moved
+        to their own key (2026-11-30) still hold them inline."""
+        packed = self._db.get(f"v/{entry_id}".encode())
+        return record.vectors if packed is None else unpack_vectors(packed)
+
     def entries(self) -> Iterator[tuple[str, pb.PutHeader, Usage | None]]:
-        """Every entry with its whole Put header (vectors included) and usage: startup reconciles the
-        index and rebuilds policy state from these. Records written before the vectors moved to their
-        own key (2026-11-30) still hold them inline."""
+        """Every entry with its record (as `record` returns it) and usage: startup rebuilds policy
+        state from these and reconciles the index (`vectors` for the entries it must re-index)."""
         it = self._db.iter()
         it.seek(b"m/")
         while it.valid() and it.key().startswith(b"m/"):
             entry_id = it.key()[2:].decode()
-            header = pb.PutHeader.FromString(it.value())
-            if (packed := self._db.get(f"v/{entry_id}".encode())) is not None:
-                header.vectors.CopyFrom(unpack_vectors(packed))
             raw_usage = self._db.get(f"u/{entry_id}".encode())
             usage = None if raw_usage is None else Usage.from_bytes(raw_usage)
-            yield entry_id, header, usage
+            yield entry_id, pb.PutHeader.FromString(it.value()), usage
             it.next()
 
     def namespaces(self) -> dict[str, NamespaceInfo]:
