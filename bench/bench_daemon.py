@@ -10,8 +10,9 @@ Part 1, blob throughput (MB/s, MB = 10^6 bytes; median over repetitions, the sys
 repetition so that background load hits them alike):
   * flexcache: a real `flexcache serve` subprocess on loopback, the real CacheClient: `put_blob`
     (client sha256 + CRC-32C, streamed Put, the daemon's checks, RocksDB WriteBatch, index upsert)
-    and `fetch` (streamed Fetch into a bytearray, the client's CRC-32C check).
-  * flexcache-shm: `fetch` from a client sharing the daemon's shared-memory folder (daemon/shm.py).
+    and `fetch` as the client does by default: FetchDirect, then the blob on the daemon's data port
+    (daemon/dataport.py) into a bytearray, the client's CRC-32C check.
+  * flexcache-stream: `fetch` with data_port=False: the gRPC Fetch stream, 1 MiB chunk messages.
   * grpc-bare: a Python gRPC server streaming pre-built 1 MiB messages: the transport's ceiling.
   * redis: a real redis-server subprocess (no persistence), redis-py with hiredis, SET / GET.
   * rocksdict: in-process RocksDB, Options(raw_mode=True), no compression, put / get.
@@ -56,7 +57,7 @@ MiB = 1 << 20
 MB = 1e6
 DIM = 384
 DOC = ROOT / "docs" / "bench_daemon.md"
-SYSTEMS = ("flexcache", "flexcache-shm", "grpc-bare", "redis", "rocksdict")
+SYSTEMS = ("flexcache", "flexcache-stream", "grpc-bare", "redis", "rocksdict")
 # The ceiling of the daemon's transport: a Python gRPC server (same grpcio, sync server, generic handler)
 # streaming pre-built 1 MiB messages; no storage, no protobuf, no checksum.
 BARE_STREAM_SERVER = """
@@ -76,7 +77,6 @@ print("bare stream on port", server.add_insecure_port("127.0.0.1:0"), flush=True
 server.start()
 server.wait_for_termination()
 """
-SHM_ROOT = "/dev/shm" if os.path.isdir("/dev/shm") else None  # tmpfs, as in a pod's Memory emptyDir
 
 
 # ---------------------------------------------------------------- subprocesses
@@ -145,7 +145,7 @@ def start_daemon(procs: Procs, data_dir: Path, timeout: float = 300.0,
 
     cmd = [sys.executable, "-m", "flexcache.daemon.cli", "serve", "--data-dir", str(data_dir),
            "--listen", "127.0.0.1:0", "--metrics-listen", "", "--log-level", "WARNING"]
-    for key, value in {"shm_dir": "", **settings}.items():  # same-host fetches only where asked for
+    for key, value in settings.items():
         cmd += ["--" + key.replace("_", "-"), str(value)]
     log = data_dir.parent / f"{data_dir.name}-{len(procs._procs)}.log"
     proc = procs.start(cmd, log)
@@ -198,20 +198,19 @@ def _timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
+TIMEOUTS = {"timeout_s": 10.0, "transfer_timeout_s": 120.0}
+
+
 def bench_throughput(procs: Procs, tmp: Path, sizes: Sequence[int], reps: int) -> list[Throughput]:
-    """Put/get MB/s of each blob size for flexcache (streamed and same-host fetches), redis and
-    rocksdict, interleaved per repetition."""
+    """Put/get MB/s of each blob size for flexcache (data port and gRPC stream), redis and rocksdict,
+    interleaved per repetition."""
     from flexcache.client import CacheClient, Namespace
 
     ns = Namespace(tenant="bench", model="wan2.1-t2v-1.3b", width=832, height=480, frames=81)
-    shm_dir = Path(tempfile.mkdtemp(prefix="flexcache-bench-", dir=SHM_ROOT))
-    try:
-        _, target = start_daemon(procs, tmp / "tp-daemon", shm_dir=shm_dir)
-        client = CacheClient(target, ns, timeout_s=10.0, transfer_timeout_s=120.0, shm_dir=None)
-        local = CacheClient(target, ns, timeout_s=10.0, transfer_timeout_s=120.0, shm_dir=shm_dir)
-        return _throughput(client, local, tmp, sizes, reps, procs)
-    finally:
-        shutil.rmtree(shm_dir, ignore_errors=True)
+    _, target = start_daemon(procs, tmp / "tp-daemon")
+    clients = {"flexcache": CacheClient(target, ns, **TIMEOUTS),
+               "flexcache-stream": CacheClient(target, ns, data_port=False, **TIMEOUTS)}
+    return _throughput(clients, tmp, sizes, reps, procs)
 
 
 def bare_stream(procs: Procs, tmp: Path) -> Callable[[int], bytearray]:
@@ -234,14 +233,16 @@ def bare_stream(procs: Procs, tmp: Path) -> Callable[[int], bytearray]:
     return read
 
 
-def _throughput(client, local, tmp: Path, sizes: Sequence[int], reps: int, procs: Procs) -> list[Throughput]:
-    """`client` streams its fetches, `local` shares the daemon's shared-memory folder."""
+def _throughput(clients: dict, tmp: Path, sizes: Sequence[int], reps: int, procs: Procs) -> list[Throughput]:
+    """`clients`: one CacheClient per flexcache row, each fetching its own way (data port, stream);
+    they share one Put path, so the put column is measured once, through the first."""
     import redis
     import rocksdict
 
     from flexcache.v1 import cache_pb2 as pb
 
     bare = bare_stream(procs, tmp)
+    putter = clients["flexcache"]
 
     rport = start_redis(procs, tmp / "redis")
     rcli = redis.Redis(host="127.0.0.1", port=rport)
@@ -260,44 +261,45 @@ def _throughput(client, local, tmp: Path, sizes: Sequence[int], reps: int, procs
             # One untimed warm-up op per system first (connections, first-use allocations).
             for rep in range(-1, reps):
                 key = f"blob:{size}:{rep}"
-                dt, eid = _timed(partial(client.put_blob, f"bench blob {size} {rep}", data, info, vector))
+                dt, eid = _timed(partial(putter.put_blob, f"bench blob {size} {rep}", data, info, vector))
                 if not isinstance(eid, str):
-                    raise RuntimeError(f"daemon put failed: {client.last_error}")
+                    raise RuntimeError(f"daemon put failed: {putter.last_error}")
                 entry_ids.append(eid)
                 dt_r, _ = _timed(partial(rcli.set, key, data))
                 dt_k, _ = _timed(partial(rdb.put, key.encode(), data))
                 if rep >= 0:
-                    for name in ("flexcache", "flexcache-shm"):  # one Put path; the handover is fetch-only
+                    for name in clients:  # one Put path
                         rows[name].write_mbs.append(size / MB / dt)
                     rows["redis"].write_mbs.append(size / MB / dt_r)
                     rows["rocksdict"].write_mbs.append(size / MB / dt_k)
             for rep in range(-1, reps):
                 key = f"blob:{size}:{rep}"
-                dt, fetched = _timed(partial(client.fetch, entry_ids[rep + 1]))
-                dt_s, fetched_s = _timed(partial(local.fetch, entry_ids[rep + 1]))
-                dt_b, got_b = _timed(partial(bare, size))
-                dt_r, got_r = _timed(partial(rcli.get, key))
-                dt_k, got_k = _timed(partial(rdb.get, key.encode()))
-                if fetched is None or fetched_s is None or local.shm_probe is None:
-                    raise RuntimeError(f"a daemon fetch failed: {client.last_error or local.last_error}")
-                if {len(fetched.data), len(fetched_s.data), len(got_b), len(got_r), len(got_k)} != {size}:
+                timings = {}
+                for name, client in clients.items():
+                    timings[name] = _timed(partial(client.fetch, entry_ids[rep + 1]))
+                    if timings[name][1] is None:
+                        raise RuntimeError(f"{name}: a daemon fetch failed: {client.last_error}")
+                timings["grpc-bare"] = _timed(partial(bare, size))
+                timings["redis"] = _timed(partial(rcli.get, key))
+                timings["rocksdict"] = _timed(partial(rdb.get, key.encode()))
+                got = {name: bytes(r.data) if name in clients else r for name, (_, r) in timings.items()}
+                if {len(g) for g in got.values()} != {size}:
                     raise RuntimeError(f"a read of {size} bytes came back with another size")
-                if rep == 0 and not (bytes(fetched.data) == bytes(fetched_s.data) == got_r == got_k == data):
+                if rep == 0 and any(g != data for name, g in got.items() if name != "grpc-bare"):
                     raise RuntimeError("a read returned different bytes than were written")
+                if clients["flexcache"].last_error is not None:
+                    raise RuntimeError(f"flexcache fell back to the stream: {clients['flexcache'].last_error}")
                 if rep >= 0:
-                    rows["flexcache"].read_mbs.append(size / MB / dt)
-                    rows["flexcache-shm"].read_mbs.append(size / MB / dt_s)
-                    rows["grpc-bare"].read_mbs.append(size / MB / dt_b)
-                    rows["redis"].read_mbs.append(size / MB / dt_r)
-                    rows["rocksdict"].read_mbs.append(size / MB / dt_k)
-                del fetched, fetched_s, got_b, got_r, got_k
+                    for name, (dt, _) in timings.items():
+                        rows[name].read_mbs.append(size / MB / dt)
+                del timings, got
             results.extend(rows.values())
             print(f"  {size // MiB} MiB: " + "; ".join(
                 f"{r.system} put {_median(r.write_mbs)} get {_median(r.read_mbs)} MB/s" for r in rows.values()),
                 flush=True)
     finally:
-        client.close()
-        local.close()
+        for client in clients.values():
+            client.close()
         rcli.close()
         rdb.close()
     return results
@@ -609,7 +611,7 @@ def verdicts(tp: list[Throughput], lat: list[Latency]) -> list[str]:
     by = {(r.system, r.size): r for r in tp}
     for size in sorted({r.size for r in tp}):
         b = statistics.median(by[("redis", size)].read_mbs)
-        for system, path in (("flexcache-shm", "same host"), ("flexcache", "gRPC stream")):
+        for system, path in (("flexcache", "data port"), ("flexcache-stream", "gRPC stream")):
             a = statistics.median(by[(system, size)].read_mbs)
             lines.append(f"- fetch {size // MiB} MiB, {path}: {system} {a:.0f} vs redis GET {b:.0f} MB/s "
                          f"({a / b:.2f}x): target (>= 1.0x) {'met' if a >= b else 'MISSED'}")

@@ -28,7 +28,7 @@ from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
 from flexcache_model import codec, masks
 
-from . import compose, shm, tensors
+from . import compose, dataport, tensors
 
 log = logging.getLogger("flexcache.client")
 
@@ -139,14 +139,6 @@ def _verifier(blob: pb.BlobInfo) -> _Digest:
     if blob.HasField("crc32c"):
         return _Crc32c(blob)
     return _ThreadedDigest(blob) if blob.size >= _THREADED_HASH_BYTES else _Digest(blob)
-
-
-class _HandoverError(Exception):
-    """The same-host handover failed where a stream may not; `lasting` if this client should stop trying."""
-
-    def __init__(self, message: str, lasting: bool):
-        super().__init__(message)
-        self.lasting = lasting
 
 
 @dataclass(frozen=True)
@@ -276,11 +268,11 @@ def _vectors(full: Any, obj: Any, background: Any) -> pb.Vectors:
 class CacheClient:
     def __init__(self, target: str, namespace: Namespace, *, max_rel_error: float | None = codec.DEFAULT_MAX_REL_ERROR,
                  timeout_s: float = 1.0, transfer_timeout_s: float = 30.0, warn_every_s: float = 10.0,
-                 shm_dir: str | None = shm.DEFAULT_DIR):
+                 data_port: bool = True):
         """`max_rel_error` is the error budget on stored latents (relative RMSE, 0 = lossless): float
         latents are compressed within it before they leave the worker; None stores raw bytes.
-        `shm_dir`: the shared-memory folder for same-host fetches (the daemon's shm_dir, as this
-        process sees it); None always streams."""
+        `data_port`: fetch over the daemon's data port (FetchDirect) when it has one; False always
+        streams (Fetch)."""
         self.target = target
         self.max_rel_error = max_rel_error
         self.namespace = namespace
@@ -295,26 +287,17 @@ class CacheClient:
         # Fetch with chunk messages as raw bytes (see _chunk_of), not parsed protobuf.
         self._fetch_raw = self._channel.unary_stream(
             _FETCH_METHOD, request_serializer=pb.FetchRequest.SerializeToString, response_deserializer=None)
-        self._inbox: shm.Inbox | None = None
-        if shm_dir:
-            try:
-                self._inbox = shm.Inbox(shm_dir)
-            except OSError as exc:
-                log.info("flexcache: shared-memory folder %s unusable (%s); fetches stream", shm_dir, exc)
-
-    @property
-    def shm_probe(self) -> str | None:
-        """The probe file this client keeps in the shared-memory folder; None when fetches stream."""
-        return self._inbox.probe if self._inbox is not None else None
+        host = dataport.data_host(target) if data_port else None
+        self._data = dataport.DataConnections(host, timeout_s) if host else None
 
     def close(self) -> None:
-        self._close_inbox()
+        self._close_data()
         self._channel.close()
 
-    def _close_inbox(self) -> None:
-        if self._inbox is not None:
-            self._inbox.close()
-            self._inbox = None
+    def _close_data(self) -> None:
+        if self._data is not None:
+            self._data.close()
+            self._data = None
 
     def __enter__(self) -> CacheClient:
         return self
@@ -406,56 +389,55 @@ class CacheClient:
         """Fetch an entry's blob and verify its checksum. `role` and `granted_steps` say how the worker
         uses it (they credit the entry in the replacement policy); leave granted_steps 0 to only read.
 
-        A daemon on the same host hands the blob over as a file in the shared-memory folder
-        (client/shm.py); otherwise it streams. A failed handover is retried once as a stream."""
+        The bytes come over the daemon's data port (FetchDirect, client/dataport.py); from a daemon
+        without one, or after a transfer that failed, they stream (Fetch)."""
         request = pb.FetchRequest(namespace=self._ns, entry_id=entry_id, granted_steps=granted_steps,
                                   role=pb.Role.Value(f"ROLE_{role.upper()}"))
-        inbox = self._inbox
-        if inbox is not None and not inbox.claim():
-            inbox = None  # another thread's fetch is using it: stream
         try:
-            try:
-                if inbox is not None:
-                    request.shm_probe = inbox.probe
-                return self._fetch(request, inbox)
-            except _HandoverError as exc:
-                self._failed("shared-memory fetch", exc)
-                if exc.lasting:
-                    self._close_inbox()
-                request.shm_probe = ""
-                return self._fetch(request, None)
-            finally:
-                if inbox is not None:
-                    inbox.release()
+            fetched = self._fetch_direct(request)
+            return fetched if fetched is not None else self._fetch_stream(request)
         except (grpc.RpcError, ValueError, StopIteration, DecodeError) as exc:
             self._failed("fetch", exc)
             return None
 
-    def _fetch(self, request: pb.FetchRequest, inbox: shm.Inbox | None) -> Fetched:
-        """One Fetch call. Stream chunks are read as raw bytes and copied once, straight into the
-        result (see _chunk_of); a large blob without a CRC-32C is hashed on a helper thread while the
-        next chunks arrive (hashlib releases the GIL)."""
-        responses = self._fetch_raw(request, timeout=self.transfer_timeout_s)
+    def _fetch_direct(self, request: pb.FetchRequest) -> Fetched | None:
+        """Through the daemon's data port (client/dataport.py), or None where it does not apply and
+        the caller tries the next path: no data port on this daemon or target (then never again), or
+        a transfer that failed. The entry was credited by FetchDirect, so a stream after a failed
+        transfer only reads."""
+        conns = self._data
+        if conns is None:
+            return None
         try:
-            header = pb.FetchResponse.FromString(next(responses)).header
+            answer = self._stub.FetchDirect(request, timeout=self.timeout_s)
         except grpc.RpcError as exc:
-            if request.shm_probe and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # e.g. a full tmpfs
-                raise _HandoverError(f"daemon could not hand over: {exc.details()}", lasting=False) from exc
+            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+                log.info("flexcache: no data port at %s (%s); fetches stream", self.target, exc.details())
+                self._close_data()
+                return None
             raise
+        header = answer.header
+        try:
+            data = conns.receive(answer.data_port, answer.ticket, header.blob.size, self.transfer_timeout_s)
+            verifier = _verifier(header.blob)
+            verifier.update(memoryview(data))
+            if not verifier.matches():
+                raise ValueError(f"entry {request.entry_id}: checksum mismatch, blob discarded")
+        except (OSError, ValueError) as exc:
+            self._failed("fetch over the data port", exc)
+            request.granted_steps = 0
+            return None
+        return Fetched(header.entry_id, header.prompt, header.blob, data)
+
+    def _fetch_stream(self, request: pb.FetchRequest) -> Fetched:
+        """One Fetch call. Chunks are read as raw bytes and copied once, straight into the result
+        (see _chunk_of); a large blob without a CRC-32C is hashed on a helper thread while the next
+        chunks arrive (hashlib releases the GIL)."""
+        responses = self._fetch_raw(request, timeout=self.transfer_timeout_s)
+        header = pb.FetchResponse.FromString(next(responses)).header
         size, entry_id = header.blob.size, request.entry_id
         verifier = _verifier(header.blob)
         try:
-            if header.in_shm:
-                if inbox is None:
-                    raise ValueError(f"entry {entry_id}: daemon answered with a handover nobody asked for")
-                try:
-                    data = inbox.read(size)
-                except (OSError, ValueError) as exc:
-                    raise _HandoverError(f"reading {inbox.probe}: {exc}", lasting=True) from exc
-                verifier.update(memoryview(data))
-                if not verifier.matches():
-                    raise _HandoverError(f"entry {entry_id}: checksum mismatch in {inbox.probe}", lasting=True)
-                return Fetched(header.entry_id, header.prompt, header.blob, data)
             data = bytearray(size)
             view = memoryview(data)
             offset = 0

@@ -150,9 +150,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("fsync", parse_bool, False, "fsync every write (survives power loss, not only a crash)."),
     Option("max_blob_bytes", parse_size, "1GiB", "Largest blob one Put may store."),
     Option("max_vector_dim", int, 4096, "Largest accepted embedding dimension."),
-    Option("shm_dir", str, "/dev/shm/flexcache",
-           "Shared-memory folder for same-host fetches (clients that see it get blobs as files, not "
-           "streams); empty disables."),
+    Option("data_listen", str, "auto",
+           "Data port for FetchDirect (host:port): blobs on a plain TCP connection, faster than a gRPC "
+           "stream. 'auto': the host of `listen`, a free port (clients learn it from each answer); "
+           "empty disables."),
     Option("workers", int, 16, "gRPC worker threads (concurrent calls)."),
     Option("drain_seconds", float, 10.0, "On SIGTERM, how long in-flight calls may finish."),
     Option("log_level", str, "INFO", "Logging level.", ("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -182,7 +183,7 @@ class Config:
     fsync: bool
     max_blob_bytes: int
     max_vector_dim: int
-    shm_dir: str
+    data_listen: str
     workers: int
     drain_seconds: float
     log_level: str
@@ -190,6 +191,13 @@ class Config:
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    @property
+    def data_address(self) -> str:
+        """Where the data port listens ('' if disabled): 'auto' is the host of `listen`, port 0."""
+        if self.data_listen == "auto":
+            return f"{self.listen.rpartition(':')[0]}:0"
+        return self.data_listen
 
 
 assert [f.name for f in fields(Config)] == [o.name for o in OPTIONS], "Config and OPTIONS disagree"
@@ -210,6 +218,8 @@ def _check(config: Config) -> Config:
         raise ConfigError("watermarks: need 0 < low_watermark <= high_watermark <= 1")
     if not 0 <= config.composed_max_fraction <= 1:
         raise ConfigError("composed_max_fraction must be between 0 and 1")
+    if config.data_listen not in ("", "auto") and not re.fullmatch(r".+:\d{1,5}", config.data_listen):
+        raise ConfigError(f"data_listen must be host:port, 'auto' or empty, not {config.data_listen!r}")
     if config.workers < 1:
         raise ConfigError("workers must be at least 1")
     if config.index_backend == "qdrant" and not (config.qdrant_url or config.qdrant_path):

@@ -25,3 +25,7 @@ class Corrupt(CacheError):
 
 class Unavailable(CacheError):
     """A backing component failed; the call may succeed later (UNAVAILABLE)."""
+
+
+class WrongPath(CacheError):
+    """The call cannot be served this way, another call can (FAILED_PRECONDITION)."""

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import closing, contextmanager
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,10 +21,10 @@ from grpc_reflection.v1alpha import reflection
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
 
-from . import shm
 from .cache import CHUNK_LIMIT, Cache, Limits
 from .config import Config
-from .errors import CacheError, Corrupt, InvalidRequest, NotFound, TooLarge, Unavailable
+from .dataport import DataPort
+from .errors import CacheError, Corrupt, InvalidRequest, NotFound, TooLarge, Unavailable, WrongPath
 from .eviction import make_policy
 from .index import open_index
 from .metrics import Metrics
@@ -41,7 +40,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheService"].full_name
 MAX_MESSAGE_BYTES = CHUNK_LIMIT + 64 * 1024
 _STATUS = {InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT, NotFound: grpc.StatusCode.NOT_FOUND,
            TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED, Corrupt: grpc.StatusCode.DATA_LOSS,
-           Unavailable: grpc.StatusCode.UNAVAILABLE}
+           Unavailable: grpc.StatusCode.UNAVAILABLE, WrongPath: grpc.StatusCode.FAILED_PRECONDITION}
 
 
 def _varint(n: int) -> bytes:
@@ -82,9 +81,9 @@ def add_servicer(servicer: CacheServicer, server: grpc.Server) -> None:
 
 
 class CacheServicer(pb_grpc.CacheServiceServicer):
-    def __init__(self, metrics: Metrics, outbox: shm.Outbox | None = None):
+    def __init__(self, metrics: Metrics, dataport: DataPort | None = None):
         self.metrics = metrics
-        self.outbox = outbox  # same-host handover of fetched blobs; None: always stream
+        self.dataport = dataport  # fetched blobs on a TCP connection (FetchDirect)
         self.cache: Cache | None = None  # set once storage is open
 
     @contextmanager
@@ -136,22 +135,22 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
 
     def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.FetchResponse | bytes]:
         with self._call("Fetch", context) as cache:  # times the whole stream, not just its start
-            if request.shm_probe and not shm.PROBE_NAME.match(request.shm_probe):
-                raise InvalidRequest("shm_probe must be a file name 'probe-' + 32 lowercase hex digits")
             header, chunks = cache.fetch(request)
             with closing(chunks):  # unpins the entry even when the client goes away mid-stream
-                fd = self.outbox.open(request.shm_probe) if request.shm_probe and self.outbox else None
-                if fd is not None:
-                    try:
-                        self.outbox.fill(fd, chunks, header.blob.size)
-                    except OSError as exc:  # the chunks are spent; the client retries as a stream
-                        raise TooLarge(f"shared-memory handover failed ({exc}); fetch again without shm_probe") from exc
-                    header.in_shm = True
-                    yield pb.FetchResponse(header=header)
-                    return
                 yield pb.FetchResponse(header=header)
                 for chunk in chunks:
                     yield encoded_chunk(chunk)  # FetchResponse(chunk=...), pre-encoded: see add_servicer
+
+    def FetchDirect(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> pb.FetchTicket:
+        with self._call("FetchDirect", context) as cache:
+            if self.dataport is None:
+                raise WrongPath("this daemon has no data port (data_listen): use Fetch")
+            header, chunks = cache.fetch(request)
+            try:
+                ticket = self.dataport.issue(chunks, header.blob.size)
+            except OSError as exc:  # shutting down
+                raise Unavailable(str(exc)) from exc
+            return pb.FetchTicket(header=header, ticket=ticket, data_port=self.dataport.port)
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
         with self._call("Delete", context) as cache:
@@ -162,17 +161,6 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             return cache.stats()
 
 
-def _outbox(folder: str) -> shm.Outbox | None:
-    """The same-host handover folder, or None (fetches stream) if it is disabled or cannot be made."""
-    if not folder:
-        return None
-    try:
-        return shm.Outbox(Path(folder))
-    except OSError as exc:
-        log.warning("shm_dir %s unusable (%s): every fetch streams", folder, exc)
-        return None
-
-
 class Daemon:
     """The whole process: gRPC server, health, metrics endpoint, storage."""
 
@@ -180,7 +168,8 @@ class Daemon:
         self.config = config
         self.metrics = Metrics()
         self.health = health.HealthServicer()
-        self.servicer = CacheServicer(self.metrics, _outbox(config.shm_dir))
+        self.dataport = DataPort(config.data_address) if config.data_address else None
+        self.servicer = CacheServicer(self.metrics, self.dataport)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
             options=[
@@ -214,6 +203,8 @@ class Daemon:
         c = self.config
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.start()
+        if self.dataport is not None:
+            self.dataport.start()
         if c.metrics_listen:
             self.metrics_port = self.metrics.serve(c.metrics_listen)
         self.store = Store(c.data_path / "store", fsync=c.fsync)
@@ -226,8 +217,8 @@ class Daemon:
         self.cache.open()
         self.servicer.cache = self.cache
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("flexcache serving on port %d (index %s, policy %s, budget %d bytes)", self.port,
-                 c.index_backend, c.eviction_policy, c.max_bytes)
+        log.info("flexcache serving on port %d (data port %s, index %s, policy %s, budget %d bytes)", self.port,
+                 self.dataport.port if self.dataport else "off", c.index_backend, c.eviction_policy, c.max_bytes)
 
     def stop(self) -> None:
         """Drain: refuse new calls, let in-flight ones finish (up to drain_seconds), close storage."""
@@ -236,6 +227,8 @@ class Daemon:
         self._stopped.set()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace=self.config.drain_seconds).wait()
+        if self.dataport is not None:  # before the store closes: transfers read from it
+            self.dataport.stop(grace_s=self.config.drain_seconds)
         if self.cache is not None:
             self.cache.index.close()
         if self.store is not None:

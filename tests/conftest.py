@@ -29,9 +29,7 @@ class DaemonProcess:
 
     def __init__(self, data_dir: Path, **settings: object):
         self.data_dir = data_dir
-        # A private shared-memory folder per daemon, so tests never touch the host's /dev/shm.
-        self.shm_dir = data_dir.parent / f"{data_dir.name}-shm"
-        self.settings = {"metrics_listen": "127.0.0.1:0", "shm_dir": self.shm_dir, **settings}
+        self.settings = {"metrics_listen": "127.0.0.1:0", **settings}
         self.port = 0
         self.metrics_port: int | None = None
         self.proc: subprocess.Popen[str] | None = None
@@ -127,8 +125,8 @@ def daemon(start_daemon) -> DaemonProcess:
 
 def connect(target: str, namespace: Namespace = NS, **options: object) -> CacheClient:
     """A client for tests: patient, and lossless (max_rel_error=0) so round trips compare exactly.
-    Fetches stream (the network path) unless a test passes the daemon's `shm_dir`."""
-    return CacheClient(target, namespace, **{"timeout_s": 5.0, "max_rel_error": 0.0, "shm_dir": None, **options})
+    Fetches go over the daemon's data port unless a test passes data_port=False."""
+    return CacheClient(target, namespace, **{"timeout_s": 5.0, "max_rel_error": 0.0, **options})
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ from typing import Any
 import pytest
 import yaml
 
-from flexcache.client.shm import DEFAULT_DIR as DEFAULT_SHM_DIR
 from flexcache.daemon import config as cfg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -282,8 +281,11 @@ class TestDaemonContainer:
             assert port > 0, f"{daemon.where}: {address}: a fixed port is needed"
 
     def test_container_ports_match_the_config(self, daemon: Daemon) -> None:
+        """Every port the daemon opens on the pod's address is declared; a loopback one is not."""
         declared = sorted(p["containerPort"] for p in daemon.container["ports"])
-        assert declared == sorted([daemon.grpc_port, daemon.metrics_port])
+        data_host, data_port = host_port(daemon.config.data_listen)
+        data = [] if data_host in ("127.0.0.1", "localhost", "::1") else [data_port]
+        assert declared == sorted([daemon.grpc_port, daemon.metrics_port, *data])
 
     def test_probes_use_grpc_health_on_the_grpc_port(self, daemon: Daemon) -> None:
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -388,17 +390,19 @@ def test_sidecar_is_a_native_sidecar_next_to_the_worker() -> None:
         assert host in ("127.0.0.1", "localhost") and port == daemon.grpc_port
 
 
-def test_sidecar_shares_its_shm_dir_with_the_worker() -> None:
-    """Same-host fetches need the daemon's shm_dir on a Memory emptyDir mounted at the same path in the
-    worker (CacheClient's default shm_dir); the shared daemon, in a pod of its own, streams."""
-    (daemon,) = daemons_in(K8S / "sidecar")
-    assert daemon.config.shm_dir == DEFAULT_SHM_DIR
-    (mount,) = [m for m in daemon.container["volumeMounts"] if m["mountPath"] == daemon.config.shm_dir]
-    assert daemon.volume(mount["name"])["emptyDir"]["medium"] == "Memory"
-    for worker in daemon.pod["containers"]:
-        assert {"name": mount["name"], "mountPath": DEFAULT_SHM_DIR} in worker.get("volumeMounts", [])
+def test_data_ports_are_reachable_by_the_clients_only() -> None:
+    """The sidecar's data port is on loopback (its worker dials 127.0.0.1); the shared daemon's is a
+    fixed port that its Service exposes under the same number, since clients dial the number the
+    daemon reports at the Service's address."""
+    (sidecar,) = daemons_in(K8S / "sidecar")
+    assert host_port(sidecar.config.data_listen)[0] == "127.0.0.1"
     (shared,) = daemons_in(K8S / "shared")
-    assert shared.config.shm_dir == ""
+    host, port = host_port(shared.config.data_listen)
+    assert host == "0.0.0.0" and port != 0
+    assert shared.container_port("data") == port
+    (service,) = [s for s in by_kind(folder_objects(K8S / "shared"), "Service") if s["metadata"]["name"] == "flexcache"]
+    (data,) = [p for p in service["spec"]["ports"] if p["name"] == "data"]
+    assert data["port"] == port and shared.container_port(data["targetPort"]) == port
 
 
 def test_sidecar_grpc_port_is_not_open_to_other_pods() -> None:

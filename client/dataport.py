@@ -1,0 +1,81 @@
+"""The client's side of the daemon's data port (the protocol: daemon/dataport.py).
+
+Connections are opened on first use and kept between fetches, one per fetch in flight, so a
+multi-threaded worker never shares a socket between two transfers.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+
+def data_host(target: str) -> str | None:
+    """The host a gRPC target names ('host:port', '[v6]:port', 'dns:///host:port'), or None for targets
+    that name no TCP host (unix sockets): the data port is on the host the client reached the daemon at."""
+    if target.startswith("dns:"):
+        target = target.split("/")[-1]
+    if target.startswith(("unix:", "unix-abstract:", "vsock:", "ipv4:", "ipv6:")):
+        return None
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]")
+
+
+class _Unused(ValueError):
+    """The connection closed before a byte came back: the ticket may be unspent."""
+
+
+class DataConnections:
+    def __init__(self, host: str, connect_timeout_s: float):
+        self.host = host
+        self.connect_timeout_s = connect_timeout_s
+        self._idle: dict[int, list[socket.socket]] = {}
+        self._lock = threading.Lock()
+
+    def receive(self, port: int, ticket: bytes, size: int, timeout_s: float) -> bytearray:
+        """Redeem `ticket` on the daemon's data port: exactly `size` bytes. Raises OSError (the
+        connection is dropped) or ValueError (the daemon closed it early: an expired ticket, say)."""
+        with self._lock:
+            idle = self._idle.get(port)
+            conn = idle.pop() if idle else None
+        if conn is not None:
+            try:
+                return self._receive(conn, ticket, size, timeout_s)
+            except (_Unused, ConnectionError):  # the daemon closed the kept connection: the ticket is unspent
+                pass
+        return self._receive(self._connect(port), ticket, size, timeout_s)
+
+    def _connect(self, port: int) -> socket.socket:
+        conn = socket.create_connection((self.host, port), timeout=self.connect_timeout_s)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def _receive(self, conn: socket.socket, ticket: bytes, size: int, timeout_s: float) -> bytearray:
+        port = conn.getpeername()[1]
+        offset = 0
+        try:
+            conn.settimeout(timeout_s)
+            conn.sendall(ticket)
+            data = bytearray(size)
+            view = memoryview(data)
+            while offset < size:
+                n = conn.recv_into(view[offset:])
+                if n == 0:
+                    raise (_Unused if offset == 0 else ValueError)(
+                        f"data port closed the connection after {offset} of {size} bytes")
+                offset += n
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            self._idle.setdefault(port, []).append(conn)
+        return data
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()

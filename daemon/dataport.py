@@ -1,0 +1,191 @@
+"""The data port: fetched blobs on a plain TCP connection, beside gRPC.
+
+Python gRPC moves a multi-megabyte blob through HTTP/2 frames, a thread hand-off per message and
+several copies: a bare Python gRPC stream of 1 MiB messages reached ~0.85x a Redis GET here, and a
+Fetch stream less (docs/bench_daemon.md). The data port carries the bytes as Redis does, on a TCP
+connection, while gRPC keeps everything else (validation, accounting, status codes):
+
+1. the client calls FetchDirect; the daemon checks the request, pins the entry and answers with the
+   header, a one-time ticket (16 random bytes) and the data port's number;
+2. the client sends the ticket on a connection to that port, on the host it reached the daemon at
+   (connections are kept open between fetches);
+3. the daemon writes exactly blob.size bytes back, and the client verifies the checksum as for a
+   stream.
+
+A ticket is good for one transfer within TICKET_TTL_S; an unknown or expired ticket, or any failure,
+closes the connection, and the client fetches the stream instead. The ticket is the only credential,
+as the gRPC channel has none either: run both on a private network (k8s/ does). An unclaimed ticket
+unpins its entry when it expires, so a client that vanishes cannot hold an entry against eviction.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import closing, suppress
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+TICKET_BYTES = 16
+TICKET_TTL_S = 30.0
+IDLE_CONNECTION_S = 300.0  # a client's open connection, waiting for its next ticket
+SEND_TIMEOUT_S = 60.0  # a client that stops reading mid-blob is dropped after this
+MAX_CONNECTIONS = 256
+
+
+@dataclass
+class _Transfer:
+    chunks: Iterator[bytes]  # the entry's chunks; closing it unpins the entry
+    size: int
+    expires: float
+
+
+class DataPort:
+    """Listens on `address` (host:port, port 0 picks one); `port` is the one it got."""
+
+    def __init__(self, address: str):
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._listener.bind((host, int(port)))
+        except (OSError, ValueError) as exc:
+            self._listener.close()
+            raise OSError(f"data port: cannot listen on {address}: {exc}") from exc
+        self._listener.listen(64)
+        self._listener.settimeout(1.0)  # the accept loop also expires tickets, once a second
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._tickets: dict[bytes, _Transfer] = {}
+        self._connections: set[socket.socket] = set()
+        self._threads: set[threading.Thread] = set()
+        self._stopping = threading.Event()
+        self._acceptor = threading.Thread(target=self._accept_loop, name="dataport-accept", daemon=True)
+
+    def start(self) -> None:
+        self._acceptor.start()
+
+    def issue(self, chunks: Iterator[bytes], size: int) -> bytes:
+        """A ticket for one transfer of `chunks` (`size` bytes in all); the port now owns `chunks`."""
+        ticket = secrets.token_bytes(TICKET_BYTES)
+        with self._lock:
+            if self._stopping.is_set():
+                chunks.close()
+                raise OSError("data port is shutting down")
+            self._tickets[ticket] = _Transfer(chunks, size, time.monotonic() + TICKET_TTL_S)
+        return ticket
+
+    def stop(self, grace_s: float) -> None:
+        """No new connections; transfers under way get `grace_s` to finish; unclaimed tickets are
+        dropped (their entries unpinned). Call before closing the store: a transfer reads from it."""
+        self._stopping.set()
+        self._acceptor.join()
+        self._listener.close()
+        deadline = time.monotonic() + grace_s
+        with self._lock:
+            idle = list(self._connections)
+        for conn in idle:  # wakes connections blocked waiting for a ticket; a send under way finishes
+            _shutdown_read(conn)
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            for conn in self._connections:
+                _shutdown(conn)
+            transfers, self._tickets = list(self._tickets.values()), {}
+        for transfer in transfers:
+            transfer.chunks.close()
+
+    # ---- internals ----
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._expire()
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                log.warning("data port: accept failed", exc_info=True)
+                time.sleep(0.1)
+                continue
+            with self._lock:
+                if len(self._connections) >= MAX_CONNECTIONS:
+                    conn.close()  # the client streams instead
+                    continue
+                self._connections.add(conn)
+                thread = threading.Thread(target=self._serve, args=(conn,), name="dataport-conn", daemon=True)
+                self._threads.add(thread)
+            thread.start()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            stale = [t for t, transfer in self._tickets.items() if transfer.expires < now]
+            transfers = [self._tickets.pop(t) for t in stale]
+        for transfer in transfers:
+            transfer.chunks.close()
+
+    def _take(self, ticket: bytes) -> _Transfer | None:
+        with self._lock:
+            transfer = self._tickets.pop(ticket, None)
+        if transfer is not None and transfer.expires < time.monotonic():
+            transfer.chunks.close()
+            return None
+        return transfer
+
+    def _serve(self, conn: socket.socket) -> None:
+        """One client connection: ticket in, blob out, until the client closes it or something fails."""
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while not self._stopping.is_set():
+                conn.settimeout(IDLE_CONNECTION_S)
+                ticket = _recv_exactly(conn, TICKET_BYTES)
+                transfer = self._take(ticket) if ticket is not None else None
+                if transfer is None:
+                    return  # closed by the client, idle, or a ticket we do not hold
+                conn.settimeout(SEND_TIMEOUT_S)
+                with closing(transfer.chunks):
+                    sent = 0
+                    for chunk in transfer.chunks:
+                        conn.sendall(chunk)
+                        sent += len(chunk)
+                if sent != transfer.size:
+                    log.warning("data port: entry held %d bytes, not the declared %d", sent, transfer.size)
+                    return
+        except OSError:
+            pass  # the client went away; it streams instead
+        except Exception:
+            log.exception("data port: transfer failed")
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+                self._threads.discard(threading.current_thread())
+            conn.close()
+
+
+def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
+    data = bytearray()
+    while len(data) < n:
+        part = conn.recv(n - len(data))
+        if not part:
+            return None
+        data += part
+    return bytes(data)
+
+
+def _shutdown_read(conn: socket.socket) -> None:
+    with suppress(OSError):
+        conn.shutdown(socket.SHUT_RD)
+
+
+def _shutdown(conn: socket.socket) -> None:
+    with suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)

@@ -1,0 +1,158 @@
+"""Fetches over the daemon's data port (daemon/dataport.py, client/dataport.py): tickets, the
+client's default path, and every way back to the stream."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+from flexcache.v1 import cache_pb2 as pb
+from flexcache.v1 import cache_pb2_grpc as pb_grpc
+from tests.conftest import NS, connect
+from tests.vectors import unit
+
+
+def metric(daemon, name: str, **labels: str) -> float:
+    """Sum of a counter's samples whose labels include `labels`."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def put_raw(daemon, data: bytes, prompt: str = "p") -> str:
+    with connect(daemon.target) as c:
+        info = pb.BlobInfo(codec="raw", dtype="uint8", shape=[len(data)])
+        return c.put_blob(prompt, data, info, unit(len(data) % 50))
+
+
+def redeem(port: int, ticket: bytes, size: int) -> bytes:
+    """What the data port sends back for `ticket` on a fresh connection (b'' if it just closes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(ticket)
+        data = bytearray()
+        while len(data) < size and (part := conn.recv(size - len(data))):
+            data += part
+        return bytes(data)
+
+
+@pytest.mark.parametrize("size", [1, (1 << 20) + 123, 5 << 20])
+def test_client_fetches_over_the_data_port(daemon, size: int) -> None:
+    data = os.urandom(size)
+    entry = put_raw(daemon, data)
+    with connect(daemon.target) as c:
+        for _ in range(3):  # one kept connection serves fetch after fetch
+            assert bytes(c.fetch(entry, granted_steps=10).data) == data
+        assert c.last_error is None
+    assert metric(daemon, "flexcache_requests_total", method="FetchDirect", code="OK") == 3
+    assert metric(daemon, "flexcache_requests_total", method="Fetch") == 0
+    assert metric(daemon, "flexcache_hits_total") == 3
+
+
+def test_a_ticket_is_good_once_and_only_for_its_entry(daemon) -> None:
+    data = os.urandom(3 << 20)
+    entry = put_raw(daemon, data)
+    with grpc.insecure_channel(daemon.target) as channel:
+        stub = pb_grpc.CacheServiceStub(channel)
+        answer = stub.FetchDirect(pb.FetchRequest(namespace=NS.to_proto(), entry_id=entry), timeout=5)
+        assert answer.header.entry_id == entry and answer.header.blob.size == len(data)
+        assert len(answer.ticket) == 16
+        assert redeem(answer.data_port, os.urandom(16), len(data)) == b""  # a ticket nobody issued
+        assert redeem(answer.data_port, answer.ticket, len(data)) == data
+        assert redeem(answer.data_port, answer.ticket, len(data)) == b""  # spent
+        with pytest.raises(grpc.RpcError) as err:
+            stub.FetchDirect(pb.FetchRequest(namespace=NS.to_proto(), entry_id="0" * 64), timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with connect(daemon.target) as c:  # the daemon serves on
+        assert bytes(c.fetch(entry).data) == data
+
+
+def test_daemon_without_a_data_port_streams(start_daemon) -> None:
+    daemon = start_daemon(data_listen="")
+    latent = np.random.default_rng(1).standard_normal((4, 8, 16, 16)).astype(np.float32)
+    with connect(daemon.target) as c:
+        entry = c.put("p", latent, unit(1))
+        for _ in range(2):
+            np.testing.assert_array_equal(c.fetch(entry).latent(), latent)
+        assert c.last_error is None  # not a failure: this client streams from now on
+    assert metric(daemon, "flexcache_requests_total", method="FetchDirect", code="FAILED_PRECONDITION") == 1
+    assert metric(daemon, "flexcache_requests_total", method="Fetch", code="OK") == 2
+
+
+def test_unreachable_data_port_falls_back_to_the_stream(start_daemon, caplog) -> None:
+    """The data port listens where the client cannot reach it (another loopback address): the ticket's
+    transfer fails, the fetch streams with a warning, and the entry is credited once, not twice."""
+    daemon = start_daemon(data_listen="127.0.0.2:0")
+    data = os.urandom(2 << 20)
+    entry = put_raw(daemon, data)
+    with connect(daemon.target) as c:
+        assert bytes(c.fetch(entry, granted_steps=10).data) == data
+        assert "data port" in caplog.text
+    assert metric(daemon, "flexcache_hits_total") == 1
+    assert metric(daemon, "flexcache_requests_total", method="Fetch", code="OK") == 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_kept_connection_survives_a_daemon_restart(start_daemon) -> None:
+    daemon = start_daemon(data_listen=f"127.0.0.1:{free_port()}")  # the same data port after the restart
+    data = os.urandom(1 << 20)
+    entry = put_raw(daemon, data)
+    with connect(daemon.target) as c:
+        assert bytes(c.fetch(entry).data) == data
+        daemon.terminate()
+        daemon.start()
+        deadline = time.monotonic() + 10
+        fetched = None
+        while fetched is None and time.monotonic() < deadline:  # the gRPC channel reconnects first
+            fetched = c.fetch(entry)
+        assert fetched is not None and bytes(fetched.data) == data
+    # The kept connection was dead; the client redeemed the ticket on a new one, without streaming.
+    assert metric(daemon, "flexcache_requests_total", method="Fetch") == 0
+
+
+def test_sigterm_with_open_data_connections_exits_promptly(daemon) -> None:
+    data = os.urandom(1 << 20)
+    entry = put_raw(daemon, data)
+    with connect(daemon.target) as c:
+        assert bytes(c.fetch(entry).data) == data  # leaves a kept connection open
+        with grpc.insecure_channel(daemon.target) as channel:  # and an unclaimed ticket, pinning the entry
+            pb_grpc.CacheServiceStub(channel).FetchDirect(pb.FetchRequest(namespace=NS.to_proto(), entry_id=entry),
+                                                          timeout=5)
+        start = time.monotonic()
+        assert daemon.terminate(timeout=20) == 0
+        assert time.monotonic() - start < 5
+
+
+def test_concurrent_fetches_each_get_their_blob(daemon) -> None:
+    blobs = [os.urandom((1 << 20) + i) for i in range(4)]
+    entries = [put_raw(daemon, blob, f"p{i}") for i, blob in enumerate(blobs)]
+    failures: list[str] = []
+    with connect(daemon.target) as c:
+
+        def worker(i: int) -> None:
+            for _ in range(8):
+                got = c.fetch(entries[i])
+                if got is None or bytes(got.data) != blobs[i]:
+                    failures.append(f"worker {i}: {c.last_error}")
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert metric(daemon, "flexcache_requests_total", method="Fetch") == 0
