@@ -30,7 +30,7 @@ from flexcache_model.rebuild import rebuild_for
 
 from .modes import Mode
 
-__all__ = ["DiffusionWorker", "Job", "Outcome", "namespace_for"]
+__all__ = ["DiffusionWorker", "Job", "Outcome", "namespace_for", "store_generation"]
 
 log = logging.getLogger("flexcache.worker")
 
@@ -155,7 +155,9 @@ class DiffusionWorker:
         steps_run = self.steps - start_step
         if self._storer is not None and start_step <= self.mode.admit_max_start * self.steps:
             step_seconds = (t2 - t1) / max(steps_run, 1)
-            self._storer.submit(lambda: self._store(job, x0, trajectory, vector, parts, start_step, step_seconds))
+            cache, mode, steps = self.cache, self.mode, self.steps
+            self._storer.submit(lambda: store_generation(cache, mode, job.prompt, job.seed, x0, trajectory, vector,
+                                                         parts, start_step, steps, step_seconds))
         return Outcome(job.index, kind, start_step, steps_run, t3 - t0, t1 - t0, t2 - t1, t3 - t2,
                        x0.numpy().astype(np.float32), sources, similarity)
 
@@ -168,16 +170,19 @@ class DiffusionWorker:
         vectors = dict(zip(texts, self.pipeline.embed(texts), strict=True))
         return vectors[prompt], (vectors.get(split.object), vectors.get(split.background))
 
-    def _store(self, job: Job, x0: torch.Tensor, trajectory: list[torch.Tensor | None] | None, vector: np.ndarray,
-               parts: tuple[np.ndarray | None, np.ndarray | None], start_step: int, step_seconds: float) -> None:
-        assert self.cache is not None
-        dtype = np.dtype(self.mode.store_dtype)
-        if self.mode.store == "x0":
-            self.cache.put(job.prompt, x0.numpy().astype(dtype), vector, object_vector=parts[0],
-                           background_vector=parts[1], seed=job.seed, step_seconds=step_seconds)
-        elif self.mode.store == "trajectory":
-            assert trajectory is not None
-            for k in self.mode.checkpoint_steps(self.steps):
-                if k > start_step:  # the latents before K were never computed by this generation
-                    self.cache.put(job.prompt, trajectory[k].numpy().astype(dtype), vector, step=k,
-                                   step_seconds=step_seconds)
+
+def store_generation(cache: CacheClient, mode: Mode, prompt: str, seed: int, x0: torch.Tensor,
+                     trajectory: list[torch.Tensor | None] | None, vector: np.ndarray,
+                     parts: tuple[np.ndarray | None, np.ndarray | None], start_step: int, steps: int,
+                     step_seconds: float) -> None:
+    """Store what `mode` keeps of one generation that started at `start_step`: x0 and its seed once
+    (store-once modes), or the trajectory's latents at the mode's checkpoints after `start_step`."""
+    dtype = np.dtype(mode.store_dtype)
+    if mode.store == "x0":
+        cache.put(prompt, x0.numpy().astype(dtype), vector, object_vector=parts[0], background_vector=parts[1],
+                  seed=seed, step_seconds=step_seconds)
+    elif mode.store == "trajectory":
+        assert trajectory is not None
+        for k in mode.checkpoint_steps(steps):
+            if k > start_step:  # the latents before K were never computed by this generation
+                cache.put(prompt, trajectory[k].numpy().astype(dtype), vector, step=k, step_seconds=step_seconds)
