@@ -31,29 +31,34 @@ class DataConnections:
     def __init__(self, host: str, connect_timeout_s: float):
         self.host = host
         self.connect_timeout_s = connect_timeout_s
-        self._idle: dict[int, list[socket.socket]] = {}
+        self._port = 0  # the daemon's data port as last announced; kept connections go there
+        self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
 
     def receive(self, port: int, ticket: bytes, size: int, timeout_s: float) -> bytearray:
         """Redeem `ticket` on the daemon's data port: exactly `size` bytes. Raises OSError (the
         connection is dropped) or ValueError (the daemon closed it early: an expired ticket, say)."""
         with self._lock:
-            idle = self._idle.get(port)
-            conn = idle.pop() if idle else None
+            if port != self._port:  # a restarted daemon with a new port: drop connections to the old one
+                stale, self._idle, self._port = self._idle, [], port
+            else:
+                stale = []
+            conn = self._idle.pop() if self._idle else None
+        for old in stale:
+            old.close()
         if conn is not None:
             try:
-                return self._receive(conn, ticket, size, timeout_s)
+                return self._receive(conn, port, ticket, size, timeout_s)
             except (_Unused, ConnectionError):  # the daemon closed the kept connection: the ticket is unspent
                 pass
-        return self._receive(self._connect(port), ticket, size, timeout_s)
+        return self._receive(self._connect(port), port, ticket, size, timeout_s)
 
     def _connect(self, port: int) -> socket.socket:
         conn = socket.create_connection((self.host, port), timeout=self.connect_timeout_s)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
-    def _receive(self, conn: socket.socket, ticket: bytes, size: int, timeout_s: float) -> bytearray:
-        port = conn.getpeername()[1]
+    def _receive(self, conn: socket.socket, port: int, ticket: bytes, size: int, timeout_s: float) -> bytearray:
         offset = 0
         try:
             conn.settimeout(timeout_s)
@@ -70,12 +75,15 @@ class DataConnections:
             conn.close()
             raise
         with self._lock:
-            self._idle.setdefault(port, []).append(conn)
+            if port == self._port:
+                self._idle.append(conn)
+                conn = None
+        if conn is not None:
+            conn.close()
         return data
 
     def close(self) -> None:
         with self._lock:
-            idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for conn in conns:
-                conn.close()
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()

@@ -20,7 +20,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import crc32c
@@ -121,6 +121,36 @@ class PutSession:
             raise Corrupt(f"blob checksum mismatch: declared crc32c {self.header.blob.crc32c:08x}, "
                           f"received {self._crc:08x}")
         return self._cache._commit(self, self._pending)
+
+
+class PinnedChunks:
+    """A fetched entry's chunks. The entry stays pinned (never evicted) until this is exhausted or
+    closed, whichever comes first; unlike a generator's `finally`, close() releases the pin even if
+    no chunk was ever read (a client that went away after the header, a ticket never redeemed)."""
+
+    def __init__(self, chunks: Iterator[bytes], release: Callable[[], None]):
+        self._chunks = chunks
+        self._release: Callable[[], None] | None = release
+
+    def __iter__(self) -> PinnedChunks:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._chunks)
+        except BaseException:  # the end, or a read error: either way this fetch is over
+            self.close()
+            raise
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            try:
+                close = getattr(self._chunks, "close", None)
+                if close is not None:
+                    close()
+            finally:
+                release()
 
 
 class Cache:
@@ -343,7 +373,7 @@ class Cache:
         return pb.LookupResponse(miss_reason=reason)
 
     # ---- fetch ----
-    def fetch(self, request: pb.FetchRequest) -> tuple[pb.FetchHeader, Iterator[bytes]]:
+    def fetch(self, request: pb.FetchRequest) -> tuple[pb.FetchHeader, PinnedChunks]:
         """The entry's header and its chunks. The entry stays pinned until the iterator is closed."""
         if not request.HasField("namespace"):
             raise InvalidRequest("namespace is required")
@@ -374,13 +404,8 @@ class Cache:
             self._unpin(eid)
             raise
         self.metrics.payload.labels("Fetch").observe(header.blob.size)
-        return pb.FetchHeader(entry_id=eid, prompt=header.prompt, blob=header.blob), self._stream(eid)
-
-    def _stream(self, eid: str) -> Iterator[bytes]:
-        try:
-            yield from self.store.read_blob(eid)
-        finally:
-            self._unpin(eid)
+        return (pb.FetchHeader(entry_id=eid, prompt=header.prompt, blob=header.blob),
+                PinnedChunks(self.store.read_blob(eid), lambda: self._unpin(eid)))
 
     def _unpin(self, eid: str) -> None:
         with self._lock:

@@ -194,9 +194,10 @@ class Config:
 
     @property
     def data_address(self) -> str:
-        """Where the data port listens ('' if disabled): 'auto' is the host of `listen`, port 0."""
+        """Where the data port listens ('' if disabled): 'auto' is the host of `listen`, port 0 (none for
+        a unix-socket `listen`: its clients dial no TCP host)."""
         if self.data_listen == "auto":
-            return f"{self.listen.rpartition(':')[0]}:0"
+            return "" if self.listen.startswith("unix") else f"{self.listen.rpartition(':')[0]}:0"
         return self.data_listen
 
 

@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from contextlib import closing, suppress
 from dataclasses import dataclass
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,15 @@ SEND_TIMEOUT_S = 60.0  # a client that stops reading mid-blob is dropped after t
 MAX_CONNECTIONS = 256
 
 
+class Chunks(Iterator[bytes], Protocol):
+    """A fetched entry's chunks; close() releases the entry (cache.PinnedChunks)."""
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class _Transfer:
-    chunks: Iterator[bytes]  # the entry's chunks; closing it unpins the entry
+    chunks: Chunks
     size: int
     expires: float
 
@@ -48,7 +55,8 @@ class _Transfer:
 class DataPort:
     """Listens on `address` (host:port, port 0 picks one); `port` is the one it got."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, ticket_ttl_s: float = TICKET_TTL_S):
+        self.ticket_ttl_s = ticket_ttl_s
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -60,7 +68,7 @@ class DataPort:
             self._listener.close()
             raise OSError(f"data port: cannot listen on {address}: {exc}") from exc
         self._listener.listen(64)
-        self._listener.settimeout(1.0)  # the accept loop also expires tickets, once a second
+        self._listener.settimeout(min(1.0, ticket_ttl_s))  # the accept loop also expires tickets
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._tickets: dict[bytes, _Transfer] = {}
@@ -72,14 +80,14 @@ class DataPort:
     def start(self) -> None:
         self._acceptor.start()
 
-    def issue(self, chunks: Iterator[bytes], size: int) -> bytes:
+    def issue(self, chunks: Chunks, size: int) -> bytes:
         """A ticket for one transfer of `chunks` (`size` bytes in all); the port now owns `chunks`."""
         ticket = secrets.token_bytes(TICKET_BYTES)
         with self._lock:
             if self._stopping.is_set():
                 chunks.close()
                 raise OSError("data port is shutting down")
-            self._tickets[ticket] = _Transfer(chunks, size, time.monotonic() + TICKET_TTL_S)
+            self._tickets[ticket] = _Transfer(chunks, size, time.monotonic() + self.ticket_ttl_s)
         return ticket
 
     def stop(self, grace_s: float) -> None:

@@ -107,8 +107,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_kept_connection_survives_a_daemon_restart(start_daemon) -> None:
-    daemon = start_daemon(data_listen=f"127.0.0.1:{free_port()}")  # the same data port after the restart
+@pytest.mark.parametrize("data_listen", ["fixed", "auto"])
+def test_kept_connection_survives_a_daemon_restart(start_daemon, data_listen: str) -> None:
+    """With a fixed port the kept connection is dead after the restart; with 'auto' the daemon comes
+    back on another port. Either way the ticket is redeemed on a new connection, not streamed."""
+    daemon = start_daemon(data_listen=f"127.0.0.1:{free_port()}" if data_listen == "fixed" else "auto")
     data = os.urandom(1 << 20)
     entry = put_raw(daemon, data)
     with connect(daemon.target) as c:
@@ -120,7 +123,6 @@ def test_kept_connection_survives_a_daemon_restart(start_daemon) -> None:
         while fetched is None and time.monotonic() < deadline:  # the gRPC channel reconnects first
             fetched = c.fetch(entry)
         assert fetched is not None and bytes(fetched.data) == data
-    # The kept connection was dead; the client redeemed the ticket on a new one, without streaming.
     assert metric(daemon, "flexcache_requests_total", method="Fetch") == 0
 
 
@@ -135,6 +137,42 @@ def test_sigterm_with_open_data_connections_exits_promptly(daemon) -> None:
         start = time.monotonic()
         assert daemon.terminate(timeout=20) == 0
         assert time.monotonic() - start < 5
+
+
+class Chunks:
+    """Stands in for the cache's pinned chunks: records whether the port released them."""
+
+    def __init__(self, parts: list[bytes]):
+        self._parts = iter(parts)
+        self.closed = threading.Event()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._parts)
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def test_unredeemed_tickets_expire_and_release_their_chunks() -> None:
+    from flexcache.daemon.dataport import DataPort
+
+    port = DataPort("127.0.0.1:0", ticket_ttl_s=0.3)
+    port.start()
+    try:
+        kept, redeemed = Chunks([b"ab", b"c"]), Chunks([b"xyz"])
+        late = port.issue(kept, 3)
+        assert redeem(port.port, port.issue(redeemed, 3), 3) == b"xyz"
+        assert redeemed.closed.is_set()
+        assert kept.closed.wait(5), "the unredeemed ticket still holds its entry"
+        assert redeem(port.port, late, 3) == b""
+        pending = Chunks([b"abc"])
+        port.issue(pending, 3)
+    finally:
+        port.stop(grace_s=1.0)
+    assert pending.closed.is_set()  # stop() releases what is still waiting
 
 
 def test_concurrent_fetches_each_get_their_blob(daemon) -> None:

@@ -118,6 +118,16 @@ def test_entry_being_streamed_is_not_evicted(tmp_path: Path) -> None:
         for i in range(14, 30):  # once the stream is closed (pin released) it ages out like any other
             put(i)
         assert cache.usage_of(ids[0]) is None
+
+        # A fetch closed before its first chunk (the client left after the header; a data-port ticket
+        # never redeemed) releases its pin too.
+        fresh = [put(i) for i in range(30, 40)]
+        victim = fresh[0]  # the least recently used of these
+        _, chunks = cache.fetch(pb.FetchRequest(namespace=NS.to_proto(), entry_id=victim))
+        chunks.close()
+        for i in range(40, 50):
+            put(i)
+        assert cache.usage_of(victim) is None
     finally:
         index.close()
         store.close()
