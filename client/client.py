@@ -54,6 +54,7 @@ _CHANNEL_OPTIONS = [
 _THREADED_HASH_BYTES = 2 * CHUNK_BYTES
 
 
+DATA_PORT_RETRY_S = 60.0  # how long a client streams after failing to reach the data port
 _FETCH_METHOD = f"/{pb.DESCRIPTOR.services_by_name['CacheService'].full_name}/Fetch"
 
 
@@ -289,6 +290,7 @@ class CacheClient:
             _FETCH_METHOD, request_serializer=pb.FetchRequest.SerializeToString, response_deserializer=None)
         host = dataport.data_host(target) if data_port else None
         self._data = dataport.DataConnections(host, timeout_s) if host else None
+        self._data_paused_until = 0.0  # after an unreachable data port, fetches stream until then
 
     def close(self) -> None:
         self._close_data()
@@ -403,10 +405,10 @@ class CacheClient:
     def _fetch_direct(self, request: pb.FetchRequest) -> Fetched | None:
         """Through the daemon's data port (client/dataport.py), or None where it does not apply and
         the caller tries the next path: no data port on this daemon or target (then never again), or
-        a transfer that failed. The entry was credited by FetchDirect, so a stream after a failed
-        transfer only reads."""
+        a transfer that failed (an unreachable port: for DATA_PORT_RETRY_S). The entry was credited by
+        FetchDirect, so a stream after a failed transfer only reads."""
         conns = self._data
-        if conns is None:
+        if conns is None or time.monotonic() < self._data_paused_until:
             return None
         try:
             answer = self._stub.FetchDirect(request, timeout=self.timeout_s)
@@ -425,6 +427,8 @@ class CacheClient:
                 raise ValueError(f"entry {request.entry_id}: checksum mismatch, blob discarded")
         except (OSError, ValueError) as exc:
             self._failed("fetch over the data port", exc)
+            if isinstance(exc, dataport.Unreachable):  # do not pay a connect timeout on every fetch
+                self._data_paused_until = time.monotonic() + DATA_PORT_RETRY_S
             request.granted_steps = 0
             return None
         return Fetched(header.entry_id, header.prompt, header.blob, data)

@@ -23,6 +23,10 @@ def data_host(target: str) -> str | None:
     return host.strip("[]")
 
 
+class Unreachable(OSError):
+    """No connection to the data port could be made (a firewall, a Service without the port...)."""
+
+
 class _Unused(ValueError):
     """The connection closed before a byte came back: the ticket may be unspent."""
 
@@ -36,8 +40,9 @@ class DataConnections:
         self._lock = threading.Lock()
 
     def receive(self, port: int, ticket: bytes, size: int, timeout_s: float) -> bytearray:
-        """Redeem `ticket` on the daemon's data port: exactly `size` bytes. Raises OSError (the
-        connection is dropped) or ValueError (the daemon closed it early: an expired ticket, say)."""
+        """Redeem `ticket` on the daemon's data port: exactly `size` bytes. Raises Unreachable (no
+        connection), another OSError (the connection is dropped) or ValueError (the daemon closed it
+        early: an expired ticket, say)."""
         with self._lock:
             if port != self._port:  # a restarted daemon with a new port: drop connections to the old one
                 stale, self._idle, self._port = self._idle, [], port
@@ -54,7 +59,10 @@ class DataConnections:
         return self._receive(self._connect(port), port, ticket, size, timeout_s)
 
     def _connect(self, port: int) -> socket.socket:
-        conn = socket.create_connection((self.host, port), timeout=self.connect_timeout_s)
+        try:
+            conn = socket.create_connection((self.host, port), timeout=self.connect_timeout_s)
+        except OSError as exc:
+            raise Unreachable(f"cannot connect to the data port {self.host}:{port}: {exc}") from exc
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 

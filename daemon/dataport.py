@@ -25,7 +25,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, suppress
 from dataclasses import dataclass
 from typing import Protocol
@@ -53,10 +53,13 @@ class _Transfer:
 
 
 class DataPort:
-    """Listens on `address` (host:port, port 0 picks one); `port` is the one it got."""
+    """Listens on `address` (host:port, port 0 picks one); `port` is the one it got. `count` is told
+    each ticket's outcome: sent, expired, failed or refused (the daemon's metrics)."""
 
-    def __init__(self, address: str, ticket_ttl_s: float = TICKET_TTL_S):
+    def __init__(self, address: str, ticket_ttl_s: float = TICKET_TTL_S,
+                 count: Callable[[str], None] = lambda outcome: None):
         self.ticket_ttl_s = ticket_ttl_s
+        self._count = count
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -109,6 +112,7 @@ class DataPort:
             transfers, self._tickets = list(self._tickets.values()), {}
         for transfer in transfers:
             transfer.chunks.close()
+            self._count("expired")
 
     # ---- internals ----
     def _accept_loop(self) -> None:
@@ -140,12 +144,16 @@ class DataPort:
             transfers = [self._tickets.pop(t) for t in stale]
         for transfer in transfers:
             transfer.chunks.close()
+            self._count("expired")
 
     def _take(self, ticket: bytes) -> _Transfer | None:
         with self._lock:
             transfer = self._tickets.pop(ticket, None)
-        if transfer is not None and transfer.expires < time.monotonic():
+        if transfer is None:
+            self._count("refused")
+        elif transfer.expires < time.monotonic():
             transfer.chunks.close()
+            self._count("expired")
             return None
         return transfer
 
@@ -156,27 +164,43 @@ class DataPort:
             while not self._stopping.is_set():
                 conn.settimeout(IDLE_CONNECTION_S)
                 ticket = _recv_exactly(conn, TICKET_BYTES)
-                transfer = self._take(ticket) if ticket is not None else None
+                if ticket is None:
+                    return  # closed by the client
+                transfer = self._take(ticket)
                 if transfer is None:
-                    return  # closed by the client, idle, or a ticket we do not hold
-                conn.settimeout(SEND_TIMEOUT_S)
-                with closing(transfer.chunks):
-                    sent = 0
-                    for chunk in transfer.chunks:
-                        conn.sendall(chunk)
-                        sent += len(chunk)
-                if sent != transfer.size:
-                    log.warning("data port: entry held %d bytes, not the declared %d", sent, transfer.size)
+                    return  # a ticket we do not hold (any more): the client streams instead
+                if not self._send(conn, transfer):
                     return
         except OSError:
-            pass  # the client went away; it streams instead
-        except Exception:
-            log.exception("data port: transfer failed")
+            pass  # idle for too long, or the daemon is stopping
         finally:
             with self._lock:
                 self._connections.discard(conn)
                 self._threads.discard(threading.current_thread())
             conn.close()
+
+    def _send(self, conn: socket.socket, transfer: _Transfer) -> bool:
+        """Write the ticket's blob; False (the connection must close) if it could not be sent whole."""
+        conn.settimeout(SEND_TIMEOUT_S)
+        sent = 0
+        try:
+            with closing(transfer.chunks):
+                for chunk in transfer.chunks:
+                    conn.sendall(chunk)
+                    sent += len(chunk)
+        except OSError:  # the client went away; it streams instead
+            self._count("failed")
+            return False
+        except Exception:
+            log.exception("data port: reading the entry failed")
+            self._count("failed")
+            return False
+        if sent != transfer.size:
+            log.warning("data port: entry held %d bytes, not the declared %d", sent, transfer.size)
+            self._count("failed")
+            return False
+        self._count("sent")
+        return True
 
 
 def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:

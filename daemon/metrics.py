@@ -47,6 +47,10 @@ class Metrics:
         self.evictions = add(Counter, "flexcache_evictions_total", "Entries evicted, by policy.", ("policy",))
         self.evicted_bytes = add(Counter, "flexcache_evicted_bytes_total", "Bytes evicted, by policy.",
                                  ("policy",))
+        self.data_transfers = add(Counter, "flexcache_data_port_transfers_total",
+                                  "Data-port tickets, by outcome: sent, expired (never redeemed), failed (the "
+                                  "client went away or the entry could not be read) or refused (a ticket the "
+                                  "daemon does not hold).", ("outcome",))
         self.reconciled = add(Counter, "flexcache_reconciled_total",
                               "Startup repairs: index points removed (orphan_point) or entries re-indexed "
                               "(reindexed).", ("action",))

@@ -168,7 +168,8 @@ class Daemon:
         self.config = config
         self.metrics = Metrics()
         self.health = health.HealthServicer()
-        self.dataport = DataPort(config.data_address) if config.data_address else None
+        self.dataport = (DataPort(config.data_address, count=lambda outcome: self.metrics.data_transfers.labels(
+            outcome).inc()) if config.data_address else None)
         self.servicer = CacheServicer(self.metrics, self.dataport)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
