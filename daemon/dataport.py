@@ -97,22 +97,29 @@ class DataPort:
         """No new connections; transfers under way get `grace_s` to finish; unclaimed tickets are
         dropped (their entries unpinned). Call before closing the store: a transfer reads from it."""
         self._stopping.set()
-        self._acceptor.join()
+        if self._acceptor.is_alive():  # not started if the daemon failed to start
+            self._acceptor.join()
         self._listener.close()
         deadline = time.monotonic() + grace_s
         with self._lock:
             idle = list(self._connections)
         for conn in idle:  # wakes connections blocked waiting for a ticket; a send under way finishes
             _shutdown_read(conn)
-        for thread in list(self._threads):
+        for thread in self._live_threads():
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
-            for conn in self._connections:
+            for conn in self._connections:  # transfers past the grace period: their sends fail at once
                 _shutdown(conn)
             transfers, self._tickets = list(self._tickets.values()), {}
+        for thread in self._live_threads():  # none may still be reading when the store closes
+            thread.join(5.0)
         for transfer in transfers:
             transfer.chunks.close()
             self._count("expired")
+
+    def _live_threads(self) -> list[threading.Thread]:
+        with self._lock:
+            return list(self._threads)
 
     # ---- internals ----
     def _accept_loop(self) -> None:
