@@ -1,6 +1,9 @@
 # FlexCache daemon image: ghcr.io/flexcache/flexcache:0.1.0 in k8s/.
 #   docker build -t ghcr.io/flexcache/flexcache:0.1.0 .
-#   docker run -p 50051:50051 -p 9464:9464 -v flexcache-data:/var/lib/flexcache ghcr.io/flexcache/flexcache:0.1.0
+#   docker run -p 50051:50051 -p 50052:50052 -p 9464:9464 -v flexcache-data:/var/lib/flexcache \
+#     ghcr.io/flexcache/flexcache:0.1.0
+# 50052 is the data port (fetched blobs); publish it under the same number: clients dial the number
+# the daemon reports.
 # The daemon never imports torch, so the package is installed without the [model] extra.
 
 # Build stage: compiles proto/ into the wheel (grpcio-tools is a build-system requirement) and
@@ -32,7 +35,8 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-index --find-links /wheels flexcache && rm -rf /wheels
 USER 10001:10001
 WORKDIR /var/lib/flexcache
-EXPOSE 50051 9464
+EXPOSE 50051 50052 9464
 ENTRYPOINT ["flexcache", "serve"]
 # Defaults for `docker run`; Kubernetes `args:` replace them (k8s/ passes --config instead).
-CMD ["--data-dir", "/var/lib/flexcache", "--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9464"]
+CMD ["--data-dir", "/var/lib/flexcache", "--listen", "0.0.0.0:50051", "--data-listen", "0.0.0.0:50052", \
+     "--metrics-listen", "0.0.0.0:9464"]

@@ -451,7 +451,8 @@ def test_dockerfile_runs_the_daemon_as_non_root() -> None:
     args = parse_serve_flags(cmd, "Dockerfile CMD")
     config = cfg.resolve({}, {}, {o.name: getattr(args, o.name) for o in cfg.OPTIONS})
     exposed = {int(p.split("/")[0]) for kw, rest in instructions if kw == "EXPOSE" for p in rest.split()}
-    assert exposed == {host_port(config.listen)[1], host_port(config.metrics_listen)[1]}
+    assert exposed == {host_port(config.listen)[1], host_port(config.data_listen)[1],
+                       host_port(config.metrics_listen)[1]}
 
 
 def test_dockerfile_installs_without_the_model_extra() -> None:
