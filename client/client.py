@@ -142,6 +142,10 @@ def _verifier(blob: pb.BlobInfo) -> _Digest:
     return _ThreadedDigest(blob) if blob.size >= _THREADED_HASH_BYTES else _Digest(blob)
 
 
+class _Mismatch(ValueError):
+    """A fetched blob does not match its checksum."""
+
+
 @dataclass(frozen=True)
 class Namespace:
     """Generation settings whose latents are interchangeable; see proto/flexcache/v1/cache.proto."""
@@ -398,9 +402,25 @@ class CacheClient:
         try:
             fetched = self._fetch_direct(request)
             return fetched if fetched is not None else self._fetch_stream(request)
+        except _Mismatch as exc:  # on both paths: most likely the stored bytes themselves
+            self._failed("fetch", exc)
+            self._report_corrupt(entry_id)
+            return None
         except (grpc.RpcError, ValueError, StopIteration, DecodeError) as exc:
             self._failed("fetch", exc)
             return None
+
+    def _report_corrupt(self, entry_id: str) -> None:
+        """Ask the daemon to check an entry whose bytes failed their checksum; it deletes it if the
+        stored bytes are corrupt, so later lookups stop offering it."""
+        try:
+            answer = self._stub.Verify(pb.VerifyRequest(namespace=self._ns, entry_id=entry_id),
+                                       timeout=self.transfer_timeout_s)
+        except grpc.RpcError as exc:
+            self._failed("verify", exc)
+            return
+        if answer.deleted:
+            log.warning("flexcache: the daemon found entry %s corrupt on disk and deleted it", entry_id)
 
     def _fetch_direct(self, request: pb.FetchRequest) -> Fetched | None:
         """Through the daemon's data port (client/dataport.py), or None where it does not apply and
@@ -424,7 +444,7 @@ class CacheClient:
             verifier = _verifier(header.blob)
             verifier.update(memoryview(data))
             if not verifier.matches():
-                raise ValueError(f"entry {request.entry_id}: checksum mismatch, blob discarded")
+                raise _Mismatch(f"entry {request.entry_id}: checksum mismatch, blob discarded")
         except (OSError, ValueError) as exc:
             self._failed("fetch over the data port", exc)
             if isinstance(exc, dataport.Unreachable):  # do not pay a connect timeout on every fetch
@@ -456,7 +476,7 @@ class CacheClient:
             if offset != size:
                 raise ValueError(f"entry {entry_id}: stream ended after {offset} of {size} bytes")
             if not verifier.matches():
-                raise ValueError(f"entry {entry_id}: checksum mismatch, blob discarded")
+                raise _Mismatch(f"entry {entry_id}: checksum mismatch, blob discarded")
         finally:
             verifier.close()
         return Fetched(header.entry_id, header.prompt, header.blob, data)

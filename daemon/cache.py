@@ -425,6 +425,37 @@ class Cache:
             self._remove([eid])
         return True
 
+    def verify(self, request: pb.VerifyRequest) -> pb.VerifyResponse:
+        """Re-read an entry with every check on; delete it if its bytes are not what was stored."""
+        if not request.HasField("namespace"):
+            raise InvalidRequest("namespace is required")
+        ns = NamespaceKey.of(request.namespace)
+        eid = _checked_id(request.entry_id)
+        with self._lock:
+            if self._entry_ns.get(eid) != ns.key:
+                raise NotFound(f"no entry {eid} in namespace {ns.name}")
+        header = self.store.record(eid)
+        if header is None:
+            raise NotFound(f"no entry {eid} in namespace {ns.name}")
+        digest, size = hashlib.sha256(), 0
+        try:
+            for chunk in self.store.read_blob(eid, checked=True):
+                digest.update(chunk)
+                size += len(chunk)
+            intact = size == header.blob.size and digest.digest() == header.blob.sha256
+        except Exception as exc:  # RocksDB's own checksum failed
+            log.error("entry %s: reading it back failed: %s", eid, exc)
+            intact = False
+        if intact:
+            return pb.VerifyResponse(intact=True)
+        with self._lock:
+            if self._entry_ns.get(eid) != ns.key:  # deleted meanwhile
+                return pb.VerifyResponse(intact=False)
+            self._remove([eid])
+        self.metrics.corrupt.inc()
+        log.error("entry %s in namespace %s is corrupt on disk: deleted", eid, ns.name)
+        return pb.VerifyResponse(intact=False, deleted=True)
+
     def _remove(self, eids: list[str]) -> int:
         """Store first, then the index; a crash in between leaves orphan points that open() removes."""
         freed = 0

@@ -51,6 +51,8 @@ class Metrics:
                                   "Data-port tickets, by outcome: sent, expired (never redeemed), failed (the "
                                   "client went away or the entry could not be read) or refused (a ticket the "
                                   "daemon does not hold).", ("outcome",))
+        self.corrupt = add(Counter, "flexcache_corrupt_entries_total",
+                           "Entries a client reported (Verify) that the daemon found corrupt on disk and deleted.")
         self.reconciled = add(Counter, "flexcache_reconciled_total",
                               "Startup repairs: index points removed (orphan_point) or entries re-indexed "
                               "(reindexed).", ("action",))

@@ -156,6 +156,10 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         with self._call("Delete", context) as cache:
             return pb.DeleteResponse(deleted=cache.delete(request))
 
+    def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext) -> pb.VerifyResponse:
+        with self._call("Verify", context) as cache:
+            return cache.verify(request)
+
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         with self._call("Stats", context) as cache:
             return cache.stats()

@@ -146,6 +146,10 @@ def test_bad_lookup_fetch_delete(stub) -> None:
            lambda: stub.FetchDirect(pb.FetchRequest(namespace=GOOD_NS, entry_id="../etc/passwd"), timeout=5))
     expect(grpc.StatusCode.NOT_FOUND, "no entry",
            lambda: stub.FetchDirect(pb.FetchRequest(namespace=GOOD_NS, entry_id="0" * 64), timeout=5))
+    expect(grpc.StatusCode.NOT_FOUND, "no entry",
+           lambda: stub.Verify(pb.VerifyRequest(namespace=GOOD_NS, entry_id="0" * 64), timeout=5))
+    expect(grpc.StatusCode.INVALID_ARGUMENT, "entry_id must be 64 lowercase hex",
+           lambda: stub.Verify(pb.VerifyRequest(namespace=GOOD_NS, entry_id="x"), timeout=5))
     expect(grpc.StatusCode.INVALID_ARGUMENT, "entry_id must be",
            lambda: stub.Delete(pb.DeleteRequest(namespace=GOOD_NS, entry_id=""), timeout=5))
     assert_nothing_stored_and_serving(stub)
