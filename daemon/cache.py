@@ -375,10 +375,7 @@ class Cache:
     # ---- fetch ----
     def fetch(self, request: pb.FetchRequest) -> tuple[pb.FetchHeader, PinnedChunks]:
         """The entry's header and its chunks. The entry stays pinned until the iterator is closed."""
-        if not request.HasField("namespace"):
-            raise InvalidRequest("namespace is required")
-        ns = NamespaceKey.of(request.namespace)
-        eid = _checked_id(request.entry_id)
+        ns, eid = _addressed(request)
         if request.granted_steps >= request.namespace.total_steps:
             raise InvalidRequest("granted_steps must be below total_steps")
         role = ROLE_BY_ENUM.get(request.role)
@@ -415,10 +412,7 @@ class Cache:
 
     # ---- delete and evict ----
     def delete(self, request: pb.DeleteRequest) -> bool:
-        if not request.HasField("namespace"):
-            raise InvalidRequest("namespace is required")
-        ns = NamespaceKey.of(request.namespace)
-        eid = _checked_id(request.entry_id)
+        ns, eid = _addressed(request)
         with self._lock:
             if self._entry_ns.get(eid) != ns.key:
                 return False
@@ -427,10 +421,7 @@ class Cache:
 
     def verify(self, request: pb.VerifyRequest) -> pb.VerifyResponse:
         """Re-read an entry with every check on; delete it if its bytes are not what was stored."""
-        if not request.HasField("namespace"):
-            raise InvalidRequest("namespace is required")
-        ns = NamespaceKey.of(request.namespace)
-        eid = _checked_id(request.entry_id)
+        ns, eid = _addressed(request)
         with self._lock:
             if self._entry_ns.get(eid) != ns.key:
                 raise NotFound(f"no entry {eid} in namespace {ns.name}")
@@ -515,6 +506,13 @@ def _check_mask(mask: pb.Mask) -> None:
     if len(mask.bits) != (cells + 7) // 8:
         raise InvalidRequest(f"object_mask.bits has {len(mask.bits)} bytes, shape {list(mask.shape)} needs "
                              f"{(cells + 7) // 8}")
+
+
+def _addressed(request: pb.FetchRequest | pb.DeleteRequest | pb.VerifyRequest) -> tuple[NamespaceKey, str]:
+    """The namespace and entry id a request names, validated."""
+    if not request.HasField("namespace"):
+        raise InvalidRequest("namespace is required")
+    return NamespaceKey.of(request.namespace), _checked_id(request.entry_id)
 
 
 def _checked_id(value: str) -> str:
