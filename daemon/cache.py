@@ -20,7 +20,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import crc32c
@@ -128,7 +128,7 @@ class PinnedChunks:
     closed, whichever comes first; unlike a generator's `finally`, close() releases the pin even if
     no chunk was ever read (a client that went away after the header, a ticket never redeemed)."""
 
-    def __init__(self, chunks: Iterator[bytes], release: Callable[[], None]):
+    def __init__(self, chunks: Generator[bytes, None, None], release: Callable[[], None]):
         self._chunks = chunks
         self._release: Callable[[], None] | None = release
 
@@ -146,9 +146,7 @@ class PinnedChunks:
         release, self._release = self._release, None
         if release is not None:
             try:
-                close = getattr(self._chunks, "close", None)
-                if close is not None:
-                    close()
+                self._chunks.close()
             finally:
                 release()
 

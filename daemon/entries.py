@@ -65,16 +65,20 @@ def split_record(header: pb.PutHeader) -> tuple[pb.PutHeader, bytes]:
     a third of a decoupled entry's record is one 384-d vector in float32, and on a small latent the
     three vectors cost more than the latent itself (docs/bench_serving.md). Cosine similarity is
     unchanged by the scaling, and float16 moves it by about 1e-6."""
-    record = pb.PutHeader()
-    record.CopyFrom(header)
-    record.ClearField("vectors")
     parts = []
     for values in (header.vectors.full, header.vectors.object, header.vectors.background):
         v = np.asarray(values, dtype=np.float64)
         norm = float(np.linalg.norm(v)) if v.size else 0.0
         parts.append((v / norm if norm > 0 else v).astype("<f2"))
     packed = _VECTORS_FORMAT.pack(1, *(p.size for p in parts)) + b"".join(p.tobytes() for p in parts)
-    return record, packed
+    return _without_vectors(header), packed
+
+
+def _without_vectors(header: pb.PutHeader) -> pb.PutHeader:
+    record = pb.PutHeader()
+    record.CopyFrom(header)
+    record.ClearField("vectors")
+    return record
 
 
 def unpack_vectors(data: bytes) -> pb.Vectors:
@@ -89,12 +93,9 @@ def unpack_vectors(data: bytes) -> pb.Vectors:
 def record_size(header: pb.PutHeader) -> int:
     """Bytes an entry costs in the budget: its blob, its record and its vectors, as the store keeps them
     (split_record's sizes, without packing the vectors)."""
-    record = pb.PutHeader()
-    record.CopyFrom(header)
-    record.ClearField("vectors")
     v = header.vectors
-    return header.blob.size + record.ByteSize() + _VECTORS_FORMAT.size + 2 * (len(v.full) + len(v.object)
-                                                                              + len(v.background))
+    stored_vectors = _VECTORS_FORMAT.size + 2 * (len(v.full) + len(v.object) + len(v.background))
+    return header.blob.size + _without_vectors(header).ByteSize() + stored_vectors
 
 
 @dataclass

@@ -17,7 +17,7 @@ stream. Large values go to RocksDB blob files, which keeps compaction from rewri
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,7 +114,7 @@ class Store:
         raw = self._db.get(f"m/{entry_id}".encode())
         return None if raw is None else pb.PutHeader.FromString(raw)
 
-    def read_blob(self, entry_id: str, checked: bool = False) -> Iterator[bytes]:
+    def read_blob(self, entry_id: str, checked: bool = False) -> Generator[bytes, None, None]:
         """The blob's chunks from one snapshot: consistent even if the entry is deleted meanwhile.
         `checked`: with RocksDB's per-record checksums (slower; fetches leave them to the client)."""
         start, end = _blob_range(entry_id)
