@@ -1,6 +1,6 @@
 """Sample quality of composed hits on the reference model, against from-scratch and whole-prompt hits.
 
-Run:  .venv/bin/python bench/bench_composed.py [--requests 300]
+Run:  .venv/bin/python bench/bench_composed.py [--pool 300] [--requests 900]
 
 The question: when a request's object was generated before in one video and its background in
 another, is starting from the composed latent (client/compose.py) as good as generating from
@@ -19,6 +19,10 @@ model and the composition rule, not the daemon, which the serving benchmark cove
 - hits rebuilt at step K with the request's own noise, as the serving workers do
   (`CacheClient.get(..., noise_seed=)`): for a composite both donors get the same noise, so only
   their clean latents are composed. One row keeps each donor's own seed, for comparison.
+- two more starts at K = 5 and 10: partial hits (client/compose.one_part), the chosen pair's object
+  donor alone (its background flattened) and its background donor alone (its object flattened);
+  and a control, a cached clip drawn at random, unrelated to the request: what any cached start
+  costs at that K, so what the lookup's choice of donors is worth.
 
 Prints a markdown table (fidelity points, paired difference to from-scratch, Frechet distance to the
 rendered truth); writes docs/bench_composed.md.
@@ -29,7 +33,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from report import points  # noqa: E402  (bench/, the script's own folder)
 
-from flexcache.client.compose import compose, pair_score  # noqa: E402
+from flexcache.client.compose import compose, one_part, pair_score  # noqa: E402
 from flexcache.daemon.config import NIRVANA_THRESHOLDS, parse_thresholds  # noqa: E402
 from flexcache.daemon.steps import StepTable  # noqa: E402
 from flexcache_model import text, world  # noqa: E402
@@ -70,7 +74,7 @@ def sample(pipe, prompts: Sequence[str], seeds: Sequence[int], starts: np.ndarra
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pool", type=int, default=300)
-    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--requests", type=int, default=900)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "docs/bench_composed.md")
     args = ap.parse_args(argv)
@@ -140,6 +144,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     def start_composed_donor_noise(idx: Sequence[int], k: int) -> np.ndarray:
         return start_composed(idx, k, donor_noise=True)
 
+    # Controls: a cached clip that has nothing to do with the request (what any start costs at K), and
+    # partial hits (client/compose.one_part): only the pair's object donor, or only its background donor.
+    unrelated = np.random.default_rng([args.seed, 9]).integers(args.pool, size=args.requests)
+
+    def start_unrelated(idx: Sequence[int], k: int) -> np.ndarray:
+        return np.stack([rebuild(pool_x0[unrelated[i]], req_seeds[i], k, STEPS) for i in idx])
+
+    def start_one_part(keep: str) -> Callable[[Sequence[int], int], np.ndarray]:
+        def start(idx: Sequence[int], k: int) -> np.ndarray:
+            out = []
+            for i in idx:
+                d = pair[i][0 if keep == "object" else 1]
+                out.append(rebuild(one_part(pool_x0[d], pool_masks[d], keep), req_seeds[i], k, STEPS))
+            return np.stack(out).astype(np.float32)
+        return start
+
     everyone = list(range(len(requests)))
     truth = np.stack([world.render(s, sd)[0] for s, sd in zip(requests, req_seeds, strict=True)])
     truth_feat = metric.features(truth)
@@ -161,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [("whole-prompt hit", start_whole), ("composed hit", start_composed)]
         if k == 10:
             runs.append(("composed hit, each donor's own noise", start_composed_donor_noise))
+        if k in (5, 10):
+            runs += [("object donor only (partial hit)", start_one_part("object")),
+                     ("background donor only (partial hit)", start_one_part("background")),
+                     ("an unrelated cached clip (control)", start_unrelated)]
         for name, starter in runs:
             fid, feat = score(sample(pipe, req_prompts, req_seeds, starter(everyone, k), k), everyone)
             rows.append(f"| {name} | {k} | {len(everyone)} | {points(fid)} | {points(fid - scratch_fid)} | "

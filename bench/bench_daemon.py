@@ -397,7 +397,7 @@ def _open_cache(data_dir: Path, index):
 
     c = cfg.resolve(env={}, flags={"data_dir": str(data_dir)})
     limits = Limits(c.max_bytes, c.high_watermark, c.low_watermark, c.max_blob_bytes, c.max_vector_dim,
-                    c.utility_half_life_s, c.utility_prior_steps)
+                    c.utility_half_life, c.utility_prior_steps)
     store = Store(data_dir / "store", fsync=c.fsync)
     cache = Cache(store, index, make_policy(c.eviction_policy), StepTable(c.skip_thresholds,
                   c.skip_thresholds_by_namespace), Metrics(), limits)

@@ -6,8 +6,11 @@ Builds a Zipf request trace over intents of the VBench / VBench-2.0 / Open-Sora 
 bench/traces.py: there is no real request log, every figure depends on that popularity model),
 embeds each request's full prompt, object part and background part with the offline MiniLM, and
 replays the trace through a real daemon subprocess (loopback gRPC, RocksDB, Qdrant Edge) for every
-cell of lookup mode x eviction policy x cache budget. Prints markdown tables and writes
-docs/bench_traces.md plus docs/img/traces_*.png.
+cell of lookup mode (whole prompt, decoupled, decoupled with partial hits) x eviction policy x cache
+budget. At the 10 % budget only: a second Zipf exponent, a trace whose popularity is reshuffled
+on a schedule (trends, where the past misleads an eviction policy), and a repeat-free trace
+following Chai's protocol (prompts cached, then new prompts, each once). Prints markdown tables
+and writes docs/bench_traces.md plus docs/img/traces_*.png.
 """
 
 from __future__ import annotations
@@ -29,9 +32,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from launch import daemon  # noqa: E402
-from traces import DEFAULT_DATA, Trace, build_trace, describe, load_intents, sample_intents  # noqa: E402
+from traces import (  # noqa: E402
+    DEFAULT_DATA,
+    Trace,
+    build_cold_trace,
+    build_trace,
+    describe,
+    load_intents,
+    sample_intents,
+)
 
-from flexcache.client import CacheClient, Namespace  # noqa: E402
+from flexcache.client import CacheClient, Candidate, LookupResult, Namespace  # noqa: E402
 from flexcache.daemon.entries import record_size  # noqa: E402
 from flexcache.v1 import cache_pb2 as pb  # noqa: E402
 from flexcache_model.prompt_split import split_prompt  # noqa: E402
@@ -40,13 +51,20 @@ OUT = ROOT / "bench/out"
 DOCS = ROOT / "docs"
 TOTAL_STEPS = 50
 BLOB_BYTES = 256 * 1024  # a compressed Wan-2.1-480p-class x0 latent: every entry the same size
-MODES = ("whole", "decoupled")
+# Lookup modes -> the parts whose donors may serve alone (LookupRequest.partial_roles). "partial" allows
+# the object only: its lone start kept quality on the reference model, a background-only one did not
+# (bench_composed: -1.4 vs -2.8 points at K = 5). "partial-any" allows both, on Chai's protocol only.
+PARTIAL_ROLES = {"whole": (), "decoupled": (), "partial": ("object",), "partial-any": ("object", "background")}
+MODES = ("whole", "decoupled", "partial")
+MODE_LABELS = {"whole": "whole-prompt (NIRVANA)", "decoupled": "decoupled", "partial": "decoupled + object partial",
+               "partial-any": "decoupled + any partial"}
 POLICIES = ("lru", "lcbfu", "utility")
 BUDGETS = (0.05, 0.10, 0.25)
 SENSITIVITY_POLICIES = ("lcbfu", "utility")  # a second Zipf exponent at 10%: two policies keep the run short
 NS = Namespace(tenant="bench", model="wan2.1-t2v-1.3b", width=832, height=480, frames=81, scheduler="flow",
                total_steps=TOTAL_STEPS)
 HIGH_WATERMARK, LOW_WATERMARK = 0.95, 0.85  # the daemon's defaults, passed explicitly
+ADMIT_MAX_K = round(0.1 * TOTAL_STEPS)  # the flexcache workers' admit_max_start: generations from K <= 5 are stored
 
 
 # ---------------------------------------------------------------------------------------------- embeddings
@@ -113,18 +131,20 @@ class Cell:
     mode: str
     policy: str
     budget: float
-    zipf_s: float
+    trace: str  # Trace.label
     max_bytes: int
     requests: int = 0
     full_hits: int = 0
     composed_hits: int = 0
     composed_two_entries: int = 0
+    partial_hits: int = 0  # one part's donor alone (mode partial: LookupRequest.allow_partial)
     decoupled_eligible: int = 0  # requests whose split gave both parts
     new_requests: int = 0  # measured requests whose text was never requested before
     new_hits: int = 0
     new_composed: int = 0
     steps_full: int = 0
     steps_composed: int = 0
+    steps_partial: int = 0
     stored_bytes: int = 0
     entries: int = 0
     evictions: int = 0  # whole run, warm-up included
@@ -134,11 +154,34 @@ class Cell:
 
     @property
     def hits(self) -> int:
-        return self.full_hits + self.composed_hits
+        return self.full_hits + self.composed_hits + self.partial_hits
 
     @property
     def steps(self) -> int:
-        return self.steps_full + self.steps_composed
+        return self.steps_full + self.steps_composed + self.steps_partial
+
+    def count(self, kind: str, k: int, new: bool, both_parts: bool, donors: list[Candidate]) -> None:
+        """Account one measured request served as `kind` ("full", "composed", "partial" or "miss") at K = k."""
+        self.requests += 1
+        self.decoupled_eligible += both_parts
+        self.new_requests += new
+        if kind == "miss":
+            return
+        self.new_hits += new
+        self.new_composed += new and kind != "full"
+        if kind == "full":
+            self.full_hits += 1
+            self.steps_full += k
+        elif kind == "partial":
+            self.partial_hits += 1
+            self.steps_partial += k
+        else:
+            o, b = donors
+            self.composed_hits += 1
+            self.steps_composed += k
+            self.composed_two_entries += o.entry_id != b.entry_id
+            self.composed_object_sims.append(o.similarity)
+            self.composed_background_sims.append(b.similarity)
 
 
 def _blob(text: str) -> bytes:
@@ -147,60 +190,55 @@ def _blob(text: str) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, BLOB_BYTES, dtype=np.uint8).tobytes()
 
 
-def replay(trace: Trace, emb: Embedded, mode: str, policy: str, budget: float, max_bytes: int) -> Cell:
-    """Replay the trace: lookup; on a hit fetch each donor with its role and granted steps; on a miss
-    generate (a synthetic blob) and put. Only misses are admitted (both modes alike)."""
-    cell = Cell(mode, policy, budget, trace.zipf_s, max_bytes)
+def _served(result: LookupResult) -> tuple[str, list[Candidate]]:
+    """What the worker would start from: ("full" | "composed" | "partial" | "miss", the donors to fetch)."""
+    if result.best is not None:
+        return "full", [result.best]
+    objects, backgrounds = result.donors("object"), result.donors("background")
+    if objects and backgrounds:
+        return "composed", [objects[0], backgrounds[0]]
+    if result.candidates:  # one part only: the best donor of the part that matched
+        return "partial", [result.candidates[0]]
+    return "miss", []
+
+
+def replay(trace: Trace, emb: Embedded, mode: str, policy: str, budget: float, max_bytes: int,
+           half_life: float | None = None) -> Cell:
+    """Replay the trace: lookup; on a hit fetch each donor with its role and granted steps; then, as the
+    serving workers do (worker/modes.py, admit_max_start), store every generation that started at
+    K <= ADMIT_MAX_K (misses, and hits that skipped little), with a synthetic blob. Same rule in every mode."""
+    cell = Cell(mode, policy, budget, trace.label, max_bytes)
     info = pb.BlobInfo(codec="raw", dtype="uint8", shape=[BLOB_BYTES], step=0, attrs={"seed": "0"})
     t0 = time.monotonic()
     seen: set[str] = set()
     settings = dict(max_bytes=max_bytes, eviction_policy=policy, high_watermark=HIGH_WATERMARK,
                     low_watermark=LOW_WATERMARK)
+    if half_life is not None:
+        settings["utility_half_life"] = half_life
     with daemon(**settings) as d, CacheClient(d.target, NS, timeout_s=30.0, max_rel_error=None) as client:
         for i, req in enumerate(trace.requests):
             measured = i >= trace.warmup
             new = req.text not in seen
             seen.add(req.text)
             full = emb.full[req.text]
-            obj = emb.object[req.text] if mode == "decoupled" else None
-            bg = emb.background[req.text] if mode == "decoupled" else None
-            if measured:
-                cell.requests += 1
-                cell.decoupled_eligible += obj is not None and bg is not None
-                cell.new_requests += new
-            result = client.lookup(full, object_vector=obj, background_vector=bg)
+            # Whole-prompt (NIRVANA) lookups send, and its entries carry, only the full vector.
+            obj = emb.object[req.text] if mode != "whole" else None
+            bg = emb.background[req.text] if mode != "whole" else None
+            result = client.lookup(full, object_vector=obj, background_vector=bg, partial_roles=PARTIAL_ROLES[mode])
             if result is None:
                 raise RuntimeError(f"lookup failed: {client.last_error}")
-            if result.best is not None:
-                best = result.best
-                if client.fetch(best.entry_id, role="full", granted_steps=best.granted_steps) is None:
+            kind, donors = _served(result)
+            for donor in donors:
+                if client.fetch(donor.entry_id, role=donor.role, granted_steps=donor.granted_steps) is None:
                     raise RuntimeError(f"fetch failed: {client.last_error}")
-                if measured:
-                    cell.full_hits += 1
-                    cell.new_hits += new
-                    cell.steps_full += best.granted_steps
-                continue
-            if result.candidates:
-                o, b = result.donors("object")[0], result.donors("background")[0]
-                for donor in (o, b):
-                    if client.fetch(donor.entry_id, role=donor.role, granted_steps=donor.granted_steps) is None:
-                        raise RuntimeError(f"fetch failed: {client.last_error}")
-                if measured:
-                    cell.composed_hits += 1
-                    cell.new_hits += new
-                    cell.new_composed += new
-                    cell.composed_two_entries += o.entry_id != b.entry_id
-                    cell.steps_composed += o.granted_steps
-                    cell.composed_object_sims.append(o.similarity)
-                    cell.composed_background_sims.append(b.similarity)
-                continue
-            # Miss: generate, then store. Whole-prompt (NIRVANA) entries carry only the full vector.
-            entry = client.put_blob(req.text, _blob(req.text), info, full,
-                                    object_vector=emb.object[req.text] if mode == "decoupled" else None,
-                                    background_vector=emb.background[req.text] if mode == "decoupled" else None,
-                                    step_seconds=1.0)
-            if entry is None:
-                raise RuntimeError(f"put failed: {client.last_error}")
+            k = donors[0].granted_steps if donors else 0  # the daemon grants every donor of a hit the same K
+            if measured:
+                cell.count(kind, k, new, obj is not None and bg is not None, donors)
+            if k <= ADMIT_MAX_K:
+                entry = client.put_blob(req.text, _blob(req.text), info, full, object_vector=obj,
+                                        background_vector=bg, step_seconds=1.0)
+                if entry is None:
+                    raise RuntimeError(f"put failed: {client.last_error}")
         stats = client.stats()
         if stats is None:
             raise RuntimeError(f"stats failed: {client.last_error}")
@@ -264,8 +302,9 @@ def what_if(sims: dict[str, np.ndarray]) -> str:
     k_full = np.array([granted(x) for x in sims["full"]])
     rows = ["| rule | hit rate | composed | mean K (steps saved) |", "|---|---:|---:|---:|"]
 
-    def row(name: str, k: np.ndarray, composed: np.ndarray) -> None:
-        rows.append(f"| {name} | {(k > 0).mean():.1%} | {composed.mean():.1%} | {k.mean():.2f} |")
+    def row(name: str, k: np.ndarray, composed: np.ndarray, hit: np.ndarray | None = None) -> None:
+        mean_k = f"{k.mean():.2f}" if hit is None else "-"
+        rows.append(f"| {name} | {(k > 0 if hit is None else hit).mean():.1%} | {composed.mean():.1%} | {mean_k} |")
 
     row("whole prompt only (NIRVANA)", k_full, np.zeros_like(k_full, dtype=bool))
     for shift in (0.0, 0.05, 0.10):
@@ -276,20 +315,25 @@ def what_if(sims: dict[str, np.ndarray]) -> str:
         row(f"daemon today: full first, compose on a full miss{tag}", k, (k_full == 0) & (k_comp > 0))
         k = np.maximum(k_full, k_comp)
         row(f"better of full and composite{tag}", k, k_comp > k_full)
+    one_part = (np.array([granted(x) for x in sims["object"]]) > 0) | (np.array([granted(x) for x in
+                                                                               sims["background"]]) > 0)
+    row("whole prompt, or any one part alone (Chai's 'entity hit'; partial_roles=object,background)",
+        k_full, (k_full == 0) & one_part, hit=(k_full > 0) | one_part)
     return "\n".join(rows) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- report
 def table(cells: Sequence[Cell]) -> str:
     head = ("| mode | policy | budget | max_bytes | hit rate | whole-prompt hits | composed hits | composed from 2 "
-            "entries | hit rate on new texts (composed) | mean steps saved / req (of 50) | total steps saved | "
-            "bytes stored at end | entries | evictions | s |\n|---|---|" + "---:|" * 13 + "\n")
+            "entries | partial hits | hit rate on new texts (composed or partial) | mean steps saved / req (of 50) | "
+            "total steps saved | bytes stored at end | entries | evictions | s |\n|---|---|" + "---:|" * 14 + "\n")
     rows = []
     for c in cells:
         two = f"{c.composed_two_entries / c.composed_hits:.0%}" if c.composed_hits else "-"
         rows.append(f"| {c.mode} | {c.policy} | {c.budget:.0%} | {c.max_bytes:,} | {c.hits / c.requests:.1%} | "
                     f"{c.full_hits} ({c.full_hits / c.requests:.1%}) | {c.composed_hits} "
-                    f"({c.composed_hits / c.requests:.1%}) | {two} | {_pct(c.new_hits, c.new_requests)} "
+                    f"({c.composed_hits / c.requests:.1%}) | {two} | {c.partial_hits} "
+                    f"({c.partial_hits / c.requests:.1%}) | {_pct(c.new_hits, c.new_requests)} "
                     f"({_pct(c.new_composed, c.new_requests)}) | {c.steps / c.requests:.2f} | {c.steps:,} | "
                     f"{c.stored_bytes:,} | {c.entries} | {c.evictions} | {c.seconds:.0f} |")
     return head + "\n".join(rows) + "\n"
@@ -300,18 +344,36 @@ def _pct(a: int, b: int) -> str:
 
 
 def ratio_table(cells: Sequence[Cell]) -> str:
-    by = {(c.mode, c.policy, c.budget, c.zipf_s): c for c in cells}
-    rows = ["| zipf s | policy | budget | hit rate whole / decoupled | ratio (target >= 3x at 10%) | "
-            "total steps whole / decoupled | steps ratio |", "|---:|---|---:|---:|---:|---:|---:|"]
-    for (mode, policy, budget, s), c in sorted(by.items(), key=lambda kv: (kv[0][3], kv[0][1], kv[0][2])):
-        if mode != "whole" or ("decoupled", policy, budget, s) not in by:
-            continue
-        d = by[("decoupled", policy, budget, s)]
-        hr_w, hr_d = c.hits / c.requests, d.hits / d.requests
-        ratio = f"{hr_d / hr_w:.2f}x" if hr_w else "inf"
-        sr = f"{d.steps / c.steps:.2f}x" if c.steps else "inf"
-        rows.append(f"| {s} | {policy} | {budget:.0%} | {hr_w:.1%} / {hr_d:.1%} | {ratio} | "
-                    f"{c.steps:,} / {d.steps:,} | {sr} |")
+    by = {(c.mode, c.policy, c.budget, c.trace): c for c in cells}
+    rows = ["| trace | policy | budget | lookup | hit rate whole / this | ratio (target >= 3x at 10%) | "
+            "total steps whole / this | steps ratio |", "|---|---|---:|---|---:|---:|---:|---:|"]
+    for (mode, policy, budget, s), c in sorted(by.items(), key=lambda kv: (kv[0][3] != cells[0].trace, kv[0][3],
+                                                                            kv[0][1], kv[0][2])):
+        for other in list(PARTIAL_ROLES)[1:]:
+            if mode != "whole" or (other, policy, budget, s) not in by:
+                continue
+            d = by[(other, policy, budget, s)]
+            hr_w, hr_d = c.hits / c.requests, d.hits / d.requests
+            ratio = f"{hr_d / hr_w:.2f}x" if hr_w else "inf"
+            sr = f"{d.steps / c.steps:.2f}x" if c.steps else "inf"
+            rows.append(f"| {s} | {policy} | {budget:.0%} | {other} | {hr_w:.1%} / {hr_d:.1%} | {ratio} | "
+                        f"{c.steps:,} / {d.steps:,} | {sr} |")
+    return "\n".join(rows) + "\n"
+
+
+def policy_table(cells: Sequence[Cell]) -> str:
+    """Per trace, budget and lookup mode: each policy's hit rate and total steps saved, and utility's
+    steps against the better of the two baselines."""
+    by = {(c.trace, c.budget, c.mode, c.policy): c for c in cells}
+    groups = dict.fromkeys((c.trace, c.budget, c.mode) for c in cells)
+    rows = ["| trace | budget | lookup | " + " | ".join(f"{p}: hit rate, steps" for p in POLICIES)
+            + " | utility steps vs best of lru, lcbfu |", "|---|---:|---|" + "---:|" * (len(POLICIES) + 1)]
+    for trace, budget, mode in groups:
+        got = {p: by.get((trace, budget, mode, p)) for p in POLICIES}
+        cols = [f"{c.hits / c.requests:.1%}, {c.steps:,}" if c else "-" for c in got.values()]
+        base = [got[p].steps for p in ("lru", "lcbfu") if got[p]]
+        rel = f"{got['utility'].steps / max(base):.2f}x" if got["utility"] and base and max(base) else "-"
+        rows.append(f"| {trace} | {budget:.0%} | {mode} | " + " | ".join(cols) + f" | {rel} |")
     return "\n".join(rows) + "\n"
 
 
@@ -332,7 +394,7 @@ def similarity_table(sims: dict[str, np.ndarray]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def plot(cells: Sequence[Cell], sims: dict[str, np.ndarray], zipf_s: float, img: Path) -> list[Path]:
+def plot(cells: Sequence[Cell], sims: dict[str, np.ndarray], trace: str, img: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -340,31 +402,31 @@ def plot(cells: Sequence[Cell], sims: dict[str, np.ndarray], zipf_s: float, img:
 
     img.mkdir(parents=True, exist_ok=True)
     colors = {"lru": "tab:blue", "lcbfu": "tab:orange", "utility": "tab:green"}
-    styles = {"whole": ("--", "o"), "decoupled": ("-", "s")}
+    styles = {"whole": ("--", "o"), "decoupled": ("-", "s"), "partial": (":", "^")}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for mode in MODES:
         for policy in POLICIES:
-            cs = sorted((c for c in cells if c.mode == mode and c.policy == policy and c.zipf_s == zipf_s),
+            cs = sorted((c for c in cells if c.mode == mode and c.policy == policy and c.trace == trace),
                         key=lambda c: c.budget)
             if not cs:
                 continue
             x = [c.budget * 100 for c in cs]
             ls, mk = styles[mode]
-            label = f"{'whole-prompt (NIRVANA)' if mode == 'whole' else 'decoupled'} / {policy}"
+            label = f"{MODE_LABELS[mode]} / {policy}"
             axes[0].plot(x, [100 * c.hits / c.requests for c in cs], ls, marker=mk, color=colors[policy], label=label)
             axes[1].plot(x, [c.steps / c.requests for c in cs], ls, marker=mk, color=colors[policy], label=label)
-            axes[2].plot(x, [100 * c.composed_hits / c.requests for c in cs], ls, marker=mk, color=colors[policy],
-                         label=label)
-    axes[0].set_ylabel("hit rate, % of measured requests (whole-prompt + composed)")
+            axes[2].plot(x, [100 * (c.composed_hits + c.partial_hits) / c.requests for c in cs], ls, marker=mk,
+                         color=colors[policy], label=label)
+    axes[0].set_ylabel("hit rate, % of measured requests (whole + composed + partial)")
     axes[1].set_ylabel("mean denoising steps saved per request (of 50)")
-    axes[2].set_ylabel("composed hits (object + background donors), %")
+    axes[2].set_ylabel("composed or partial hits, % of measured requests")
     for ax in axes:
         ax.set_xlabel("cache budget, % of the trace's distinct prompts' bytes")
         ax.set_xticks([b * 100 for b in BUDGETS])
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1.0))
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Zipf trace (s={zipf_s}) over VBench/VBench-2.0/Open-Sora/FETV intents — synthetic popularity, "
+    fig.suptitle(f"{trace} trace over VBench/VBench-2.0/Open-Sora/FETV intents — synthetic popularity, "
                  f"no real request log", fontsize=10)
     fig.tight_layout()
     paths = [img / "traces_hit_rate.png"]
@@ -399,6 +461,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--zipf-s", type=float, default=0.8)
     parser.add_argument("--sensitivity-s", type=float, default=1.1,
                         help="second Zipf exponent, replayed at the 10%% budget only (0 disables)")
+    parser.add_argument("--cold", type=int, nargs=2, default=None, metavar=("CACHED", "NEW"),
+                        help="Chai's repeat-free protocol, replayed at the 10%% budget: CACHED prompts warm the "
+                             "cache, then NEW never-seen prompts, each once (default 100 1000; 0 0 disables)")
+    parser.add_argument("--drift", type=int, default=None, metavar="EVERY",
+                        help="also replay the main trace with popularity reshuffled every EVERY requests, at the 10%% "
+                             "budget (default 1000; 0 disables)")
+    parser.add_argument("--utility-half-life", type=float, default=None, metavar="TURNOVERS",
+                        help="the daemon's utility_half_life for every cell (default: the daemon's own)")
     parser.add_argument("--intents", type=int, default=None, help="intents sampled from the pool")
     parser.add_argument("--requests", type=int, default=None, help="measured requests")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up requests (not measured)")
@@ -414,40 +484,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     pool = load_intents(args.data)
     intents = sample_intents(pool, n_intents, args.seed)
     trace = build_trace(intents, n_requests, n_warmup, args.zipf_s, args.seed)
-    traces = [trace]
+    # (trace, budgets, modes, policies): the main trace on the whole grid, the others at 10 % only.
+    plan = [(trace, BUDGETS, MODES, POLICIES)]
+    sens = cold = drift = None
     if args.sensitivity_s:
-        traces.append(build_trace(intents, n_requests, n_warmup, args.sensitivity_s, args.seed))
-    embs = [embed_trace(t) for t in traces]
+        sens = build_trace(intents, n_requests, n_warmup, args.sensitivity_s, args.seed)
+        plan.append((sens, (0.10,), MODES, SENSITIVITY_POLICIES))
+    every = args.drift if args.drift is not None else (200 if args.quick else 1000)
+    if every:
+        drift = build_trace(intents, n_requests, n_warmup, args.zipf_s, args.seed, reshuffle_every=every)
+        plan.append((drift, (0.10,), ("whole", "partial"), POLICIES))
+    cached, new = args.cold or ((25, 250) if args.quick else (100, 1000))
+    if cached + new:
+        cold = build_cold_trace(intents, cached, new, args.seed)
+        plan.append((cold, (0.10,), (*MODES, "partial-any"), POLICIES))
+    embs = {tr.label: embed_trace(tr) for tr, *_ in plan}
     t_embed = time.monotonic() - t_start
 
     cells: list[Cell] = []
     budgets_bytes: dict[float, tuple[int, int]] = {}
-    for k, (tr, emb) in enumerate(zip(traces, embs, strict=True)):
+    for tr, grid, modes, policies in plan:
+        emb = embs[tr.label]
         unique_bytes = sum(entry_bytes(emb, t) for t in tr.unique_texts())
-        grid = BUDGETS if k == 0 else (0.10,)
         for budget in grid:
             max_bytes = int(unique_bytes * budget)
-            if k == 0:
+            if tr is trace:
                 budgets_bytes[budget] = (max_bytes, unique_bytes)
-            for mode in MODES:
-                for policy in POLICIES if k == 0 else SENSITIVITY_POLICIES:
-                    cell = replay(tr, emb, mode, policy, budget, max_bytes)
+            for mode in modes:
+                for policy in policies:
+                    cell = replay(tr, emb, mode, policy, budget, max_bytes, args.utility_half_life)
                     cells.append(cell)
-                    print(f"s={tr.zipf_s} {mode:9s} {policy:7s} {budget:.0%}: hit {cell.hits / cell.requests:.1%} "
-                          f"(full {cell.full_hits}, composed {cell.composed_hits}), steps {cell.steps} "
-                          f"[{cell.seconds:.0f} s]", file=sys.stderr, flush=True)
-    sims = best_previous_similarities(trace, embs[0])
+                    print(f"{tr.label} {mode:11s} {policy:7s} {budget:.0%}: hit {cell.hits / cell.requests:.1%} "
+                          f"(full {cell.full_hits}, composed {cell.composed_hits}, partial {cell.partial_hits}), "
+                          f"steps {cell.steps} [{cell.seconds:.0f} s]", file=sys.stderr, flush=True)
+    sims = best_previous_similarities(trace, embs[trace.label])
+    cold_sims = best_previous_similarities(cold, embs[cold.label]) if cold else None
     total_s = time.monotonic() - t_start
 
     facts = describe(trace)
-    emb0 = embs[0]
+    emb0 = embs[trace.label]
     eligible = sum(emb0.object[t] is not None and emb0.background[t] is not None for t in trace.unique_texts())
-    report = render(args, trace, facts, eligible, cells, sims, budgets_bytes, t_embed, total_s, traces)
+    report = render(args, trace, facts, eligible, cells, sims, budgets_bytes, t_embed, total_s, sens, drift, cold,
+                    cold_sims)
     print(report)
     if not args.no_docs:
         # A --quick smoke run writes to the git-ignored bench/out/, never over the committed docs.
         doc = OUT / "quick/bench_traces.md" if args.quick else DOCS / "bench_traces.md"
-        plot(cells, sims, args.zipf_s, doc.parent / "img")
+        plot(cells, sims, trace.label, doc.parent / "img")
         doc.write_text(report.replace("](docs/img/", "](img/"))
         paths = sorted((doc.parent / "img").glob("traces_*.png"))
         print(f"wrote {doc} and {', '.join(str(p) for p in paths)}", file=sys.stderr)
@@ -455,19 +538,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def findings(cells: Sequence[Cell], sims: dict[str, np.ndarray]) -> list[str]:
-    """Verdict on the issue's target and the numbers that explain it, computed from this run."""
-    out = ["## Verdict (computed from this run)", ""]
+    """Verdict on the issue's target for one trace's cells and the numbers that explain it."""
+    out = []
     by = {(c.mode, c.policy, c.budget): c for c in cells}
     for policy in POLICIES:
-        w, d = by.get(("whole", policy, 0.10)), by.get(("decoupled", policy, 0.10))
-        if not (w and d):
-            continue
-        hw, hd = w.hits / w.requests, d.hits / d.requests
-        ratio = hd / hw if hw else float("inf")
-        met = "met" if ratio >= 3 and d.steps > w.steps else "NOT met"
-        out.append(f"- {policy}, 10% budget: decoupled hit rate {hd:.1%} vs whole-prompt {hw:.1%} ({ratio:.2f}x); "
-                   f"steps saved {d.steps:,} vs {w.steps:,}. Target (>= 3x and more steps): **{met}**.")
-    dec = [c for c in cells if c.mode == "decoupled"]
+        for mode in list(PARTIAL_ROLES)[1:]:
+            w, d = by.get(("whole", policy, 0.10)), by.get((mode, policy, 0.10))
+            if not (w and d):
+                continue
+            hw, hd = w.hits / w.requests, d.hits / d.requests
+            ratio = hd / hw if hw else float("inf")
+            met = "met" if ratio >= 3 and d.steps > w.steps else "NOT met"
+            out.append(f"- {cells[0].trace}, {policy}, 10% budget: {MODE_LABELS[mode]} hit rate {hd:.1%} vs "
+                       f"whole-prompt {hw:.1%} ({ratio:.2f}x); steps saved {d.steps:,} vs {w.steps:,}. "
+                       f"Target (>= 3x and more steps): **{met}**.")
+    dec = [c for c in cells if c.mode != "whole"]
     n_comp = sum(c.composed_hits for c in dec)
     if n_comp:
         two = sum(c.composed_two_entries for c in dec)
@@ -492,10 +577,15 @@ def findings(cells: Sequence[Cell], sims: dict[str, np.ndarray]) -> list[str]:
 
 def render(args: argparse.Namespace, trace: Trace, facts: dict[str, float], eligible: int, cells: list[Cell],
            sims: dict[str, np.ndarray], budgets_bytes: dict[float, tuple[int, int]], t_embed: float,
-           total_s: float, traces: list[Trace]) -> str:
-    main_cells = [c for c in cells if c.zipf_s == args.zipf_s]
-    sens = [c for c in cells if c.zipf_s != args.zipf_s]
+           total_s: float, sens: Trace | None, drift: Trace | None, cold: Trace | None,
+           cold_sims: dict[str, np.ndarray] | None) -> str:
+    main_cells = [c for c in cells if c.trace == trace.label]
+    sens_cells = [c for c in cells if sens and c.trace == sens.label]
+    drift_cells = [c for c in cells if drift and c.trace == drift.label]
+    cold_cells = [c for c in cells if cold and c.trace == cold.label]
     cmd = ".venv/bin/python bench/bench_traces.py" + (" --quick" if args.quick else "")
+    if args.utility_half_life is not None:
+        cmd += f" --utility-half-life {args.utility_half_life:g}"
     entry = next(iter(budgets_bytes.values()))
     unique = facts["distinct_texts_requested"]
     lines = [
@@ -531,11 +621,18 @@ def render(args: argparse.Namespace, trace: Trace, facts: dict[str, float], elig
         f"watermarks high {HIGH_WATERMARK} / low {LOW_WATERMARK} of max_bytes, the daemon's default "
         "similarity -> steps table (NIRVANA's, for all three roles), 50 steps.",
         "- Per request: Lookup. Whole-prompt mode (NIRVANA) sends only the full vector and stores only the full "
-        "vector; decoupled mode sends and stores full, object and background vectors. A whole-prompt hit is "
-        "fetched once (role full); a composed hit fetches the object donor and the background donor (roles "
-        "object/background) with the granted steps, so each policy gets its usage credit. On a miss the request "
+        "vector; decoupled mode sends and stores full, object and background vectors; partial mode is decoupled "
+        "mode whose lookups also allow a partial hit (`partial_roles=(\"object\",)`: when only the object "
+        "matches, its donor alone, client/compose.one_part; the object only, because an object-only start kept "
+        "quality on the reference model and a background-only one did not, docs/bench_composed.md). A "
+        "whole-prompt hit is fetched once (role full); a composed hit fetches the object donor and the "
+        "background donor (roles object/background), a partial hit its one donor, with the granted steps, so "
+        "each policy gets its usage credit. On a miss the request "
         f"is 'generated' and put with a synthetic incompressible blob of {BLOB_BYTES // 1024} KiB (a compressed "
-        "x0 latent; every entry the same size, so a budget is a number of entries). Hits are not admitted.",
+        "x0 latent; every entry the same size, so a budget is a number of entries). As the FlexCache serving "
+        f"workers do (admit_max_start), a generation that started at K <= {ADMIT_MAX_K} (a miss, or a hit that "
+        "skipped little) is stored too: a request served by a K = 5 composite or partial hit ran 45 of 50 steps "
+        "and its own clip is as good a donor as a miss's. Same rule in every mode.",
         f"- Budget = fraction of the distinct texts' total entry bytes ({entry[1]:,} bytes for {unique} texts, "
         f"~{entry[1] / unique / 1024:.0f} KiB each with the record). The daemon evicts above 95% down to 85%, so "
         "a cell holds 85-95% of its budget in entries.",
@@ -543,19 +640,49 @@ def render(args: argparse.Namespace, trace: Trace, facts: dict[str, float], elig
         f"## Results, Zipf s = {args.zipf_s}",
         "",
         table(main_cells),
-        "Hit rate = (whole-prompt hits + composed hits) / measured requests. Steps saved are the granted K "
-        "(a composed hit grants min(K_object, K_background)). Evictions count the whole run, warm-up included.",
+        "Hit rate = (whole-prompt + composed + partial hits) / measured requests. Steps saved are the granted K "
+        "(a composed hit grants min(K_object, K_background), capped by the daemon's composed_max_fraction at 5 of "
+        "50; a partial hit is granted as a composite of its part with itself). Evictions count the whole run, "
+        "warm-up included.",
         "",
         "![hit rate and steps saved](docs/img/traces_hit_rate.png)",
         "",
         "### Decoupled vs whole-prompt",
         "",
         ratio_table(cells),
+        "### Eviction policies side by side",
+        "",
+        "The FlexCache policy (utility: steps saved per role, per byte, decayed by cache turnover, "
+        "daemon/eviction/utility.py) against LRU and NIRVANA's LCBFU, every trace below included. Every entry "
+        "here has the same size, so per-byte ranking plays no part; what differs is decay and the role weights.",
+        "",
+        policy_table(cells),
     ]
     if sens:
-        lines += [f"## Sensitivity: Zipf s = {sens[0].zipf_s}, 10% budget, {' and '.join(SENSITIVITY_POLICIES)}", "",
-                  f"Same intents and seed; {describe(traces[1])['distinct_texts_requested']} distinct texts "
-                  "(the budget is recomputed from them).", "", table(sens)]
+        lines += [f"## Sensitivity: Zipf s = {sens.zipf_s}, 10% budget, {' and '.join(SENSITIVITY_POLICIES)}", "",
+                  f"Same intents and seed; {describe(sens)['distinct_texts_requested']} distinct texts "
+                  "(the budget is recomputed from them).", "", table(sens_cells)]
+    if drift:
+        lines += [f"## Shifting popularity: {drift.label}, 10% budget", "",
+                  f"The main trace's intents, exponent and seed, but the popularity order is drawn anew every "
+                  f"{drift.label.rsplit('every ', 1)[1]}: what was hot goes cold at once (a trend ends). Frequency "
+                  "counted over the whole past (LCBFU) keeps yesterday's hits; recency (LRU) forgets them but also "
+                  "forgets how much an entry saved; the utility policy's credit halves every utility_half_life "
+                  "cache turnovers (2, the daemon's default).", "", table(drift_cells)]
+    if cold and cold_sims is not None:
+        lines += [
+            f"## Chai's protocol: {cold.warmup} prompts cached, then {len(cold.measured)} new ones, 10% budget", "",
+            f"The anchor's set-up (BRIEF: Chai, 52% entity hits vs 14.7% whole-prompt hits): {len(cold.requests)} "
+            "distinct intents of the same pool in a seeded order, each requested once in its suite wording, the "
+            f"first {cold.warmup} as warm-up. No repeats and no rewrites of a cached prompt, so every hit is "
+            "approximate; misses are admitted as above, and the budget (10% of the distinct texts' bytes) holds "
+            "about as many entries as were cached.", "",
+            table(cold_cells),
+            "Offline, the same new prompts against every earlier prompt of the protocol (unbounded cache): how "
+            "the roles' similarities distribute and what each rule would grant.", "",
+            similarity_table(cold_sims),
+            what_if(cold_sims),
+        ]
     lines += [
         "## How the three roles' similarities distribute",
         "",
@@ -571,7 +698,9 @@ def render(args: argparse.Namespace, trace: Trace, facts: dict[str, float], elig
         "![similarity histogram](docs/img/traces_similarity.png)",
         "",
     ]
-    lines += findings(main_cells, sims)
+    lines += ["## Verdict (computed from this run)", "", *findings(main_cells, sims)]
+    if cold_cells and cold_sims is not None:
+        lines += findings(cold_cells, cold_sims)
     composed = [c for c in main_cells if c.composed_hits]
     if composed:
         o = np.concatenate([c.composed_object_sims for c in composed])

@@ -12,6 +12,11 @@ stated popularity model:
 * Each request picks one of its intent's paraphrases uniformly.
 * The first `warmup` requests fill the cache and are kept apart from the measured part.
 
+A second, repeat-free model follows Chai's protocol (BRIEF: "100 prompts cached, then 1,000 new
+prompts"): distinct intents in a seeded order, each requested once in its original wording, the
+first `cached` of them as warm-up. Nothing is asked twice and no rewrite of a cached prompt comes
+back, so every hit is an approximate one.
+
 Everything is deterministic given the seed.
 """
 
@@ -70,8 +75,13 @@ class Trace:
     intents: tuple[Intent, ...]
     requests: tuple[Request, ...]
     warmup: int
-    zipf_s: float
+    zipf_s: float  # 0.0 for the repeat-free (cold) protocol
     seed: int
+    popularity: str = ""  # how requests were drawn, for reports; empty: Zipf with zipf_s
+
+    @property
+    def label(self) -> str:
+        return self.popularity or f"Zipf s = {self.zipf_s}"
 
     @property
     def measured(self) -> tuple[Request, ...]:
@@ -163,20 +173,38 @@ def sample_intents(intents: Sequence[Intent], n: int, seed: int) -> list[Intent]
     return [intents[i] for i in chosen]
 
 
-def build_trace(intents: Sequence[Intent], requests: int, warmup: int, zipf_s: float, seed: int) -> Trace:
+def build_trace(intents: Sequence[Intent], requests: int, warmup: int, zipf_s: float, seed: int,
+                reshuffle_every: int = 0) -> Trace:
     """Draw `warmup + requests` requests: intent by Zipf(s) over a seeded popularity order, then a
-    paraphrase uniformly."""
-    if requests < 0 or warmup < 0:
+    paraphrase uniformly. With `reshuffle_every`, the popularity order is drawn anew every that many
+    requests (trends: what was hot goes cold at once), a trace on which the past misleads."""
+    if requests < 0 or warmup < 0 or reshuffle_every < 0:
         raise ValueError("request counts must be non-negative")
     rng = np.random.default_rng([seed, 2])
     popularity = rng.permutation(len(intents))  # popularity[r] = intent at rank r + 1
     ranks = rng.choice(len(intents), size=warmup + requests, p=zipf_probabilities(len(intents), zipf_s))
     out = []
-    for rank in ranks:
+    for n, rank in enumerate(ranks):
+        if reshuffle_every and n and n % reshuffle_every == 0:
+            popularity = rng.permutation(len(intents))
         i = int(popularity[rank])
         p = int(rng.integers(len(intents[i].paraphrases)))
         out.append(Request(i, p, intents[i].paraphrases[p]))
-    return Trace(tuple(intents), tuple(out), warmup, zipf_s, seed)
+    label = f"Zipf s = {zipf_s}, reshuffled every {reshuffle_every} requests" if reshuffle_every else ""
+    return Trace(tuple(intents), tuple(out), warmup, zipf_s, seed, popularity=label)
+
+
+def build_cold_trace(intents: Sequence[Intent], cached: int, new: int, seed: int) -> Trace:
+    """Chai's protocol: `cached + new` distinct intents in a seeded order, each requested once in its
+    original wording; the first `cached` requests are the warm-up."""
+    if cached < 0 or new < 0:
+        raise ValueError("request counts must be non-negative")
+    if cached + new > len(intents):
+        raise ValueError(f"{cached} + {new} distinct prompts asked of {len(intents)} intents")
+    order = np.random.default_rng([seed, 3]).permutation(len(intents))[:cached + new]
+    requests = tuple(Request(int(i), 0, intents[i].paraphrases[0]) for i in order)
+    return Trace(tuple(intents), requests, cached, 0.0, seed,
+                 popularity=f"cold: {cached} cached, then {new} new prompts, each once")
 
 
 def describe(trace: Trace) -> dict[str, float]:

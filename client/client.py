@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -236,8 +236,20 @@ class Hit:
 
     latent: Any
     steps: int
-    kind: str  # "full": one entry matched the whole prompt; "composed": object and background donors
+    kind: str  # "full": one entry matched the whole prompt; "composed": object and background donors;
+    #            "partial": one donor whose object or background alone matched (get(partial_roles=...))
     sources: list[Candidate]
+
+
+def _role(name: str) -> int:
+    """"object" -> pb.ROLE_OBJECT (ValueError for a name the API does not have)."""
+    return pb.Role.Value(f"ROLE_{name.upper()}")
+
+
+def _as_torch(array: np.ndarray) -> Any:
+    import torch  # only for callers that asked for tensors: the client itself runs without torch
+
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def _best_pair(objects: list[Candidate], backgrounds: list[Candidate]) -> tuple[Candidate, Candidate] | None:
@@ -380,10 +392,11 @@ class CacheClient:
 
     # ---- find ----
     def lookup(self, vector: Any, *, object_vector: Any = None, background_vector: Any = None,
-               top_k: int = 1) -> LookupResult | None:
-        """Similar earlier entries with the steps each lets the worker skip; None if the daemon failed."""
+               top_k: int = 1, partial_roles: Sequence[str] = ()) -> LookupResult | None:
+        """Similar earlier entries with the steps each lets the worker skip; None if the daemon failed.
+        `partial_roles` ("object", "background"): parts whose donors may answer alone (a partial hit)."""
         request = pb.LookupRequest(namespace=self._ns, vectors=_vectors(vector, object_vector, background_vector),
-                                   top_k=top_k)
+                                   top_k=top_k, partial_roles=[_role(r) for r in partial_roles])
         try:
             response = self._stub.Lookup(request, timeout=self.timeout_s)
         except grpc.RpcError as exc:
@@ -398,7 +411,7 @@ class CacheClient:
         The bytes come over the daemon's data port (FetchDirect, client/dataport.py); from a daemon
         without one, or after a transfer that failed, they stream (Fetch)."""
         request = pb.FetchRequest(namespace=self._ns, entry_id=entry_id, granted_steps=granted_steps,
-                                  role=pb.Role.Value(f"ROLE_{role.upper()}"))
+                                  role=_role(role))
         try:
             fetched = self._fetch_direct(request)
             return fetched if fetched is not None else self._fetch_stream(request)
@@ -483,23 +496,32 @@ class CacheClient:
 
     def get(self, vector: Any, *, object_vector: Any = None, background_vector: Any = None,
             rebuild: Rebuild | None = None, noise_seed: int | None = None, as_torch: bool = False,
-            top_k: int = 3) -> Hit | None:
+            top_k: int = 3, partial_roles: Sequence[str] = ()) -> Hit | None:
         """Lookup, fetch and decode: the latent to start sampling from at step `hit.steps`, or None.
 
         A whole-prompt match comes first. With `object_vector` and `background_vector`, a prompt that
         matches nothing as a whole may still be served by composing the object of one entry with the
-        background of another (see compose.py). Clean latents are rebuilt at the granted step by
-        `rebuild` (without it, the clean latent itself is returned) with the noise of the entry's own
-        seed, or of `noise_seed` when given (the request's seed: on the reference model that is at
-        least as good, bench/bench_rebuild.py); an intermediate latent is returned as stored."""
-        result = self.lookup(vector, object_vector=object_vector, background_vector=background_vector, top_k=top_k)
+        background of another (see compose.py); with `partial_roles`, also from one entry whose object
+        (or background) alone matches (a partial hit, compose.one_part). Off by default; on the
+        reference model an object-only start cost 1.4 points at K = 5 and a background-only one 2.8
+        (docs/bench_composed.md), so ("object",) is the measured choice.
+
+        Clean latents are rebuilt at the granted step by `rebuild` (without it, the clean latent itself
+        is returned) with the noise of the entry's own seed, or of `noise_seed` when given (the
+        request's seed: on the reference model that is at least as good, bench/bench_rebuild.py); an
+        intermediate latent is returned as stored."""
+        result = self.lookup(vector, object_vector=object_vector, background_vector=background_vector, top_k=top_k,
+                             partial_roles=partial_roles)
         if result is None:
             return None
         try:
             if result.best is not None:
                 latent = self._fetch_at_step(result.best, rebuild, noise_seed, as_torch)
                 return None if latent is None else Hit(latent, result.best.granted_steps, "full", [result.best])
-            pair = _best_pair(result.donors("object"), result.donors("background"))
+            objects, backgrounds = result.donors("object"), result.donors("background")
+            if not (objects and backgrounds):
+                return self._partial(objects or backgrounds, rebuild, noise_seed, as_torch)
+            pair = _best_pair(objects, backgrounds)
             if pair is None:
                 return None
             obj, bg = pair
@@ -508,14 +530,30 @@ class CacheClient:
                 return None
             latent, _ = compose.compose(np.asarray(latents[0]), np.asarray(latents[1]), obj.object_mask,
                                         bg.object_mask)
-            if as_torch:
-                import torch
-
-                latent = torch.from_numpy(latent)
-            return Hit(latent, obj.granted_steps, "composed", [obj, bg])
+            return Hit(_as_torch(latent) if as_torch else latent, obj.granted_steps, "composed", [obj, bg])
         except (codec.CodecError, ValueError) as exc:
             self._failed("decode", exc)
             return None
+
+    def _partial(self, donors: list[Candidate], rebuild: Rebuild | None, noise_seed: int | None,
+                 as_torch: bool) -> Hit | None:
+        """A start from the best donor of the one part that matched: its other part flattened before
+        the rebuild, so the donor's mismatched object or scene does not carry into step K."""
+        donor = next((c for c in donors if c.object_mask is not None), None)  # the mask says which cells to keep
+        if donor is None:
+            return None
+        fetched = self.fetch(donor.entry_id, role=donor.role, granted_steps=donor.granted_steps)
+        if fetched is None:
+            return None
+        if fetched.blob.step != 0:  # the daemon serves clean latents as donors; anything else is not ours to edit
+            raise ValueError(f"donor {donor.entry_id} is not a clean latent (step {fetched.blob.step})")
+        latent = compose.one_part(np.asarray(fetched.latent()), donor.object_mask, donor.role)
+        if rebuild is not None:
+            seed = fetched.seed if noise_seed is None else noise_seed
+            if seed is None:
+                raise ValueError(f"entry {donor.entry_id} has no seed to rebuild its noise from")
+            latent = np.asarray(rebuild(latent, seed, donor.granted_steps, self.namespace.total_steps))
+        return Hit(_as_torch(latent) if as_torch else latent, donor.granted_steps, "partial", [donor])
 
     def _fetch_at_step(self, candidate: Candidate, rebuild: Rebuild | None, noise_seed: int | None,
                        as_torch: bool) -> Any:

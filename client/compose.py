@@ -15,6 +15,10 @@ latent grid. Decisions, for a reader who wonders why:
   `feather` cells (a box blur), so the denoiser can blend the seam in its remaining steps.
 - A donor without a mask cannot be placed: the pair is skipped, and with no usable pair the hit is
   a miss.
+- **One part only** (`one_part`, a partial hit: only the object or only the background matched). The
+  matched part of the donor is kept; the other is flattened to the donor's mean background (per
+  channel and frame), so the donor's own object or scene detail does not survive where the request
+  wants something else, while the latent keeps the statistics the denoiser expects at step K.
 
 numpy only, so it serves numpy and (converted) torch latents alike.
 """
@@ -106,3 +110,19 @@ def compose(object_latent: np.ndarray, background_latent: np.ndarray, mask_objec
     m = feathered(region, feather)[None]
     composite = m * obj.astype(np.float32) + (1.0 - m) * background_latent.astype(np.float32)
     return composite.astype(object_latent.dtype), place
+
+
+def one_part(latent: np.ndarray, mask: np.ndarray, keep: str, feather: int = 1) -> np.ndarray:
+    """A start [C, T, H, W] from one donor whose `keep` part ("object" or "background") matched."""
+    if keep not in ("object", "background"):
+        raise ValueError(f"keep must be 'object' or 'background', not {keep!r}")
+    if mask.shape != latent.shape[1:]:
+        raise ValueError(f"object mask {mask.shape} does not match the latent grid {latent.shape[1:]}")
+    x = latent.astype(np.float32)
+    background = ~mask[None]  # [1, T, H, W]
+    cells = background.sum(axis=(2, 3), keepdims=True)
+    mean_bg = (x * background).sum(axis=(2, 3), keepdims=True) / np.maximum(cells, 1)
+    fill = np.where(cells > 0, mean_bg, x.mean(axis=(2, 3), keepdims=True))  # a frame all object: its mean
+    m = feathered(mask, feather)[None]
+    out = m * x + (1.0 - m) * fill if keep == "object" else m * fill + (1.0 - m) * x
+    return out.astype(latent.dtype)

@@ -53,7 +53,7 @@ class Limits:
     low_watermark: float
     max_blob_bytes: int
     max_vector_dim: int
-    utility_half_life_s: float
+    utility_half_life: float
     utility_prior_steps: float
 
 
@@ -170,6 +170,11 @@ class Cache:
         self._pins: Counter[str] = Counter()
         self.total_bytes = 0
         self.evictions = 0
+        # The utility policy's clock, in cache turnovers: bytes of new entries / max_bytes. Credit
+        # decays as the cache fills with new work, not as seconds pass, so the policy behaves alike
+        # at any request rate (a replay at 50 requests/s and a fleet at 1/min), and an idle or
+        # all-hits cache, whose contents are not being replaced, keeps what its entries earned.
+        self.clock = 0.0
         metrics.max_bytes.set(limits.max_bytes)
 
     # ---- startup ----
@@ -184,6 +189,7 @@ class Cache:
                 header.vectors.CopyFrom(self.store.vectors(eid, header))
             usage = usage or self._new_usage(header, time.time())
             usage.blob_size = header.blob.size
+            self.clock = max(self.clock, usage.credit_clock)
             self._track(eid, ns_key, usage)
             if eid not in indexed:
                 to_index.append(IndexPoint(eid, ns_key, _vectors(header.vectors, None, 1 << 30)))
@@ -205,7 +211,7 @@ class Cache:
         usage = Usage(size=record_size(header), blob_size=header.blob.size, created=now, last_access=now,
                       step=header.blob.step, total_steps=header.namespace.total_steps,
                       step_cost=header.step_seconds or 1.0)
-        usage.add_credit(self.limits.utility_prior_steps * usage.step_cost, now, self.limits.utility_half_life_s)
+        usage.add_credit(self.limits.utility_prior_steps * usage.step_cost, self.clock, self.limits.utility_half_life)
         return usage
 
     def _track(self, eid: str, ns_key: str, usage: Usage) -> None:
@@ -288,6 +294,7 @@ class Cache:
             if new_ns:
                 self._namespaces[ns.key] = new_ns
             self._track(eid, ns.key, usage)
+            self.clock += usage.size / self.limits.max_bytes
             self._evict_if_needed()
         self.metrics.payload.labels("Put").observe(header.blob.size)
         return pb.PutResponse(entry_id=eid, created=True, stored_bytes=usage.size)
@@ -300,6 +307,9 @@ class Cache:
         known = self._namespaces.get(ns.key)
         vectors = _vectors(request.vectors, known.dim if known else None, self.limits.max_vector_dim)
         top_k = max(1, min(request.top_k or 1, 64))
+        partial = {ROLE_BY_ENUM.get(r) for r in request.partial_roles}
+        if not partial <= {"object", "background"}:
+            raise InvalidRequest("partial_roles may name ROLE_OBJECT and ROLE_BACKGROUND only")
         if known is None:
             return self._miss(ns, "unknown_namespace")
         total_steps = request.namespace.total_steps
@@ -309,10 +319,12 @@ class Cache:
         if full:
             self.metrics.lookups.labels(ns.name, "hit").inc()
             return pb.LookupResponse(candidates=full)
-        if "object" in vectors and "background" in vectors:
-            donors = self._donors(ns, vectors, total_steps, top_k)
+        parts = [role for role in ("object", "background") if role in vectors]
+        if len(parts) == 2 or partial & set(parts):
+            donors = self._donors(ns, vectors, total_steps, top_k, partial)
             if donors:
-                self.metrics.lookups.labels(ns.name, "composed").inc()
+                roles = {c.role for c in donors}
+                self.metrics.lookups.labels(ns.name, "composed" if len(roles) == 2 else "partial").inc()
                 return pb.LookupResponse(candidates=donors)
         return self._miss(ns, "below_threshold" if hits else "empty_namespace")
 
@@ -350,15 +362,24 @@ class Cache:
         return candidates[:limit]
 
     def _donors(self, ns: NamespaceKey, vectors: dict[str, np.ndarray], total_steps: int,
-                top_k: int) -> list[pb.Candidate]:
-        """Up to top_k object donors and top_k background donors, granted the composite's steps."""
-        objects = self._usable(ns, self.index.search(ns.key, "object", vectors["object"], limit=top_k * 5),
-                               total_steps, top_k, pb.ROLE_OBJECT)
-        backgrounds = self._usable(ns, self.index.search(ns.key, "background", vectors["background"],
-                                                         limit=top_k * 5), total_steps, top_k, pb.ROLE_BACKGROUND)
-        if not objects or not backgrounds:
+                top_k: int, partial: set[str]) -> list[pb.Candidate]:
+        """Up to top_k object donors and top_k background donors, granted the composite's steps; when
+        only one part matches and its role is in `partial`, that part's donors, granted as a composite
+        of the part with itself (the same cap: the client starts from them at the same K)."""
+        def part(role: str, enum: int) -> list[pb.Candidate]:
+            if role not in vectors:
+                return []
+            hits = self.index.search(ns.key, role, vectors[role], limit=top_k * 5)
+            return self._usable(ns, hits, total_steps, top_k, enum)
+
+        objects, backgrounds = part("object", pb.ROLE_OBJECT), part("background", pb.ROLE_BACKGROUND)
+        if objects and backgrounds:
+            steps = self.steps.composed_steps(objects[0].granted_steps, backgrounds[0].granted_steps, total_steps)
+        elif (objects and "object" in partial) or (backgrounds and "background" in partial):
+            k = (objects or backgrounds)[0].granted_steps
+            steps = self.steps.composed_steps(k, k, total_steps)
+        else:
             return []
-        steps = self.steps.composed_steps(objects[0].granted_steps, backgrounds[0].granted_steps, total_steps)
         if not steps:
             return []
         for candidate in objects + backgrounds:
@@ -387,7 +408,7 @@ class Cache:
             if role and request.granted_steps:
                 usage.record_hit(role, request.granted_steps)
                 credit = request.granted_steps * ROLE_WEIGHTS[role] * usage.step_cost
-                usage.add_credit(credit, now, self.limits.utility_half_life_s)
+                usage.add_credit(credit, self.clock, self.limits.utility_half_life)
                 self.metrics.hits.labels(ns.name, role).inc()
                 self.metrics.steps.labels(ns.name, role).inc(request.granted_steps)
         try:

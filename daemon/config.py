@@ -130,7 +130,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("high_watermark", float, 0.95, "Evict when stored bytes exceed this fraction of max_bytes."),
     Option("low_watermark", float, 0.85, "Evict down to this fraction of max_bytes."),
     Option("eviction_policy", str, "utility", "Replacement policy.", ("lru", "lcbfu", "utility")),
-    Option("utility_half_life_s", float, 3600.0, "Utility policy: half-life of an entry's credit, seconds."),
+    Option("utility_half_life", float, 2.0,
+           "Utility policy: an entry's credit halves each time new entries totalling this many max_bytes "
+           "have been stored (cache turnovers, not seconds: the same at any request rate)."),
     Option("utility_prior_steps", float, 5.0,
            "Utility policy: credit (in steps) a new entry starts with, so it is not evicted before use."),
     Option("skip_thresholds", parse_thresholds, NIRVANA_THRESHOLDS,
@@ -170,7 +172,7 @@ class Config:
     high_watermark: float
     low_watermark: float
     eviction_policy: str
-    utility_half_life_s: float
+    utility_half_life: float
     utility_prior_steps: float
     skip_thresholds: tuple[tuple[float, float], ...]
     skip_thresholds_by_namespace: dict[str, tuple[tuple[float, float], ...]]
@@ -217,6 +219,10 @@ def _parse(option: Option, raw: Any, source: str) -> Any:
 def _check(config: Config) -> Config:
     if not 0 < config.low_watermark <= config.high_watermark <= 1:
         raise ConfigError("watermarks: need 0 < low_watermark <= high_watermark <= 1")
+    if not config.utility_half_life > 0:
+        raise ConfigError(f"utility_half_life must be positive, not {config.utility_half_life}")
+    if not config.utility_prior_steps >= 0:
+        raise ConfigError(f"utility_prior_steps must be at least 0, not {config.utility_prior_steps}")
     if not 0 <= config.composed_max_fraction <= 1:
         raise ConfigError("composed_max_fraction must be between 0 and 1")
     if config.data_listen not in ("", "auto") and not re.fullmatch(r".+:\d{1,5}", config.data_listen):

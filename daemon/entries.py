@@ -102,10 +102,11 @@ def record_size(header: pb.PutHeader) -> int:
 class Usage:
     """How much an entry has been worth. Persisted, so policies can be rebuilt after a restart.
 
-    `log2_credit` is log2 of the entry's decayed credit in steps, measured against a fixed epoch
-    (t=0): credit(now) = 2 ** (log2_credit - now / half_life). Every entry decays by the same
-    factor, so comparing log2_credit compares current credit without rescoring every entry, and the
-    log keeps the numbers finite however long the daemon runs.
+    `log2_credit` is log2 of the entry's decayed credit in steps, measured against the cache's
+    turnover clock at 0: credit(clock) = 2 ** (log2_credit - clock / half_life). Every entry decays
+    by the same factor, so comparing log2_credit compares current credit without rescoring every
+    entry, and the log keeps the numbers finite however long the daemon runs. `credit_clock` is the
+    clock at the last credit, so a restarted daemon resumes its clock from the newest one.
     """
 
     size: int  # blob + record: what the entry costs in the budget
@@ -117,6 +118,7 @@ class Usage:
     hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ROLES, 0))
     steps_saved: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ROLES, 0.0))
     log2_credit: float = -math.inf
+    credit_clock: float = 0.0
     blob_size: int = 0  # the latent blob alone (0 in records written before it was kept)
 
     def to_bytes(self) -> bytes:
@@ -128,17 +130,21 @@ class Usage:
     def from_bytes(cls, raw: bytes) -> Usage:
         data = json.loads(raw)
         data["log2_credit"] = -math.inf if data["log2_credit"] is None else data["log2_credit"]
+        if "credit_clock" not in data:  # credit earned on the old wall clock: restart it at turnover 0
+            saved = sum(data["steps_saved"].values()) * data["step_cost"]
+            data["log2_credit"] = math.log2(saved) if saved > 0 else -math.inf
         return cls(**data)
 
     @property
     def total_hits(self) -> int:
         return sum(self.hits.values())
 
-    def add_credit(self, steps: float, at: float, half_life_s: float) -> None:
-        """Add `steps` of credit earned at time `at` (log-sum-exp, in base 2)."""
+    def add_credit(self, steps: float, clock: float, half_life: float) -> None:
+        """Add `steps` of credit earned at turnover `clock` (log-sum-exp, in base 2)."""
+        self.credit_clock = max(self.credit_clock, clock)
         if steps <= 0:
             return
-        term = math.log2(steps) + at / half_life_s
+        term = math.log2(steps) + clock / half_life
         high, low = max(self.log2_credit, term), min(self.log2_credit, term)
         self.log2_credit = high + math.log2(1.0 + 2.0 ** (low - high)) if low > -math.inf else high
 

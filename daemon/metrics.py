@@ -30,7 +30,7 @@ class Metrics:
                            buckets=_SIZE_BUCKETS)
         self.lookups = add(Counter, "flexcache_lookups_total",
                            "Lookups, by namespace and result: hit (whole prompt), composed (object and background "
-                           "donors) or miss.", ("namespace", "result"))
+                           "donors), partial (one part's donors) or miss.", ("namespace", "result"))
         self.misses = add(Counter, "flexcache_lookup_misses_total", "Missed lookups, by namespace and reason.",
                           ("namespace", "reason"))
         self.hits = add(Counter, "flexcache_hits_total", "Entries served (fetched), by namespace and role.",

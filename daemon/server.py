@@ -216,7 +216,7 @@ class Daemon:
         index = open_index(c.index_backend, c.data_path, url=c.qdrant_url, api_key=c.qdrant_api_key,
                            prefer_grpc=c.qdrant_prefer_grpc, path=c.qdrant_path)
         limits = Limits(c.max_bytes, c.high_watermark, c.low_watermark, c.max_blob_bytes, c.max_vector_dim,
-                        c.utility_half_life_s, c.utility_prior_steps)
+                        c.utility_half_life, c.utility_prior_steps)
         steps = StepTable(c.skip_thresholds, c.skip_thresholds_by_namespace, c.composed_max_fraction)
         self.cache = Cache(self.store, index, make_policy(c.eviction_policy), steps, self.metrics, limits)
         self.cache.open()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flexcache.client.compose import compose, feathered, pair_score, placement, shift
+from flexcache.client.compose import compose, feathered, one_part, pair_score, placement, shift
 from tests.conftest import connect
 from tests.vectors import at_similarity, unit
 
@@ -88,3 +88,43 @@ def test_composed_hit_end_to_end(daemon) -> None:
         assert stats.entries == 2
         # Without the parts' vectors the same request is a plain miss.
         assert c.get(unit(12)) is None
+
+
+def test_one_part_keeps_the_matched_part_and_flattens_the_other() -> None:
+    mask = box(slice(4, 8), slice(4, 8))
+    latent = np.where(mask[None], 5.0, 0.0).astype(np.float32).repeat(2, axis=0)
+    latent[1, :, 0, 0] = 12.0  # background detail: the flattened part keeps only the background mean
+    mean_bg = 12.0 / (GRID[1] * GRID[2] - 16)
+    obj = one_part(latent, mask, "object", feather=0)
+    assert (obj[:, :, 4:8, 4:8] == 5.0).all() and obj[1, 0, 0, 0] == pytest.approx(mean_bg)
+    bg = one_part(latent, mask, "background", feather=0)
+    assert bg[1, 0, 0, 0] == 12.0 and bg[0, :, 4:8, 4:8] == pytest.approx(0.0)  # the donor's object is gone
+    assert bg[1, :, 4:8, 4:8] == pytest.approx(mean_bg)
+    assert obj.dtype == latent.dtype and obj.shape == latent.shape
+    with pytest.raises(ValueError, match="keep must be"):
+        one_part(latent, mask, "scene")
+    with pytest.raises(ValueError, match="does not match"):
+        one_part(latent, mask[:, :4], "object")
+
+
+def test_partial_hit_end_to_end(daemon) -> None:
+    """Only the background matches: a partial hit when the client allows it, a miss otherwise."""
+    beach, dog_mask = unit(4), box(slice(3, 7), slice(3, 7))
+    latent = np.where(dog_mask[None], 3.0, -1.0).astype(np.float32).repeat(4, axis=0)
+    with connect(daemon.target) as c:
+        c.put("a dog on a beach", latent, unit(10), object_vector=unit(1), background_vector=beach,
+              object_mask=dog_mask, seed=7)
+        query = dict(object_vector=unit(3), background_vector=at_similarity(beach, 0.9, 100))
+        assert c.get(unit(12), **query) is None  # a cat on a beach: no object donor, no composite
+        result = c.lookup(unit(12), **query, partial_roles=("background",))
+        assert [(d.role, d.granted_steps) for d in result.candidates] == [("background", 5)]  # composed cap
+        assert c.get(unit(12), **query, partial_roles=("object",)) is None  # the object did not match
+        hit = c.get(unit(12), **query, partial_roles=("background",), rebuild=lambda x0, seed, k, n: x0 + seed)
+        assert hit is not None and hit.kind == "partial" and hit.steps == 5
+        assert hit.sources[0].prompt == "a dog on a beach"
+        np.testing.assert_allclose(hit.latent, np.full(latent.shape, -1.0 + 7))  # the dog erased, then rebuilt
+        # Only the object matches: the dog is kept, the beach flattened (here: already flat).
+        hit = c.get(unit(12), object_vector=at_similarity(unit(1), 0.97, 101), background_vector=unit(5),
+                    partial_roles=("object",))
+        assert hit.kind == "partial" and hit.sources[0].role == "object"
+        np.testing.assert_array_equal(hit.latent, latent)

@@ -37,6 +37,8 @@ def test_precedence_yaml_then_env_then_flags() -> None:
     ("yaml", {"skip_thresholds": "0.95:0.1,0.9:0.4"}, "similarity 0.95 grants less than 0.9"),
     ("yaml", {"skip_thresholds_by_namespace": {"*/wan*": "0.9:2"}}, "[*/wan*]"),
     ("yaml", {"index_backend": "qdrant"}, "needs qdrant_url"),
+    ("env", {"FLEXCACHE_UTILITY_HALF_LIFE": "0"}, "utility_half_life must be positive"),
+    ("yaml", {"utility_prior_steps": -1}, "utility_prior_steps must be at least 0"),
 ])
 def test_errors(layer: str, values: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -73,6 +73,32 @@ def test_no_composite_when_a_part_misses(client: CacheClient) -> None:
     assert without_parts.candidates == []
 
 
+def test_partial_hit_only_for_the_roles_asked(client: CacheClient) -> None:
+    """A part named in partial_roles answers alone; other parts do not; whole and composite come first."""
+    entry = client.put("a dog in a forest", np.ones(8, np.float32), unit(30), object_vector=unit(31),
+                       background_vector=unit(32))
+    forest = dict(object_vector=unit(35), background_vector=at_similarity(unit(32), 0.8, 1))
+    result = client.lookup(unit(33), **forest, partial_roles=("background",))
+    assert [(c.entry_id, c.role, c.granted_steps) for c in result.candidates] == [(entry, "background", 5)]
+    assert client.lookup(unit(33), **forest, partial_roles=("object",)).candidates == []
+    assert client.lookup(unit(33), **forest).candidates == []
+    # Only the object vector sent: the object donor answers alone.
+    result = client.lookup(unit(33), object_vector=unit(31), partial_roles=("object", "background"))
+    assert [c.role for c in result.candidates] == ["object"]
+    # Nothing matches: still a miss; the whole prompt matches: a whole hit, as before.
+    nothing = client.lookup(unit(33), object_vector=unit(35), background_vector=unit(36), partial_roles=("object",))
+    assert nothing.candidates == [] and nothing.miss_reason == "below_threshold"
+    assert client.lookup(unit(30), object_vector=unit(31), partial_roles=("object",)).best.entry_id == entry
+
+
+def test_partial_roles_name_parts_only(daemon) -> None:
+    request = pb.LookupRequest(namespace=NS.to_proto(), vectors=pb.Vectors(full=unit(1).tolist()),
+                               partial_roles=[pb.ROLE_FULL])
+    with grpc.insecure_channel(daemon.target) as channel, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.CacheServiceStub(channel).Lookup(request, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "partial_roles" in err.value.details()
+
+
 def test_intermediate_latents_are_not_donors(client: CacheClient) -> None:
     client.put("nirvana row", np.ones(8, np.float16), unit(40), object_vector=unit(41), background_vector=unit(42),
                step=10)

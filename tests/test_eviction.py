@@ -84,6 +84,72 @@ def test_utility_evicts_least_value_per_byte(start_daemon) -> None:
         assert all(present(c, small)) and all(present(c, extra))
 
 
+def test_utility_ages_by_turnover(start_daemon) -> None:
+    """Among entries with equal credit, the oldest goes first: credit earned one put later counts more
+    than the few bytes a longer prompt adds (on a wall clock, milliseconds apart, it would not)."""
+    daemon = start_daemon(max_bytes="3MiB", eviction_policy="utility")
+    with connect(daemon.target) as c:
+        ids = [c.put("p" + "x" * (40 * i), latent(i), unit(i)) for i in range(10)]  # newer = larger
+        c.put("p10", latent(10), unit(10))
+        c.put("p11", latent(11), unit(11))
+        assert present(c, ids[:3]) == [False, False, True]
+
+
+def test_turnover_clock_resumes_after_restart(tmp_path: Path) -> None:
+    """In-process, to read the clock: it advances by each new entry's share of max_bytes, a credit one
+    half-life of turnover later is worth twice as much, and a reopened cache resumes the clock."""
+    import hashlib
+
+    from flexcache.v1 import cache_pb2 as pb
+
+    limits = Limits(max_bytes=8 << 20, high_watermark=0.95, low_watermark=0.85, max_blob_bytes=1 << 30,
+                    max_vector_dim=4096, utility_half_life=0.25, utility_prior_steps=0)
+
+    def open_cache() -> Cache:
+        cache = Cache(Store(tmp_path / "store"), EdgeIndex(tmp_path / "index"), make_policy("utility"),
+                      StepTable(parse_thresholds(NIRVANA_THRESHOLDS)), Metrics(), limits)
+        cache.open()
+        return cache
+
+    def put(cache: Cache, i: int) -> str:
+        data = latent(i, 1024).tobytes()
+        header = pb.PutHeader(namespace=NS.to_proto(), prompt=f"p{i}", vectors=pb.Vectors(full=unit(i).tolist()),
+                              blob=pb.BlobInfo(size=len(data), sha256=hashlib.sha256(data).digest()))
+        session = cache.begin_put(header)
+        session.add_chunk(data)
+        return session.finish().entry_id
+
+    def hit(cache: Cache, eid: str) -> None:
+        _, chunks = cache.fetch(pb.FetchRequest(namespace=NS.to_proto(), entry_id=eid, role=pb.ROLE_FULL,
+                                                granted_steps=10))
+        chunks.close()
+
+    cache = open_cache()
+    try:
+        first, second = put(cache, 0), put(cache, 1)
+        size = cache.usage_of(first).size
+        assert cache.clock == pytest.approx(2 * size / limits.max_bytes)
+        hit(cache, first)
+        for i in range(2, 6):  # half a turnover (two half-lives) of new entries, no eviction yet
+            put(cache, i)
+        assert cache.clock == pytest.approx(6 * size / limits.max_bytes)
+        hit(cache, second)
+        a, b = cache.usage_of(first), cache.usage_of(second)
+        # The same steps, but b's were saved 4 entries = 0.5 turnover = 2 half-lives later.
+        assert b.log2_credit - a.log2_credit == pytest.approx(4 * size / limits.max_bytes / 0.25)
+    finally:
+        cache.index.close()
+        cache.store.close()
+    cache = open_cache()
+    try:
+        assert cache.clock == pytest.approx(6 * size / limits.max_bytes)  # from the newest credit
+        put(cache, 1000)
+        assert cache.clock == pytest.approx(7 * size / limits.max_bytes, rel=1e-4)
+    finally:
+        cache.index.close()
+        cache.store.close()
+
+
 def test_entry_being_streamed_is_not_evicted(tmp_path: Path) -> None:
     """In-process (real RocksDB and Qdrant Edge, no gRPC) to hold a fetch open at a chosen moment."""
     import hashlib
@@ -92,7 +158,7 @@ def test_entry_being_streamed_is_not_evicted(tmp_path: Path) -> None:
 
     store, index = Store(tmp_path / "store"), EdgeIndex(tmp_path / "index")
     limits = Limits(max_bytes=3 << 20, high_watermark=0.95, low_watermark=0.85, max_blob_bytes=1 << 30,
-                    max_vector_dim=4096, utility_half_life_s=3600, utility_prior_steps=5)
+                    max_vector_dim=4096, utility_half_life=1.0, utility_prior_steps=5)
     cache = Cache(store, index, make_policy("lru"), StepTable(parse_thresholds(NIRVANA_THRESHOLDS)), Metrics(),
                   limits)
     cache.open()

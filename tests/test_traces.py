@@ -40,6 +40,23 @@ def test_trace_popularity_is_zipf_over_intents() -> None:
     assert counts[4] == pytest.approx(expected[4], rel=0.15)
 
 
+def test_reshuffled_popularity_changes_the_hot_set_on_schedule() -> None:
+    intents = _intents(200)
+    plain = traces.build_trace(intents, requests=6_000, warmup=0, zipf_s=1.0, seed=3)
+    trend = traces.build_trace(intents, requests=6_000, warmup=0, zipf_s=1.0, seed=3, reshuffle_every=2_000)
+
+    def top(requests) -> set[int]:
+        return {i for i, _ in Counter(r.intent for r in requests).most_common(5)}
+
+    # The same order throughout without reshuffling; three different hot sets with it.
+    assert len(top(plain.requests[:2_000]) & top(plain.requests[4_000:])) >= 4
+    phases = [top(trend.requests[n:n + 2_000]) for n in (0, 2_000, 4_000)]
+    assert all(len(a & b) <= 1 for a, b in [(phases[0], phases[1]), (phases[1], phases[2])])
+    assert "reshuffled every 2000" in trend.label
+    counts = sorted(Counter(r.intent for r in trend.requests[2_000:4_000]).values(), reverse=True)
+    assert counts[0] == pytest.approx(traces.zipf_probabilities(200, 1.0)[0] * 2_000, rel=0.25)
+
+
 def test_requests_pick_paraphrases_of_their_intent_uniformly() -> None:
     intents = _intents(5, paraphrases=4)
     trace = traces.build_trace(intents, requests=8_000, warmup=0, zipf_s=0.5, seed=1)
@@ -80,3 +97,16 @@ def test_real_suites_group_rewrites_as_paraphrases() -> None:
     assert sum(len(i.paraphrases) == 4 for i in vb) > 0.9 * len(vb)  # original + 3 LLM rewrites
     assert all(len(i.paraphrases) == 1 for i in intents if i.source == "fetv")
     assert not any("{" in t or "|" in t for i in intents if i.source == "open-sora" for t in i.paraphrases)
+
+
+def test_cold_trace_asks_each_intent_once_in_its_original_wording() -> None:
+    intents = _intents(50)
+    trace = traces.build_cold_trace(intents, cached=10, new=30, seed=4)
+    assert len(trace.requests) == 40 and len(trace.measured) == 30 and trace.warmup == 10
+    assert len({r.intent for r in trace.requests}) == 40
+    assert all(r.paraphrase == 0 and r.text == intents[r.intent].paraphrases[0] for r in trace.requests)
+    assert traces.describe(trace)["measured_repeats_of_earlier_text"] == 0
+    assert trace.requests == traces.build_cold_trace(intents, cached=10, new=30, seed=4).requests
+    assert "cold" in trace.label and traces.build_trace(intents, 5, 0, 0.8, 0).label == "Zipf s = 0.8"
+    with pytest.raises(ValueError):
+        traces.build_cold_trace(intents, cached=30, new=30, seed=4)
