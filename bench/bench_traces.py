@@ -137,7 +137,7 @@ class Cell:
     full_hits: int = 0
     composed_hits: int = 0
     composed_two_entries: int = 0
-    partial_hits: int = 0  # one part's donor alone (mode partial: LookupRequest.allow_partial)
+    partial_hits: int = 0  # one part's donor alone (modes partial*: LookupRequest.partial_roles)
     decoupled_eligible: int = 0  # requests whose split gave both parts
     new_requests: int = 0  # measured requests whose text was never requested before
     new_hits: int = 0
@@ -664,8 +664,8 @@ def render(args: argparse.Namespace, trace: Trace, facts: dict[str, float], elig
                   "(the budget is recomputed from them).", "", table(sens_cells)]
     if drift:
         lines += [f"## Shifting popularity: {drift.label}, 10% budget", "",
-                  f"The main trace's intents, exponent and seed, but the popularity order is drawn anew every "
-                  f"{drift.label.rsplit('every ', 1)[1]}: what was hot goes cold at once (a trend ends). Frequency "
+                  "The main trace's intents, exponent and seed, but the popularity order is drawn anew on that "
+                  "schedule: what was hot goes cold at once (a trend ends). Frequency "
                   "counted over the whole past (LCBFU) keeps yesterday's hits; recency (LRU) forgets them but also "
                   "forgets how much an entry saved; the utility policy's credit halves every utility_half_life "
                   "cache turnovers (2, the daemon's default).", "", table(drift_cells)]

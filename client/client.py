@@ -548,11 +548,7 @@ class CacheClient:
         if fetched.blob.step != 0:  # the daemon serves clean latents as donors; anything else is not ours to edit
             raise ValueError(f"donor {donor.entry_id} is not a clean latent (step {fetched.blob.step})")
         latent = compose.one_part(np.asarray(fetched.latent()), donor.object_mask, donor.role)
-        if rebuild is not None:
-            seed = fetched.seed if noise_seed is None else noise_seed
-            if seed is None:
-                raise ValueError(f"entry {donor.entry_id} has no seed to rebuild its noise from")
-            latent = np.asarray(rebuild(latent, seed, donor.granted_steps, self.namespace.total_steps))
+        latent = np.asarray(self._rebuild(latent, fetched, donor, rebuild, noise_seed))
         return Hit(_as_torch(latent) if as_torch else latent, donor.granted_steps, "partial", [donor])
 
     def _fetch_at_step(self, candidate: Candidate, rebuild: Rebuild | None, noise_seed: int | None,
@@ -561,12 +557,19 @@ class CacheClient:
         if fetched is None:
             return None
         latent = fetched.latent(as_torch=as_torch)
-        if rebuild is None or fetched.blob.step != 0:
+        if fetched.blob.step != 0:  # an intermediate latent is already at its step
             return latent
+        return self._rebuild(latent, fetched, candidate, rebuild, noise_seed)
+
+    def _rebuild(self, clean: Any, fetched: Fetched, candidate: Candidate, rebuild: Rebuild | None,
+                 noise_seed: int | None) -> Any:
+        """x_K from a clean latent, with the request's noise seed or else the entry's own."""
+        if rebuild is None:
+            return clean
         seed = fetched.seed if noise_seed is None else noise_seed
         if seed is None:
             raise ValueError(f"entry {candidate.entry_id} has no seed to rebuild its noise from")
-        return rebuild(latent, seed, candidate.granted_steps, self.namespace.total_steps)
+        return rebuild(clean, seed, candidate.granted_steps, self.namespace.total_steps)
 
     # ---- admin ----
     def delete(self, entry_id: str) -> bool | None:
