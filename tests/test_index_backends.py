@@ -47,7 +47,8 @@ def test_backends_agree(backends: list[VectorIndex]) -> None:
         index.delete([entry(5), entry(6)])
     edge, remote = backends
     edge.optimize()  # the HNSW build the background thread would run; answers must not change
-    assert len(edge.info()) == 3  # one shard per namespace and dimension: ns-a in 64-d and 32-d, ns-b
+    # One shard per namespace, dimension and vector name: ns-a 64-d full and object, 32-d full; ns-b 64-d both.
+    assert len(edge.info()) == 5
     assert set(edge.entry_ids()) == set(remote.entry_ids()) == {p.entry_id for p in points} - {entry(5), entry(6)}
     for q in range(30):
         query = (centers[q % 20] + 0.3 * rng.standard_normal(64)).astype(np.float32)
