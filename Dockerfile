@@ -4,7 +4,7 @@
 #     ghcr.io/flexcache/flexcache:0.1.0
 # 50052 is the data port (fetched blobs); publish it under the same number: clients dial the number
 # the daemon reports.
-# The daemon never imports torch, so the package is installed without the [model] extra.
+# The daemon never imports torch: the image installs flexcache[daemon] and copies no model code.
 
 # Build stage: compiles proto/ into the wheel (grpcio-tools is a build-system requirement) and
 # collects wheels for the runtime dependencies.
@@ -15,9 +15,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY proto/ proto/
 COPY daemon/ daemon/
 COPY client/ client/
-COPY worker/ worker/
-COPY flexcache_model/ flexcache_model/
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --wheel-dir /wheels '.[daemon]'
 
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -32,7 +30,7 @@ RUN groupadd --system --gid 10001 flexcache \
     && mkdir -p /var/lib/flexcache \
     && chown 10001:10001 /var/lib/flexcache
 COPY --from=build /wheels /wheels
-RUN pip install --no-index --find-links /wheels flexcache && rm -rf /wheels
+RUN pip install --no-index --find-links /wheels 'flexcache[daemon]' && rm -rf /wheels
 USER 10001:10001
 WORKDIR /var/lib/flexcache
 EXPOSE 50051 50052 9464

@@ -11,12 +11,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+DAEMON_STAMP := $(VENV)/.installed-daemon
+
 # Reinstall when the package definition or the API changes (the install compiles proto/).
-$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard proto/flexcache/v1/*.proto)
-	$(BIN)/pip install -q -e '.[dev]'
+# `make serve` installs the daemon alone (no torch); `make test` everything, the reference model too.
+$(DAEMON_STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard proto/flexcache/v1/*.proto)
+	$(BIN)/pip install -q -e '.[daemon]'
 	touch $@
 
-serve: $(STAMP)
+$(STAMP): $(BIN)/python pyproject.toml setup.py flexcache_model/pyproject.toml $(wildcard proto/flexcache/v1/*.proto)
+	$(BIN)/pip install -q -e '.[dev]' -e ./flexcache_model
+	touch $@ $(DAEMON_STAMP)
+
+serve: $(DAEMON_STAMP)
 	$(BIN)/flexcache serve --data-dir $(DATA_DIR)
 
 test: $(STAMP)
@@ -25,19 +32,19 @@ test: $(STAMP)
 
 # Every benchmark, one after another (about an hour here); each also runs alone, see the README.
 bench: $(STAMP)
-	$(BIN)/python bench/bench_daemon.py
-	$(BIN)/python bench/bench_codec.py
-	$(BIN)/python bench/bench_compression.py
-	$(BIN)/python bench/bench_split.py
-	$(BIN)/python bench/bench_traces.py
-	$(BIN)/python bench/bench_masks.py
-	$(BIN)/python bench/model_quality.py
-	$(BIN)/python bench/bench_composed.py
-	$(BIN)/python bench/bench_serving.py
+	$(BIN)/python -m bench.bench_daemon
+	$(BIN)/python -m bench.bench_codec
+	$(BIN)/python -m bench.bench_compression
+	$(BIN)/python -m bench.bench_split
+	$(BIN)/python -m bench.bench_traces
+	$(BIN)/python -m bench.bench_masks
+	$(BIN)/python -m bench.model_quality
+	$(BIN)/python -m bench.bench_composed
+	$(BIN)/python -m bench.bench_serving
 
 # A daemon on embedded defaults, two workers, a short trace: a table and GIFs in demo_out/ (minutes).
 demo: $(STAMP)
-	$(BIN)/python bench/demo.py --out demo_out
+	$(BIN)/python -m bench.demo --out demo_out
 
 clean:
 	rm -rf $(VENV) build demo_out *.egg-info proto/flexcache/v1/*_pb2*.py proto/flexcache/v1/*_pb2*.pyi

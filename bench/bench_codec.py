@@ -1,7 +1,7 @@
 """Benchmark the latent codec: bytes per cached prompt vs NIRVANA-style storage, speed, x0 error.
 
-    .venv/bin/python bench/bench_codec.py              # synthetic Wan 2.1 / Open-Sora 1.2 latents
-    .venv/bin/python bench/bench_codec.py --npy a.npy b.npy --name wan-real   # real latents [C, T, H, W]
+    .venv/bin/python -m bench.bench_codec              # synthetic Wan 2.1 / Open-Sora 1.2 latents
+    .venv/bin/python -m bench.bench_codec --npy a.npy b.npy --name wan-real   # real latents [C, T, H, W]
 
 Prints one markdown table.  Real VAE latents are not available here, so the default data is a
 synthetic generator (see ``synthetic_latent``); ``bench_latents`` is the hook for real ones.
@@ -16,16 +16,13 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flexcache_model import codec
+from flexcache.client import codec
 
 WAN_480P = (16, 21, 60, 104)  # Wan 2.1, 81 frames 480x832: 4x temporal (1 + 80/4), 8x spatial
 OPENSORA_720P = (4, 15, 90, 160)  # Open-Sora 1.2, 51 frames 720x1280: 8x spatial; its VAE maps each

@@ -1,6 +1,6 @@
 """Sample quality of composed hits on the reference model, against from-scratch and whole-prompt hits.
 
-Run:  .venv/bin/python bench/bench_composed.py [--pool 300] [--requests 900]
+Run:  .venv/bin/python -m bench.bench_composed [--pool 300] [--requests 900]
 
 The question: when a request's object was generated before in one video and its background in
 another, is starting from the composed latent (client/compose.py) as good as generating from
@@ -8,7 +8,7 @@ scratch, and as good as the best whole-prompt hit? Controlled set-up, in-process
 model and the composition rule, not the daemon, which the serving benchmark covers):
 
 - a cache of `--pool` generations of random single-object world prompts (x0 + seed, object mask
-  estimated from the latent as the client does: flexcache_model/masks.py);
+  estimated from the latent as the client does: client/masks.py);
 - requests whose object (shape, colour, size, motion) comes from one cached spec and whose background
   comes from another, worded anew and with a new seed, so an exact object donor and an exact
   background donor exist but the whole prompt was never generated;
@@ -39,19 +39,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.report import points
+from flexcache.client.compose import compose, one_part, pair_score
+from flexcache.client.masks import estimate_object_mask
+from flexcache.client.prompt_split import split_prompt
+from flexcache.daemon.config import NIRVANA_THRESHOLDS, parse_thresholds
+from flexcache.daemon.steps import StepTable
+from flexcache_model import text
+from flexcache_model.reference import world
+from flexcache_model.reference.pipeline import load_pipeline
+from flexcache_model.reference.quality import frechet_distance, load_metric
+from flexcache_model.reference.rebuild import rebuild_for
+
 ROOT = Path(__file__).resolve().parents[1]
-
-from report import points  # noqa: E402  (bench/, the script's own folder)
-
-from flexcache.client.compose import compose, one_part, pair_score  # noqa: E402
-from flexcache.daemon.config import NIRVANA_THRESHOLDS, parse_thresholds  # noqa: E402
-from flexcache.daemon.steps import StepTable  # noqa: E402
-from flexcache_model import text, world  # noqa: E402
-from flexcache_model.masks import estimate_object_mask  # noqa: E402
-from flexcache_model.pipeline import load_pipeline  # noqa: E402
-from flexcache_model.prompt_split import split_prompt  # noqa: E402
-from flexcache_model.quality import frechet_distance, load_metric  # noqa: E402
-from flexcache_model.rebuild import rebuild_for  # noqa: E402
 
 STEPS = 50
 STEP_TABLE = StepTable(parse_thresholds(NIRVANA_THRESHOLDS))  # the daemon's default similarity -> steps table
@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc = "\n".join([
         "# Composed hits on the reference model",
         "",
-        f"Command: `.venv/bin/python bench/bench_composed.py --pool {args.pool} --requests {args.requests}` "
+        f"Command: `.venv/bin/python -m bench.bench_composed --pool {args.pool} --requests {args.requests}` "
         f"({(time.perf_counter() - t0) / 60:.0f} min, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).",
         "",
         (__doc__ or "").split("\n\n", 1)[1].split("\n\nPrints")[0],

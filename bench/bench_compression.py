@@ -1,14 +1,14 @@
 """Cache compression: store x0 once + seed vs NIRVANA's five fp16 latents -- bytes, speed, error, quality.
 
-    .venv/bin/python bench/bench_compression.py            # full run (~10 min on 2 busy cores)
-    .venv/bin/python bench/bench_compression.py --quick    # smoke run (~1 min)
+    .venv/bin/python -m bench.bench_compression            # full run (~10 min on 2 busy cores)
+    .venv/bin/python -m bench.bench_compression --quick    # smoke run (~1 min)
 
 Three parts, printed as markdown tables (``--out FILE`` also writes them to FILE):
 
 a. Reference-model latents ([4, 4, 8, 8], 1,024 values). M prompts are sampled with N=50 steps,
    keeping the trajectory. NIRVANA-style storage = the true x_K for K = 5..25 as fp16 (5 x 2 B per
    value); store-once = codec blob of x0 + 8 bytes of seed, at each codec setting. The error of
-   x_K rebuilt from the *decoded* x0 and the seed (``flexcache_model.rebuild``) is measured against
+   x_K rebuilt from the *decoded* x0 and the seed (``flexcache_model.reference.rebuild``) is measured against
    the true trajectory's x_K.
 b. Quality when sampling resumes: each cached generation (spec S, prompt P, seed s) serves a new
    request P' -- a paraphrase of S (another caption) and a caption of S with one attribute changed --
@@ -32,7 +32,6 @@ import argparse
 import hashlib
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,14 +41,12 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_codec import OPENSORA_720P, WAN_480P, Setting, bench_latents, synthetic_latent
-
-from flexcache_model import checkpoint, codec, world
-from flexcache_model.pipeline import Pipeline, load_pipeline
-from flexcache_model.quality import QualityMetric, frechet_distance, load_metric
-from flexcache_model.rebuild import rebuild_for
+from bench.bench_codec import OPENSORA_720P, WAN_480P, Setting, bench_latents, synthetic_latent
+from flexcache.client import codec
+from flexcache_model.reference import checkpoint, world
+from flexcache_model.reference.pipeline import Pipeline, load_pipeline
+from flexcache_model.reference.quality import QualityMetric, frechet_distance, load_metric
+from flexcache_model.reference.rebuild import rebuild_for
 
 KS = (5, 10, 15, 20, 25)
 STEPS = 50
@@ -402,8 +399,8 @@ def realistic(n_latents: int, quick: bool) -> tuple[list, dict[str, float]]:
             r.decode_1t_mbps = statistics.median(one)
         rows += new
     # The rebuild (eps from the seed + one axpy) on the same CPU, for the client's whole hit path.
-    from flexcache_model.rebuild import ForwardRebuild
-    from flexcache_model.schedulers import FlowMatchScheduler
+    from flexcache_model.reference.rebuild import ForwardRebuild
+    from flexcache_model.reference.schedulers import FlowMatchScheduler
 
     rb = ForwardRebuild(FlowMatchScheduler())
     x = synthetic_latent(WAN_480P, seed=0)
@@ -522,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(text, flush=True)
         report.append(text)
 
-    emit(f"Command: `.venv/bin/python bench/bench_compression.py{' --quick' if a.quick else ''}"
+    emit(f"Command: `.venv/bin/python -m bench.bench_compression{' --quick' if a.quick else ''}"
          f"{f' --prompts {a.prompts}' if a.prompts else ''}` -- schedules {', '.join(schedules)}; "
          f"M = {m} cached generations, {2 * m} requests; N = {STEPS}; torch threads {a.threads}.")
     emit(f"Checkpoints (sha256 prefix; the model is still being trained): {ckpts}.")

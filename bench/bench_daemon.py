@@ -1,7 +1,7 @@
 """Benchmark the FlexCache daemon against Redis and raw RocksDB, and its lookup path per index backend.
 
-    .venv/bin/python bench/bench_daemon.py            # full run (~7 min on the shared 2-core box)
-    .venv/bin/python bench/bench_daemon.py --quick    # smoke run (~2 min): fewer reps, 1k/10k entries
+    .venv/bin/python -m bench.bench_daemon            # full run (~7 min on the shared 2-core box)
+    .venv/bin/python -m bench.bench_daemon --quick    # smoke run (~2 min): fewer reps, 1k/10k entries
 
 Why one script: the numbers only mean something side by side, measured in the same run on the same
 (noisy, shared) machine, so every system below runs here, now, with the same blobs.
@@ -52,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flexcache.daemon.process import DaemonProcess
+
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 MB = 1e6
@@ -88,6 +90,7 @@ class Procs:
 
     def __init__(self) -> None:
         self._procs: list[subprocess.Popen[str]] = []
+        self.daemons: list[DaemonProcess] = []
 
     def start(self, cmd: Sequence[str], log: Path) -> subprocess.Popen[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXCACHE_")}
@@ -110,6 +113,10 @@ class Procs:
             proc.stdout.close()
 
     def stop_all(self) -> None:
+        for daemon in reversed(self.daemons):
+            with contextlib.suppress(Exception):
+                daemon.close()
+        self.daemons.clear()
         for proc in reversed(self._procs):
             with contextlib.suppress(Exception):
                 self.stop(proc)
@@ -137,30 +144,11 @@ def _read_line_until(proc: subprocess.Popen[str], pattern: str, timeout: float, 
                        f"{log.read_text()[-3000:]}")
 
 
-def start_daemon(procs: Procs, data_dir: Path, timeout: float = 300.0,
-                 **settings: object) -> tuple[subprocess.Popen[str], str]:
-    """`flexcache serve` on a free loopback port; returns once the health service says SERVING."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    cmd = [sys.executable, "-m", "flexcache.daemon.cli", "serve", "--data-dir", str(data_dir),
-           "--listen", "127.0.0.1:0", "--metrics-listen", "", "--log-level", "WARNING"]
-    for key, value in settings.items():
-        cmd += ["--" + key.replace("_", "-"), str(value)]
-    log = data_dir.parent / f"{data_dir.name}-{len(procs._procs)}.log"
-    proc = procs.start(cmd, log)
-    port = int(_read_line_until(proc, r"flexcache listening on port (\d+)", timeout, log).group(1))
-    target = f"127.0.0.1:{port}"
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(grpc.RpcError):
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return proc, target
-            time.sleep(0.05)
-    raise TimeoutError("daemon did not become SERVING")
+def start_daemon(procs: Procs, data_dir: Path, timeout: float = 300.0, **settings: object) -> DaemonProcess:
+    """`flexcache serve` on a free loopback port through the shared launcher; returns once SERVING."""
+    daemon = DaemonProcess(data_dir, metrics_listen="", log_level="WARNING", **settings)
+    procs.daemons.append(daemon)
+    return daemon.start(timeout)
 
 
 def start_redis(procs: Procs, workdir: Path) -> int:
@@ -207,7 +195,7 @@ def bench_throughput(procs: Procs, tmp: Path, sizes: Sequence[int], reps: int) -
     from flexcache.client import CacheClient, Namespace
 
     ns = Namespace(tenant="bench", model="wan2.1-t2v-1.3b", width=832, height=480, frames=81)
-    _, target = start_daemon(procs, tmp / "tp-daemon")
+    target = start_daemon(procs, tmp / "tp-daemon").target
     clients = {"flexcache": CacheClient(target, ns, **TIMEOUTS),
                "flexcache-stream": CacheClient(target, ns, data_port=False, **TIMEOUTS)}
     return _throughput(clients, tmp, sizes, reps, procs)
@@ -387,27 +375,16 @@ def _null_index():
 
 
 def _open_cache(data_dir: Path, index):
-    """The daemon's Cache over `data_dir` with default settings, as `Daemon.start` builds it."""
+    """The daemon's Cache over `data_dir` with default settings, built as `flexcache serve` builds it."""
     from flexcache.daemon import config as cfg
-    from flexcache.daemon.cache import Cache, Limits
-    from flexcache.daemon.eviction import make_policy
-    from flexcache.daemon.metrics import Metrics
-    from flexcache.daemon.steps import StepTable
-    from flexcache.daemon.store import Store
+    from flexcache.daemon.build import open_cache
 
-    c = cfg.resolve(env={}, flags={"data_dir": str(data_dir)})
-    limits = Limits(c.max_bytes, c.high_watermark, c.low_watermark, c.max_blob_bytes, c.max_vector_dim,
-                    c.utility_half_life, c.utility_prior_steps)
-    store = Store(data_dir / "store", fsync=c.fsync)
-    cache = Cache(store, index, make_policy(c.eviction_policy), StepTable(c.skip_thresholds,
-                  c.skip_thresholds_by_namespace), Metrics(), limits)
-    cache.open()
-    return cache, store
+    return open_cache(cfg.resolve(env={}, flags={"data_dir": str(data_dir)}), index=index)
 
 
 def fill_store(data_dir: Path, corpus: Corpus, start: int, stop: int) -> float:
     """Put entries [start, stop) through the daemon's Cache in-process (index deferred); returns seconds."""
-    cache, store = _open_cache(data_dir, _null_index())
+    cache = _open_cache(data_dir, _null_index())
     t0 = time.perf_counter()
     try:
         for i in range(start, stop):
@@ -415,7 +392,7 @@ def fill_store(data_dir: Path, corpus: Corpus, start: int, stop: int) -> float:
             session.add_chunk(corpus.blobs[i])
             session.finish()
     finally:
-        store.close()
+        cache.close()
     return time.perf_counter() - t0
 
 
@@ -560,7 +537,8 @@ def bench_lookups(procs: Procs, tmp: Path, levels: Sequence[int], counts: dict[t
             if backend == "qdrant":
                 settings["qdrant_path"] = data_dir / "qdrant"
             t_start = time.perf_counter()
-            proc, target = start_daemon(procs, data_dir, **settings)
+            daemon = start_daemon(procs, data_dir, **settings)
+            target = daemon.target
             notes.append(f"{backend} daemon at {n} entries: SERVING {time.perf_counter() - t_start:.1f} s after exec")
             try:
                 with CacheClient(target, client_ns, timeout_s=30.0) as client:
@@ -569,7 +547,7 @@ def bench_lookups(procs: Procs, tmp: Path, levels: Sequence[int], counts: dict[t
                 if backend == "edge":
                     results.append(Latency(backend, n, "rtt", rtt, float("nan")))
             finally:
-                procs.stop(proc)
+                daemon.close()
             for r in results[-3 if backend == "edge" else -2:]:
                 print(f"  {backend} {n} {r.path}: median {r.median:.2f} ms p99 {r.p99:.2f} ms "
                       f"(n={len(r.samples_ms)}, recall@1 {r.recall:.3f})", flush=True)
@@ -674,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
     elapsed = (datetime.datetime.now().astimezone() - started).total_seconds()
-    command = ".venv/bin/python bench/bench_daemon.py" + (" --quick" if args.quick else "")
+    command = ".venv/bin/python -m bench.bench_daemon" + (" --quick" if args.quick else "")
     parts = []
     if tp:
         parts.append(throughput_table(tp))

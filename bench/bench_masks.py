@@ -1,9 +1,9 @@
 """How well object masks estimated from latents match the world's ground truth (one command).
 
-    .venv/bin/python bench/bench_masks.py [--clips 400] [--seed 7]
+    .venv/bin/python -m bench.bench_masks [--clips 400] [--seed 7]
 
 Rendered clips of the reference world are encoded by the reference VAE; each latent's estimated mask
-(flexcache_model.masks.estimate_object_mask) is compared with the clip's pixel masks pooled onto the
+(flexcache.client.masks.estimate_object_mask) is compared with the clip's pixel masks pooled onto the
 latent grid. Baselines: a fixed centre box and "everything is object". The estimator's weights were
 chosen on clips of seed 123; the default seed here is a different set.
 """
@@ -16,8 +16,9 @@ import time
 import numpy as np
 import torch
 
-from flexcache_model import load_pipeline, world
-from flexcache_model.masks import estimate_object_mask, iou, pool_mask
+from flexcache.client.masks import estimate_object_mask, iou, pool_mask
+from flexcache_model.reference import world
+from flexcache_model.reference.pipeline import load_pipeline
 
 
 def main() -> None:

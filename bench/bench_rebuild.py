@@ -1,6 +1,6 @@
 """Where does store-once lose quality? Hits from the true x_K against hits from a rebuilt x_K, paired.
 
-Run:  .venv/bin/python bench/bench_rebuild.py [--pairs 600] [--population paraphrase|changed] [--ks 5,10,15,20,25]
+Run:  .venv/bin/python -m bench.bench_rebuild [--pairs 600] [--population paraphrase|changed] [--ks 5,10,15,20,25]
 
 For `--pairs` random single-object world specs, a cached generation (one wording, one seed, its full
 trajectory kept) serves a request with another seed: for the same clip in another wording
@@ -26,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from report import points
 
-from flexcache_model import codec, world
-from flexcache_model.pipeline import load_pipeline
-from flexcache_model.quality import load_metric
+from bench.report import points
+from flexcache.client import codec
+from flexcache_model.reference import world
+from flexcache_model.reference.pipeline import load_pipeline
+from flexcache_model.reference.quality import load_metric
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 50
@@ -110,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc = "\n".join([
         "# Hits from rebuilt latents against hits from true trajectory latents",
         "",
-        f"Command: `.venv/bin/python bench/bench_rebuild.py --pairs {n} --population {args.population} "
+        f"Command: `.venv/bin/python -m bench.bench_rebuild --pairs {n} --population {args.population} "
         f"--ks {','.join(map(str, args.ks))}` "
         f"({(time.perf_counter() - t0) / 60:.0f} min, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; reference flow model, 50 steps).",

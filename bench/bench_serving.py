@@ -1,10 +1,10 @@
 """End-to-end serving: throughput, latency, cost and quality with no cache, NIRVANA-style and FlexCache.
 
-Run:  .venv/bin/python bench/bench_serving.py [--quick]
+Run:  .venv/bin/python -m bench.bench_serving [--quick]
 
-Several worker processes (flexcache.worker) run the reference model's sampling loop with the client
+Several worker processes (flexcache_model/reference/worker) run the reference model's sampling loop with the client
 inside it against one real daemon per cell (loopback gRPC, RocksDB, Qdrant Edge). Every mode is a
-row of worker/modes.py; every cell of mode x budget replays the same trace with the same seeds, so
+row of reference/worker/modes.py; every cell of mode x budget replays the same trace with the same seeds, so
 a request that misses produces bit-for-bit the same video in every mode and quality differences
 come from hits alone (paired comparison). Writes docs/bench_serving.md and docs/img/serving_*.png.
 
@@ -12,9 +12,9 @@ The trace (stated, because every figure depends on it): intents of the real prom
 (bench/traces.py: VBench with its LLM rewrites as paraphrases, VBench-2.0, Open-Sora, FETV), Zipf
 popularity, a warm-up phase that fills the cache and is not measured, then the measured phase. The
 reference model only knows its procedural world, so each intent is grounded in it
-(flexcache_model/grounding.py: nearest world object and background by MiniLM similarity) and each
+(flexcache_model/reference/grounding.py: nearest world object and background by MiniLM similarity) and each
 paraphrase becomes a different wording of that world prompt. Arrivals: closed loop with a backlog
-(worker/fleet.py).
+(flexcache_model/reference/worker/fleet.py).
 """
 
 from __future__ import annotations
@@ -31,22 +31,20 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.bench_codec import OPENSORA_720P, WAN_480P
+from bench.launch import daemon
+from bench.report import ci95, points
+from bench.traces import Trace, build_trace, describe, load_intents, sample_intents
+from flexcache.client import CacheClient, Namespace
+from flexcache.daemon.entries import record_size
+from flexcache.v1 import cache_pb2 as pb
+from flexcache_model.reference import world
+from flexcache_model.reference.grounding import Grounder
+from flexcache_model.reference.worker.fleet import FleetRun, run_fleet
+from flexcache_model.reference.worker.modes import MODES
+from flexcache_model.reference.worker.worker import Job, store_generation
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-from bench_codec import OPENSORA_720P, WAN_480P  # noqa: E402
-from launch import daemon  # noqa: E402
-from report import ci95, points  # noqa: E402
-from traces import Trace, build_trace, describe, load_intents, sample_intents  # noqa: E402
-
-from flexcache.client import CacheClient, Namespace  # noqa: E402
-from flexcache.daemon.entries import record_size  # noqa: E402
-from flexcache.v1 import cache_pb2 as pb  # noqa: E402
-from flexcache.worker.fleet import FleetRun, run_fleet  # noqa: E402
-from flexcache.worker.modes import MODES  # noqa: E402
-from flexcache.worker.worker import Job, store_generation  # noqa: E402
-from flexcache_model import world  # noqa: E402
-from flexcache_model.grounding import Grounder  # noqa: E402
 
 DOCS = ROOT / "docs"
 STEPS = 50
@@ -115,7 +113,8 @@ def storage_per_generation(shapes: dict[str, tuple[int, ...]], prompts: Sequence
     reference model's latent shape and at video models' (bench_codec's synthetic latent fields: no real
     VAE latents here). Trajectory latents are the flow forward process of x0 and Gaussian noise."""
     import torch
-    from bench_codec import synthetic_latent
+
+    from bench.bench_codec import synthetic_latent
 
     rng = np.random.default_rng(0)
     out: dict[str, dict[str, tuple[float, float]]] = {}
@@ -292,8 +291,8 @@ def score(cells: Sequence[Cell], workload: Workload) -> np.ndarray:
     """Probe fidelity and features of every cell's measured videos; returns the truth clips' features."""
     import torch
 
-    from flexcache_model.pipeline import load_pipeline
-    from flexcache_model.quality import load_metric
+    from flexcache_model.reference.pipeline import load_pipeline
+    from flexcache_model.reference.quality import load_metric
 
     pipeline, metric = load_pipeline("flow"), load_metric()
     measured = workload.jobs[workload.warmup:]
@@ -317,7 +316,7 @@ def cost_per_1000(cell: Cell, gpu_hour_usd: float, cpu_hour_usd: float) -> float
 
 
 def main_table(groups: Sequence[Group], truth: np.ndarray, base: Group, args: argparse.Namespace) -> str:
-    from flexcache_model.quality import frechet_distance
+    from flexcache_model.reference.quality import frechet_distance
 
     rows = ["| mode | steps table | budget | max_bytes | videos/min | latency mean / p95 s | denoising steps saved "
             "| hit rate (whole / composed) | mean K on hits | fidelity (points) | Δ fidelity vs no cache (paired) "
@@ -505,19 +504,20 @@ def render_doc(args: argparse.Namespace, workload: Workload, groups: Sequence[Gr
         f"{len(workload.distinct_prompts())} distinct world prompts in all; "
         f"{facts['measured_repeats_of_earlier_text']} measured requests repeat an earlier real prompt text.",
         "- Grounding: each intent is projected onto the reference world (nearest world object and background by "
-        "MiniLM similarity of its object and background parts; flexcache_model/grounding.py); each paraphrase is "
+        "MiniLM similarity of its object and background parts; reference/grounding.py); each paraphrase is "
         "another wording of that world prompt. Request n uses seed 10000 + n in every mode and run.",
         f"- Workers: {args.workers} processes (one torch thread each), reference flow model, {STEPS} steps, "
         "classifier-free guidance; closed loop with a backlog (each worker takes the next request when it finishes). "
         "Latency is service time: embed, lookup, fetch, rebuild or compose, N-K steps, VAE decode; stores run on a "
         "background thread.",
-        "- Modes (worker/modes.py): **nirvana**: fp16 latents at K = 5, 10, 15, 20, 25, whole-prompt lookup, LCBFU, "
-        "every generation stored (a hit at K stores the checkpoints after K). **flexcache**: x0 + seed once, codec "
-        "within 5 % relative error, decoupled lookup with composed hits capped at K = 5 (the daemon's default "
-        "`composed_max_fraction` 0.1), utility policy, hits rebuilt with the request's own noise, only "
-        "generations that ran at least 90 % of the steps stored. Ablations: **flexcache-whole** (no decoupled "
-        "lookup), **flexcache-admit-all** (generations from deep hits stored too, so cached latents descend "
-        "from other hits) and **flexcache-uncapped** (composed hits get the K the table grants their weaker part).",
+        "- Modes (reference/worker/modes.py): **nirvana**: fp16 latents at K = 5, 10, 15, 20, 25, whole-prompt "
+        "lookup, LCBFU, every generation stored (a hit at K stores the checkpoints after K). **flexcache**: "
+        "x0 + seed once, codec within 5 % relative error, decoupled lookup with composed hits capped at K = 5 "
+        "(the daemon's default `composed_max_fraction` 0.1), utility policy, hits rebuilt with the request's "
+        "own noise, only generations that ran at least 90 % of the steps stored. Ablations: "
+        "**flexcache-whole** (no decoupled lookup), **flexcache-admit-all** (generations from deep hits stored "
+        "too, so cached latents descend from other hits) and **flexcache-uncapped** (composed hits get the K the table"
+        " grants their weaker part).",
         f"- Budgets: fractions of the bytes a NIRVANA-style cache needs for every distinct prompt of the trace "
         f"({per_prompt:,.0f} bytes a prompt in the daemon's accounting: five 512-byte fp16 latents plus five records "
         "holding the 384-d vector), the same max_bytes for every mode; watermarks 0.95 / 0.85.",
@@ -626,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     workload = build_workload(args.intents, args.warmup, args.requests, args.zipf, args.seed)
     prompts = workload.distinct_prompts()
-    from flexcache_model.pipeline import load_pipeline
+    from flexcache_model.reference.pipeline import load_pipeline
 
     per_prompt = nirvana_bytes_per_prompt(prompts, load_pipeline("flow").latent_shape)
     shapes = {"reference": tuple(load_pipeline("flow").latent_shape), "Wan 2.1 480p": WAN_480P}

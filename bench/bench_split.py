@@ -1,6 +1,6 @@
-"""Accuracy and speed of flexcache_model.prompt_split on the public prompt suites.
+"""Accuracy and speed of flexcache.client.prompt_split on the public prompt suites.
 
-Run:  .venv/bin/python bench/bench_split.py [--data /work/shared/data/prompts] [--examples N]
+Run:  .venv/bin/python -m bench.bench_split [--data /work/shared/data/prompts] [--examples N]
 
 Prints markdown: the label-based precision/recall table (metric defined in docs/prompt_split.md),
 a leave-label-out ablation for scene labels, the FETV content-class proxy, timing, and example splits
@@ -14,15 +14,12 @@ import json
 import random
 import re
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flexcache_model.prompt_split import (
+from flexcache.client.prompt_split import (
     SCENE_PHRASES,
     SCENE_WORDS,
     PromptSplit,

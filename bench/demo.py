@@ -23,14 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_serving import STEPS, Cell, Group, build_workload, main_table, run_cell, score, time_table
-
+from bench.bench_serving import STEPS, Cell, Group, build_workload, main_table, run_cell, score, time_table
 from flexcache.client import CacheClient
-from flexcache.worker.worker import Outcome, namespace_for
-from flexcache_model import world
-from flexcache_model.cli import save_video
+from flexcache_model.reference import world
+from flexcache_model.reference.cli import save_video
+from flexcache_model.reference.worker.worker import Outcome, namespace_for
 
 SEPARATOR = 2  # white pixels between clips
 
@@ -52,7 +49,7 @@ def _pick(outcomes: Sequence[Outcome], kind: str) -> Outcome | None:
 
 
 def write_gifs(flex: Cell, scratch: Cell, workload, target: str, out: Path) -> list[str]:
-    from flexcache_model.pipeline import load_pipeline
+    from flexcache_model.reference.pipeline import load_pipeline
 
     pipeline = load_pipeline("flow")
     decode = lambda x0: pipeline.decode(np.asarray(x0, np.float32)).numpy()  # noqa: E731

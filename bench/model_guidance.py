@@ -1,7 +1,7 @@
 """Pick the classifier-free guidance scale: prompt fidelity of samples vs guidance, on a tuning set
 disjoint from the one bench/model_quality.py reports on (different seed).
 
-    .venv/bin/python bench/model_guidance.py --schedule flow
+    .venv/bin/python -m bench.model_guidance --schedule flow
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import argparse
 import numpy as np
 import torch
 
-from flexcache_model import world
-from flexcache_model.pipeline import load_pipeline
-from flexcache_model.quality import frechet_distance, load_metric
+from flexcache_model.reference import world
+from flexcache_model.reference.pipeline import load_pipeline
+from flexcache_model.reference.quality import frechet_distance, load_metric
 
 
 def main() -> None:

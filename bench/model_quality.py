@@ -1,8 +1,8 @@
 """Quality of the reference model: probe fidelity, Frechet distance, speed, and cache-start cost.
 
-    .venv/bin/python bench/model_quality.py                # table + K sweep, flow schedule
-    .venv/bin/python bench/model_quality.py --schedule ddpm
-    .venv/bin/python bench/model_quality.py --grid docs/img/samples.png
+    .venv/bin/python -m bench.model_quality                # table + K sweep, flow schedule
+    .venv/bin/python -m bench.model_quality --schedule ddpm
+    .venv/bin/python -m bench.model_quality --grid docs/img/samples.png
 
 Prints markdown tables. Everything is seeded, so numbers repeat run to run on the same machine.
 """
@@ -17,9 +17,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from flexcache_model import world
-from flexcache_model.pipeline import Pipeline, load_pipeline
-from flexcache_model.quality import QualityMetric, frechet_distance, load_metric
+from flexcache_model.reference import world
+from flexcache_model.reference.pipeline import Pipeline, load_pipeline
+from flexcache_model.reference.quality import QualityMetric, frechet_distance, load_metric
 from flexcache_model.text import cosine
 
 KS = (5, 10, 15, 20, 25)

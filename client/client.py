@@ -26,18 +26,17 @@ from google.protobuf.message import DecodeError
 
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
-from flexcache_model import codec, masks
+from flexcache.v1 import wire
 
-from . import compose, dataport, tensors
+from . import codec, compose, dataport, masks, tensors
 
 log = logging.getLogger("flexcache.client")
 
-CHUNK_BYTES = 1 << 20  # the daemon's per-message limit for blob chunks
-RAW, LATENT_CODEC = "raw", "fxlc"  # BlobInfo.codec: plain bytes, or flexcache_model.codec's format
+RAW, LATENT_CODEC = "raw", "fxlc"  # BlobInfo.codec: plain bytes, or flexcache.client.codec's format
 _CODEC_DTYPES = ("float32", "float16", tensors.BF16)
 _CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", CHUNK_BYTES + 64 * 1024),
-    ("grpc.max_send_message_length", CHUNK_BYTES + 64 * 1024),
+    ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -51,32 +50,10 @@ _CHANNEL_OPTIONS = [
 
 # Blobs from this size on are hashed on a helper thread during the receive; below it a thread costs
 # more than the overlap gains (sha256 runs at ~1.5 GB/s here: 1 MiB is well under a millisecond).
-_THREADED_HASH_BYTES = 2 * CHUNK_BYTES
+_THREADED_HASH_BYTES = 2 * wire.CHUNK_BYTES
 
 
 DATA_PORT_RETRY_S = 60.0  # how long a client streams after failing to reach the data port
-_FETCH_METHOD = f"/{pb.DESCRIPTOR.services_by_name['CacheService'].full_name}/Fetch"
-
-
-def _chunk_of(raw: bytes) -> memoryview | bytes:
-    """The blob bytes of one serialized FetchResponse, without copying them.
-
-    A chunk message is field 2 (bytes): tag 0x12, a varint length, the data. Anything else (a
-    header, unknown fields, a chunk split oddly) goes through the protobuf parser, which is always
-    right; the fast path only accepts the exact single-field encoding."""
-    view = memoryview(raw)
-    if len(view) > 1 and view[0] == 0x12:
-        length, shift, pos = 0, 0, 1
-        while pos < len(view) and shift < 64:
-            byte = view[pos]
-            pos += 1
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                if pos + length == len(view):
-                    return view[pos:]
-                break
-    return pb.FetchResponse.FromString(raw).chunk
 
 
 class _Digest:
@@ -243,13 +220,14 @@ class Hit:
 
 def _role(name: str) -> int:
     """"object" -> pb.ROLE_OBJECT (ValueError for a name the API does not have)."""
-    return pb.Role.Value(f"ROLE_{name.upper()}")
+    if name not in wire.ENUM_BY_ROLE:
+        raise ValueError(f"role must be one of {', '.join(wire.ROLES)}, got {name!r}")
+    return wire.ENUM_BY_ROLE[name]
 
 
-def _as_torch(array: np.ndarray) -> Any:
-    import torch  # only for callers that asked for tensors: the client itself runs without torch
-
-    return torch.from_numpy(np.ascontiguousarray(array))
+def _out(latent: np.ndarray, as_torch: bool) -> Any:
+    """A composed latent as the caller asked for it: numpy, or a torch tensor."""
+    return tensors.from_numpy(np.ascontiguousarray(latent), latent.dtype.name, as_torch)
 
 
 def _best_pair(objects: list[Candidate], backgrounds: list[Candidate]) -> tuple[Candidate, Candidate] | None:
@@ -301,9 +279,9 @@ class CacheClient:
         self._ns = namespace.to_proto()
         self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.CacheServiceStub(self._channel)
-        # Fetch with chunk messages as raw bytes (see _chunk_of), not parsed protobuf.
+        # Fetch with chunk messages as raw bytes (see wire.decode_chunk), not parsed protobuf.
         self._fetch_raw = self._channel.unary_stream(
-            _FETCH_METHOD, request_serializer=pb.FetchRequest.SerializeToString, response_deserializer=None)
+            wire.FETCH_METHOD, request_serializer=pb.FetchRequest.SerializeToString, response_deserializer=None)
         host = dataport.data_host(target) if data_port else None
         self._data = dataport.DataConnections(host, timeout_s) if host else None
         self._data_paused_until = 0.0  # after an unreachable data port, fetches stream until then
@@ -343,7 +321,7 @@ class CacheClient:
         are compressed within the client's error budget. `object_vector`/`background_vector`
         (embeddings of the prompt's two parts) and `object_mask` (bool, on the latent grid) make the
         entry usable as an object or background donor; without a mask, an entry with an object vector
-        gets one estimated from the latent (flexcache_model.masks)."""
+        gets one estimated from the latent (flexcache.client.masks)."""
         array, dtype = tensors.to_numpy(latent)
         if object_mask is None and object_vector is not None and array.ndim == 4 and dtype in _CODEC_DTYPES:
             object_mask = masks.estimate_object_mask(tensors.from_numpy(array, dtype))
@@ -381,8 +359,8 @@ class CacheClient:
         def messages() -> Iterator[pb.PutRequest]:
             yield pb.PutRequest(header=header)
             view = memoryview(data)
-            for start in range(0, len(view), CHUNK_BYTES):
-                yield pb.PutRequest(chunk=bytes(view[start:start + CHUNK_BYTES]))
+            for start in range(0, len(view), wire.CHUNK_BYTES):
+                yield pb.PutRequest(chunk=bytes(view[start:start + wire.CHUNK_BYTES]))
 
         try:
             return self._stub.Put(messages(), timeout=self.transfer_timeout_s).entry_id
@@ -468,7 +446,7 @@ class CacheClient:
 
     def _fetch_stream(self, request: pb.FetchRequest) -> Fetched:
         """One Fetch call. Chunks are read as raw bytes and copied once, straight into the result
-        (see _chunk_of); a large blob without a CRC-32C is hashed on a helper thread while the next
+        (see wire.decode_chunk); a large blob without a CRC-32C is hashed on a helper thread while the next
         chunks arrive (hashlib releases the GIL)."""
         responses = self._fetch_raw(request, timeout=self.transfer_timeout_s)
         header = pb.FetchResponse.FromString(next(responses)).header
@@ -479,7 +457,7 @@ class CacheClient:
             view = memoryview(data)
             offset = 0
             for raw in responses:
-                chunk = _chunk_of(raw)
+                chunk = wire.decode_chunk(raw)
                 end = offset + len(chunk)
                 if end > size:
                     raise ValueError(f"entry {entry_id}: daemon sent more than the declared {size} bytes")
@@ -530,7 +508,7 @@ class CacheClient:
                 return None
             latent, _ = compose.compose(np.asarray(latents[0]), np.asarray(latents[1]), obj.object_mask,
                                         bg.object_mask)
-            return Hit(_as_torch(latent) if as_torch else latent, obj.granted_steps, "composed", [obj, bg])
+            return Hit(_out(latent, as_torch), obj.granted_steps, "composed", [obj, bg])
         except (codec.CodecError, ValueError) as exc:
             self._failed("decode", exc)
             return None
@@ -549,7 +527,7 @@ class CacheClient:
             raise ValueError(f"donor {donor.entry_id} is not a clean latent (step {fetched.blob.step})")
         latent = compose.one_part(np.asarray(fetched.latent()), donor.object_mask, donor.role)
         latent = np.asarray(self._rebuild(latent, fetched, donor, rebuild, noise_seed))
-        return Hit(_as_torch(latent) if as_torch else latent, donor.granted_steps, "partial", [donor])
+        return Hit(_out(latent, as_torch), donor.granted_steps, "partial", [donor])
 
     def _fetch_at_step(self, candidate: Candidate, rebuild: Rebuild | None, noise_seed: int | None,
                        as_torch: bool) -> Any:

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from .optional import require
+
 BF16 = "bfloat16"
 
 
@@ -41,15 +43,16 @@ def from_numpy(array: np.ndarray, dtype: str, as_torch: bool = False):
     if dtype == BF16:
         bits = array.view(np.uint16)
         if as_torch:
-            import torch
-
+            torch = _torch()
             return torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16)
         return (bits.astype(np.uint32) << 16).view(np.float32)
     if as_torch:
-        import torch
-
-        return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
+        return _torch().from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
     return array
+
+
+def _torch() -> Any:
+    return require("torch", "model", "as_torch=True")
 
 
 def to_bytes(latent: Any) -> tuple[bytes, str, tuple[int, ...]]:

@@ -27,8 +27,9 @@ import crc32c
 import numpy as np
 
 from flexcache.v1 import cache_pb2 as pb
+from flexcache.v1 import wire
 
-from .entries import ROLE_BY_ENUM, NamespaceKey, Usage, entry_id, record_size
+from .entries import NamespaceKey, Usage, entry_id, record_size
 from .errors import Corrupt, InvalidRequest, NotFound, TooLarge, Unavailable
 from .eviction import EvictionPolicy
 from .index import IndexPoint, VectorIndex
@@ -38,7 +39,6 @@ from .store import NamespaceInfo, Store
 
 log = logging.getLogger(__name__)
 
-CHUNK_LIMIT = 1 << 20  # bytes per streamed chunk, both directions
 MAX_PROMPT_CHARS = 16_384
 MAX_MASK_CELLS = 1 << 24  # a latent-grid mask; 16 M cells is far past any video latent
 _ENTRY_ID = re.compile(r"[0-9a-f]{64}")
@@ -98,7 +98,7 @@ class PutSession:
         self._pending = cache.store.begin_put(entry)
 
     def add_chunk(self, data: bytes) -> None:
-        if len(data) > CHUNK_LIMIT:
+        if len(data) > wire.CHUNK_BYTES:
             raise InvalidRequest(f"chunk of {len(data)} bytes exceeds the 1 MiB chunk limit")
         if not data:
             raise InvalidRequest("empty chunk")
@@ -307,7 +307,7 @@ class Cache:
         known = self._namespaces.get(ns.key)
         vectors = _vectors(request.vectors, known.dim if known else None, self.limits.max_vector_dim)
         top_k = max(1, min(request.top_k or 1, 64))
-        partial = {ROLE_BY_ENUM.get(r) for r in request.partial_roles}
+        partial = {wire.ROLE_BY_ENUM.get(r) for r in request.partial_roles}
         if not partial <= {"object", "background"}:
             raise InvalidRequest("partial_roles may name ROLE_OBJECT and ROLE_BACKGROUND only")
         if known is None:
@@ -397,7 +397,7 @@ class Cache:
         ns, eid = _addressed(request)
         if request.granted_steps >= request.namespace.total_steps:
             raise InvalidRequest("granted_steps must be below total_steps")
-        role = ROLE_BY_ENUM.get(request.role)
+        role = wire.ROLE_BY_ENUM.get(request.role)
         with self._lock:
             if self._entry_ns.get(eid) != ns.key:
                 raise NotFound(f"no entry {eid} in namespace {ns.name}")
@@ -510,6 +510,11 @@ class Cache:
                                     max_bytes=self.limits.max_bytes, eviction_policy=self.policy.name,
                                     index_backend=self.index.name, evictions=self.evictions,
                                     namespaces=namespaces)
+
+    def close(self) -> None:
+        """Close the index, then the store (the index is derived from it)."""
+        self.index.close()
+        self.store.close()
 
     def usage_of(self, eid: str) -> Usage | None:
         with self._lock:

@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -36,11 +37,20 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger("flexcache").debug("start failed", exc_info=True)
         print(f"flexcache serve: cannot start: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
-    print(f"flexcache listening on port {daemon.port}", flush=True)
+    print(f"flexcache listening on port {daemon.port}", flush=True)  # for people; launchers read port_file
     if daemon.metrics_port:
         print(f"flexcache metrics on port {daemon.metrics_port}", flush=True)
+    if config.port_file:
+        _write_port_file(Path(config.port_file), daemon.ports())
     daemon.run_until_signal()
     return 0
+
+
+def _write_port_file(path: Path, ports: dict[str, int | None]) -> None:
+    """Written whole or not at all (a rename), so a launcher polling for it never reads half."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(ports))
+    partial.replace(path)
 
 
 def _stats(args: argparse.Namespace) -> int:

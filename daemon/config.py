@@ -159,6 +159,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", int, 16, "gRPC worker threads (concurrent calls)."),
     Option("drain_seconds", float, 10.0, "On SIGTERM, how long in-flight calls may finish."),
     Option("log_level", str, "INFO", "Logging level.", ("DEBUG", "INFO", "WARNING", "ERROR")),
+    Option("port_file", str, "",
+           "Once serving, write the ports it got as JSON {\"grpc\", \"data\", \"metrics\"} to this file "
+           "(for launchers that pass port 0); empty writes none."),
 )
 _BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -189,6 +192,7 @@ class Config:
     workers: int
     drain_seconds: float
     log_level: str
+    port_file: str
 
     @property
     def data_path(self) -> Path:

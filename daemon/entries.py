@@ -17,11 +17,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from flexcache.v1 import cache_pb2 as pb
+from flexcache.v1 import wire
 
 from .errors import InvalidRequest
-
-ROLES = ("full", "object", "background")
-ROLE_BY_ENUM = {pb.ROLE_FULL: "full", pb.ROLE_OBJECT: "object", pb.ROLE_BACKGROUND: "background"}
 
 
 @dataclass(frozen=True)
@@ -115,8 +113,8 @@ class Usage:
     step: int = 0  # the blob's own step K (NIRVANA-style intermediate latent), 0 for x0
     total_steps: int = 1
     step_cost: float = 1.0  # GPU seconds per denoising step of this entry's model
-    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ROLES, 0))
-    steps_saved: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ROLES, 0.0))
+    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(wire.ROLES, 0))
+    steps_saved: dict[str, float] = field(default_factory=lambda: dict.fromkeys(wire.ROLES, 0.0))
     log2_credit: float = -math.inf
     credit_clock: float = 0.0
     blob_size: int = 0  # the latent blob alone (0 in records written before it was kept)

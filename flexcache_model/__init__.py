@@ -1,30 +1,7 @@
-"""FlexCache reference model: a procedural video world, a small latent video diffusion model
-(flow matching and DDPM/DDIM) and a probe-based quality metric, all trained on CPU.
+"""The model side of FlexCache (the `model` extra: torch and the offline text encoder).
 
-Importing the package does not import torch: heavy names are resolved lazily on first use, so
-numpy-only modules here (world, codec, prompt_split) stay usable by a torch-free client.
+- `text`: prompt embeddings from the offline MiniLM encoder the extra installs.
+- `reference`: a small reference video diffusion model and its worker, trained on CPU, that the
+  tests, benchmarks and demo serve through the cache. It is a test bed, not production code:
+  production workers keep their own pipeline and use `flexcache.client`.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_LAZY = {
-    "load_pipeline": "pipeline",
-    "Pipeline": "pipeline",
-    "load_metric": "quality",
-    "QualityMetric": "quality",
-    "frechet_distance": "quality",
-    "FlowMatchScheduler": "schedulers",
-    "DDIMScheduler": "schedulers",
-    "initial_noise": "schedulers",
-    "embed": "text",
-    "rebuild_for": "rebuild",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

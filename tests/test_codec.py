@@ -1,4 +1,4 @@
-"""Tests for flexcache_model.codec: round trips, error budget, bf16 helpers, corrupt input."""
+"""Tests for flexcache.client.codec: round trips, error budget, bf16 helpers, corrupt input."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexcache_model import codec
-from flexcache_model.codec import CodecError, decode, encode, inspect
+from flexcache.client import codec
+from flexcache.client.codec import CodecError, decode, encode, inspect
 
 CODEC_PATH = Path(codec.__file__)
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from flexcache_model import load_pipeline, world
-from flexcache_model.masks import estimate_object_mask, iou, pool_mask
+from flexcache.client.masks import estimate_object_mask, iou, pool_mask
+from flexcache_model.reference import world
+from flexcache_model.reference.pipeline import load_pipeline
 from tests.conftest import connect
 from tests.vectors import unit
 

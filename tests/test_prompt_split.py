@@ -1,4 +1,4 @@
-"""Tests for flexcache_model.prompt_split: constructions, edge cases, label floors, speed."""
+"""Tests for flexcache.client.prompt_split: constructions, edge cases, label floors, speed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from types import ModuleType
 
 import pytest
 
-from flexcache_model.prompt_split import PromptSplit, PromptSplitter, split_prompt
+from flexcache.client.prompt_split import PromptSplit, PromptSplitter, split_prompt
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"  # ../shared beside the repo
 needs_data = pytest.mark.skipif(
@@ -155,14 +155,14 @@ def test_parts_are_slices_of_the_prompt() -> None:
 
 def test_injected_lexicon_changes_result() -> None:
     """Without 'alley' in the lexicon a bare 'alley' is no longer recognised as a scene."""
-    from flexcache_model.prompt_split import SCENE_WORDS
+    from flexcache.client.prompt_split import SCENE_WORDS
 
     sp = PromptSplitter(scene_words=SCENE_WORDS - {"alley"}).split("alley")
     assert sp.background == ""
 
 
 def test_module_does_not_import_torch() -> None:
-    import flexcache_model.prompt_split as mod
+    import flexcache.client.prompt_split as mod
 
     assert "torch" not in mod.__dict__
     src = Path(mod.__file__).read_text()
@@ -234,7 +234,7 @@ def test_reference_world_captions_split_into_both_parts() -> None:
     """The serving benchmark's decoupled lookup needs both parts of the reference model's prompts."""
     import numpy as np
 
-    from flexcache_model import world
+    from flexcache_model.reference import world
 
     rng = np.random.default_rng(5)
     captions = [world.caption(world.random_spec(rng), rng) for _ in range(500)]

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from flexcache_model import checkpoint
-from flexcache_model.rebuild import ForwardRebuild, rebuild_for
-from flexcache_model.schedulers import DDIMScheduler, FlowMatchScheduler, initial_noise
+from flexcache_model.reference import checkpoint
+from flexcache_model.reference.rebuild import ForwardRebuild, rebuild_for
+from flexcache_model.reference.schedulers import DDIMScheduler, FlowMatchScheduler, initial_noise
 
 PROMPT = "a small red square drifting left over blue stripes"
 SEED = 7
@@ -34,7 +34,7 @@ def rel(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def flow():
     torch.set_num_threads(1)
-    from flexcache_model.pipeline import load_pipeline
+    from flexcache_model.reference.pipeline import load_pipeline
 
     pipe = load_pipeline("flow")
     x0, traj = pipe.sample(PROMPT, SEED, steps=N, return_trajectory=True)
@@ -106,7 +106,7 @@ def test_bad_step_is_rejected() -> None:
 def test_client_get_rebuilds_with_the_model(daemon) -> None:
     """End to end: store the true x0 + seed, get() a rebuilt x_25 close to the true trajectory's."""
     from flexcache.client import CacheClient
-    from flexcache_model.pipeline import load_pipeline
+    from flexcache_model.reference.pipeline import load_pipeline
     from tests.conftest import NS
     from tests.vectors import unit
 

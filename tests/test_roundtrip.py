@@ -52,9 +52,9 @@ def test_large_blob_streams_in_chunks(client: CacheClient) -> None:
 
 def test_fetch_chunks_parse_with_plain_protobuf(daemon, client: CacheClient) -> None:
     """The daemon pre-encodes chunk messages; any gRPC client (here the generated stub) must parse them."""
-    from flexcache.daemon.server import encoded_chunk
     from flexcache.v1 import cache_pb2 as pb
     from flexcache.v1 import cache_pb2_grpc as pb_grpc
+    from flexcache.v1.wire import encode_chunk as encoded_chunk
 
     for size in (1, 127, 128, 300, 1 << 20):
         chunk = np.random.default_rng(size).bytes(size)

@@ -6,16 +6,12 @@ they are present on this machine.
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import traces
+from bench import traces
 
 
 def _intents(n: int, paraphrases: int = 3) -> list[traces.Intent]:

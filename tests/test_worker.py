@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from flexcache.worker.fleet import run_fleet
-from flexcache.worker.modes import MODES
-from flexcache.worker.worker import DiffusionWorker, Job
-from flexcache_model import world
-from flexcache_model.grounding import Grounder
+from flexcache_model.reference import world
+from flexcache_model.reference.grounding import Grounder
+from flexcache_model.reference.worker.fleet import run_fleet
+from flexcache_model.reference.worker.modes import MODES
+from flexcache_model.reference.worker.worker import DiffusionWorker, Job
 
 STEPS = 10
 PROMPT = "a small red square drifting left over blue stripes"
@@ -22,7 +22,7 @@ PROMPT = "a small red square drifting left over blue stripes"
 @pytest.fixture(scope="module")
 def pipeline():
     torch.set_num_threads(1)
-    from flexcache_model.pipeline import load_pipeline
+    from flexcache_model.reference.pipeline import load_pipeline
 
     return load_pipeline("flow")
 

@@ -14,7 +14,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-VECTOR_NAMES = ("full", "object", "background")
+from flexcache.v1 import wire
+
+VECTOR_NAMES = wire.ROLES  # an index vector per role
 
 
 @dataclass(frozen=True)

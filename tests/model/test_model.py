@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from flexcache_model import world
-from flexcache_model.schedulers import DDIMScheduler, FlowMatchScheduler, initial_noise
+from flexcache_model.reference import world
+from flexcache_model.reference.schedulers import DDIMScheduler, FlowMatchScheduler, initial_noise
 
 # One intra-op thread: the tiny tensors here gain nothing from more, and on a shared 2-core machine
 # extra OpenMP threads spin against other processes.
@@ -82,7 +82,7 @@ def test_oracle_sampler_follows_forward_process(sched) -> None:
 # ----------------------------------------------------------------------------- pipeline
 @pytest.fixture(scope="module")
 def pipe():
-    from flexcache_model.pipeline import load_pipeline
+    from flexcache_model.reference.pipeline import load_pipeline
 
     return load_pipeline("flow")
 
@@ -99,7 +99,7 @@ def test_pipeline_api(pipe) -> None:
 
 @pytest.mark.parametrize("schedule", ["flow", "ddpm"])
 def test_trajectory_semantics(schedule) -> None:
-    from flexcache_model.pipeline import load_pipeline
+    from flexcache_model.reference.pipeline import load_pipeline
 
     p = load_pipeline(schedule)
     n = 10
@@ -117,13 +117,13 @@ def test_trajectory_semantics(schedule) -> None:
 
 
 def test_import_is_torch_free() -> None:
-    code = "import sys, flexcache_model, flexcache_model.world; assert 'torch' not in sys.modules"
+    code = "import sys, flexcache_model, flexcache_model.reference.world; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ----------------------------------------------------------------------------- metric
 def test_metric_separates_rendered_clips() -> None:
-    from flexcache_model.quality import frechet_distance, load_metric
+    from flexcache_model.reference.quality import frechet_distance, load_metric
 
     m = load_metric()
     rng = np.random.default_rng(3)
@@ -139,7 +139,7 @@ def test_metric_separates_rendered_clips() -> None:
 
 # ----------------------------------------------------------------------------- CLI and training
 def test_cli_sample_and_errors(tmp_path) -> None:
-    from flexcache_model.cli import main
+    from flexcache_model.reference.cli import main
 
     out = tmp_path / "a.gif"
     assert main(["sample", "a red circle bouncing over green stripes", "-o", str(out), "--steps", "4"]) == 0
@@ -152,9 +152,9 @@ def test_cli_sample_and_errors(tmp_path) -> None:
 
 
 def test_tiny_training_runs(tmp_path) -> None:
-    from flexcache_model.cli import main
-    from flexcache_model.pipeline import load_pipeline
-    from flexcache_model.quality import load_metric
+    from flexcache_model.reference.cli import main
+    from flexcache_model.reference.pipeline import load_pipeline
+    from flexcache_model.reference.quality import load_metric
 
     assert main(["train", "all", "--tiny", "--out-dir", str(tmp_path)]) == 0
     for name in ("vae", "probe", "denoiser_flow", "denoiser_ddpm"):

@@ -24,15 +24,15 @@ import numpy as np
 import torch
 
 from flexcache.client import CacheClient, Namespace
-from flexcache_model.pipeline import Pipeline
-from flexcache_model.prompt_split import split_prompt
-from flexcache_model.rebuild import rebuild_for
+from flexcache.client.prompt_split import split_prompt
+from flexcache_model.reference.pipeline import Pipeline
+from flexcache_model.reference.rebuild import rebuild_for
 
 from .modes import Mode
 
 __all__ = ["DiffusionWorker", "Job", "Outcome", "namespace_for", "store_generation"]
 
-log = logging.getLogger("flexcache.worker")
+log = logging.getLogger("flexcache_model.reference.worker")
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ def train_vae(cfg: TrainConfig, steps: int = 700, batch: int = 24, n_clips: int 
 def _denoiser_data(vae: VideoAutoencoder, n_clips: int, captions_per_clip: int, seed: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents [n,C,T,h,w] and caption embeddings [n, k, 384] of freshly rendered clips."""
-    from .text import embed
+    from flexcache_model.text import embed
 
     _, caps, videos, _ = world.sample_dataset(n_clips, seed=seed, captions_per_clip=captions_per_clip)
     with torch.no_grad():

@@ -42,7 +42,7 @@ def _serve(mode_name: str, target: str | None, steps: int, schedule: str, thread
     """A worker process: load the model once, then serve jobs until a None arrives."""
     import torch
 
-    from flexcache_model.pipeline import load_pipeline
+    from flexcache_model.reference.pipeline import load_pipeline
 
     from .worker import DiffusionWorker
 

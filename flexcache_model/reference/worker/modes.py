@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flexcache_model import codec
+from flexcache.client import codec
 
 __all__ = ["MODES", "Mode"]
 

@@ -26,8 +26,10 @@ from functools import cached_property
 
 import numpy as np
 
-from . import text, world
-from .prompt_split import split_prompt
+from flexcache.client.prompt_split import split_prompt
+from flexcache_model import text
+
+from . import world
 
 __all__ = ["Grounder"]
 

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, text
+from flexcache_model import text
+
+from . import checkpoint
 from .denoiser import DiT, DiTConfig
 from .schedulers import Scheduler, make_scheduler
 from .vae import VAEConfig, VideoAutoencoder

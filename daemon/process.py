@@ -1,0 +1,130 @@
+"""`flexcache serve` as a child process: the one launcher the tests, the benchmarks and the demo use.
+
+It learns the ports the daemon got from the daemon's port file (`port_file`, written once it
+serves) and waits for the health service to say SERVING; it never parses log lines. Every process
+it starts is stopped by `close()` (or the context manager), whatever happened to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+
+from flexcache.v1 import cache_pb2 as pb
+from flexcache.v1 import cache_pb2_grpc as pb_grpc
+
+
+class DaemonProcess:
+    """A daemon on loopback over `data_dir`; `settings` are `flexcache serve` settings by name.
+
+    Restartable: `start()` after `terminate()` or `kill()` reuses the data folder and the gRPC port
+    (the metrics and data ports may change). The daemon's stderr is appended to `log`."""
+
+    def __init__(self, data_dir: Path, *, log: Path | None = None, **settings: object):
+        self.data_dir = Path(data_dir)
+        self.settings = {"metrics_listen": "127.0.0.1:0", **settings}
+        self.log = log or self.data_dir.parent / f"{self.data_dir.name}.log"
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.data_port: int | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._port_file = self.data_dir.parent / f"{self.data_dir.name}.ports.json"
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "flexcache.daemon.cli", "serve", "--data-dir", str(self.data_dir),
+               "--listen", f"127.0.0.1:{self.port}", "--port-file", str(self._port_file)]
+        for key, value in self.settings.items():
+            cmd += ["--" + key.replace("_", "-"), str(value)]
+        return cmd
+
+    def start(self, timeout: float = 120.0) -> DaemonProcess:
+        self.close()
+        self._port_file.unlink(missing_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXCACHE_")}
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=log, env=env)
+        deadline = time.monotonic() + timeout
+        while not self._port_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}; log:\n{self.log.read_text()}")
+            if time.monotonic() > deadline:
+                self.close()
+                raise TimeoutError(f"daemon wrote no port file within {timeout} s; log:\n{self.log.read_text()}")
+            time.sleep(0.02)
+        ports = json.loads(self._port_file.read_text())
+        self.port, self.metrics_port, self.data_port = ports["grpc"], ports["metrics"], ports["data"]
+        self.wait_serving(max(1.0, deadline - time.monotonic()))
+        return self
+
+    def wait_serving(self, timeout: float) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+        raise TimeoutError("daemon did not become SERVING")
+
+    def stats(self, timeout: float = 10.0) -> pb.StatsResponse:
+        with grpc.insecure_channel(self.target) as channel:
+            return pb_grpc.CacheServiceStub(channel).Stats(pb.StatsRequest(), timeout=timeout)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU the daemon has used so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM: the daemon drains and exits; returns its exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def close(self) -> None:
+        """Stop the daemon if it runs: SIGTERM, then SIGKILL if it has not exited within 30 s."""
+        if not self.running:
+            return
+        try:
+            self.terminate()
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def __enter__(self) -> DaemonProcess:
+        return self.start() if not self.running else self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
