@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA_DIR ?= ./data
 
-.PHONY: serve test lint bench demo clean
+.PHONY: serve test lint bench demo examples clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ bench: $(STAMP)
 # A daemon on embedded defaults, two workers, a short trace: a table and GIFs in demo_out/ (minutes).
 demo: $(STAMP)
 	$(BIN)/python -m bench.demo --out demo_out
+
+# The runnable examples in examples/, against a daemon already running (`make serve` in another
+# terminal); TARGET names another one.
+TARGET ?= 127.0.0.1:50051
+examples: $(STAMP)
+	$(BIN)/python examples/quickstart.py --target $(TARGET)
+	$(BIN)/python examples/composed.py --target $(TARGET)
 
 clean:
 	rm -rf $(VENV) build demo_out *.egg-info proto/flexcache/v1/*_pb2*.py proto/flexcache/v1/*_pb2*.pyi

@@ -1,6 +1,6 @@
 """Accuracy and speed of flexcache.client.prompt_split on the public prompt suites.
 
-Run:  .venv/bin/python -m bench.bench_split [--data /work/shared/data/prompts] [--examples N]
+Run:  .venv/bin/python -m bench.bench_split [--data bench/prompts] [--examples N]
 
 Prints markdown: the label-based precision/recall table (metric defined in docs/prompt_split.md),
 a leave-label-out ablation for scene labels, the FETV content-class proxy, timing, and example splits
@@ -27,7 +27,7 @@ from flexcache.client.prompt_split import (
     split_prompt,
 )
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"  # ../shared beside the repo
+DEFAULT_DATA = Path(__file__).parent / "prompts"  # vendored suites, unchanged copies: see prompts/NOTICE.md
 VB = Path("vbench")
 
 

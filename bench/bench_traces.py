@@ -89,7 +89,7 @@ def embed_texts(texts: Sequence[str]) -> dict[str, np.ndarray]:
             cached = dict(zip(data["texts"].tolist(), data["vectors"], strict=True))
     missing = [t for t in dict.fromkeys(texts) if t not in cached]
     if missing:
-        from flexcache_model.reference import text as text_model  # torch is loaded only when something is missing
+        from flexcache_model import text as text_model  # torch is loaded only when something is missing
 
         t0 = time.monotonic()
         missing.sort(key=len)  # batches of similar length pad less

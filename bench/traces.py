@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"  # ../shared beside the repo
+DEFAULT_DATA = Path(__file__).parent / "prompts"  # vendored suites, unchanged copies: see prompts/NOTICE.md
 
 # (source name, original list, rewrites line-aligned with it), paths relative to the data folder.
 _VB = "vbench/prompts"

@@ -1,5 +1,27 @@
-"""FlexCache client: look up, fetch and store latents from inside a diffusion worker."""
+"""FlexCache client: look up, fetch and store latents from inside a diffusion worker.
 
-from .client import CacheClient, Candidate, Fetched, Hit, LookupResult, Namespace, Rebuild
+`CacheClient` reaches a daemon over gRPC; `LocalCache` runs a daemon's cache core in this process
+(it needs the `daemon` extra, imported only when LocalCache is first used). Both are `CacheBase`.
+"""
 
-__all__ = ["CacheClient", "Candidate", "Fetched", "Hit", "LookupResult", "Namespace", "Rebuild"]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .base import CacheBase, Candidate, Fetched, Hit, LookupResult, Namespace, Rebuild
+from .client import CacheClient
+from .retry import Retry
+
+if TYPE_CHECKING:
+    from .local import LocalCache
+
+__all__ = ["CacheBase", "CacheClient", "Candidate", "Fetched", "Hit", "LocalCache", "LookupResult", "Namespace",
+           "Rebuild", "Retry"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LocalCache":  # lazily: its module is light, the daemon it opens is not
+        from .local import LocalCache
+
+        return LocalCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

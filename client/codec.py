@@ -101,9 +101,9 @@ __all__ = [
 
 MAGIC = b"FXLC"
 FORMAT_VERSION = 1
-#: 5 % relative RMSE on x0 (26 dB latent SNR; the step-K rebuild attenuates it by 1 - sigma_K). On the
-#: reference model no budget up to 5 % changed sample fidelity measurably, while 5 % is the finest budget
-#: that stores Wan/Open-Sora-shaped latents >= 15x smaller than NIRVANA-style (docs/compression.md).
+#: 5 % relative RMSE on x0 (26 dB latent SNR; the step-K rebuild attenuates it by 1 - sigma_K): the finest
+#: budget that meets the target of Wan/Open-Sora-shaped latents >= 15x smaller than NIRVANA-style without
+#: a change in sample fidelity on the reference model (measured in docs/compression.md and docs/codec.md).
 DEFAULT_MAX_REL_ERROR = 0.05
 DEFAULT_LEVEL = 3
 
@@ -225,6 +225,7 @@ def _rel(sq_err: float, sq_ref: float) -> float:
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
+_Z = TypeVar("_Z")
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 _LOCAL = threading.local()
@@ -247,28 +248,24 @@ def _map(fn: Callable[[_T], _R], items: Sequence[_T], threads: int | None, nbyte
     return list(pool.map(fn, items))
 
 
-def _compressor(level: int, zdict: zstandard.ZstdCompressionDict | None) -> zstandard.ZstdCompressor:
-    """One compressor per thread and setting (zstd contexts are not thread-safe)."""
-    cache = _LOCAL.__dict__.setdefault("c", {})
-    key = (level, id(zdict))
+def _per_thread(slot: str, key: object, zdict: zstandard.ZstdCompressionDict | None, make: Callable[[], _Z]) -> _Z:
+    """One zstd context per thread, slot and setting (zstd contexts are not thread-safe)."""
+    cache = _LOCAL.__dict__.setdefault(slot, {})
     hit = cache.get(key)
     if hit is None:  # the entry holds zdict, so its id cannot be reused while cached
         if len(cache) > 64:
             cache.clear()
-        hit = cache[key] = (zdict, zstandard.ZstdCompressor(
-            level=level, dict_data=zdict, write_checksum=False, write_content_size=True, write_dict_id=False))
+        hit = cache[key] = (zdict, make())
     return hit[1]
+
+
+def _compressor(level: int, zdict: zstandard.ZstdCompressionDict | None) -> zstandard.ZstdCompressor:
+    return _per_thread("c", (level, id(zdict)), zdict, lambda: zstandard.ZstdCompressor(
+        level=level, dict_data=zdict, write_checksum=False, write_content_size=True, write_dict_id=False))
 
 
 def _decompressor(zdict: zstandard.ZstdCompressionDict | None) -> zstandard.ZstdDecompressor:
-    cache = _LOCAL.__dict__.setdefault("d", {})
-    key = id(zdict)
-    hit = cache.get(key)
-    if hit is None:  # the entry holds zdict, so its id cannot be reused while cached
-        if len(cache) > 64:
-            cache.clear()
-        hit = cache[key] = (zdict, zstandard.ZstdDecompressor(dict_data=zdict))
-    return hit[1]
+    return _per_thread("d", id(zdict), zdict, lambda: zstandard.ZstdDecompressor(dict_data=zdict))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,8 +305,9 @@ def train_dictionary(
 ) -> CodecDictionary:
     """Train a zstd dictionary on what zstd will see for these latents (post quantize + shuffle).
 
-    Use the same ``max_rel_error`` / ``chain`` as for encoding.  The blobs are per-channel frames of
-    ~100 KB+, so expect a small gain (it primes each frame's start); it matters for small latents.
+    Use the same ``max_rel_error`` / ``chain`` as for encoding.  A blob holds one zstd frame per
+    channel and a dictionary only primes each frame's start, so it pays for small latents, not for
+    large ones (measured in docs/codec.md).
     """
     samples: list[bytes] = []
     for x in latents:
@@ -399,8 +397,8 @@ _UINT = {2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}
 def _shuffle(a: np.ndarray) -> np.ndarray:
     """Group byte k of every element together (plane k = byte k); identity for 1-byte items.
 
-    Shifts and strided copies instead of a transpose: numpy's (n, k) -> (k, n) byte transpose runs
-    at ~0.5 GB/s, these at 3-8 GB/s.
+    Shifts and strided copies instead of a transpose: numpy's (n, k) -> (k, n) byte transpose is
+    several times slower (measured in docs/codec.md).
     """
     k = a.dtype.itemsize
     if k == 1:
@@ -456,6 +454,14 @@ def _dequant(codes: np.ndarray, scale: np.float32, bias: np.float32, orig: int,
     np.add(tmp, bias, out=tmp)
     with np.errstate(over="ignore"):  # an overflow shows up as an infinite error at encode
         return _from_f32(tmp, orig, out)
+
+
+def _dequant_table(codes: np.ndarray, scale: np.float32, bias: np.float32, orig: int) -> np.ndarray:
+    """``_dequant`` of every code up to the largest in ``codes``, indexed by code: for 16-bit outputs a
+    gather from this table replaces numpy's slower fp32 -> fp16 cast of every value, with identical
+    values (measured in docs/codec.md)."""
+    top = 255 if codes.dtype == np.uint8 else int(codes.max())
+    return _dequant(np.arange(top + 1, dtype=codes.dtype), scale, bias, orig)
 
 
 def _channels(x: np.ndarray) -> np.ndarray:
@@ -573,9 +579,8 @@ def _quant_codes(xc: np.ndarray, orig: int, stored: int, shuffle: bool, scale: n
         codes = t.astype(cdt)
         if orig == _FP32:
             back = _dequant(codes, s, b, orig)
-        else:  # the decoder's table, widened: same values, no slow fp16 casts of every value
-            top = 255 if cdt == np.uint8 else int(codes.max())
-            back = np.take(_to_f32(_dequant(np.arange(top + 1, dtype=cdt), s, b, orig), orig), codes)
+        else:  # widened from the decoder's own table: the error of exactly what decode returns
+            back = np.take(_to_f32(_dequant_table(codes, s, b, orig), orig), codes)
         d = np.subtract(back, f, out=t)
         err = float(np.dot(d, d))
         if stored == _U4:
@@ -906,11 +911,7 @@ def decode(
         if h.qmode != _Q_NONE:
             assert h.scale is not None and h.bias is not None
             if h.orig != _FP32:
-                # numpy's fp32->fp16 cast runs at ~3 ns/value; a table of every code in use, built
-                # with the same arithmetic, gives identical values at ~1.5 ns/value.
-                top = 255 if codes.dtype == np.uint8 else int(codes.max())
-                lut = _dequant(np.arange(top + 1, dtype=codes.dtype), h.scale[c], h.bias[c], h.orig)
-                np.take(lut, codes, out=dst)
+                np.take(_dequant_table(codes, h.scale[c], h.bias[c], h.orig), codes, out=dst)
             else:
                 _dequant(codes, h.scale[c], h.bias[c], h.orig, dst)
         elif h.stored == h.orig:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .masks import iou
+
 SHIFT_BELOW_IOU = 0.5
 OVERLAP_BONUS = 0.1
 
@@ -39,17 +41,12 @@ class Placement:
     iou: float  # of the two donors' object masks before shifting
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
 def pair_score(similarity_object: float, similarity_background: float, mask_object: np.ndarray | None,
                mask_background: np.ndarray | None) -> float | None:
     """Higher is better; None when the object donor cannot be placed (no mask, or masks of two grids)."""
     if mask_object is None or (mask_background is not None and mask_background.shape != mask_object.shape):
         return None
-    overlap = iou(mask_object, mask_background) if mask_background is not None else 0.0
+    overlap = iou(mask_object, mask_background, empty=0.0) if mask_background is not None else 0.0
     return similarity_object + similarity_background + OVERLAP_BONUS * overlap
 
 
@@ -59,7 +56,7 @@ def _centroid(mask: np.ndarray) -> np.ndarray:
 
 
 def placement(mask_object: np.ndarray, mask_background: np.ndarray | None) -> Placement:
-    overlap = iou(mask_object, mask_background) if mask_background is not None else 1.0
+    overlap = iou(mask_object, mask_background, empty=0.0) if mask_background is not None else 1.0
     if mask_background is None or overlap >= SHIFT_BELOW_IOU or not mask_object.any() or not mask_background.any():
         return Placement((0, 0), overlap)
     dy, dx = np.rint(_centroid(mask_background) - _centroid(mask_object)).astype(int)
@@ -95,13 +92,17 @@ def feathered(mask: np.ndarray, feather: int) -> np.ndarray:
     return np.clip(m, 0.0, 1.0)
 
 
+def _check_grid(mask: np.ndarray, latent: np.ndarray) -> None:
+    if mask.shape != latent.shape[1:]:
+        raise ValueError(f"object mask {mask.shape} does not match the latent grid {latent.shape[1:]}")
+
+
 def compose(object_latent: np.ndarray, background_latent: np.ndarray, mask_object: np.ndarray,
             mask_background: np.ndarray | None = None, feather: int = 1) -> tuple[np.ndarray, Placement]:
     """The composite latent [C, T, H, W] from two latents of the same shape and masks [T, H, W]."""
     if object_latent.shape != background_latent.shape:
         raise ValueError(f"donor latents differ in shape: {object_latent.shape} vs {background_latent.shape}")
-    if mask_object.shape != object_latent.shape[1:]:
-        raise ValueError(f"object mask {mask_object.shape} does not match the latent grid {object_latent.shape[1:]}")
+    _check_grid(mask_object, object_latent)
     place = placement(mask_object, mask_background)
     obj = shift(object_latent, place.shift)
     region = shift(mask_object, place.shift)
@@ -116,8 +117,7 @@ def one_part(latent: np.ndarray, mask: np.ndarray, keep: str, feather: int = 1) 
     """A start [C, T, H, W] from one donor whose `keep` part ("object" or "background") matched."""
     if keep not in ("object", "background"):
         raise ValueError(f"keep must be 'object' or 'background', not {keep!r}")
-    if mask.shape != latent.shape[1:]:
-        raise ValueError(f"object mask {mask.shape} does not match the latent grid {latent.shape[1:]}")
+    _check_grid(mask, latent)
     x = latent.astype(np.float32)
     background = ~mask[None]  # [1, T, H, W]
     cells = background.sum(axis=(2, 3), keepdims=True)

@@ -65,7 +65,7 @@ def pool_mask(mask: np.ndarray, grid: tuple[int, int, int], min_fraction: float 
     return blocks.mean(axis=(1, 3, 5)) >= min_fraction
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two boolean masks (1.0 when both are empty)."""
+def iou(a: np.ndarray, b: np.ndarray, empty: float = 1.0) -> float:
+    """Intersection over union of two boolean masks (`empty` when both are empty)."""
     union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+    return float(np.logical_and(a, b).sum() / union) if union else empty

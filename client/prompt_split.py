@@ -3,7 +3,7 @@
 FlexCache's decoupled lookup embeds three texts per cache entry (full prompt, object, background)
 so that a miss on the whole prompt can still borrow an object donor and a background donor. This
 module produces the two texts with a fast, deterministic, offline rule/lexicon parser -- no model,
-no downloads, no torch -- because it runs on every request on the daemon's hot path.
+no downloads, no torch -- because it runs on every request, on the worker's request path.
 
 How it works (see docs/prompt_split.md for the full description and the measured accuracy):
 

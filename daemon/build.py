@@ -3,10 +3,11 @@ and the benchmarks all build it here, so none of them drifts from the daemon's d
 
 from __future__ import annotations
 
-from .cache import Cache, Limits
+from .cache import Cache
 from .config import Config
 from .eviction import make_policy
 from .index import VectorIndex, open_index
+from .limits import Limits
 from .metrics import Metrics
 from .steps import StepTable
 from .store import Store

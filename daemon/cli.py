@@ -1,12 +1,14 @@
 """`flexcache serve` runs the daemon; `flexcache stats` asks a running one; `config-table` and
-`metrics-table` print the README's tables from the code. Errors end with a sentence and exit code 1
-(runtime) or 2 (configuration)."""
+`metrics-table` print the README's tables from the code; `flexcache --version` names the installed
+release. Errors end with a sentence and exit code 1 (runtime) or 2 (configuration)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,10 +21,25 @@ from flexcache.v1 import cache_pb2_grpc as pb_grpc
 from . import config as cfg
 
 EXIT_CONFIG, EXIT_RUNTIME = 2, 1
+DISTRIBUTION = "flexcache"
+
+
+def version() -> str:
+    """The installed distribution's version (its metadata, the one pip and bug reports see), or
+    '0+unknown' for code that runs without being installed as a distribution."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import Daemon  # keeps `flexcache stats` light
+    try:
+        from .server import Daemon, StartError  # imported here: `flexcache stats` needs none of the daemon's packages
+    except ModuleNotFoundError as exc:
+        print(f"flexcache serve: {exc.name} is not installed; the daemon needs the 'daemon' extra: "
+              "pip install 'flexcache[daemon]'", file=sys.stderr)
+        return EXIT_CONFIG
 
     try:
         config = cfg.from_args(args)
@@ -30,9 +47,17 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"flexcache serve: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    links = cfg.service_links(os.environ)
+    if links:
+        logging.getLogger("flexcache").debug("ignoring Kubernetes service-link variables (not settings): %s",
+                                             ", ".join(links))
     try:
         daemon = Daemon(config)
         daemon.start()
+    except StartError as exc:  # a known cause (an address or the data folder in use): the sentence says it all
+        logging.getLogger("flexcache").debug("start failed", exc_info=True)
+        print(f"flexcache serve: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
     except Exception as exc:  # a daemon that cannot start says why in one line, then exits
         logging.getLogger("flexcache").debug("start failed", exc_info=True)
         print(f"flexcache serve: cannot start: {exc}", file=sys.stderr)
@@ -79,6 +104,7 @@ def _metrics_table(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flexcache", description="FlexCache approximate-cache daemon.")
+    parser.add_argument("--version", action="version", version=f"flexcache {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="Run the daemon.", allow_abbrev=False)
     cfg.add_flags(serve)

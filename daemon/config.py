@@ -1,8 +1,9 @@
 """The daemon's settings: one declarative table feeds command-line flags, env vars and the YAML file.
 
-Precedence, lowest first: the table's defaults, the YAML file (`--config`), `FLEXCACHE_*` env vars,
-command-line flags. A key the table does not know is an error wherever it appears, so a typo never
-silently falls back to a default.
+Precedence, lowest first: the table's defaults, the YAML file (`--config` or FLEXCACHE_CONFIG),
+`FLEXCACHE_*` env vars, command-line flags. A key the table does not know is an error wherever it
+appears, so a typo never silently falls back to a default; the one exception is the names Kubernetes
+gives service-link variables (FLEXCACHE_PORT=tcp://..., FLEXCACHE_SERVICE_HOST, ...), never settings.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
+from flexcache.client.optional import require
 
 
 class ConfigError(ValueError):
@@ -165,6 +166,12 @@ OPTIONS: tuple[Option, ...] = (
 )
 _BY_NAME = {option.name: option for option in OPTIONS}
 
+CONFIG_FILE = Option("config", str, "",
+                     "YAML file of settings, a mapping of setting name to value: above the defaults, below "
+                     "env vars and flags; empty reads none.")
+"""The layer that names the YAML file: a flag and an env var like the settings, but not a setting
+itself (a YAML file cannot name another), so it is not in OPTIONS or Config."""
+
 
 @dataclass(frozen=True)
 class Config:
@@ -243,6 +250,11 @@ _SERVICE_LINK = re.compile(
 )
 
 
+def service_links(env: Mapping[str, str]) -> list[str]:
+    """The names in `env` that `resolve` passes over as Kubernetes service links (the daemon logs them)."""
+    return sorted(key for key, value in env.items() if key.startswith("FLEXCACHE_") and _is_service_link(key, value))
+
+
 def _is_service_link(key: str, value: str) -> bool:
     """Variables Kubernetes injects for a Service named flexcache*, e.g. FLEXCACHE_SERVICE_HOST or
     FLEXCACHE_PORT=tcp://10.0.0.1:50051: not settings, so not typos either."""
@@ -252,6 +264,7 @@ def _is_service_link(key: str, value: str) -> bool:
 
 
 def load_yaml(path: str) -> dict[str, Any]:
+    yaml = require("yaml", "daemon", "a --config file")
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as exc:
@@ -275,7 +288,7 @@ def resolve(
         if key not in _BY_NAME:
             raise ConfigError(f"config file: unknown setting {key!r}")
         values[key] = _parse(_BY_NAME[key], raw, "config file")
-    known_env = {o.env for o in OPTIONS} | {"FLEXCACHE_CONFIG"}
+    known_env = {o.env for o in OPTIONS} | {CONFIG_FILE.env}
     for key, raw in env.items():
         if key.startswith("FLEXCACHE_") and key not in known_env and not _is_service_link(key, raw):
             raise ConfigError(f"environment: unknown setting {key}")
@@ -290,20 +303,26 @@ def resolve(
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per option; each flag's default is None so that 'not given' is distinguishable."""
-    parser.add_argument("--config", default=os.environ.get("FLEXCACHE_CONFIG"),
-                        help="YAML file of settings (env FLEXCACHE_CONFIG).")
+    parser.add_argument(CONFIG_FILE.flag, dest=CONFIG_FILE.name, default=None, metavar="PATH",
+                        help=f"{CONFIG_FILE.help} [env {CONFIG_FILE.env}]")
     for option in OPTIONS:
         parser.add_argument(option.flag, dest=option.name, default=None, metavar=option.type_name.upper(),
                             help=f"{option.help} [env {option.env}; default {option.default!r}]")
 
 
 def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
-    yaml_values = load_yaml(args.config) if args.config else None
+    """The settings of parsed `add_flags` flags over `env` (the process's by default). The YAML file is
+    `--config`, else FLEXCACHE_CONFIG from that same `env` (read here, not when the parser is built, so
+    the caller's `env` decides); `--config ''` reads no file even when FLEXCACHE_CONFIG names one."""
+    env = os.environ if env is None else env
+    path = args.config if args.config is not None else env.get(CONFIG_FILE.env, "")
+    yaml_values = load_yaml(path) if path else None
     return resolve(yaml_values, env, {o.name: getattr(args, o.name) for o in OPTIONS})
 
 
-def markdown_table(options: Sequence[Option] = OPTIONS) -> str:
-    """The README's settings table, generated so it cannot drift from the code."""
+def markdown_table(options: Sequence[Option] = (CONFIG_FILE, *OPTIONS)) -> str:
+    """The README's settings table, generated so it cannot drift from the code (the first row is the
+    YAML file itself, `--config`)."""
     rows = ["| setting | flag | env | type | default | meaning |", "|---|---|---|---|---|---|"]
     for o in options:
         default = "" if o.default in ("", {}) else f"`{o.default}`"

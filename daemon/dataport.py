@@ -1,9 +1,9 @@
 """The data port: fetched blobs on a plain TCP connection, beside gRPC.
 
 Python gRPC moves a multi-megabyte blob through HTTP/2 frames, a thread hand-off per message and
-several copies: a bare Python gRPC stream of 1 MiB messages reached ~0.85x a Redis GET here, and a
-Fetch stream less (docs/bench_daemon.md). The data port carries the bytes as Redis does, on a TCP
-connection, while gRPC keeps everything else (validation, accounting, status codes):
+several copies, which leaves a Fetch stream behind a Redis GET of the same blob (measured in
+docs/bench_daemon.md). The data port carries the bytes as Redis does, on a TCP connection, while
+gRPC keeps everything else (validation, accounting, status codes):
 
 1. the client calls FetchDirect; the daemon checks the request, pins the entry and answers with the
    header, a one-time ticket (16 random bytes) and the data port's number;
@@ -40,7 +40,7 @@ MAX_CONNECTIONS = 256
 
 
 class Chunks(Iterator[bytes], Protocol):
-    """A fetched entry's chunks; close() releases the entry (cache.PinnedChunks)."""
+    """A fetched entry's chunks; close() releases the entry (pins.PinnedChunks)."""
 
     def close(self) -> None: ...
 

@@ -59,10 +59,10 @@ _VECTORS_FORMAT = struct.Struct("<B3I")  # version, then the sizes of the full, 
 def split_record(header: pb.PutHeader) -> tuple[pb.PutHeader, bytes]:
     """What the store keeps of a Put header: the header without its vectors, and the vectors packed.
 
-    The vectors are only read again to rebuild the index, so they are kept as unit-length float16:
-    a third of a decoupled entry's record is one 384-d vector in float32, and on a small latent the
-    three vectors cost more than the latent itself (docs/bench_serving.md). Cosine similarity is
-    unchanged by the scaling, and float16 moves it by about 1e-6."""
+    The vectors are only read again to rebuild the index, so they are kept as unit-length float16,
+    half the bytes of the request's float32: an entry's vectors are a fixed cost beside its latent,
+    and on a small latent they outweigh it (measured in docs/bench_serving.md). Cosine similarity is
+    unchanged by the scaling, and float16 rounding moves it by less than 1e-5 (tests/test_entries.py)."""
     parts = []
     for values in (header.vectors.full, header.vectors.object, header.vectors.background):
         v = np.asarray(values, dtype=np.float64)
@@ -108,6 +108,7 @@ class Usage:
     """
 
     size: int  # blob + record: what the entry costs in the budget
+    blob_size: int  # the latent blob alone
     created: float
     last_access: float
     step: int = 0  # the blob's own step K (NIRVANA-style intermediate latent), 0 for x0
@@ -117,7 +118,6 @@ class Usage:
     steps_saved: dict[str, float] = field(default_factory=lambda: dict.fromkeys(wire.ROLES, 0.0))
     log2_credit: float = -math.inf
     credit_clock: float = 0.0
-    blob_size: int = 0  # the latent blob alone (0 in records written before it was kept)
 
     def to_bytes(self) -> bytes:
         data = asdict(self)
@@ -128,14 +128,7 @@ class Usage:
     def from_bytes(cls, raw: bytes) -> Usage:
         data = json.loads(raw)
         data["log2_credit"] = -math.inf if data["log2_credit"] is None else data["log2_credit"]
-        if "credit_clock" not in data:  # credit earned on the old wall clock: restart it at turnover 0
-            saved = sum(data["steps_saved"].values()) * data["step_cost"]
-            data["log2_credit"] = math.log2(saved) if saved > 0 else -math.inf
         return cls(**data)
-
-    @property
-    def total_hits(self) -> int:
-        return sum(self.hits.values())
 
     def add_credit(self, steps: float, clock: float, half_life: float) -> None:
         """Add `steps` of credit earned at turnover `clock` (log-sum-exp, in base 2)."""

@@ -26,10 +26,13 @@ class DaemonProcess:
     """A daemon on loopback over `data_dir`; `settings` are `flexcache serve` settings by name.
 
     Restartable: `start()` after `terminate()` or `kill()` reuses the data folder and the gRPC port
-    (the metrics and data ports may change). The daemon's stderr is appended to `log`."""
+    (the metrics and data ports may change). The daemon's stderr is appended to `log`. `python` is
+    the interpreter whose installed flexcache runs (another virtualenv's, say); by default this one's."""
 
-    def __init__(self, data_dir: Path, *, log: Path | None = None, **settings: object):
+    def __init__(self, data_dir: Path, *, log: Path | None = None, python: str | Path = sys.executable,
+                 **settings: object):
         self.data_dir = Path(data_dir)
+        self.python = str(python)
         self.settings = {"metrics_listen": "127.0.0.1:0", **settings}
         self.log = log or self.data_dir.parent / f"{self.data_dir.name}.log"
         self.port = 0
@@ -48,7 +51,7 @@ class DaemonProcess:
         return self.proc.pid
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "flexcache.daemon.cli", "serve", "--data-dir", str(self.data_dir),
+        cmd = [self.python, "-m", "flexcache.daemon.cli", "serve", "--data-dir", str(self.data_dir),
                "--listen", f"127.0.0.1:{self.port}", "--port-file", str(self._port_file)]
         for key, value in self.settings.items():
             cmd += ["--" + key.replace("_", "-"), str(value)]

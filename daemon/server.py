@@ -6,8 +6,10 @@ are open and reconciled, and SIGTERM drains in-flight calls before closing stora
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,8 +17,9 @@ from concurrent import futures
 from contextlib import closing, contextmanager
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
@@ -28,6 +31,7 @@ from .config import Config
 from .dataport import DataPort
 from .errors import CacheError, Corrupt, InvalidRequest, NotFound, TooLarge, Unavailable, WrongPath
 from .metrics import Metrics
+from .store import StoreLocked
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,93 @@ SERVICE_NAME = wire.SERVICE_NAME
 _STATUS = {InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT, NotFound: grpc.StatusCode.NOT_FOUND,
            TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED, Corrupt: grpc.StatusCode.DATA_LOSS,
            Unavailable: grpc.StatusCode.UNAVAILABLE, WrongPath: grpc.StatusCode.FAILED_PRECONDITION}
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+_REFLECTION_V1_FILE = "grpc/reflection/v1/reflection.proto"
+
+
+class StartError(Exception):
+    """The daemon cannot start for a reason the operator can act on (an address or the data folder is
+    taken); the message is the whole sentence, so `flexcache serve` prints it as it is."""
+
+
+_LISTEN_REASONS = {errno.EADDRINUSE: "the address is in use (is another daemon running?)",
+                   errno.EACCES: "permission denied (ports below 1024 need privileges)",
+                   errno.EADDRNOTAVAIL: "no interface of this machine has that address"}
+
+
+def listen_error(address: str, error: OSError, endpoint: str = "") -> StartError:
+    """'cannot listen on ADDRESS (endpoint): why', from the OSError a bind raised."""
+    reason = _LISTEN_REASONS.get(error.errno or 0, error.strerror or str(error))
+    return StartError(f"cannot listen on {address}{f' ({endpoint})' if endpoint else ''}: {reason}")
+
+
+def check_can_listen(address: str) -> None:
+    """Raise StartError if a plain TCP socket cannot bind where the gRPC server is about to.
+
+    gRPC reports a failed bind only as a C-core line on stderr and an error that says 'Failed to bind'.
+    A probe bound first, with SO_REUSEADDR and without SO_REUSEPORT as the server binds, fails the same
+    way and says why in one sentence. It is closed at once; a process that takes the port in between
+    still makes the server fail, in gRPC's words. Unix sockets and port 0 are left to gRPC."""
+    host, _, port = address.rpartition(":")
+    if address.startswith("unix") or not port.isdigit() or int(port) == 0:
+        return
+    try:
+        resolved = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                      flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return  # gRPC resolves the name its own way, and fails on its own if it cannot
+    failures: list[OSError] = []
+    for family, kind, proto, _, sockaddr in resolved:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+        except OSError as exc:
+            failures.append(exc)
+    for exc in failures:  # a name that resolves to several addresses listens if one of them binds
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES) or (len(failures) == len(resolved)
+                                                              and exc.errno in _LISTEN_REASONS):
+            raise listen_error(address, exc)
+
+
+def _add_v1_reflection_file(pool: descriptor_pool.DescriptorPool) -> None:
+    """Put grpc/reflection/v1/reflection.proto into `pool`, so that reflection can describe its own v1
+    service too. grpcio-reflection ships only v1alpha's file; v1 is the same file in another package
+    (the same messages, fields and numbers), so this is v1alpha's, renamed."""
+    try:
+        pool.FindFileByName(_REFLECTION_V1_FILE)
+        return  # another library registered it already
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    old, new = f".{proto.package}.", f".{REFLECTION_V1.rpartition('.')[0]}."
+    proto.name, proto.package = _REFLECTION_V1_FILE, new.strip(".")
+    proto.ClearField("options")  # v1alpha's are deprecated: true and its java and go packages
+    for message in proto.message_type:
+        for field in message.field:
+            if field.type_name.startswith(old):  # message-typed fields only: setting "" would add one
+                field.type_name = new + field.type_name.removeprefix(old)
+    for method in proto.service[0].method:
+        method.input_type, method.output_type = (t.replace(old, new, 1) for t in (method.input_type,
+                                                                                method.output_type))
+    pool.AddSerializedFile(proto.SerializeToString())
+
+
+def enable_reflection(service_names: tuple[str, ...], server: grpc.Server) -> None:
+    """Serve server reflection as grpc.reflection.v1, which current clients (grpcurl, grpc-go's) ask for
+    first, and as v1alpha, which older ones ask for. grpcio-reflection has only a v1alpha servicer; the
+    two protocols are the same on the wire, so that one servicer answers under both names."""
+    _add_v1_reflection_file(descriptor_pool.Default())
+    servicer = reflection.ReflectionServicer((*service_names, reflection.SERVICE_NAME, REFLECTION_V1))
+    handlers = {"ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}
+    for name in (reflection.SERVICE_NAME, REFLECTION_V1):
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+        server.add_registered_method_handlers(name, handlers)
 
 
 def _serialize_fetch(message: pb.FetchResponse | bytes) -> bytes:
@@ -79,6 +170,14 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         except CacheError as exc:
             code = _STATUS[type(exc)]
             context.abort(code, str(exc))
+        except grpc.RpcError:
+            # Raised by the request iterator: gRPC already ended the call with its own status (a
+            # message over the limit is RESOURCE_EXHAUSTED to the client). A client's doing, not the
+            # daemon's: no traceback, no ERROR. Re-raised unchanged, so gRPC does not log it either.
+            code = grpc.StatusCode.CANCELLED
+            log.warning("%s: the call ended before its request stream did: the client cancelled, its deadline "
+                        "passed or it sent a message over %d bytes", method, wire.MAX_MESSAGE_BYTES)
+            raise
         except Exception:
             if context.code() not in (None, grpc.StatusCode.OK):  # context.abort() already chose a status
                 code = context.code()
@@ -149,8 +248,13 @@ class Daemon:
         self.config = config
         self.metrics = Metrics()
         self.health = health.HealthServicer()
-        self.dataport = (DataPort(config.data_address, count=lambda outcome: self.metrics.data_transfers.labels(
-            outcome).inc()) if config.data_address else None)
+        check_can_listen(config.listen)
+        try:
+            self.dataport = (DataPort(config.data_address, count=lambda outcome: self.metrics.data_transfers.labels(
+                outcome).inc()) if config.data_address else None)
+        except OSError as exc:  # DataPort's error wraps the bind's, which has the errno
+            bind_error = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            raise listen_error(config.data_address, bind_error, "data port") from exc
         self.servicer = CacheServicer(self.metrics, self.dataport)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
@@ -164,13 +268,15 @@ class Daemon:
         )
         add_servicer(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server,
-        )
-        self.port = self.server.add_insecure_port(config.listen)
+        enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self.server)
+        try:
+            self.port = self.server.add_insecure_port(config.listen)
+        except RuntimeError:  # newer gRPC raises where older ones returned 0; its log line says why
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {config.listen}")
+            if self.dataport is not None:
+                self.dataport.stop(grace_s=0)
+            raise StartError(f"cannot listen on {config.listen}: gRPC could not bind it (its log line above says why)")
         self.metrics_port: int | None = None
         self._stopped = threading.Event()
         self.cache: Cache | None = None
@@ -186,9 +292,22 @@ class Daemon:
         self.server.start()
         if self.dataport is not None:
             self.dataport.start()
-        if c.metrics_listen:
-            self.metrics_port = self.metrics.serve(c.metrics_listen)
-        self.cache = open_cache(c, self.metrics)
+        try:
+            if c.metrics_listen:
+                try:
+                    self.metrics_port = self.metrics.serve(c.metrics_listen)
+                except OSError as exc:
+                    raise listen_error(c.metrics_listen, exc, "metrics") from exc
+            try:
+                self.cache = open_cache(c, self.metrics)
+            except StoreLocked as exc:
+                raise StartError(f"the data folder {c.data_dir} is in use by another daemon "
+                                 f"(RocksDB lock held: {exc.lock})") from exc
+        except BaseException:  # what did start (gRPC, the data port) closes, quietly, before the error is told
+            self.server.stop(grace=None)
+            if self.dataport is not None:
+                self.dataport.stop(grace_s=0)
+            raise
         self.servicer.cache = self.cache
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("flexcache serving on port %d (data port %s, index %s, policy %s, budget %d bytes)", self.port,

@@ -35,11 +35,10 @@ class StepTable:
 
     def composed_steps(self, object_steps: int, background_steps: int, total_steps: int) -> int:
         """Steps a composite of two donors may skip: no more than either part allows, and at most
-        `composed_max_fraction` of the total (the daemon's default 0.1). On the reference model a
-        composed start cost 0.8 points of prompt fidelity against sampling from scratch at K = 5 of
-        50, 3.8 at K = 10 and 9.7 at K = 20 (900 paired requests, docs/bench_composed.md): the gap
-        grows fast with K, and only K = 5 keeps it within the 2 points a composed hit may cost.
-        A partial hit (one part's donor alone) is granted as the composite of that part with itself
-        (an object donor alone cost 1.4 points at K = 5, a background donor alone 2.8)."""
+        `composed_max_fraction` of the total (the daemon's default 0.1). A composed start costs prompt
+        fidelity against sampling from scratch, and the cost grows fast with K; the default cap is the
+        largest K of the reference model's tested ones whose cost stays within the 2 points a composed
+        hit may cost (measured in docs/bench_composed.md). A partial hit (one part's donor alone) is
+        granted as the composite of that part with itself."""
         cap = round(self._composed_max_fraction * total_steps)
         return max(0, min(object_steps, background_steps, cap, total_steps - 1))

@@ -56,20 +56,36 @@ class PendingPut:
         self.chunks += 1
 
 
+class StoreLocked(Exception):
+    """Another process (or another Store in this one) has the database open: RocksDB holds `lock`."""
+
+    def __init__(self, lock: Path):
+        super().__init__(f"the store is open elsewhere: RocksDB holds its lock {lock}")
+        self.lock = lock
+
+
 class Store:
     def __init__(self, path: Path, fsync: bool = False):
+        """Open (or create) the database in `path`; StoreLocked if another process has it open."""
         path.mkdir(parents=True, exist_ok=True)
         options = rocksdict.Options(raw_mode=True)
         options.create_if_missing(True)
         options.set_enable_blob_files(True)
         options.set_min_blob_size(64 * 1024)
         options.set_enable_blob_gc(True)
-        self._db = rocksdict.Rdict(str(path), options)
+        try:
+            self._db = rocksdict.Rdict(str(path), options)
+        except Exception as exc:  # rocksdict raises plain Exception, RocksDB's status text its message
+            # RocksDB's words: "While lock file: <path>/LOCK: Resource temporarily unavailable" when
+            # another process holds it, "lock hold by current process" when this one does.
+            if "While lock file" in str(exc) or "lock hold by current process" in str(exc):
+                raise StoreLocked(path / "LOCK") from exc
+            raise
         self._write_options = rocksdict.WriteOptions()
         self._write_options.sync = fsync
         # Blob chunks are read without RocksDB's per-record checksum: clients verify every fetched blob
-        # end to end (CRC-32C or sha256), and RocksDB's check ran at ~0.7 GB/s here, against ~3 GB/s
-        # without it: 80% of the time to fetch an 8 MiB entry once it had been flushed to a blob file.
+        # end to end (CRC-32C or sha256), which covers the same bytes and more, and RocksDB's check
+        # dominated the time to fetch an entry flushed to a blob file (measured in docs/bench_daemon.md).
         self._blob_read = rocksdict.ReadOptions()
         self._blob_read.set_verify_checksums(False)
         self._checked_read = rocksdict.ReadOptions()  # for Verify: RocksDB's own checks on
@@ -125,11 +141,9 @@ class Store:
             yield it.value()
             it.next()
 
-    def vectors(self, entry_id: str, record: pb.PutHeader) -> pb.Vectors:
-        """The entry's vectors (to rebuild its index point). Records written before the vectors moved
-        to their own key (2026-11-30) still hold them inline."""
-        packed = self._db.get(f"v/{entry_id}".encode())
-        return record.vectors if packed is None else unpack_vectors(packed)
+    def vectors(self, entry_id: str) -> pb.Vectors:
+        """The entry's vectors (to rebuild its index point)."""
+        return unpack_vectors(self._db[f"v/{entry_id}".encode()])
 
     def entries(self) -> Iterator[tuple[str, pb.PutHeader, Usage | None]]:
         """Every entry with its record (as `record` returns it) and usage: startup rebuilds policy

@@ -1,7 +1,7 @@
 """Caption embeddings from the offline MiniLM package (384-d, L2-normalised), cached in-process.
 
-The cache is keyed by the exact prompt string: the daemon and the denoiser embed the same prompts
-many times (lookup, then generation), and MiniLM costs a few ms per prompt on CPU.
+The cache is keyed by the exact prompt string: the cache lookup and the denoiser embed the same
+prompts many times (lookup, then generation), and each new prompt costs a MiniLM forward pass on CPU.
 """
 
 from __future__ import annotations

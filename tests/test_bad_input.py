@@ -11,6 +11,7 @@ import pytest
 
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
+from flexcache.v1 import wire
 from tests.conftest import NS
 from tests.vectors import unit
 
@@ -164,3 +165,22 @@ def test_cancelled_put_stores_nothing(stub) -> None:
     with pytest.raises(grpc.RpcError):
         put(stub, messages())
     assert_nothing_stored_and_serving(stub)
+
+
+def test_oversized_messages_are_the_clients_fault(daemon, stub) -> None:
+    """A chunk over wire.CHUNK_BYTES, or a message over the gRPC limit, is refused with a status that
+    names the client's error, and the daemon logs it without a traceback or an ERROR (no alert fires
+    for a client's mistake), then keeps serving."""
+    expect(grpc.StatusCode.INVALID_ARGUMENT, "exceeds the 1 MiB chunk limit",
+           lambda: put(stub, [pb.PutRequest(header=header()), pb.PutRequest(chunk=BLOB[:wire.CHUNK_BYTES + 1])]))
+    oversized = BLOB * ((wire.MAX_MESSAGE_BYTES // len(BLOB)) + 1)
+    expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max",
+           lambda: put(stub, [pb.PutRequest(header=header()), pb.PutRequest(chunk=oversized)]))
+    expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max",
+           lambda: put(stub, [pb.PutRequest(header=header(prompt="x" * wire.MAX_MESSAGE_BYTES))]))
+    expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max",
+           lambda: stub.Lookup(pb.LookupRequest(namespace=GOOD_NS, vectors=pb.Vectors(
+               full=[1.0] * (wire.MAX_MESSAGE_BYTES // 4 + 1))), timeout=5))
+    assert_nothing_stored_and_serving(stub)
+    log = daemon.log.read_text()
+    assert "Traceback" not in log and " ERROR " not in log, log

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from flexcache.daemon.config import OPTIONS, ConfigError, markdown_table, parse_size, resolve
+from flexcache.daemon.config import (
+    CONFIG_FILE,
+    OPTIONS,
+    ConfigError,
+    add_flags,
+    from_args,
+    markdown_table,
+    parse_size,
+    resolve,
+    service_links,
+)
 from flexcache.daemon.metrics import Metrics
 from flexcache.daemon.steps import StepTable
 
@@ -54,6 +65,29 @@ def test_kubernetes_service_links_are_not_typos() -> None:
     assert resolve(None, env).workers == 3
     with pytest.raises(ConfigError, match="FLEXCACHE_METRICS_PORT"):
         resolve(None, {"FLEXCACHE_METRICS_PORT": "9464"})  # a plausible typo, not a service link
+    assert service_links(env) == sorted(set(env) - {"FLEXCACHE_WORKERS"})
+
+
+def serve_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    return parser.parse_args(argv)
+
+
+def test_config_file_from_flag_or_env(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text("eviction_policy: lru\n")
+    second.write_text("eviction_policy: lcbfu\n")
+    assert from_args(serve_args(), {"FLEXCACHE_CONFIG": str(first)}).eviction_policy == "lru"
+    assert from_args(serve_args("--config", str(second)), {"FLEXCACHE_CONFIG": str(first)}).eviction_policy == "lcbfu"
+    assert from_args(serve_args("--config", ""), {"FLEXCACHE_CONFIG": str(first)}).eviction_policy == "utility"
+    assert from_args(serve_args(), {"FLEXCACHE_CONFIG": ""}).eviction_policy == "utility"
+    assert from_args(serve_args(), {}).eviction_policy == "utility"
+
+
+def test_config_file_row_in_the_table() -> None:
+    (row,) = [line for line in markdown_table().splitlines() if line.startswith("| `config` ")]
+    assert f"`{CONFIG_FILE.flag}` | `{CONFIG_FILE.env}`" in row
 
 
 def test_thresholds_per_namespace_glob() -> None:
@@ -97,10 +131,12 @@ def test_cli_rejects_bad_config_with_a_sentence(tmp_path: Path) -> None:
     assert result.returncode == 2 and "unrecognized arguments: --max-byte" in result.stderr
 
 
-def test_cli_port_in_use(daemon, tmp_path: Path) -> None:
+def test_cli_port_in_use(daemon, tmp_path: Path) -> None:  # more in test_cli.py
     result = run_cli("serve", "--data-dir", str(tmp_path / "second"), "--listen", daemon.target,
                      "--metrics-listen", "")
-    assert result.returncode == 1 and "cannot start" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"flexcache serve: cannot listen on {daemon.target}: the address is in use " \
+                                    "(is another daemon running?)"
 
 
 def test_cli_stats(daemon, tmp_path: Path) -> None:

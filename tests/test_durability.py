@@ -154,24 +154,3 @@ def test_fsync_mode_round_trip(start_daemon) -> None:
     with connect(daemon.target) as c:
         np.testing.assert_array_equal(c.fetch(entry_id).latent(), latent_for(1))
 
-
-def test_records_with_inline_vectors_still_reindex(daemon) -> None:
-    """Entries stored before the vectors moved to their own key (v/) keep them in the record (m/)."""
-    import rocksdict
-
-    with connect(daemon.target) as c:
-        ids = [c.put(f"prompt {i}", latent_for(i), unit(i)) for i in range(3)]
-    daemon.terminate()
-    db = rocksdict.Rdict(str(daemon.data_dir / "store"), rocksdict.Options(raw_mode=True))
-    try:
-        for i, entry_id in enumerate(ids):  # rewrite each record the old way
-            record = pb.PutHeader.FromString(db[f"m/{entry_id}".encode()])
-            record.vectors.CopyFrom(pb.Vectors(full=unit(i).tolist()))
-            db[f"m/{entry_id}".encode()] = record.SerializeToString(deterministic=True)
-            del db[f"v/{entry_id}".encode()]
-    finally:
-        db.close()
-    shutil.rmtree(daemon.data_dir / "index")
-    daemon.start()
-    with connect(daemon.target) as c:
-        assert [c.lookup(unit(i)).best.entry_id for i in range(3)] == ids

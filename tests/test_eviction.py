@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from flexcache.client import CacheClient
-from flexcache.daemon.cache import Cache, Limits
+from flexcache.daemon.cache import Cache
 from flexcache.daemon.config import NIRVANA_THRESHOLDS, parse_thresholds
 from flexcache.daemon.eviction import make_policy
 from flexcache.daemon.index.edge import EdgeIndex
+from flexcache.daemon.limits import Limits
 from flexcache.daemon.metrics import Metrics
 from flexcache.daemon.steps import StepTable
 from flexcache.daemon.store import Store

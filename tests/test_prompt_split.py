@@ -12,10 +12,7 @@ import pytest
 
 from flexcache.client.prompt_split import PromptSplit, PromptSplitter, split_prompt
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"  # ../shared beside the repo
-needs_data = pytest.mark.skipif(
-    not (DATA / "vbench/vbench/VBench_full_info.json").exists(), reason="prompt suites not present"
-)
+DATA = Path(__file__).resolve().parents[1] / "bench" / "prompts"  # the vendored suites (bench/prompts/NOTICE.md)
 
 
 def _bench() -> ModuleType:
@@ -172,7 +169,6 @@ def test_module_does_not_import_torch() -> None:
 # ---- accuracy floors on the real labels (fail if the splitter breaks) -----------------------------
 
 
-@needs_data
 def test_vbench_label_floors() -> None:
     b = _bench()
     labels = b.vbench_labels(DATA)
@@ -188,7 +184,6 @@ def test_vbench_label_floors() -> None:
     assert longer.scene_recall() >= 0.65 and longer.scene_precision() >= 0.80
 
 
-@needs_data
 def test_metric_detects_a_broken_splitter() -> None:
     """The metric itself must fail a splitter that puts everything in the object."""
     b = _bench()
@@ -203,20 +198,13 @@ def test_metric_detects_a_broken_splitter() -> None:
 
 
 def _timing_prompts() -> list[str]:
-    if (DATA / "vbench/prompts/all_dimension.txt").exists():
-        short = (DATA / "vbench/prompts/all_dimension.txt").read_text().splitlines()[:300]
-        long = (
-            (DATA / "vbench/prompts/augmented_prompts/gpt_enhanced_prompts/all_dimension_longer.txt")
-            .read_text()
-            .splitlines()[:100]
-        )
-        return [p for p in short + long if p.strip()]
-    base = [
-        "a dog running on the beach at sunset, cinematic, 4k",
-        "blue stripes behind a small red square moving to the left",
-        "A stylish woman walks down a Tokyo street filled with warm glowing neon. She wears a black coat.",
-    ]
-    return base * 150
+    short = (DATA / "vbench/prompts/all_dimension.txt").read_text().splitlines()[:300]
+    long = (
+        (DATA / "vbench/prompts/augmented_prompts/gpt_enhanced_prompts/all_dimension_longer.txt")
+        .read_text()
+        .splitlines()[:100]
+    )
+    return [p for p in short + long if p.strip()]
 
 
 def test_average_latency_loose() -> None:

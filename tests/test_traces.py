@@ -82,7 +82,6 @@ def test_describe_counts_repeats_only_in_the_measured_part() -> None:
     assert facts["measured_repeats_of_earlier_text"] == 5
 
 
-@pytest.mark.skipif(not traces.DEFAULT_DATA.exists(), reason="prompt suites not on this machine")
 def test_real_suites_group_rewrites_as_paraphrases() -> None:
     intents = traces.load_intents()
     texts = [t for i in intents for t in i.paraphrases]

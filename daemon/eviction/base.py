@@ -20,9 +20,6 @@ class EvictionPolicy(ABC):
     def __init__(self) -> None:
         self._usage: dict[str, Usage] = {}
 
-    def __len__(self) -> int:
-        return len(self._usage)
-
     def add(self, entry_id: str, usage: Usage) -> None:
         self._usage[entry_id] = usage
 

@@ -7,14 +7,12 @@ halves each time new entries worth `utility_half_life` x max_bytes have been sto
 The cache maintains the credit in Usage.log2_credit; the score is credit per byte, in log2.
 
 Why turnovers and not seconds: a half-life in seconds means a different policy at every request
-rate. With the old one hour against a 10 % cache that a replay refills in seconds, recent credit
-counted no more than old, and among entries of equal credit a few bytes of prompt length decided
-the order instead of recency: 40.9 % hit rate against LCBFU's 45.5 % on the Zipf trace at 10 %.
-Why 2 turnovers (the default), from a sweep with `bench/bench_traces.py --utility-half-life H`:
-shorter forgets a static Zipf's frequencies (at 1: 7 % fewer steps saved than LCBFU at the 5 %
-budget), longer keeps yesterday's trends when popularity shifts (at 4 and 8: no better than LCBFU).
-At 2 (docs/bench_traces.md): 0.95-1.03x the steps saved of the better of LRU and LCBFU on static
-and repeat-free traces, 1.03-1.04x when popularity is reshuffled.
+rate. Against a cache that a replay refills in seconds, a fixed wall-clock half-life lets recent
+credit count no more than old, and among entries of equal credit a few bytes of prompt length, not
+recency, decide the order. Why 2 turnovers (the default): a shorter half-life forgets a static
+popularity's frequencies, a longer one keeps yesterday's trends when popularity shifts; 2 was chosen
+by sweeping `bench/bench_traces.py --utility-half-life H` against LRU and LCBFU on static, shifting
+and repeat-free traces (measured in docs/bench_traces.md).
 """
 
 from __future__ import annotations

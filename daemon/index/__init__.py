@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Hit, IndexPoint, VectorIndex
+from .base import IndexPoint, Neighbor, VectorIndex
 
-__all__ = ["Hit", "IndexPoint", "VectorIndex", "open_index"]
+__all__ = ["IndexPoint", "Neighbor", "VectorIndex", "open_index"]
 
 
 def open_index(backend: str, data_dir: Path, *, url: str = "", api_key: str = "", prefer_grpc: bool = True,

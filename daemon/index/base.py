@@ -20,13 +20,19 @@ VECTOR_NAMES = wire.ROLES  # an index vector per role
 
 
 @dataclass(frozen=True)
-class Hit:
+class Neighbor:
+    """One search result: an indexed entry near the query, and how near (cosine similarity, as the
+    backend scores it; ranking clamps it to [-1, 1]). Not yet a cache hit: whether it grants steps
+    is ranking's decision (daemon/ranking.py)."""
+
     entry_id: str
     similarity: float
 
 
 @dataclass(frozen=True)
 class IndexPoint:
+    """What the index stores of an entry: its id, its namespace and its vectors by role."""
+
     entry_id: str
     namespace_key: str
     vectors: Mapping[str, Sequence[float]]  # a subset of VECTOR_NAMES; "full" always present
@@ -51,14 +57,18 @@ class VectorIndex(ABC):
     name: str
 
     @abstractmethod
-    def upsert(self, points: Sequence[IndexPoint]) -> None: ...
+    def upsert(self, points: Sequence[IndexPoint]) -> None:
+        """Add or replace the points (one per entry id). Raises if the backend cannot write them: the
+        cache then rolls back the entry it stored first."""
 
     @abstractmethod
-    def search(self, namespace_key: str, vector_name: str, vector: Sequence[float], limit: int) -> list[Hit]:
-        """Nearest entries of one namespace by cosine similarity, best first."""
+    def search(self, namespace_key: str, vector_name: str, vector: Sequence[float], limit: int) -> list[Neighbor]:
+        """Up to `limit` entries of one namespace nearest `vector` by cosine similarity over their
+        `vector_name` vectors, most similar first; none if the namespace has no such vectors."""
 
     @abstractmethod
-    def delete(self, entry_ids: Sequence[str]) -> None: ...
+    def delete(self, entry_ids: Sequence[str]) -> None:
+        """Remove every point of these entries, whatever their namespace."""
 
     @abstractmethod
     def entry_ids(self) -> Iterator[str]:

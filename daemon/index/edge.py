@@ -5,7 +5,7 @@ under `<data_dir>/index/<namespace key>.d<dim>.<vector name>/`:
 
 - A shard per namespace makes a namespace's isolation physical: a search never sees another
   namespace's points, so it needs no payload filter (Qdrant checks a filter at every graph node it
-  visits: it was half of the lookup time, docs/bench_daemon.md).
+  visits; docs/bench_daemon.md measures what that costs).
 - A shard per vector name, because Qdrant stores every named vector of a shard densely for every
   point: a whole-prompt cache whose entries carry only "full" would pay for two more vectors of
   zeros in every segment. The "object" and "background" shards exist only in namespaces whose
@@ -13,9 +13,9 @@ under `<data_dir>/index/<namespace key>.d<dim>.<vector name>/`:
   last, so the "full" shards alone say which entries are indexed.
 - No write-ahead log. The index is derived data: RocksDB is the source of truth, and at startup
   the daemon removes points with no entry and re-indexes entries with no point. A WAL would only
-  duplicate that, at the price of tens of MiB per shard on disk. Points written since the last
-  flush are lost in a crash and re-indexed at the next start; the background thread flushes
-  changed shards every `FLUSH_EVERY_S` seconds to keep that tail short.
+  duplicate that, at the price of a preallocated log segment per shard on disk. Points written
+  since the last flush are lost in a crash and re-indexed at the next start; the background thread
+  flushes changed shards every `FLUSH_EVERY_S` seconds to keep that tail short.
 - A shard that cannot be loaded (damaged or truncated files) is moved aside to
   `<data_dir>/index.damaged/` and rebuilt from the store, as a missing one would be.
 
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import qdrant_edge as qe
 
-from .base import VECTOR_NAMES, Hit, IndexPoint, VectorIndex, point_id
+from .base import VECTOR_NAMES, IndexPoint, Neighbor, VectorIndex, point_id
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +158,14 @@ class EdgeIndex(VectorIndex):
                 if self._appended[key] >= OPTIMIZE_AFTER_POINTS:
                     self._wake.set()
 
-    def search(self, namespace_key: str, vector_name: str, vector: Sequence[float], limit: int) -> list[Hit]:
+    def search(self, namespace_key: str, vector_name: str, vector: Sequence[float], limit: int) -> list[Neighbor]:
         with self._lock:
             shard = self._shards.get((namespace_key, len(vector), vector_name))
         if shard is None:
             return []
         request = qe.QueryRequest(limit=limit, query=qe.Query.Nearest(list(vector), using=vector_name),
                                   with_payload=["entry_id"], params=SEARCH_PARAMS)
-        return [Hit(p.payload["entry_id"], p.score) for p in shard.query(request)]
+        return [Neighbor(p.payload["entry_id"], p.score) for p in shard.query(request)]
 
     def delete(self, entry_ids: Sequence[str]) -> None:
         operation = qe.UpdateOperation.delete_points([point_id(e) for e in entry_ids])

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 from qdrant_client import QdrantClient, models
 
-from .base import VECTOR_NAMES, Hit, IndexPoint, VectorIndex, point_id
+from .base import VECTOR_NAMES, IndexPoint, Neighbor, VectorIndex, point_id
 
 
 def group_by_dim(points: Sequence[IndexPoint]) -> dict[int, list[IndexPoint]]:
@@ -61,7 +61,7 @@ class QdrantIndex(VectorIndex):
             self._ensure_collection(dim)
             self._client.upsert(collection_name(dim), batch, wait=True)
 
-    def search(self, namespace_key: str, vector_name: str, vector: Sequence[float], limit: int) -> list[Hit]:
+    def search(self, namespace_key: str, vector_name: str, vector: Sequence[float], limit: int) -> list[Neighbor]:
         if len(vector) not in self._dims:
             return []
         result = self._client.query_points(
@@ -74,7 +74,7 @@ class QdrantIndex(VectorIndex):
             limit=limit,
             with_payload=["entry_id"],
         )
-        return [Hit(p.payload["entry_id"], p.score) for p in result.points]
+        return [Neighbor(p.payload["entry_id"], p.score) for p in result.points]
 
     def delete(self, entry_ids: Sequence[str]) -> None:
         selector = models.PointIdsList(points=[point_id(e) for e in entry_ids])

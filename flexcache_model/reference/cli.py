@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parse", help="print the structured spec parsed from a prompt")
     p.add_argument("prompt")
     p.set_defaults(fn=_cmd_parse)
-    t = sub.add_parser("train", help="train checkpoints (about 25 min on 2 cores for 'all')")
+    t = sub.add_parser("train", help="train checkpoints (docs/model.md says how long 'all' takes)")
     t.add_argument("what", choices=["all", "vae", "probe", "denoiser", "flow", "ddpm"])
     t.add_argument("--schedule", choices=["flow", "ddpm", "both"], default="both",
                    help="for 'denoiser': which schedule(s)")

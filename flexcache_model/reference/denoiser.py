@@ -8,7 +8,7 @@ A learned null embedding replaces the caption for classifier-free guidance.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,9 +24,6 @@ class DiTConfig:
     depth: int = 4
     heads: int = 4
     text_dim: int = 384
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

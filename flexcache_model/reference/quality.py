@@ -12,7 +12,7 @@ Background type and colour are single-label (argmax).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +41,6 @@ class ProbeConfig:
     c2: int = 32
     c3: int = 64
     feat: int = 128
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Probe(nn.Module):

@@ -1,7 +1,7 @@
 """Training scripts for the autoencoder, the two denoisers and the quality probe.
 
-Deterministic (fixed seeds, fixed thread count) and sized for 2 CPU cores: the shipped
-configuration trains in about 25 minutes in total. `tiny=True` shrinks everything to seconds for tests.
+Deterministic (fixed seeds, fixed thread count) and sized for 2 CPU cores (training time measured in
+docs/model.md). `tiny=True` shrinks everything to seconds for tests.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -93,7 +93,7 @@ def train_vae(cfg: TrainConfig, steps: int = 700, batch: int = 24, n_clips: int 
         model.scale.copy_(zs.std(dim=(0, 2, 3, 4)).clamp_min(1e-3))
         xv = _videos_to_tensor(videos[:64])
         mse = float((model.decode(model.encode(xv)) - xv).pow(2).mean())
-    info = {"config": vcfg.to_dict(), "steps": steps, "batch": batch, "n_clips": n_clips, "lr": lr,
+    info = {"config": asdict(vcfg), "steps": steps, "batch": batch, "n_clips": n_clips, "lr": lr,
             "seed": cfg.seed, "threads": cfg.threads, "train_seconds": round(time.time() - t0, 1), "recon_mse": mse}
     checkpoint.save(model, info, cfg.out_dir, "vae")
     return info
@@ -157,7 +157,7 @@ def train_denoiser(cfg: TrainConfig, schedule: str = "flow", steps: int | None =
                 pe.mul_(d).add_(pm, alpha=1 - d)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    info = {"config": dcfg.to_dict(), "schedule": schedule, "scheduler": sched_kw, "steps": steps,
+    info = {"config": asdict(dcfg), "schedule": schedule, "scheduler": sched_kw, "steps": steps,
             "batch": batch, "n_clips": n_clips, "captions_per_clip": captions_per_clip, "lr": lr,
             "p_uncond": p_uncond, "ema": ema, "seed": cfg.seed, "threads": cfg.threads, "guidance": 2.0,
             "data_seconds": round(t_data, 1), "train_seconds": round(time.time() - t0, 1),
@@ -194,7 +194,7 @@ def train_probe(cfg: TrainConfig, steps: int = 1500, batch: int = 64, n_clips: i
     _vspecs, vcaps, vvideos, _ = world.sample_dataset(256 if not cfg.tiny else 8, seed=cfg.seed + 4)
     acc = float(np.nanmean(QualityMetric(model).fidelity(_videos_to_tensor(vvideos),
                                                           [c[0] for c in vcaps])))
-    info = {"config": pcfg.to_dict(), "steps": steps, "batch": batch, "n_clips": n_clips, "lr": lr,
+    info = {"config": asdict(pcfg), "steps": steps, "batch": batch, "n_clips": n_clips, "lr": lr,
             "seed": cfg.seed, "threads": cfg.threads, "train_seconds": round(time.time() - t0, 1),
             "heldout_fidelity_rendered": acc}
     checkpoint.save(model, info, cfg.out_dir, "probe")

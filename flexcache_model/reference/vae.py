@@ -8,7 +8,7 @@ model sees roughly unit-variance inputs.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,9 +24,6 @@ class VAEConfig:
     c3: int = 64
     frames: int = 8
     size: int = 32
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:

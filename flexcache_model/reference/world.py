@@ -176,9 +176,15 @@ def caption_parts(spec: ClipSpec, rng: np.random.Generator | None = None) -> tup
     return _articles(obj), bg
 
 
+# Words spelled with a vowel but said with a consonant ("you", "w"), which keep "a": a uniform, a
+# unicorn, a university, a user, a utility, a euro, a ewe, a one-off. "un" before a vowel is "an" (an
+# unusual, an unaware) except "uni-" (a unit, a union), bar "unim-" and "unin-" (an unimportant).
+_CONSONANT_SOUND = r"(?:uni(?![mn])|u[bfgklrstv][aeiou]|eu|ewe|one\b|once\b)"
+
+
 def _articles(text: str) -> str:
-    """'a orange' -> 'an orange'."""
-    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+    """'a orange' -> 'an orange', by the sound that follows, not the letter: 'a uniform' stays."""
+    return re.sub(rf"\ba (?=[aeiou])(?!{_CONSONANT_SOUND})", "an ", text)
 
 
 def caption(spec: ClipSpec, rng: np.random.Generator | None = None) -> str:

@@ -16,7 +16,7 @@ import queue
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .modes import MODES
 from .worker import Job, Outcome
@@ -33,8 +33,6 @@ class FleetRun:
     warmup: list[Outcome]
     measured: list[Outcome]
     measured_wall_s: float  # first measured request handed out -> last one finished
-    worker_startup_s: float = 0.0
-    errors: list[str] = field(default_factory=list)
 
 
 def _serve(mode_name: str, target: str | None, steps: int, schedule: str, threads: int,
@@ -111,12 +109,10 @@ def run_fleet(mode: str, target: str | None, jobs: Sequence[Job], warmup: int, w
     procs = [ctx.Process(target=_serve, args=(mode, target, steps, schedule, threads_per_worker, job_q, result_q),
                          name=f"flexcache-worker-{i}", daemon=True) for i in range(workers)]
     bar = None
-    t_start = time.perf_counter()
     for p in procs:
         p.start()
     try:
         _wait_ready(result_q, procs)
-        startup = time.perf_counter() - t_start
         if progress:
             from tqdm import tqdm
 
@@ -139,4 +135,4 @@ def run_fleet(mode: str, target: str | None, jobs: Sequence[Job], warmup: int, w
             if p.is_alive():
                 p.kill()
                 p.join()
-    return FleetRun(mode, workers, warm, measured, wall, startup)
+    return FleetRun(mode, workers, warm, measured, wall)

@@ -14,19 +14,19 @@ generation, K = 5, 10, 15, 20, 25 of 50 steps, top-1 whole-prompt lookup, LCBFU)
 generation it runs: a hit at K stores the checkpoints after K (NIRVANA's own rule), so a hit at
 K = 25 stores nothing.
 
-`flexcache` rebuilds a hit's x_K with the request's own noise (bench/bench_rebuild.py: at least as
-good as NIRVANA-style's true latents on the reference model, and better than the entry's noise) and
-admits only generations that ran at least 90 % of their steps: from scratch, or from a hit at
-K <= 5 of 50 (every composed hit, under the daemon's cap). Admitting everything lets a latent served
-from a deep hit be cached and served again, drifting further from its prompt each time (reuse
-chains: the `flexcache-admit-all` ablation measures it); a NIRVANA-style cache is spared that because
-the checkpoints a hit computes lie after its own K. Admitting only misses starved the cache instead:
-a request served by a shallow composed hit was never stored, so its repeats could not hit it whole
-(in a 2026-11-30 serving run at a 10 % budget, 622 videos/min with decoupled lookup against 753
-without it). `flexcache-whole` separates what compression buys
-from what decoupled lookup buys. Composed hits skip at most 10 % of the steps (the daemon's
-`composed_max_fraction`; docs/bench_composed.md); `flexcache-uncapped` lets them skip what the
-steps table grants the weaker part.
+`flexcache` rebuilds a hit's x_K with the request's own noise, which bench/bench_rebuild.py compared
+with the entry's own noise and with NIRVANA-style's true latents on the reference model (measured in
+docs/bench_rebuild_paraphrase.md and docs/bench_rebuild_changed.md), and admits only generations
+that ran at least 90 % of their steps: from scratch, or from a hit at K <= 5 of 50 (every composed
+hit, under the daemon's cap). Admitting everything lets a latent served from a deep hit be cached
+and served again, drifting further from its prompt each time (reuse chains: the
+`flexcache-admit-all` ablation measures it); a NIRVANA-style cache is spared that because the
+checkpoints a hit computes lie after its own K. Admitting only misses starved the cache instead: a
+request served by a shallow composed hit was never stored, so its repeats could not hit it whole,
+and decoupled lookup cost throughput instead of adding it (measured in docs/bench_serving.md).
+`flexcache-whole` separates what compression buys from what decoupled lookup buys. Composed hits
+skip at most 10 % of the steps (the daemon's `composed_max_fraction`; docs/bench_composed.md);
+`flexcache-uncapped` lets them skip what the steps table grants the weaker part.
 """
 
 from __future__ import annotations

@@ -1,0 +1,162 @@
+"""The ledger: what the cache holds, in memory: each entry's namespace and usage, per-namespace
+totals, and the turnover clock that credit decays by.
+
+Contract:
+- It mirrors the store. RocksDB stays the source of truth: `Cache.open` rebuilds the ledger from it
+  (`restore`), and the cache adds an entry (`admit`) only once the store and the index both hold it,
+  and removes it (`remove`) as it deletes it from the store. So an entry the ledger lists is one a
+  fetch can serve, and `total_bytes` is what eviction keeps within the budget.
+- It is the one writer of Usage: a new entry's prior credit, a fetch's hit and credit, and the clock
+  both are measured against. The eviction policy ranks the same Usage objects by reference: every
+  entry the ledger tracks is registered with the policy, and forgotten by it when removed, so the
+  policy never needs telling about a hit.
+- Every change is published as it happens: the per-namespace gauges when an entry comes or goes, the
+  hit and step counters when a fetch is credited.
+- It touches neither the store nor the index, so none of its methods can fail half-way, and it has
+  no lock of its own: the cache calls it under its lock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from flexcache.v1 import cache_pb2 as pb
+
+from .entries import Usage, record_size
+from .eviction import EvictionPolicy
+from .limits import Limits
+from .metrics import Metrics
+from .store import NamespaceInfo
+
+# How much of a composed latent each donor supplies: the share of a fetch's steps its entry is credited.
+CREDIT_SHARE = {"full": 1.0, "object": 0.5, "background": 0.5}
+
+
+class Ledger:
+    def __init__(self, policy: EvictionPolicy, metrics: Metrics, limits: Limits):
+        self._policy = policy
+        self._metrics = metrics
+        self._limits = limits
+        self._namespaces: dict[str, NamespaceInfo] = {}  # namespace key -> its name and dimension
+        self._usage: dict[str, Usage] = {}  # entry id -> usage
+        self._entry_ns: dict[str, str] = {}  # entry id -> namespace key
+        self._ns_entries: Counter[str] = Counter()
+        self._ns_bytes: Counter[str] = Counter()
+        self._ns_blob_bytes: Counter[str] = Counter()
+        self.total_bytes = 0  # what the budget counts: entries.record_size of every entry
+        # The utility policy's clock, in cache turnovers: bytes of new entries / max_bytes. Credit
+        # decays as the cache fills with new work, not as seconds pass, so the policy ranks alike at
+        # any request rate, and an idle or all-hits cache, whose contents are not being replaced,
+        # keeps what its entries earned.
+        self.clock = 0.0
+        metrics.max_bytes.set(limits.max_bytes)
+
+    # ---- namespaces ----
+    def restore_namespaces(self, namespaces: dict[str, NamespaceInfo]) -> None:
+        """The namespaces the store records (at startup, before any entry is restored)."""
+        self._namespaces = dict(namespaces)
+
+    def namespace(self, ns_key: str) -> NamespaceInfo | None:
+        """The namespace's name and dimension; None until its first entry is stored."""
+        return self._namespaces.get(ns_key)
+
+    @property
+    def namespace_count(self) -> int:
+        return len(self._namespaces)
+
+    # ---- entries ----
+    def __len__(self) -> int:
+        return len(self._usage)
+
+    def __contains__(self, eid: str) -> bool:
+        return eid in self._usage
+
+    def holds(self, eid: str, ns_key: str) -> bool:
+        """Whether the entry is stored in that namespace: an entry is never served across namespaces."""
+        return self._entry_ns.get(eid) == ns_key
+
+    def usage(self, eid: str) -> Usage | None:
+        return self._usage.get(eid)
+
+    def size_of(self, eid: str) -> int:
+        """Bytes the entry counts in the budget; the entry must be tracked."""
+        return self._usage[eid].size
+
+    def new_usage(self, header: pb.PutHeader, now: float) -> Usage:
+        """A fresh entry's usage: nothing served yet, and the prior credit (utility_prior_steps) earned
+        at the current clock, so that a new entry gets a chance to be used before it is ranked last."""
+        usage = Usage(size=record_size(header), blob_size=header.blob.size, created=now, last_access=now,
+                      step=header.blob.step, total_steps=header.namespace.total_steps,
+                      step_cost=header.step_seconds or 1.0)
+        usage.add_credit(self._limits.utility_prior_steps * usage.step_cost, self.clock,
+                         self._limits.utility_half_life)
+        return usage
+
+    def restore(self, eid: str, ns_key: str, usage: Usage) -> None:
+        """An entry found in the store at startup. The clock resumes from the newest credit, so credit
+        decays across a restart as if the daemon had run on."""
+        self.clock = max(self.clock, usage.credit_clock)
+        self._track(eid, ns_key, usage)
+
+    def admit(self, eid: str, ns_key: str, usage: Usage, new_namespace: NamespaceInfo | None) -> None:
+        """A newly stored entry (store and index both written); `new_namespace` if it is the first of
+        its namespace. The clock advances by the entry's share of the budget."""
+        if new_namespace is not None:
+            self._namespaces[ns_key] = new_namespace
+        self._track(eid, ns_key, usage)
+        self.clock += usage.size / self._limits.max_bytes
+
+    def remove(self, eid: str) -> Usage:
+        """Forget a tracked entry (deleted or evicted); its usage, for the bytes it freed."""
+        usage = self._usage.pop(eid)
+        ns_key = self._entry_ns.pop(eid)
+        self._policy.remove(eid)
+        self._ns_entries[ns_key] -= 1
+        self._ns_bytes[ns_key] -= usage.size
+        self._ns_blob_bytes[ns_key] -= usage.blob_size
+        self.total_bytes -= usage.size
+        self._publish(ns_key)
+        return usage
+
+    def record_fetch(self, eid: str, ns_name: str, role: str | None, granted_steps: int, now: float) -> Usage:
+        """A fetch of a tracked entry: its last access, and when it serves a role at granted steps, a hit
+        and credit for the GPU time it saves (steps x the role's share x seconds per step); the usage,
+        for the caller to persist."""
+        usage = self._usage[eid]
+        usage.last_access = now
+        if role and granted_steps:
+            usage.record_hit(role, granted_steps)
+            credit = granted_steps * CREDIT_SHARE[role] * usage.step_cost
+            usage.add_credit(credit, self.clock, self._limits.utility_half_life)
+            self._metrics.hits.labels(ns_name, role).inc()
+            self._metrics.steps.labels(ns_name, role).inc(granted_steps)
+        return usage
+
+    # ---- totals ----
+    @property
+    def blob_bytes(self) -> int:
+        return sum(self._ns_blob_bytes.values())
+
+    def namespace_stats(self) -> list[pb.NamespaceStats]:
+        """Every known namespace, entries or not, by name."""
+        return [
+            pb.NamespaceStats(name=info.name, dimension=info.dim, entries=self._ns_entries[key],
+                              bytes=self._ns_bytes[key], blob_bytes=self._ns_blob_bytes[key])
+            for key, info in sorted(self._namespaces.items(), key=lambda kv: kv[1].name)
+        ]
+
+    def _track(self, eid: str, ns_key: str, usage: Usage) -> None:
+        self._usage[eid] = usage
+        self._entry_ns[eid] = ns_key
+        self._policy.add(eid, usage)
+        self._ns_entries[ns_key] += 1
+        self._ns_bytes[ns_key] += usage.size
+        self._ns_blob_bytes[ns_key] += usage.blob_size
+        self.total_bytes += usage.size
+        self._publish(ns_key)
+
+    def _publish(self, ns_key: str) -> None:
+        name = self._namespaces[ns_key].name if ns_key in self._namespaces else ns_key
+        self._metrics.entries.labels(name).set(self._ns_entries[ns_key])
+        self._metrics.bytes.labels(name).set(self._ns_bytes[ns_key])
+        self._metrics.blob_bytes.labels(name).set(self._ns_blob_bytes[ns_key])
