@@ -83,7 +83,8 @@ class ChecksumMismatch(Exception):
 
 # ---- checksums ----
 class _Digest:
-    """sha256 on the calling thread: entries stored without a CRC-32C (by older clients)."""
+    """sha256 on the calling thread, for entries stored without a CRC-32C (the proto makes it optional:
+    a client such as the Node.js check may omit it)."""
 
     def __init__(self, blob: pb.BlobInfo) -> None:
         self._hash = hashlib.sha256()

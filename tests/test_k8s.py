@@ -326,7 +326,8 @@ class TestDaemonContainer:
 
     def test_no_service_links(self, daemon: Daemon) -> None:
         # A Service named flexcache* makes Kubernetes inject FLEXCACHE_SERVICE_HOST, FLEXCACHE_PORT...
-        # into the pod; the daemon rejects unknown FLEXCACHE_* variables and would not start.
+        # into the pod. The daemon ignores those exact names, but they sit in its settings' env
+        # namespace and leak the Service topology into the pod: keep them out.
         assert daemon.pod.get("enableServiceLinks") is False
 
     def test_resources(self, daemon: Daemon) -> None:

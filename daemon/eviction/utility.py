@@ -12,7 +12,7 @@ credit count no more than old, and among entries of equal credit a few bytes of 
 recency, decide the order. Why 2 turnovers (the default): a shorter half-life forgets a static
 popularity's frequencies, a longer one keeps yesterday's trends when popularity shifts; 2 was chosen
 by sweeping `bench/bench_traces.py --utility-half-life H` against LRU and LCBFU on static, shifting
-and repeat-free traces (measured in docs/bench_traces.md).
+and repeat-free traces (measured in docs/decisions.md).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ and served again, drifting further from its prompt each time (reuse chains: the
 `flexcache-admit-all` ablation measures it); a NIRVANA-style cache is spared that because the
 checkpoints a hit computes lie after its own K. Admitting only misses starved the cache instead: a
 request served by a shallow composed hit was never stored, so its repeats could not hit it whole,
-and decoupled lookup cost throughput instead of adding it (measured in docs/bench_serving.md).
+and decoupled lookup cost throughput instead of adding it (measured in docs/decisions.md).
 `flexcache-whole` separates what compression buys from what decoupled lookup buys. Composed hits
 skip at most 10 % of the steps (the daemon's `composed_max_fraction`; docs/bench_composed.md);
 `flexcache-uncapped` lets them skip what the steps table grants the weaker part.
