@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import CacheBase, Candidate, Fetched, Hit, LookupResult, Namespace, Rebuild
+from .answers import Candidate, Fetched, LookupResult
+from .base import CacheBase, Hit, Namespace, Rebuild
 from .client import CacheClient
 from .retry import Retry
 

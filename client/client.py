@@ -23,17 +23,8 @@ from flexcache.v1 import cache_pb2_grpc as pb_grpc
 from flexcache.v1 import wire
 
 from . import codec, dataport
-from .base import (
-    CacheBase,
-    ChecksumMismatch,
-    Fetched,
-    Malformed,
-    Namespace,
-    check_header,
-    check_ticket,
-    receive_blob,
-    verify_blob,
-)
+from .answers import ChecksumMismatch, Fetched, Malformed, check_header, check_ticket, receive_blob, verify_blob
+from .base import CacheBase, Namespace
 from .retry import Retry
 
 log = logging.getLogger("flexcache.client")
@@ -184,7 +175,7 @@ class CacheClient(CacheBase):
 
     def _fetch_stream(self, request: pb.FetchRequest, expect: pb.BlobInfo | None, timeout: float) -> Fetched:
         """One attempt of a Fetch stream: the header, then the chunks, read as raw bytes and copied once,
-        straight into the result (base.receive_blob)."""
+        straight into the result (answers.receive_blob)."""
         responses = self._fetch_raw(request, timeout=timeout)
         try:
             first = next(responses, None)

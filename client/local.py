@@ -26,7 +26,8 @@ from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import wire
 
 from . import codec
-from .base import CacheBase, ChecksumMismatch, Fetched, Malformed, Namespace, check_header, receive_blob
+from .answers import ChecksumMismatch, Fetched, Malformed, check_header, receive_blob
+from .base import CacheBase, Namespace
 from .optional import require
 from .retry import Retry
 
