@@ -33,6 +33,9 @@ test: $(STAMP)
 # Every benchmark, one after another (about an hour here); each also runs alone, see the README.
 bench: $(STAMP)
 	$(BIN)/python -m bench.bench_daemon
+	$(BIN)/python -m bench.bench_namespaces
+	$(BIN)/python -m bench.bench_slow_clients
+	$(BIN)/python -m bench.fuzz_daemon --cases 20000
 	$(BIN)/python -m bench.bench_codec
 	$(BIN)/python -m bench.bench_compression
 	$(BIN)/python -m bench.bench_split

@@ -362,10 +362,10 @@ def _null_index():
         def search(self, namespace_key, vector_name, vector, limit):
             return []
 
-        def delete(self, entry_ids) -> None:
+        def delete(self, entry_ids, namespace_key=None) -> None:
             pass
 
-        def entry_ids(self):
+        def entry_ids(self, namespace_key=None):
             return iter(())
 
         def close(self) -> None:

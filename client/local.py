@@ -39,11 +39,6 @@ log = logging.getLogger("flexcache.client")
 
 T = TypeVar("T")
 
-# daemon/errors.py class name -> the status daemon/server.py answers it with.
-_STATUS_BY_ERROR = {"InvalidRequest": grpc.StatusCode.INVALID_ARGUMENT, "NotFound": grpc.StatusCode.NOT_FOUND,
-                    "TooLarge": grpc.StatusCode.RESOURCE_EXHAUSTED, "Corrupt": grpc.StatusCode.DATA_LOSS,
-                    "Unavailable": grpc.StatusCode.UNAVAILABLE, "WrongPath": grpc.StatusCode.FAILED_PRECONDITION}
-
 
 class StatusError(grpc.RpcError):
     """A domain error of the in-process core, as the status the daemon would have answered with: what
@@ -96,7 +91,6 @@ class LocalCache(CacheBase):
         super().__init__(namespace, target=f"local:{Path(data_dir)}", max_rel_error=max_rel_error,
                          timeout_s=timeout_s, warn_every_s=warn_every_s, retry=Retry() if retry is None else retry)
         self._domain_error: type[Exception] = errors.CacheError
-        self._status = {getattr(errors, name): code for name, code in _STATUS_BY_ERROR.items()}
         self._core: Cache | None = build.open_cache(self.config)
 
     def close(self) -> None:
@@ -117,8 +111,7 @@ class LocalCache(CacheBase):
         except (Malformed, ChecksumMismatch):
             raise
         except self._domain_error as exc:
-            code = next((c for kind, c in self._status.items() if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
-            raise StatusError(code, str(exc)) from exc
+            raise StatusError(grpc.StatusCode[exc.code], str(exc)) from exc  # as the daemon answers it
         except Exception as exc:
             log.exception("flexcache local cache core failed")
             raise StatusError(grpc.StatusCode.INTERNAL, f"internal error: {exc}") from exc

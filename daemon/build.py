@@ -15,14 +15,15 @@ from .store import Store
 
 def limits_of(config: Config) -> Limits:
     return Limits(config.max_bytes, config.high_watermark, config.low_watermark, config.max_blob_bytes,
-                  config.max_vector_dim, config.utility_half_life, config.utility_prior_steps)
+                  config.max_vector_dim, config.utility_half_life, config.utility_prior_steps,
+                  config.max_namespaces)
 
 
 def open_cache(config: Config, metrics: Metrics | None = None, index: VectorIndex | None = None) -> Cache:
     """Open the store and the index under `config.data_dir`, load and reconcile them; `index` replaces
     the configured backend (a benchmark that fills the store first and indexes in bulk after).
     Close the result with `Cache.close()`."""
-    store = Store(config.data_path / "store", fsync=config.fsync)
+    store = Store(config.data_path / "store", fsync=config.fsync, max_bytes=config.max_bytes)
     try:
         if index is None:
             index = open_index(config.index_backend, config.data_path, url=config.qdrant_url,
@@ -32,6 +33,7 @@ def open_cache(config: Config, metrics: Metrics | None = None, index: VectorInde
         cache = Cache(store, index, make_policy(config.eviction_policy), steps, metrics or Metrics(),
                       limits_of(config))
         cache.open()
+        cache.start_scrubber(config.scrub_bytes_per_second, config.scrub_pause_seconds)
     except BaseException:
         if index is not None:
             index.close()

@@ -1,5 +1,5 @@
 """The cache core's façade: put, lookup, fetch, delete, verify and stats over the store, the index and
-a policy, plus startup reconciliation and eviction.
+a policy, plus reconciliation of the index with the store, and eviction.
 
 It speaks in protobuf messages and domain errors (errors.py), never in gRPC terms, so it can be
 driven by the server, the data port's caller or directly by a benchmark. The work is split by job,
@@ -10,17 +10,28 @@ and data flows one way, from this module down:
     ledger.py     what is stored: usage, per-namespace totals, the turnover clock, their metrics
     pins.py       entries being read out, which eviction skips
     limits.py     the numbers all of them check against
+    scrub.py      the blob check Verify shares with the background scrubber (which calls back `check_entry`)
 
 This module keeps what spans the store and the index, under one lock. Invariants it keeps:
 
-- RocksDB is written first, the index second; an index failure rolls the store write back, and at
-  startup `open()` repairs whatever a crash left between the two (points with no entry are removed,
-  entries with no point are re-indexed from their stored vectors).
+- RocksDB is written first, the index second; an index failure rolls the store write back, and each
+  namespace is reconciled before its first use after a start (`_reconcile`: points with no entry are
+  removed, entries with no point are re-indexed from their stored vectors), so whatever a crash left
+  between the two is repaired before any call reads or writes that namespace's index. Per namespace
+  and on demand, not all at startup, because listing the index's ids means loading every shard: with
+  a shard per namespace that made a restart grow with the namespace count (docs/namespaces.md). A
+  namespace whose index points were lost while the daemon runs (IndexEvents.namespace_lost) is
+  reconciled again before its next use.
 - A lookup or fetch never crosses namespaces: every index search is confined to one namespace and
   every fetch checks the entry's recorded namespace.
 - Stored bytes stay within the budget: crossing the high watermark evicts, in the policy's order, down
   to the low watermark.
 - A pinned entry (being streamed out, or waiting on the data port) is never evicted.
+- A full disk refuses writes, never reads: a Put the store refuses (store.DiskFull) is TooLarge
+  (RESOURCE_EXHAUSTED) and makes room, oldest entries first, a share at a time, until the disk would
+  have the store's reserve and two memtables free again (the disk, not the budget, is then the limit;
+  the same at startup, and when the store's folder stays over its target); a Delete it refuses is
+  TooLarge too; a fetch's usage write is skipped, the fetch served (`_make_room`, docs/hardening.md).
 """
 
 from __future__ import annotations
@@ -30,28 +41,33 @@ import logging
 import sys
 import threading
 import time
+from pathlib import Path
 
 import crc32c
 
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import wire
 
-from . import validate
+from . import scrub, validate
 from .entries import NamespaceKey, Usage, entry_id
-from .errors import Corrupt, InvalidRequest, NotFound, Unavailable
+from .errors import Corrupt, InvalidRequest, NotFound, TooLarge, Unavailable
 from .eviction import EvictionPolicy
 from .index import IndexPoint, VectorIndex
+from .index.base import IndexEvents
 from .ledger import Ledger
 from .limits import Limits
 from .metrics import Metrics
 from .pins import PinnedChunks, Pins
 from .ranking import Ranker, Ranking
 from .steps import StepTable
-from .store import NamespaceInfo, PendingPut, Store
+from .store import DiskFull, NamespaceInfo, PendingPut, Store, folder_bytes
 
 log = logging.getLogger(__name__)
 
 REINDEX_BATCH = 512  # points per index upsert when open() re-indexes entries
+MAKE_ROOM_EVERY_S = 2.0  # a full disk evicts at most this often (what it frees shows only after compaction)
+DISK_SAMPLE_S = 1.0  # how stale Stats' and the metric's disk_bytes may be (a walk of every file in the folder)
+MAKE_ROOM_SHARE = 0.1  # of the stored bytes, the most one pass of _make_room evicts (at least one entry)
 
 
 class PutSession:
@@ -108,6 +124,23 @@ class Cache:
         self._ledger = Ledger(policy, metrics, limits)
         self._pins = Pins()
         self._ranker = Ranker(index, store, steps)
+        self.data_dir = Path(store.path).parent  # build.open_cache keeps the store in <data_dir>/store
+        self._made_room_at = -MAKE_ROOM_EVERY_S
+        self._reclaimer: threading.Thread | None = None
+        self.scrubber: scrub.Scrubber | None = None
+        metrics.disk_full.set_function(lambda: 1 if store.full else 0)
+        self._disk_sample = (-DISK_SAMPLE_S, 0)  # (monotonic time, the data folder's bytes)
+        metrics.disk_bytes.set_function(self.disk_bytes)
+        # Namespaces not reconciled with the index since this start: namespace key -> ids of its stored
+        # entries, kept current by deletes (under the lock). open() fills it; a namespace leaves it at its
+        # first use (_ensure_reconciled).
+        self._unreconciled: dict[str, set[str]] = {}
+        self._indexed_namespaces: set[str] = set()  # index.namespaces() at open(): the others have no points
+        self._lost: set[str] = set()  # namespaces whose points the index lost since they were reconciled
+        self._losses = 0  # namespace_lost events so far: a reconciliation that saw this change reads again
+        self._lost_lock = threading.Lock()  # the index reports losses from any thread, holding its own locks
+        index.listen(IndexEvents(namespace_lost=self._index_lost, shard_loaded=metrics.shard_loads.inc))
+        metrics.open_shards.set_function(index.open_shards)
 
     @property
     def clock(self) -> float:
@@ -116,38 +149,113 @@ class Cache:
 
     # ---- startup ----
     def open(self) -> None:
-        """Load entries into the ledger and the policy, then reconcile the index with the store."""
+        """Load entries into the ledger and the policy, then reconcile the index with the store; say
+        what the store's log recovery lost; evict if over the budget or if the disk is nearly full."""
         ledger = self._ledger
-        ledger.restore_namespaces(self.store.namespaces())
-        to_index: list[IndexPoint] = []
-        indexed = set(self.index.entry_ids())
+        if self.store.lost_puts:
+            self.metrics.lost.inc(self.store.lost_puts)
+            log.error("startup: %d acknowledged puts are missing: RocksDB's write-ahead log was damaged or cut "
+                      "short after they were acknowledged, and its recovery dropped them", self.store.lost_puts)
+        namespaces = self.store.namespaces()
+        ledger.restore_namespaces(namespaces)
+        self._indexed_namespaces = self.index.namespaces()
+        stored: dict[str, set[str]] = {ns_key: set() for ns_key in self._indexed_namespaces}
         for eid, header, usage in self.store.entries():
             ns_key = NamespaceKey.of(header.namespace).key
-            if usage is None or eid not in indexed:  # the rare paths that need the vectors
+            if usage is None:  # the rare path that needs the vectors (a new usage counts their bytes)
                 header.vectors.CopyFrom(self.store.vectors(eid))
             ledger.restore(eid, ns_key, usage or ledger.new_usage(header, time.time()))
-            if eid not in indexed:
-                # Checked when put; no limit here, so that a lowered max_vector_dim drops no stored entry.
-                to_index.append(IndexPoint(eid, ns_key, validate.vectors(header.vectors, None, sys.maxsize)))
-            indexed.discard(eid)
-        if indexed:  # points whose entry is gone: written to the index, then the store write was lost
-            self.index.delete(sorted(indexed))
-            self.metrics.reconciled.labels("orphan_point").inc(len(indexed))
-            log.warning("reconcile: removed %d index points with no stored entry", len(indexed))
-        for start in range(0, len(to_index), REINDEX_BATCH):
-            self.index.upsert(to_index[start:start + REINDEX_BATCH])
-        if to_index:
-            self.metrics.reconciled.labels("reindexed").inc(len(to_index))
-            log.warning("reconcile: re-indexed %d stored entries missing from the index", len(to_index))
+            stored.setdefault(ns_key, set()).add(eid)
+        with self._lock:
+            self._unreconciled = stored
+            # Index points of a namespace the store never recorded are all orphans, and no call would ever
+            # use that namespace to reconcile it: now (rare: the store was replaced under the index).
+            for ns_key in sorted(self._indexed_namespaces - namespaces.keys()):
+                self._reconcile(ns_key)
+        self.metrics.namespaces.set(ledger.namespace_count)
         self._evict_if_needed()
-        log.info("cache open: %d entries, %d bytes, %d namespaces", len(ledger), ledger.total_bytes,
-                 ledger.namespace_count)
+        with self._lock:
+            self._make_room(0)
+        log.info("cache open: %d entries, %d bytes, %d namespaces (each reconciled with the index at its first "
+                 "use)", len(ledger), ledger.total_bytes, ledger.namespace_count)
+
+    # ---- reconciliation ----
+    def _index_lost(self, ns_key: str) -> None:
+        """IndexEvents.namespace_lost: reconcile the namespace again before its next use. Called by the
+        index from any thread with its locks held, so it takes no cache lock."""
+        with self._lost_lock:
+            self._lost.add(ns_key)
+            self._losses += 1
+
+    def _needs_reconciling(self, ns_key: str) -> bool:
+        return ns_key in self._unreconciled or ns_key in self._lost
+
+    def _ensure_reconciled(self, ns_key: str) -> None:
+        """Before a call reads or writes a namespace's index points: reconcile the namespace if it has not
+        been since this start (or since the index lost its points). The index is read first outside the
+        lock when the caller does not hold it (loading a large shard and listing its ids takes a while,
+        and every other namespace's puts and fetches need the lock); the lock then settles what changed
+        meanwhile. Unavailable if the index fails; the namespace stays unreconciled, to try again."""
+        if not self._needs_reconciling(ns_key):
+            return
+        losses = self._losses
+        try:
+            indexed = self._indexed_ids(ns_key)
+            with self._lock:
+                self._reconcile(ns_key, indexed if losses == self._losses else None)
+        except Exception as exc:
+            log.exception("reconciling namespace %s with the index failed", self._name_of(ns_key))
+            raise Unavailable(f"vector index unavailable: {exc}") from exc
+
+    def _indexed_ids(self, ns_key: str) -> set[str]:
+        if ns_key in self._indexed_namespaces or ns_key in self._lost:
+            return set(self.index.entry_ids(ns_key))
+        return set()  # the index had nothing of it at open(), and only a reconciliation writes it before
+
+    def _reconcile(self, ns_key: str, indexed: set[str] | None = None) -> None:
+        """Make the namespace's index points those of its stored entries: remove points with no entry (the
+        store write was lost, or the entry deleted before the index delete was flushed) and re-index
+        entries with no point (the index write was lost: a crash before the shard's flush). `indexed`:
+        the ids the index held, read by the caller since the last loss; None reads them here. Under the
+        lock; a no-op for a namespace that needs none."""
+        while self._needs_reconciling(ns_key):
+            losses = self._losses
+            if indexed is None:
+                indexed = self._indexed_ids(ns_key)
+            expected = self._unreconciled.get(ns_key)
+            if expected is None:  # lost since its reconciliation: the store says what it holds now
+                expected = {eid for eid, _, _ in self.store.entries() if self._ledger.namespace_of(eid) == ns_key}
+            orphans, missing = sorted(indexed - expected), sorted(expected - indexed)
+            if orphans:
+                self.index.delete(orphans, namespace_key=ns_key)
+                self.metrics.reconciled.labels("orphan_point").inc(len(orphans))
+                log.warning("reconcile %s: removed %d index points with no stored entry", self._name_of(ns_key),
+                            len(orphans))
+            for start in range(0, len(missing), REINDEX_BATCH):
+                # Checked when put; no limit here, so that a lowered max_vector_dim drops no stored entry.
+                self.index.upsert([IndexPoint(eid, ns_key, validate.vectors(self.store.vectors(eid), None, sys.maxsize))
+                                   for eid in missing[start:start + REINDEX_BATCH]])
+            if missing:
+                self.metrics.reconciled.labels("reindexed").inc(len(missing))
+                log.warning("reconcile %s: re-indexed %d stored entries missing from the index",
+                            self._name_of(ns_key), len(missing))
+            with self._lost_lock:
+                if losses == self._losses:  # else the index lost points meanwhile: once more
+                    self._unreconciled.pop(ns_key, None)
+                    self._lost.discard(ns_key)
+            indexed = None
+
+    def _name_of(self, ns_key: str) -> str:
+        known = self._ledger.namespace(ns_key)
+        return known.name if known else ns_key
 
     # ---- put ----
     def begin_put(self, header: pb.PutHeader) -> PutSession:
         ns = validate.namespace_of(header)
         known = self._ledger.namespace(ns.key)
         validate.put_header(header, known.dim if known else None, self.limits)
+        if known is None:
+            validate.new_namespace(ns, self._ledger.namespace_count, self.limits)
         eid = entry_id(ns, header.prompt, header.blob)
         with self._lock:
             existing = eid in self._ledger
@@ -157,16 +265,24 @@ class Cache:
         """Store the received entry, then index it; count it only once both hold it."""
         header, ns, eid = session.header, session.ns, session.entry_id
         vectors = validate.vectors(header.vectors, None, self.limits.max_vector_dim)
-        with self._lock:
+        with self.store.room_for(header.blob.size) as over, self._lock:
             if eid in self._ledger:
                 return pb.PutResponse(entry_id=eid, created=False, stored_bytes=self._ledger.size_of(eid))
             known = self._ledger.namespace(ns.key)
             if known is not None and known.dim != vectors["full"].size:  # a concurrent first Put won
                 raise InvalidRequest(f"vectors.full has dimension {vectors['full'].size}, "
                                      f"this namespace uses {known.dim}")
+            if known is None:  # checked by begin_put too, but other first Puts may have come in since
+                validate.new_namespace(ns, self._ledger.namespace_count, self.limits)
+            self._ensure_reconciled(ns.key)
             new_ns = None if known else NamespaceInfo(ns.key, ns.name, int(vectors["full"].size))
             usage = self._ledger.new_usage(header, time.time())
-            self.store.commit(pending, header, usage, new_ns)
+            try:
+                self.store.commit(pending, header, usage, new_ns)
+            except DiskFull as exc:
+                self.metrics.refused_writes.labels("put").inc()
+                self._make_room(0)
+                raise TooLarge(f"{exc}; the daemon evicts entries to make room, try again later") from exc
             try:
                 self.index.upsert([IndexPoint(eid, ns.key, vectors)])
             except Exception as exc:
@@ -174,7 +290,11 @@ class Cache:
                 log.exception("index upsert failed; put of %s rolled back", eid)
                 raise Unavailable(f"vector index unavailable: {exc}") from exc
             self._ledger.admit(eid, ns.key, usage, new_ns)
+            if new_ns is not None:
+                self.metrics.namespaces.set(self._ledger.namespace_count)
             self._evict_if_needed()
+            if over:  # compaction did not catch up within the put's wait: give it fewer entries to keep
+                self._make_room(over)
         self.metrics.payload.labels("Put").observe(header.blob.size)
         return pb.PutResponse(entry_id=eid, created=True, stored_bytes=usage.size)
 
@@ -183,7 +303,14 @@ class Cache:
         ns = validate.namespace_of(request)
         known = self._ledger.namespace(ns.key)
         query = validate.lookup_query(request, ns, known.dim if known else None, self.limits.max_vector_dim)
-        ranking = self._ranker.rank(query) if known is not None else Ranking.miss("unknown_namespace")
+        if known is not None:
+            self._ensure_reconciled(ns.key)
+            ranking = self._ranker.rank(query)
+            if ns.key in self._lost:  # the search found the namespace's shard damaged: repair, then search again
+                self._ensure_reconciled(ns.key)
+                ranking = self._ranker.rank(query)
+        else:
+            ranking = Ranking.miss("unknown_namespace")
         self.metrics.lookups.labels(ns.name, ranking.result).inc()
         if ranking.result == "miss":
             self.metrics.misses.labels(ns.name, ranking.miss_reason).inc()
@@ -204,13 +331,24 @@ class Cache:
             header = self.store.record(eid)
             if header is None:
                 raise NotFound(f"no entry {eid} in namespace {ns.name}")
-            self.store.put_usage(eid, usage)
         except BaseException:
             self._pins.unpin(eid)
             raise
+        self._persist_usage(eid, usage)
         self.metrics.payload.labels("Fetch").observe(header.blob.size)
         return (pb.FetchHeader(entry_id=eid, prompt=header.prompt, blob=header.blob),
                 PinnedChunks(self.store.read_blob(eid), lambda: self._pins.unpin(eid)))
+
+    def _persist_usage(self, eid: str, usage: Usage) -> None:
+        """Best effort: the ledger holds the fetch's credit either way, and a read never fails for its
+        bookkeeping (a full disk, a store error); the next fetch of the entry writes it again."""
+        try:
+            written = self.store.put_usage(eid, usage)
+        except Exception:
+            log.warning("usage of %s not persisted", eid, exc_info=True)
+            written = False
+        if not written:
+            self.metrics.refused_writes.labels("usage").inc()
 
     # ---- delete and evict ----
     def delete(self, request: pb.DeleteRequest) -> bool:
@@ -218,48 +356,65 @@ class Cache:
         with self._lock:
             if not self._ledger.holds(eid, ns.key):
                 return False
-            self._delete_entries([eid])
+            try:
+                self._delete_entries([eid])
+            except DiskFull as exc:
+                raise TooLarge(f"{exc}; the entry is kept, try again later") from exc
         return True
 
     def verify(self, request: pb.VerifyRequest) -> pb.VerifyResponse:
         """Re-read an entry with every check on; delete it if its bytes are not what was stored."""
         ns, eid = validate.addressed(request)
+        answer = self.check_entry(eid, ns, found_by="client")
+        if answer is None:
+            raise NotFound(f"no entry {eid} in namespace {ns.name}")
+        return answer
+
+    def check_entry(self, eid: str, ns: NamespaceKey, found_by: str) -> pb.VerifyResponse | None:
+        """The one verify-and-delete path (Verify, the scrubber): re-read the entry from a snapshot with
+        RocksDB's checksums on and compare size and sha256 with its record; a corrupt entry is deleted
+        whole (store, index, ledger, under the lock), counted by `found_by`. None: no such entry."""
         with self._lock:
             if not self._ledger.holds(eid, ns.key):
-                raise NotFound(f"no entry {eid} in namespace {ns.name}")
+                return None
         header = self.store.record(eid)
         if header is None:
-            raise NotFound(f"no entry {eid} in namespace {ns.name}")
-        digest, size = hashlib.sha256(), 0
-        try:
-            for chunk in self.store.read_blob(eid, checked=True):
-                digest.update(chunk)
-                size += len(chunk)
-            intact = size == header.blob.size and digest.digest() == header.blob.sha256
-        except Exception as exc:  # RocksDB's own checksum failed
-            log.error("entry %s: reading it back failed: %s", eid, exc)
-            intact = False
-        if intact:
+            return None
+        problem = scrub.blob_problem(self.store.read_blob(eid, checked=True), header.blob)
+        if problem is None:
             return pb.VerifyResponse(intact=True)
         with self._lock:
             if not self._ledger.holds(eid, ns.key):  # deleted meanwhile
                 return pb.VerifyResponse(intact=False)
             self._delete_entries([eid])
-        self.metrics.corrupt.inc()
-        log.error("entry %s in namespace %s is corrupt on disk: deleted", eid, ns.name)
+        self.metrics.corrupt.labels(found_by).inc()
+        log.error("entry %s in namespace %s is corrupt on disk (%s; found by the %s): deleted", eid, ns.name,
+                  problem, found_by)
         return pb.VerifyResponse(intact=False, deleted=True)
 
     def _delete_entries(self, eids: list[str]) -> int:
-        """Store first, then the index; a crash in between leaves orphan points that open() removes.
-        Returns the bytes freed."""
+        """Store first, then the index, a namespace at a time (the index then touches only that
+        namespace's shards); a crash in between leaves orphan points that the namespace's reconciliation
+        removes. An entry of a namespace not reconciled yet leaves the index alone: that reconciliation
+        finds its point an orphan. Returns the bytes freed."""
         freed = 0
-        for eid in eids:
-            self.store.delete(eid)
-            freed += self._ledger.remove(eid).size
+        by_namespace: dict[str, list[str]] = {}
         try:
-            self.index.delete(eids)
-        except Exception:  # the entries are gone from the store; stale points are skipped by lookups
-            log.exception("index delete failed for %d entries; they will be reconciled", len(eids))
+            for eid in eids:
+                ns_key = self._ledger.namespace_of(eid)
+                self.store.delete(eid)  # DiskFull or another error: this entry and the rest stay whole
+                freed += self._ledger.remove(eid).size
+                pending = self._unreconciled.get(ns_key) if ns_key is not None else None
+                if pending is not None:
+                    pending.discard(eid)
+                elif ns_key is not None:
+                    by_namespace.setdefault(ns_key, []).append(eid)
+        finally:
+            for ns_key, group in by_namespace.items():
+                try:
+                    self.index.delete(group, namespace_key=ns_key)
+                except Exception:  # the entries are gone from the store; stale points are skipped by lookups
+                    log.exception("index delete failed for %d entries; they will be reconciled", len(group))
         return freed
 
     def _evict_if_needed(self) -> None:
@@ -276,23 +431,103 @@ class Cache:
                 continue
             victims.append(eid)
             projected -= self._ledger.size_of(eid)
-        freed = self._delete_entries(victims)
-        self.evictions += len(victims)
-        self.metrics.evictions.labels(self.policy.name).inc(len(victims))
+        self._evict(victims, "over the budget")
+
+    def _evict(self, victims: list[str], why: str) -> int:
+        """Delete the victims as evictions; the bytes freed. A store that fails a delete (its disk full
+        beyond the reserve) ends the pass: what was deleted stays counted, the rest stays whole."""
+        before = self._ledger.total_bytes
+        try:
+            self._delete_entries(victims)
+        except DiskFull as exc:
+            log.warning("eviction (%s) stopped: %s", why, exc)
+        except Exception:
+            log.exception("eviction (%s) stopped: the store failed a delete", why)
+        freed = before - self._ledger.total_bytes
+        done = sum(1 for eid in victims if eid not in self._ledger)
+        self.evictions += done
+        self.metrics.evictions.labels(self.policy.name).inc(done)
         self.metrics.evicted_bytes.labels(self.policy.name).inc(freed)
-        log.info("evicted %d entries (%d bytes) by %s", len(victims), freed, self.policy.name)
+        log.info("evicted %d entries (%d bytes) by %s: %s", done, freed, self.policy.name, why)
+        return freed
+
+    def _make_room(self, over: int) -> None:
+        """The disk is the limit, not the budget: the file system is nearly full (the store refused a
+        put, or the daemon starts on such a disk), or the store's folder stayed `over` its target while
+        a put waited. Evict towards free space of the store's reserve plus two memtables and a folder
+        within its target, but at most MAKE_ROOM_SHARE of the stored bytes a pass and a pass every
+        MAKE_ROOM_EVERY_S (what it frees shows only once compaction has run, which the pass starts in
+        the background), so that a disk another process filled does not empty the cache at once.
+        Oldest entries first, not the policy's order: they share the oldest blob files, so evicting them
+        frees whole files, while the policy's victims are spread over all of them and free little until
+        most of the cache is gone (docs/hardening.md). Called under the lock."""
+        now = time.monotonic()
+        if now - self._made_room_at < MAKE_ROOM_EVERY_S:
+            return
+        free, reserve = self.store.free_bytes(), self.store.tuning.reserve
+        wanted = max(reserve + 2 * self.store.tuning.write_buffer - free, over)
+        if wanted <= 0:
+            return
+        self._made_room_at = now
+        wanted = min(wanted, int(MAKE_ROOM_SHARE * self._ledger.total_bytes))
+        victims, freed = [], 0
+        for eid in self._ledger.oldest_first():
+            if victims and freed >= wanted:
+                break
+            if eid in self._pins:
+                continue
+            victims.append(eid)
+            freed += self._ledger.size_of(eid)
+        if victims:
+            why = (f"the disk is nearly full ({free} bytes free, the store keeps {reserve})" if over == 0 else
+                   f"the store's folder is {over} bytes over its target of {self.store.tuning.disk_target}")
+            self._evict(victims, why)
+        if self._reclaimer is None or not self._reclaimer.is_alive():
+            self._reclaimer = threading.Thread(target=self._reclaim, name="reclaim", daemon=True)
+            self._reclaimer.start()
+
+    def _reclaim(self) -> None:
+        try:
+            self.store.reclaim()
+        except Exception as exc:  # out of space itself, most likely: RocksDB retries once there is some
+            log.warning("reclaiming disk space failed (%s); the next flushes and compactions will", exc)
 
     # ---- stats ----
     def stats(self) -> pb.StatsResponse:
         with self._lock:
             ledger = self._ledger
-            return pb.StatsResponse(entries=len(ledger), bytes=ledger.total_bytes, blob_bytes=ledger.blob_bytes,
-                                    max_bytes=self.limits.max_bytes, eviction_policy=self.policy.name,
-                                    index_backend=self.index.name, evictions=self.evictions,
-                                    namespaces=ledger.namespace_stats())
+            stats = pb.StatsResponse(entries=len(ledger), bytes=ledger.total_bytes, blob_bytes=ledger.blob_bytes,
+                                     max_bytes=self.limits.max_bytes, eviction_policy=self.policy.name,
+                                     index_backend=self.index.name, evictions=self.evictions,
+                                     namespaces=ledger.namespace_stats())
+        stats.disk_bytes = self.disk_bytes()  # outside the lock: it walks the folder
+        stats.disk_free_bytes = self.store.free_bytes()
+        stats.disk_full = self.store.full
+        return stats
+
+    def disk_bytes(self) -> int:
+        """The data folder's allocated bytes (store and index), measured at most every DISK_SAMPLE_S."""
+        at, size = self._disk_sample
+        now = time.monotonic()
+        if now - at >= DISK_SAMPLE_S:
+            size = folder_bytes(self.data_dir)
+            self._disk_sample = (now, size)
+        return size
+
+    def start_scrubber(self, bytes_per_second: int, pause_s: float) -> None:
+        """Verify stored blobs in the background at `bytes_per_second` (0: never), pausing `pause_s`
+        before the first pass and between passes (scrub.py)."""
+        if bytes_per_second > 0:
+            self.scrubber = scrub.Scrubber(self, bytes_per_second, pause_s)
+            self.scrubber.start()
 
     def close(self) -> None:
-        """Close the index, then the store (the index is derived from it)."""
+        """Stop the scrubber and wait for a reclaim under way, then close the index, then the store (the
+        index is derived from it)."""
+        if self.scrubber is not None:
+            self.scrubber.stop()
+        if self._reclaimer is not None:
+            self._reclaimer.join()
         self.index.close()
         self.store.close()
 

@@ -151,13 +151,43 @@ OPTIONS: tuple[Option, ...] = (
     Option("qdrant_path", str, "",
            "index_backend=qdrant: use qdrant-client's local mode in this folder instead of a URL."),
     Option("fsync", parse_bool, False, "fsync every write (survives power loss, not only a crash)."),
+    Option("scrub_bytes_per_second", parse_size, "4MiB",
+           "Background scrubber: blob bytes per second it re-reads with every check on (RocksDB's checksums, "
+           "the entry's size and sha256); an entry that fails is deleted. 0 disables."),
+    Option("scrub_pause_seconds", float, 60.0,
+           "Background scrubber: seconds it waits after startup and between passes."),
     Option("max_blob_bytes", parse_size, "1GiB", "Largest blob one Put may store."),
     Option("max_vector_dim", int, 4096, "Largest accepted embedding dimension."),
+    Option("max_namespaces", int, 10_000,
+           "Namespaces the daemon holds (a namespace is created by its first Put); a Put that would create "
+           "one more is refused (RESOURCE_EXHAUSTED). Existing namespaces stay if it is lowered."),
     Option("data_listen", str, "auto",
            "Data port for FetchDirect (host:port): blobs on a plain TCP connection, faster than a gRPC "
            "stream. 'auto': the host of `listen`, a free port (clients learn it from each answer); "
            "empty disables."),
-    Option("workers", int, 16, "gRPC worker threads (concurrent calls)."),
+    Option("workers", int, 16,
+           "gRPC worker threads for unary calls (Lookup, Stats, FetchDirect, ...); streams have their own."),
+    Option("stream_workers", int, 64,
+           "gRPC worker threads for streams (Put, Fetch, health Watch, reflection), apart from `workers`: "
+           "streams that wait on slow clients never take the threads unary calls need."),
+    Option("streams_per_client", int, 16,
+           "Streams one client address may have open at once; the next is refused (RESOURCE_EXHAUSTED)."),
+    Option("stream_idle_seconds", float, 10.0,
+           "A call waiting this long on its client (for its request, a Put's next message, a Fetch reader to "
+           "take the next message; a data-port reader to take the next bytes) is cut: the client sees CANCELLED."),
+    Option("stream_max_seconds", float, 300.0,
+           "No call or data-port transfer lasts longer than this, however steadily it moves; longer ones are cut."),
+    Option("put_buffer_bytes", parse_size, "4GiB",
+           "Blob bytes of Puts being received at once (a Put holds its declared size until it is stored); a Put "
+           "past it, or past half of it for one client address, is refused (RESOURCE_EXHAUSTED)."),
+    Option("data_idle_seconds", float, 5.0,
+           "A data-port connection that brings no whole ticket for this long is closed (clients reconnect)."),
+    Option("data_connections_per_client", int, 16,
+           "Data-port connections one client address may have open; more are closed at once (that fetch "
+           "streams instead)."),
+    Option("client_log_seconds", float, 60.0,
+           "A client's mistakes (bad requests, stalled or refused calls) are logged at most once per client "
+           "address and kind per this many seconds, without a traceback; metrics count every one."),
     Option("drain_seconds", float, 10.0, "On SIGTERM, how long in-flight calls may finish."),
     Option("log_level", str, "INFO", "Logging level.", ("DEBUG", "INFO", "WARNING", "ERROR")),
     Option("port_file", str, "",
@@ -193,10 +223,21 @@ class Config:
     qdrant_prefer_grpc: bool
     qdrant_path: str
     fsync: bool
+    scrub_bytes_per_second: int
+    scrub_pause_seconds: float
     max_blob_bytes: int
     max_vector_dim: int
+    max_namespaces: int
     data_listen: str
     workers: int
+    stream_workers: int
+    streams_per_client: int
+    stream_idle_seconds: float
+    stream_max_seconds: float
+    put_buffer_bytes: int
+    data_idle_seconds: float
+    data_connections_per_client: int
+    client_log_seconds: float
     drain_seconds: float
     log_level: str
     port_file: str
@@ -240,6 +281,19 @@ def _check(config: Config) -> Config:
         raise ConfigError(f"data_listen must be host:port, 'auto' or empty, not {config.data_listen!r}")
     if config.workers < 1:
         raise ConfigError("workers must be at least 1")
+    if config.max_namespaces < 1:
+        raise ConfigError("max_namespaces must be at least 1")
+    for name in ("stream_workers", "streams_per_client", "data_connections_per_client"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be at least 1")
+    for name in ("stream_idle_seconds", "stream_max_seconds", "data_idle_seconds", "client_log_seconds"):
+        if not getattr(config, name) > 0:
+            raise ConfigError(f"{name} must be positive, not {getattr(config, name)}")
+    if config.put_buffer_bytes < 2 * config.max_blob_bytes:
+        raise ConfigError(f"put_buffer_bytes ({config.put_buffer_bytes}) must be at least twice max_blob_bytes "
+                          f"({config.max_blob_bytes}): one client may hold half of it, and must fit the largest Put")
+    if not config.scrub_pause_seconds >= 0:
+        raise ConfigError(f"scrub_pause_seconds must be at least 0, not {config.scrub_pause_seconds}")
     if config.index_backend == "qdrant" and not (config.qdrant_url or config.qdrant_path):
         raise ConfigError("index_backend=qdrant needs qdrant_url (or qdrant_path for local mode)")
     return config

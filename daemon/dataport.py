@@ -16,6 +16,13 @@ A ticket is good for one transfer within TICKET_TTL_S; an unknown or expired tic
 closes the connection, and the client fetches the stream instead. The ticket is the only credential,
 as the gRPC channel has none either: run both on a private network (k8s/ does). An unclaimed ticket
 unpins its entry when it expires, so a client that vanishes cannot hold an entry against eviction.
+
+No client can hold the port against the others: a connection that brings no whole ticket within
+`idle_s` (kept between fetches, or sending a ticket a byte at a time) is closed, and the client simply
+reconnects for its next fetch; one client address has at most `per_client` connections open (more
+are closed at once, and that fetch streams instead); a transfer whose reader takes no bytes for
+`stall_s`, or that runs `max_s` in all, is dropped. Each connection has a thread, waiting only within
+those bounds.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import secrets
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import closing, suppress
 from dataclasses import dataclass
@@ -34,8 +42,10 @@ log = logging.getLogger(__name__)
 
 TICKET_BYTES = 16
 TICKET_TTL_S = 30.0
-IDLE_CONNECTION_S = 300.0  # a client's open connection, waiting for its next ticket
-SEND_TIMEOUT_S = 60.0  # a client that stops reading mid-blob is dropped after this
+IDLE_S = 5.0  # a connection bringing no whole ticket for this long is closed (data_idle_seconds)
+STALL_S = 10.0  # a transfer whose reader takes nothing for this long is dropped (stream_idle_seconds)
+MAX_S = 300.0  # no transfer lasts longer (stream_max_seconds)
+PER_CLIENT = 16  # connections one client address may have open (data_connections_per_client)
 MAX_CONNECTIONS = 256
 
 
@@ -54,12 +64,20 @@ class _Transfer:
 
 class DataPort:
     """Listens on `address` (host:port, port 0 picks one); `port` is the one it got. `count` is told
-    each ticket's outcome: sent, expired, failed or refused (the daemon's metrics)."""
+    each ticket's outcome: sent, expired, failed or refused; `count_connection` each connection's:
+    accepted, client_share or full (closed at once), idle_closed (the daemon's metrics). `warn(client,
+    kind, message, *args)` logs a client's refused connections (guard.PeerLog.warn: rate-limited)."""
 
     def __init__(self, address: str, ticket_ttl_s: float = TICKET_TTL_S,
-                 count: Callable[[str], None] = lambda outcome: None):
+                 count: Callable[[str], None] = lambda outcome: None, *, idle_s: float = IDLE_S,
+                 stall_s: float = STALL_S, max_s: float = MAX_S, per_client: int = PER_CLIENT,
+                 count_connection: Callable[[str], None] = lambda outcome: None,
+                 warn: Callable[..., object] = lambda client, kind, message, *args: None):
         self.ticket_ttl_s = ticket_ttl_s
+        self.idle_s, self.stall_s, self.max_s, self.per_client = idle_s, stall_s, max_s, per_client
         self._count = count
+        self._count_connection = count_connection
+        self._warn = warn
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -70,18 +88,24 @@ class DataPort:
         except (OSError, ValueError) as exc:
             self._listener.close()
             raise OSError(f"data port: cannot listen on {address}: {exc}") from exc
-        self._listener.listen(64)
+        self._listener.listen(128)
         self._listener.settimeout(min(1.0, ticket_ttl_s))  # the accept loop also expires tickets
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._tickets: dict[bytes, _Transfer] = {}
         self._connections: set[socket.socket] = set()
+        self._per_client: Counter[str] = Counter()
         self._threads: set[threading.Thread] = set()
         self._stopping = threading.Event()
         self._acceptor = threading.Thread(target=self._accept_loop, name="dataport-accept", daemon=True)
 
     def start(self) -> None:
         self._acceptor.start()
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._connections)
 
     def issue(self, chunks: Chunks, size: int) -> bytes:
         """A ticket for one transfer of `chunks` (`size` bytes in all); the port now owns `chunks`."""
@@ -126,7 +150,7 @@ class DataPort:
         while not self._stopping.is_set():
             self._expire()
             try:
-                conn, _ = self._listener.accept()
+                conn, peer = self._listener.accept()
             except TimeoutError:
                 continue
             except OSError:
@@ -135,13 +159,27 @@ class DataPort:
                 log.warning("data port: accept failed", exc_info=True)
                 time.sleep(0.1)
                 continue
+            client = str(peer[0])
             with self._lock:
                 if len(self._connections) >= MAX_CONNECTIONS:
-                    conn.close()  # the client streams instead
-                    continue
-                self._connections.add(conn)
-                thread = threading.Thread(target=self._serve, args=(conn,), name="dataport-conn", daemon=True)
-                self._threads.add(thread)
+                    refused = "full"
+                elif self._per_client[client] >= self.per_client:
+                    refused = "client_share"
+                else:
+                    refused = ""
+                    self._connections.add(conn)
+                    self._per_client[client] += 1
+                    thread = threading.Thread(target=self._serve, args=(conn, client), name="dataport-conn",
+                                              daemon=True)
+                    self._threads.add(thread)
+            if refused:  # the client streams instead
+                conn.close()
+                self._count_connection(refused)
+                why = (f"the port has {MAX_CONNECTIONS} open" if refused == "full" else
+                       f"this address has {self.per_client} open (data_connections_per_client)")
+                self._warn(client, "data port refused", "data port connection closed at once: %s", why)
+                continue
+            self._count_connection("accepted")
             thread.start()
 
     def _expire(self) -> None:
@@ -164,13 +202,17 @@ class DataPort:
             return None
         return transfer
 
-    def _serve(self, conn: socket.socket) -> None:
-        """One client connection: ticket in, blob out, until the client closes it or something fails."""
+    def _serve(self, conn: socket.socket, client: str) -> None:
+        """One client connection: ticket in, blob out, until the client closes it, brings no whole ticket
+        within idle_s, or something fails."""
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             while not self._stopping.is_set():
-                conn.settimeout(IDLE_CONNECTION_S)
-                ticket = _recv_exactly(conn, TICKET_BYTES)
+                try:
+                    ticket = _recv_exactly(conn, TICKET_BYTES, time.monotonic() + self.idle_s)
+                except TimeoutError:
+                    self._count_connection("idle_closed")
+                    return
                 if ticket is None:
                     return  # closed by the client
                 transfer = self._take(ticket)
@@ -179,21 +221,25 @@ class DataPort:
                 if not self._send(conn, transfer):
                     return
         except OSError:
-            pass  # idle for too long, or the daemon is stopping
+            pass  # the client went away, or the daemon is stopping
         finally:
             with self._lock:
                 self._connections.discard(conn)
+                self._per_client[client] -= 1
+                if self._per_client[client] <= 0:
+                    del self._per_client[client]
                 self._threads.discard(threading.current_thread())
             conn.close()
 
     def _send(self, conn: socket.socket, transfer: _Transfer) -> bool:
-        """Write the ticket's blob; False (the connection must close) if it could not be sent whole."""
-        conn.settimeout(SEND_TIMEOUT_S)
+        """Write the ticket's blob; False (the connection must close) if it could not be sent whole: the
+        reader took nothing for stall_s, the transfer ran max_s, or the client went away."""
+        deadline = time.monotonic() + self.max_s
         sent = 0
         try:
             with closing(transfer.chunks):
                 for chunk in transfer.chunks:
-                    conn.sendall(chunk)
+                    _send_within(conn, chunk, self.stall_s, deadline)
                     sent += len(chunk)
         except OSError:  # the client went away; it streams instead
             self._count("failed")
@@ -210,14 +256,30 @@ class DataPort:
         return True
 
 
-def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
+def _recv_exactly(conn: socket.socket, n: int, deadline: float) -> bytes | None:
+    """`n` bytes, all of them before `deadline` (TimeoutError otherwise), or None if the peer closes first."""
     data = bytearray()
     while len(data) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        conn.settimeout(left)
         part = conn.recv(n - len(data))
         if not part:
             return None
         data += part
     return bytes(data)
+
+
+def _send_within(conn: socket.socket, data: bytes, stall_s: float, deadline: float) -> None:
+    """Send all of `data`; TimeoutError if the reader takes nothing for `stall_s` or `deadline` passes."""
+    view = memoryview(data)
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the transfer ran past its deadline")
+        conn.settimeout(min(stall_s, left))
+        view = view[conn.send(view):]
 
 
 def _shutdown_read(conn: socket.socket) -> None:

@@ -71,12 +71,21 @@ class Ledger:
     def __contains__(self, eid: str) -> bool:
         return eid in self._usage
 
+    def namespace_of(self, eid: str) -> str | None:
+        """The namespace key of a tracked entry; None for an entry the ledger does not track."""
+        return self._entry_ns.get(eid)
+
     def holds(self, eid: str, ns_key: str) -> bool:
         """Whether the entry is stored in that namespace: an entry is never served across namespaces."""
         return self._entry_ns.get(eid) == ns_key
 
     def usage(self, eid: str) -> Usage | None:
         return self._usage.get(eid)
+
+    def oldest_first(self) -> list[str]:
+        """Every tracked entry, the earliest stored first: the order the store wrote their blobs in, so
+        the order that frees whole blob files when the disk, not the budget, is what must make room."""
+        return sorted(self._usage, key=lambda eid: self._usage[eid].created)
 
     def size_of(self, eid: str) -> int:
         """Bytes the entry counts in the budget; the entry must be tracked."""

@@ -20,3 +20,4 @@ class Limits:
     max_vector_dim: int  # the largest vector a request may carry
     utility_half_life: float  # turnovers of new entries (stored bytes / max_bytes) over which credit halves
     utility_prior_steps: float  # credit a new entry starts with, in denoising steps of its model
+    max_namespaces: int = 10_000  # namespaces a daemon holds; a Put that would create one more is refused

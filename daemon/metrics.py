@@ -52,10 +52,60 @@ class Metrics:
                                   "client went away or the entry could not be read) or refused (a ticket the "
                                   "daemon does not hold).", ("outcome",))
         self.corrupt = add(Counter, "flexcache_corrupt_entries_total",
-                           "Entries a client reported (Verify) that the daemon found corrupt on disk and deleted.")
+                           "Entries found corrupt on disk and deleted, by who found them: client (a client's "
+                           "Verify after a failed checksum) or scrubber (the background scrubber).", ("found_by",))
+        self.scrubbed_bytes = add(Counter, "flexcache_scrubbed_bytes_total",
+                                  "Blob bytes the background scrubber has re-read and checked "
+                                  "(scrub_bytes_per_second).")
+        self.scrub_passes = add(Counter, "flexcache_scrub_passes_total",
+                                "Passes of the background scrubber over every stored entry.")
+        self.disk_bytes = add(Gauge, "flexcache_disk_bytes",
+                              "Bytes the data folder occupies on disk (allocated blocks: the store's RocksDB files, "
+                              "its write-ahead log and the embedded index), measured at each scrape.")
+        self.disk_full = add(Gauge, "flexcache_disk_full",
+                             "1 while the store refuses writes because the disk is full (less free than the "
+                             "store's reserve, or RocksDB out of space), else 0.")
+        self.refused_writes = add(Counter, "flexcache_refused_writes_total",
+                                  "Writes refused because the disk was full, by write: put (answered "
+                                  "RESOURCE_EXHAUSTED) or usage (a fetch's usage record, skipped; the fetch served).",
+                                  ("write",))
+        self.lost = add(Counter, "flexcache_lost_entries_total",
+                        "Acknowledged puts found missing at startup: RocksDB's write-ahead log was damaged or cut "
+                        "short after they were acknowledged, and its recovery dropped them.")
         self.reconciled = add(Counter, "flexcache_reconciled_total",
-                              "Startup repairs: index points removed (orphan_point) or entries re-indexed "
+                              "Index repairs, made as each namespace is first used after a start (or after its "
+                              "index shard was lost): index points removed (orphan_point) or entries re-indexed "
                               "(reindexed).", ("action",))
+        self.namespaces = add(Gauge, "flexcache_namespaces",
+                              "Namespaces the daemon holds (created by their first Put; at most max_namespaces).")
+        self.open_shards = add(Gauge, "flexcache_index_open_shards",
+                               "Embedded index shards open now (each holds a search thread and its vectors in "
+                               "memory; past a fixed number the least recently used idle one is closed).")
+        self.shard_loads = add(Counter, "flexcache_index_shard_loads_total",
+                               "Embedded index shards loaded from disk: at first use after a start, and again "
+                               "after an idle one was closed (a high rate: more namespaces in use than stay open).")
+        self.bad_requests = add(Counter, "flexcache_bad_requests_total",
+                                "Requests refused as the client's mistake, by method and reason: undecodable (not "
+                                "a message of the method's request type), invalid (fails a check), too_large "
+                                "(over a size limit) or corrupt (a Put whose bytes do not match its checksum).",
+                                ("method", "reason"))
+        self.calls_cut = add(Counter, "flexcache_calls_cut_total",
+                             "Calls the daemon cancelled, by method and reason: idle (waited stream_idle_seconds on "
+                             "the client) or too_long (ran stream_max_seconds).", ("method", "reason"))
+        self.calls_refused = add(Counter, "flexcache_calls_refused_total",
+                                 "Calls refused before any work (RESOURCE_EXHAUSTED), by method and reason: "
+                                 "client_streams (the address has streams_per_client streams open) or put_buffer "
+                                 "(put_buffer_bytes, or one address's half of it, is taken).", ("method", "reason"))
+        self.open_streams = add(Gauge, "flexcache_open_streams",
+                                "Streams in progress (Put, Fetch, health Watch, reflection).")
+        self.put_buffer = add(Gauge, "flexcache_put_buffer_bytes",
+                              "Blob bytes that Puts being received hold of put_buffer_bytes.")
+        self.data_connections = add(Counter, "flexcache_data_port_connections_total",
+                                    "Data-port connections, by outcome: accepted, client_share (closed at once: the "
+                                    "address had data_connections_per_client open), full (closed at once: the port "
+                                    "had its maximum open) or idle_closed (no whole ticket within "
+                                    "data_idle_seconds).", ("outcome",))
+        self.data_open = add(Gauge, "flexcache_data_port_open_connections", "Data-port connections open now.")
 
     def _add(self, kind: type, name: str, doc: str, labels: tuple[str, ...] = (), **kwargs: object):
         self.described.append((name, kind.__name__.lower(), labels, doc))

@@ -2,43 +2,96 @@
 
 Also owns the process lifecycle: the health service reports NOT_SERVING until the store and index
 are open and reconciled, and SIGTERM drains in-flight calls before closing storage.
+
+Every method, of CacheService, health and reflection alike, is registered to take its request as a
+stream of raw bytes, whatever its arity in the proto (the two are the same on the wire). So the
+daemon's own code reads and decodes each request: the wait for it is watched (guard.py: a client that
+sends no request within stream_idle_seconds is cut, as a stalled stream is), and bytes that do not
+decode are the client's mistake (INVALID_ARGUMENT, counted, logged once per client and interval)
+rather than gRPC's logged traceback and INTERNAL. Streams (Put, Fetch, health Watch, reflection) run
+on a thread pool of their own (stream_workers), apart from the unary calls' (workers).
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from contextlib import closing, contextmanager
+from typing import TypeVar
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf.message import Message
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from flexcache.v1 import cache_pb2 as pb
-from flexcache.v1 import cache_pb2_grpc as pb_grpc
 from flexcache.v1 import wire
 
 from .build import open_cache
 from .cache import Cache
 from .config import Config
 from .dataport import DataPort
-from .errors import CacheError, Corrupt, InvalidRequest, NotFound, TooLarge, Unavailable, WrongPath
+from .errors import CacheError, Corrupt, InvalidRequest, TooLarge, Unavailable, WrongPath
+from .guard import Guard, PeerLog, Refused, Watch, peer_host
 from .metrics import Metrics
 from .store import StoreLocked
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = wire.SERVICE_NAME
-_STATUS = {InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT, NotFound: grpc.StatusCode.NOT_FOUND,
-           TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED, Corrupt: grpc.StatusCode.DATA_LOSS,
-           Unavailable: grpc.StatusCode.UNAVAILABLE, WrongPath: grpc.StatusCode.FAILED_PRECONDITION}
+M = TypeVar("M", bound=Message)
+
+
+class Undecodable(InvalidRequest):
+    """The request's bytes are not a message of the method's request type."""
+
+
+def _status_of(exc: CacheError) -> grpc.StatusCode:
+    return grpc.StatusCode[exc.code]
+
+
+def _bad_request_reason(exc: CacheError) -> str | None:
+    """The flexcache_bad_requests_total reason when `exc` is the client's mistake, else None. A TooLarge
+    that chains another error is about the daemon's state (a full disk), not the request's size."""
+    if isinstance(exc, Undecodable):
+        return "undecodable"
+    if isinstance(exc, InvalidRequest):
+        return "invalid"
+    if isinstance(exc, TooLarge) and exc.__cause__ is None:
+        return "too_large"
+    if isinstance(exc, Corrupt):
+        return "corrupt"
+    return None
+
+
+def decode(kind: type[M], raw: bytes) -> M:
+    """`raw` parsed as a `kind`; Undecodable if it is not one."""
+    try:
+        return kind.FromString(raw)
+    except Exception as exc:  # DecodeError, or anything else the parser raises on hostile bytes
+        raise Undecodable(f"the request is not a valid {kind.DESCRIPTOR.full_name} ({type(exc).__name__})") from None
+
+
+def one_request(watch: Watch, requests: Iterator[bytes], kind: type[M]) -> M:
+    """The request of a method that takes one, read under `watch`."""
+    raw = watch.receive(requests)
+    if raw is None:
+        raise InvalidRequest("the call ended without its request message")
+    return decode(kind, raw)
+
+
+def decoded(watch: Watch, requests: Iterator[bytes], kind: type[M]) -> Iterator[M]:
+    """A request stream's messages, each waited for under `watch` and decoded."""
+    for raw in watch.received(requests):
+        yield decode(kind, raw)
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
@@ -114,69 +167,130 @@ def _add_v1_reflection_file(pool: descriptor_pool.DescriptorPool) -> None:
     pool.AddSerializedFile(proto.SerializeToString())
 
 
-def enable_reflection(service_names: tuple[str, ...], server: grpc.Server) -> None:
+def _add(server: grpc.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
+def _handler(behavior: Callable[[Iterator[bytes], grpc.ServicerContext], object], server_streaming: bool,
+             serializer: Callable[..., bytes], pool: futures.ThreadPoolExecutor | None = None) -> grpc.RpcMethodHandler:
+    """A handler that takes its request as a stream of raw bytes (the module docstring says why); with a
+    `pool`, the call runs on that pool's threads instead of the server's (gRPC's experimental_thread_pool)."""
+
+    def run(requests: Iterator[bytes], context: grpc.ServicerContext) -> object:
+        return behavior(requests, context)
+
+    if pool is not None:
+        run.experimental_thread_pool = pool  # type: ignore[attr-defined]
+    kind = grpc.stream_stream_rpc_method_handler if server_streaming else grpc.stream_unary_rpc_method_handler
+    return kind(run, request_deserializer=None, response_serializer=serializer)
+
+
+def enable_reflection(service_names: tuple[str, ...], server: grpc.Server, servicer: CacheServicer,
+                      pool: futures.ThreadPoolExecutor | None = None) -> None:
     """Serve server reflection as grpc.reflection.v1, which current clients (grpcurl, grpc-go's) ask for
     first, and as v1alpha, which older ones ask for. grpcio-reflection has only a v1alpha servicer; the
-    two protocols are the same on the wire, so that one servicer answers under both names."""
+    two protocols are the same on the wire, so that one servicer answers under both names. Its streams
+    are watched like the cache's (`servicer.call`)."""
     _add_v1_reflection_file(descriptor_pool.Default())
-    servicer = reflection.ReflectionServicer((*service_names, reflection.SERVICE_NAME, REFLECTION_V1))
-    handlers = {"ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}
+    reflecting = reflection.ReflectionServicer((*service_names, reflection.SERVICE_NAME, REFLECTION_V1))
+
+    def info(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Message]:
+        with servicer.call("ServerReflectionInfo", context, stream=True, counted=False, needs_cache=False) as (_, w):
+            yield from w.sending(reflecting.ServerReflectionInfo(
+                decoded(w, requests, reflection_pb2.ServerReflectionRequest), context))
+
+    handlers = {"ServerReflectionInfo": _handler(info, True, reflection_pb2.ServerReflectionResponse.SerializeToString,
+                                                 pool)}
     for name in (reflection.SERVICE_NAME, REFLECTION_V1):
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-        server.add_registered_method_handlers(name, handlers)
+        _add(server, name, handlers)
+
+
+def add_health(checker: health.HealthServicer, server: grpc.Server, servicer: CacheServicer,
+               pool: futures.ThreadPoolExecutor | None = None) -> None:
+    """grpc.health.v1.Health from `checker`, its calls watched like the cache's: Check is a unary call,
+    Watch a stream (so stream_max_seconds ends it; a watcher watches again)."""
+
+    def check(requests: Iterator[bytes], context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
+        with servicer.call("Check", context, counted=False, needs_cache=False) as (_, w):
+            return checker.Check(one_request(w, requests, health_pb2.HealthCheckRequest), context)
+
+    def watch(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[health_pb2.HealthCheckResponse]:
+        with servicer.call("Watch", context, stream=True, counted=False, needs_cache=False) as (_, w):
+            yield from w.sending(checker.Watch(one_request(w, requests, health_pb2.HealthCheckRequest), context))
+
+    serialize = health_pb2.HealthCheckResponse.SerializeToString
+    _add(server, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         {"Check": _handler(check, False, serialize), "Watch": _handler(watch, True, serialize, pool)})
 
 
 def _serialize_fetch(message: pb.FetchResponse | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def add_servicer(servicer: CacheServicer, server: grpc.Server) -> None:
-    """Register CacheService like the generated code does, except that Fetch may yield wire bytes."""
+def add_servicer(servicer: CacheServicer, server: grpc.Server, stream_pool: futures.ThreadPoolExecutor | None = None
+                 ) -> None:
+    """Register CacheService: each method takes raw request bytes (CacheServicer decodes them), Fetch may
+    yield wire bytes, and the streaming methods run on `stream_pool`."""
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["CacheService"].methods:
-        request, response = (getattr(pb, m.name) for m in (method.input_type, method.output_type))
-        kind = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}[(method.client_streaming, method.server_streaming)]
+        response = getattr(pb, method.output_type.name)
         serializer = _serialize_fetch if method.name == "Fetch" else response.SerializeToString
-        handlers[method.name] = kind(getattr(servicer, method.name), request_deserializer=request.FromString,
-                                     response_serializer=serializer)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+        streams = method.client_streaming or method.server_streaming
+        handlers[method.name] = _handler(getattr(servicer, method.name), method.server_streaming, serializer,
+                                         stream_pool if streams else None)
+    _add(server, SERVICE_NAME, handlers)
 
 
-class CacheServicer(pb_grpc.CacheServiceServicer):
-    def __init__(self, metrics: Metrics, dataport: DataPort | None = None):
+def _clip(exc: BaseException, limit: int = 300) -> str:
+    """An error's message on one line and at most `limit` characters: it may quote the client's bytes."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class CacheServicer:
+    """CacheService's methods. Each takes its request as raw bytes (`add_servicer`) and runs inside
+    `call`, which watches it (guard.py), decodes and counts, and maps domain errors to statuses."""
+
+    def __init__(self, metrics: Metrics, guard: Guard, clients: PeerLog, dataport: DataPort | None = None):
         self.metrics = metrics
+        self.guard = guard
+        self.clients = clients  # the log of client mistakes, rate-limited per client address
         self.dataport = dataport  # fetched blobs on a TCP connection (FetchDirect)
         self.cache: Cache | None = None  # set once storage is open
 
     @contextmanager
-    def _call(self, method: str, context: grpc.ServicerContext):
-        """Time the call, count it by status, and turn domain errors into gRPC statuses."""
+    def call(self, method: str, context: grpc.ServicerContext, *, stream: bool = False, counted: bool = True,
+             needs_cache: bool = True) -> Iterator[tuple[Cache, Watch]]:
+        """Watch the call (a stream past its client's share is refused), time it and count it by status
+        (`counted`), and turn domain errors into gRPC statuses; the client's mistakes are counted and
+        logged at most once per client and interval, never with a traceback. Yields the cache (None
+        when not `needs_cache`) and the call's watch."""
         start = time.perf_counter()
         code = grpc.StatusCode.OK
+        watch: Watch | None = None
         try:
-            if self.cache is None:
-                code = grpc.StatusCode.UNAVAILABLE
-                context.abort(code, "daemon is starting: storage is not open yet")
-            yield self.cache
-        except GeneratorExit:  # a streaming call whose client went away
+            with self.guard.watch(method, context, stream) as watch:
+                if needs_cache and self.cache is None:
+                    code = grpc.StatusCode.UNAVAILABLE
+                    context.abort(code, "daemon is starting: storage is not open yet")
+                yield self.cache, watch  # type: ignore[misc]
+        except GeneratorExit:  # a streaming call whose client went away, or that the guard cut
             code = grpc.StatusCode.CANCELLED
             raise
         except CacheError as exc:
-            code = _STATUS[type(exc)]
+            code = _status_of(exc)
+            self._client_mistake(method, context, exc)
             context.abort(code, str(exc))
         except grpc.RpcError:
             # Raised by the request iterator: gRPC already ended the call with its own status (a
             # message over the limit is RESOURCE_EXHAUSTED to the client). A client's doing, not the
             # daemon's: no traceback, no ERROR. Re-raised unchanged, so gRPC does not log it either.
             code = grpc.StatusCode.CANCELLED
-            log.warning("%s: the call ended before its request stream did: the client cancelled, its deadline "
-                        "passed or it sent a message over %d bytes", method, wire.MAX_MESSAGE_BYTES)
+            if watch is None or watch.cut is None:  # a cut call was logged when it was cut
+                self.clients.warn(peer_host(context.peer()), "ended", "%s: the call ended before its request "
+                                  "stream did: the client cancelled, its deadline passed or it sent a message over "
+                                  "%d bytes", method, wire.MAX_MESSAGE_BYTES)
             raise
         except Exception:
             if context.code() not in (None, grpc.StatusCode.OK):  # context.abort() already chose a status
@@ -186,18 +300,32 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             log.exception("%s failed", method)
             context.abort(code, f"internal error in {method}; see the daemon log")
         finally:
-            self.metrics.requests.labels(method, code.name).inc()
-            self.metrics.latency.labels(method).observe(time.perf_counter() - start)
+            if watch is not None and watch.cut is not None:
+                code = grpc.StatusCode.CANCELLED
+            if counted:
+                self.metrics.requests.labels(method, code.name).inc()
+                self.metrics.latency.labels(method).observe(time.perf_counter() - start)
 
-    def Put(self, request_iterator: Iterator[pb.PutRequest], context: grpc.ServicerContext) -> pb.PutResponse:
-        with self._call("Put", context) as cache:
-            first = next(request_iterator, None)
+    def _client_mistake(self, method: str, context: grpc.ServicerContext, exc: CacheError) -> None:
+        if isinstance(exc, Refused):
+            self.metrics.calls_refused.labels(method, exc.reason).inc()
+            self.clients.warn(peer_host(context.peer()), "refused", "%s refused: %s", method, _clip(exc))
+        elif (reason := _bad_request_reason(exc)) is not None:
+            self.metrics.bad_requests.labels(method, reason).inc()
+            self.clients.warn(peer_host(context.peer()), "bad request", "bad request to %s (%s): %s", method, reason,
+                              _clip(exc))
+
+    def Put(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.PutResponse:
+        with self.call("Put", context, stream=True) as (cache, watch):
+            messages = decoded(watch, requests, pb.PutRequest)
+            first = next(messages, None)
             if first is None or first.WhichOneof("msg") != "header":
                 raise InvalidRequest("the first Put message must be a header")
             session = cache.begin_put(first.header)
             if session.existing:  # content-addressed: the same entry is already stored, skip the upload
                 return pb.PutResponse(entry_id=session.entry_id, created=False)
-            for message in request_iterator:
+            self.guard.hold(watch, first.header.blob.size)  # the blob is buffered whole until it is stored
+            for message in messages:
                 if message.WhichOneof("msg") != "chunk":
                     raise InvalidRequest("only chunks may follow the Put header")
                 session.add_chunk(message.chunk)
@@ -205,20 +333,22 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
                 raise InvalidRequest("client cancelled the Put")
             return session.finish()
 
-    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
-        with self._call("Lookup", context) as cache:
-            return cache.lookup(request)
+    def Lookup(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.LookupResponse:
+        with self.call("Lookup", context) as (cache, watch):
+            return cache.lookup(one_request(watch, requests, pb.LookupRequest))
 
-    def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.FetchResponse | bytes]:
-        with self._call("Fetch", context) as cache:  # times the whole stream, not just its start
-            header, chunks = cache.fetch(request)
+    def Fetch(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[pb.FetchResponse | bytes]:
+        with self.call("Fetch", context, stream=True) as (cache, watch):  # times the whole stream
+            header, chunks = cache.fetch(one_request(watch, requests, pb.FetchRequest))
             with closing(chunks):  # unpins the entry even when the client goes away mid-stream
-                yield pb.FetchResponse(header=header)
-                for chunk in chunks:
-                    yield wire.encode_chunk(chunk)  # FetchResponse(chunk=...), pre-encoded: see add_servicer
+                messages: Iterable[pb.FetchResponse | bytes] = itertools.chain(
+                    (pb.FetchResponse(header=header),),
+                    map(wire.encode_chunk, chunks))  # FetchResponse(chunk=...), pre-encoded: see add_servicer
+                yield from watch.sending(messages)
 
-    def FetchDirect(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> pb.FetchTicket:
-        with self._call("FetchDirect", context) as cache:
+    def FetchDirect(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.FetchTicket:
+        with self.call("FetchDirect", context) as (cache, watch):
+            request = one_request(watch, requests, pb.FetchRequest)
             if self.dataport is None:
                 raise WrongPath("this daemon has no data port (data_listen): use Fetch")
             header, chunks = cache.fetch(request)
@@ -228,16 +358,17 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
                 raise Unavailable(str(exc)) from exc
             return pb.FetchTicket(header=header, ticket=ticket, data_port=self.dataport.port)
 
-    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
-        with self._call("Delete", context) as cache:
-            return pb.DeleteResponse(deleted=cache.delete(request))
+    def Delete(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.DeleteResponse:
+        with self.call("Delete", context) as (cache, watch):
+            return pb.DeleteResponse(deleted=cache.delete(one_request(watch, requests, pb.DeleteRequest)))
 
-    def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext) -> pb.VerifyResponse:
-        with self._call("Verify", context) as cache:
-            return cache.verify(request)
+    def Verify(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.VerifyResponse:
+        with self.call("Verify", context) as (cache, watch):
+            return cache.verify(one_request(watch, requests, pb.VerifyRequest))
 
-    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
-        with self._call("Stats", context) as cache:
+    def Stats(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.StatsResponse:
+        with self.call("Stats", context) as (cache, watch):
+            one_request(watch, requests, pb.StatsRequest)
             return cache.stats()
 
 
@@ -248,14 +379,26 @@ class Daemon:
         self.config = config
         self.metrics = Metrics()
         self.health = health.HealthServicer()
+        self.clients = PeerLog(log, config.client_log_seconds)
+        self.guard = Guard(config.stream_idle_seconds, config.stream_max_seconds, config.streams_per_client,
+                           config.put_buffer_bytes, on_cut=self._cut)
+        self.metrics.open_streams.set_function(lambda: self.guard.open_streams)
+        self.metrics.put_buffer.set_function(lambda: self.guard.held_bytes)
         check_can_listen(config.listen)
         try:
             self.dataport = (DataPort(config.data_address, count=lambda outcome: self.metrics.data_transfers.labels(
-                outcome).inc()) if config.data_address else None)
+                outcome).inc(), idle_s=config.data_idle_seconds, stall_s=config.stream_idle_seconds,
+                max_s=config.stream_max_seconds, per_client=config.data_connections_per_client,
+                count_connection=lambda outcome: self.metrics.data_connections.labels(outcome).inc(),
+                warn=self.clients.warn) if config.data_address else None)
         except OSError as exc:  # DataPort's error wraps the bind's, which has the errno
             bind_error = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
             raise listen_error(config.data_address, bind_error, "data port") from exc
-        self.servicer = CacheServicer(self.metrics, self.dataport)
+        if self.dataport is not None:
+            dataport = self.dataport
+            self.metrics.data_open.set_function(lambda: dataport.open_connections)
+        self.servicer = CacheServicer(self.metrics, self.guard, self.clients, self.dataport)
+        self._stream_pool = futures.ThreadPoolExecutor(max_workers=config.stream_workers, thread_name_prefix="stream")
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
             options=[
@@ -266,9 +409,10 @@ class Daemon:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
             ],
         )
-        add_servicer(self.servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self.server)
+        add_servicer(self.servicer, self.server, self._stream_pool)
+        add_health(self.health, self.server, self.servicer, self._stream_pool)
+        enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self.server,
+                          self.servicer, self._stream_pool)
         try:
             self.port = self.server.add_insecure_port(config.listen)
         except RuntimeError:  # newer gRPC raises where older ones returned 0; its log line says why
@@ -276,10 +420,18 @@ class Daemon:
         if self.port == 0:
             if self.dataport is not None:
                 self.dataport.stop(grace_s=0)
+            self._stream_pool.shutdown(wait=False)
             raise StartError(f"cannot listen on {config.listen}: gRPC could not bind it (its log line above says why)")
         self.metrics_port: int | None = None
         self._stopped = threading.Event()
         self.cache: Cache | None = None
+
+    def _cut(self, watch: Watch) -> None:
+        """The guard cut a call (from its watchdog thread): count it, and tell the log once per client."""
+        self.metrics.calls_cut.labels(watch.method, watch.cut).inc()
+        why = (f"it waited {self.config.stream_idle_seconds:g} s on the client (stream_idle_seconds)"
+               if watch.cut == "idle" else f"it ran {self.config.stream_max_seconds:g} s (stream_max_seconds)")
+        self.clients.warn(watch.peer, "cut", "%s cancelled: %s", watch.method, why)
 
     def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -289,6 +441,7 @@ class Daemon:
         """Listen first (NOT_SERVING, so probes get an answer), then open storage, then SERVING."""
         c = self.config
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.guard.start()
         self.server.start()
         if self.dataport is not None:
             self.dataport.start()
@@ -307,6 +460,8 @@ class Daemon:
             self.server.stop(grace=None)
             if self.dataport is not None:
                 self.dataport.stop(grace_s=0)
+            self.guard.stop()
+            self._stream_pool.shutdown(wait=False)
             raise
         self.servicer.cache = self.cache
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -319,7 +474,8 @@ class Daemon:
                 "metrics": self.metrics_port}
 
     def stop(self) -> None:
-        """Drain: refuse new calls, let in-flight ones finish (up to drain_seconds), close storage."""
+        """Drain: refuse new calls, let in-flight ones finish (up to drain_seconds; the guard still cuts
+        stalled ones), close storage."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -327,6 +483,8 @@ class Daemon:
         self.server.stop(grace=self.config.drain_seconds).wait()
         if self.dataport is not None:  # before the store closes: transfers read from it
             self.dataport.stop(grace_s=self.config.drain_seconds)
+        self.guard.stop()
+        self._stream_pool.shutdown(wait=False)
         if self.cache is not None:
             self.cache.close()
         log.info("flexcache stopped")
@@ -339,4 +497,3 @@ class Daemon:
         done.wait()
         log.info("signal received: draining in-flight calls")
         self.stop()
-

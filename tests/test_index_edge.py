@@ -1,14 +1,21 @@
-"""The embedded index on disk: bounded while puts keep arriving, rebuilt when damaged or foreign."""
+"""The embedded index on disk: bounded while puts keep arriving, rebuilt when damaged or foreign, and
+with more namespaces than stay open: a bounded number of open shards (and threads), none losing a point
+when it is closed."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import random
+import shutil
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from flexcache.daemon.index.base import IndexEvents, IndexPoint
+from flexcache.daemon.index.edge import EdgeIndex
 from tests.conftest import connect
 from tests.test_durability import latent_for
 from tests.vectors import unit
@@ -97,3 +104,117 @@ def test_folder_of_another_layout_is_removed_and_rebuilt(daemon) -> None:
     daemon.start()
     _lookups_find(daemon, ids)
     assert sorted(p.name for p in index_dir.iterdir()) == [shard.name]
+
+
+def _eid(ns: int, i: int) -> str:
+    return hashlib.sha256(f"{ns}/{i}".encode()).hexdigest()
+
+
+def _point(ns: int, i: int) -> IndexPoint:
+    return IndexPoint(_eid(ns, i), f"ns{ns}", {"full": unit(ns * 1000 + i, 32).tolist()})
+
+
+def _threads() -> int:
+    return len(os.listdir(f"/proc/{os.getpid()}/task"))
+
+
+def test_open_shards_stay_bounded_and_a_closed_shard_lost_nothing(tmp_path: Path) -> None:
+    """12 namespaces through an index that keeps 3 shards open: never more open (nor their search
+    threads), every search answers from its own namespace, and a copy of the folder taken while the
+    index runs (as a crash would leave it) holds every point of the shards it closed."""
+    before = _threads()
+    index = EdgeIndex(tmp_path / "index", max_open_shards=3)
+    try:
+        for ns in range(12):
+            index.upsert([_point(ns, i) for i in range(5)])
+            assert index.open_shards() <= 3
+        assert _threads() <= before + 1 + 3 + 2  # the background thread, a search thread per open shard, slack
+        for ns in range(12):
+            hits = index.search(f"ns{ns}", "full", unit(ns * 1000 + 2, 32).tolist(), limit=5)
+            assert hits[0].entry_id == _eid(ns, 2)
+            assert {h.entry_id for h in hits} <= {_eid(ns, i) for i in range(5)}
+            assert index.open_shards() <= 3
+        assert index.search("ns99", "full", unit(1, 32).tolist(), 5) == []
+        assert index.loads >= 12 - 3
+        shutil.copytree(tmp_path / "index", tmp_path / "crashed")
+        assert index.open_shards() == 3  # the last three searched: ns9, ns10, ns11
+    finally:
+        index.close()
+    copy = EdgeIndex(tmp_path / "crashed")
+    try:
+        for ns in range(9):  # closed before the copy: flushed whole
+            assert set(copy.entry_ids(f"ns{ns}")) == {_eid(ns, i) for i in range(5)}
+    finally:
+        copy.close()
+    reopened = EdgeIndex(tmp_path / "index")
+    try:
+        assert reopened.namespaces() == {f"ns{ns}" for ns in range(12)}
+        assert reopened.open_shards() == 0  # listing the folder loads nothing
+        assert set(reopened.entry_ids()) == {_eid(ns, i) for ns in range(12) for i in range(5)}
+    finally:
+        reopened.close()
+
+
+def test_concurrent_calls_over_more_namespaces_than_stay_open(tmp_path: Path) -> None:
+    """Six threads upsert, delete and search across 20 namespaces through 2 open shards: shards are
+    closed and reopened under the calls, and every namespace ends holding exactly its live points."""
+    index = EdgeIndex(tmp_path / "index", max_open_shards=2)
+    owner = {_eid(ns, i): ns for ns in range(20) for i in range(100)}
+    live: dict[int, set[str]] = {ns: set() for ns in range(20)}
+    guard = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for step in range(60):
+                ns, i = rng.randrange(20), rng.randrange(100)
+                if step % 5 == 4:
+                    with guard:
+                        victims = sorted(live[ns])[:1]
+                        index.delete(victims, namespace_key=f"ns{ns}")
+                        live[ns].difference_update(victims)
+                elif step % 2:
+                    with guard:  # the bookkeeping and the write together, so `live` is what the index holds
+                        index.upsert([_point(ns, i)])
+                        live[ns].add(_eid(ns, i))
+                else:
+                    for hit in index.search(f"ns{ns}", "full", unit(ns * 1000 + i, 32).tolist(), 3):
+                        assert owner[hit.entry_id] == ns
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=work, args=(seed,)) for seed in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert index.open_shards() <= 2
+        for ns, ids in live.items():
+            assert set(index.entry_ids(f"ns{ns}")) == ids
+    finally:
+        index.close()
+
+
+def test_a_shard_that_cannot_be_reloaded_is_set_aside_and_reported(tmp_path: Path) -> None:
+    lost: list[str] = []
+    index = EdgeIndex(tmp_path / "index")
+    index.upsert([_point(1, 0), _point(2, 0)])
+    index.close()
+    [shard] = (tmp_path / "index").glob("ns1.*")
+    for path in shard.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\xff" * 7)
+    index = EdgeIndex(tmp_path / "index")
+    index.listen(IndexEvents(namespace_lost=lost.append))
+    try:
+        assert index.search("ns1", "full", unit(1000, 32).tolist(), 5) == []
+        assert lost == ["ns1"]
+        assert (tmp_path / "index.damaged" / shard.name).is_dir()
+        assert index.search("ns2", "full", unit(2000, 32).tolist(), 5)[0].entry_id == _eid(2, 0)
+        index.upsert([_point(1, 1)])  # the empty shard that took its place takes points again
+        assert set(index.entry_ids("ns1")) == {_eid(1, 1)}
+    finally:
+        index.close()

@@ -3,15 +3,17 @@
 Every point carries up to three named vectors ("full", "object", "background") and the payload
 {"ns": namespace key, "entry_id": ...}. A search names its namespace and never sees another's
 points: the embedded backend keeps one shard per namespace, the remote one filters on "ns". The
-index is derived data: RocksDB is the source of truth and the daemon rebuilds missing points from
-it at startup.
+index is derived data: RocksDB is the source of truth, and the cache reconciles each namespace with
+it (removes points with no entry, re-indexes entries with no point) before the namespace's first use
+after a start, so the calls below that take a namespace are the ones a daemon makes: none of them
+needs to read every namespace, which is what keeps a restart with thousands of namespaces fast.
 """
 
 from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from flexcache.v1 import wire
@@ -48,6 +50,24 @@ class IndexPoint:
         return {"ns": self.namespace_key, "entry_id": self.entry_id}
 
 
+def _ignore(*_: object) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class IndexEvents:
+    """What an index tells its owner as it happens (`VectorIndex.listen`); no-ops by default.
+
+    `namespace_lost(namespace_key)`: the index lost points of that namespace it had acknowledged (a
+    shard that could not be loaded was set aside), so the owner must reconcile the namespace again.
+    `shard_loaded()`: a shard was loaded from disk (the embedded backend: at first use after a start,
+    and again after an idle shard was closed). Both may be called from any thread, with index locks
+    held: they must be quick and must not call back into the index."""
+
+    namespace_lost: Callable[[str], None] = _ignore
+    shard_loaded: Callable[[], None] = _ignore
+
+
 def point_id(entry_id: str) -> str:
     """Qdrant ids are integers or UUIDs: the first 128 bits of the (sha256) entry id."""
     return str(uuid.UUID(hex=entry_id[:32]))
@@ -55,6 +75,11 @@ def point_id(entry_id: str) -> str:
 
 class VectorIndex(ABC):
     name: str
+    _events: IndexEvents = IndexEvents()
+
+    def listen(self, events: IndexEvents) -> None:
+        """Where to report IndexEvents (one listener; a later call replaces it)."""
+        self._events = events
 
     @abstractmethod
     def upsert(self, points: Sequence[IndexPoint]) -> None:
@@ -67,12 +92,23 @@ class VectorIndex(ABC):
         `vector_name` vectors, most similar first; none if the namespace has no such vectors."""
 
     @abstractmethod
-    def delete(self, entry_ids: Sequence[str]) -> None:
-        """Remove every point of these entries, whatever their namespace."""
+    def delete(self, entry_ids: Sequence[str], namespace_key: str | None = None) -> None:
+        """Remove every point of these entries, which belong to `namespace_key` (None: to any namespace,
+        which may cost the embedded backend a load of every shard)."""
 
     @abstractmethod
-    def entry_ids(self) -> Iterator[str]:
-        """Every indexed entry id (for reconciliation with the store)."""
+    def entry_ids(self, namespace_key: str | None = None) -> Iterator[str]:
+        """The entry ids with a "full" point in one namespace (every namespace: None, for maintenance and
+        tests), for reconciliation with the store."""
+
+    def namespaces(self) -> set[str]:
+        """Keys of the namespaces the index may hold points of, found without reading a point (a
+        superset is fine). The default, for stand-ins that store nothing, is none."""
+        return set()
+
+    def open_shards(self) -> int:
+        """Shards (embedded backend) open now; 0 for a backend without any."""
+        return 0
 
     @abstractmethod
     def close(self) -> None: ...

@@ -2,7 +2,8 @@
 
 `path` selects qdrant-client's local mode instead of a URL; it runs the same client code against an
 in-process engine, which is how the tests exercise this backend (no Qdrant server runs here).
-One collection per vector dimension ("flexcache_d<dim>"), with a keyword payload index on "ns".
+One collection per vector dimension ("flexcache_d<dim>"), with a keyword payload index on "ns": a
+namespace's calls (search, reconciliation's scroll) filter on it, and `namespaces()` facets on it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Iterator, Sequence
 from qdrant_client import QdrantClient, models
 
 from .base import VECTOR_NAMES, IndexPoint, Neighbor, VectorIndex, point_id
+
+FACET_LIMIT = 1 << 20  # namespaces `namespaces()` can list: far past max_namespaces
 
 
 def group_by_dim(points: Sequence[IndexPoint]) -> dict[int, list[IndexPoint]]:
@@ -76,21 +79,31 @@ class QdrantIndex(VectorIndex):
         )
         return [Neighbor(p.payload["entry_id"], p.score) for p in result.points]
 
-    def delete(self, entry_ids: Sequence[str]) -> None:
+    def delete(self, entry_ids: Sequence[str], namespace_key: str | None = None) -> None:
+        """Point ids are unique across namespaces, so the namespace is not needed to find them."""
         selector = models.PointIdsList(points=[point_id(e) for e in entry_ids])
         for dim in sorted(self._dims):
             self._client.delete(collection_name(dim), points_selector=selector, wait=True)
 
-    def entry_ids(self) -> Iterator[str]:
+    def entry_ids(self, namespace_key: str | None = None) -> Iterator[str]:
+        only = None if namespace_key is None else models.Filter(
+            must=[models.FieldCondition(key="ns", match=models.MatchValue(value=namespace_key))])
         for dim in sorted(self._dims):
             offset = None
             while True:
-                records, offset = self._client.scroll(collection_name(dim), limit=1024, offset=offset,
-                                                      with_payload=["entry_id"])
+                records, offset = self._client.scroll(collection_name(dim), scroll_filter=only, limit=1024,
+                                                      offset=offset, with_payload=["entry_id"])
                 for record in records:
                     yield record.payload["entry_id"]
                 if offset is None:
                     break
+
+    def namespaces(self) -> set[str]:
+        found: set[str] = set()
+        for dim in sorted(self._dims):
+            facets = self._client.facet(collection_name(dim), "ns", limit=FACET_LIMIT, exact=True)
+            found.update(str(hit.value) for hit in facets.hits)
+        return found
 
     def close(self) -> None:
         self._client.close()
