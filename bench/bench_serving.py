@@ -468,7 +468,7 @@ def render_doc(args: argparse.Namespace, workload: Workload, groups: Sequence[Gr
                truth: np.ndarray, per_prompt: float, elapsed: float, png: Path,
                storage: dict[str, dict[str, tuple[float, float]]], shapes: dict[str, tuple[int, ...]]) -> str:
     facts = describe(workload.trace)
-    cmd = "bench/bench_serving.py" + (" --quick" if args.quick else f" --repeats {args.repeats} --plan '{args.plan}'")
+    cmd = "-m bench.bench_serving" + (" --quick" if args.quick else f" --repeats {args.repeats} --plan '{args.plan}'")
     verdicts = []
     for f, n in pairs(groups):
         d, r = f.fidelity - base.fidelity, round_ratios(f, n)

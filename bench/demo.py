@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(time_table(groups))
     print()
     print("\n".join(gifs))
-    print(f"\ndemo done in {time.perf_counter() - t0:.0f} s; the full benchmark: bench/bench_serving.py "
+    print(f"\ndemo done in {time.perf_counter() - t0:.0f} s; the full benchmark: python -m bench.bench_serving "
           "(docs/bench_serving.md)")
     return 0
 
