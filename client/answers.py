@@ -23,25 +23,14 @@ import numpy as np
 
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import wire
+from flexcache.v1.wire import LATENT_CODEC, RAW, blob_problem
 
 from . import codec, tensors
 
-RAW, LATENT_CODEC = "raw", "fxlc"  # BlobInfo.codec: plain bytes, or flexcache.client.codec's format
-CODEC_DTYPES = ("float32", "float16", tensors.BF16)
-_ITEMSIZE = {np.dtype(t).name: np.dtype(t).itemsize for t in (
-    np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
-    np.float16, np.float32, np.float64, np.longdouble)} | {tensors.BF16: 2}
-"""Bytes per value of every dtype a latent may have (tensors.to_numpy's numeric kinds, and bf16)."""
-
-MAX_BLOB_BYTES = 1 << 32
-"""The largest blob, and the largest decoded latent, this client stores or accepts: far past any video
-latent, and a bound on what a daemon's answer can make the worker allocate."""
 MAX_MASK_CELLS = 1 << 24  # as the daemon's limit: a latent-grid mask, far past any video latent's grid
-_MAX_NDIM = 16  # the codec's limit
 _SIMILARITY_SLACK = 1e-5  # cosine similarity is in [-1, 1]; float32 rounding may step just outside
 _TICKET_BYTES = 16  # daemon/dataport.py: TICKET_BYTES
 _ENTRY_ID = re.compile(r"[0-9a-f]{64}")
-_SEED = re.compile(r"-?[0-9]{1,40}")
 
 # Blobs from this size on are hashed on a helper thread during the receive; below it the thread's
 # start and hand-offs cost more than the overlap gains.
@@ -163,33 +152,6 @@ def receive_blob(header: pb.FetchHeader, chunks: Iterable[bytes | memoryview]) -
 
 
 # ---- what the daemon's answers must satisfy ----
-def blob_problem(blob: pb.BlobInfo, total_steps: int | None = None) -> str | None:
-    """Why a blob's info cannot be used as it says (None: it can). Sizes are bounded, and checked
-    against the shape and dtype for the codecs this client decodes; other codecs are opaque."""
-    if not 1 <= blob.size <= MAX_BLOB_BYTES:
-        return f"blob size {blob.size} is outside 1..{MAX_BLOB_BYTES}"
-    if len(blob.sha256) != 32:
-        return f"blob sha256 has {len(blob.sha256)} bytes, not 32"
-    shape = list(blob.shape)
-    if len(shape) > _MAX_NDIM or min(shape, default=0) < 0:
-        return f"blob shape {shape[:_MAX_NDIM + 1]} is not 0 to {_MAX_NDIM} non-negative sizes"
-    if total_steps is not None and blob.step >= total_steps:
-        return f"blob step {blob.step} is not below total_steps {total_steps}"
-    if "seed" in blob.attrs and not _SEED.fullmatch(blob.attrs["seed"]):
-        return f"blob seed {blob.attrs['seed'][:50]!r} is not an integer"
-    if blob.codec not in (RAW, LATENT_CODEC) or (blob.codec == RAW and not blob.dtype and not shape):
-        return None  # opaque bytes: fetchable as they are, never decoded as a latent
-    known = _ITEMSIZE if blob.codec == RAW else CODEC_DTYPES
-    if blob.dtype not in known:
-        return f"blob dtype {blob.dtype[:50]!r} is not one the {blob.codec!r} codec stores"
-    values = math.prod(shape)  # Python ints: no overflow
-    if values * _ITEMSIZE[blob.dtype] > MAX_BLOB_BYTES:
-        return f"blob shape {shape} of {blob.dtype} holds more than {MAX_BLOB_BYTES} bytes"
-    if blob.codec == RAW and values * _ITEMSIZE[blob.dtype] != blob.size:
-        return f"blob of {blob.size} bytes cannot hold shape {shape} of {blob.dtype}"
-    return None
-
-
 def _check_blob(blob: pb.BlobInfo, total_steps: int | None, where: str) -> None:
     problem = blob_problem(blob, total_steps)
     if problem is not None:
@@ -322,4 +284,4 @@ class Fetched:
     @property
     def seed(self) -> int | None:
         seed = self.blob.attrs.get("seed")
-        return int(seed) if seed is not None and _SEED.fullmatch(seed) else None
+        return int(seed) if seed is not None and wire.SEED.fullmatch(seed) else None

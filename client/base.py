@@ -33,20 +33,10 @@ import numpy as np
 
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import wire
+from flexcache.v1.wire import CODEC_DTYPES, LATENT_CODEC, RAW, blob_problem
 
 from . import codec, compose, masks, tensors
-from .answers import (
-    CODEC_DTYPES,
-    LATENT_CODEC,
-    RAW,
-    Candidate,
-    ChecksumMismatch,
-    Fetched,
-    LookupResult,
-    Malformed,
-    blob_problem,
-    check_entry_id,
-)
+from .answers import Candidate, ChecksumMismatch, Fetched, LookupResult, Malformed, check_entry_id
 from .retry import Retry
 
 log = logging.getLogger("flexcache.client")

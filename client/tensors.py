@@ -12,9 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from flexcache.v1 import wire
+
 from .optional import require
 
-BF16 = "bfloat16"
+BF16 = wire.BF16
 
 
 def is_torch_tensor(value: Any) -> bool:

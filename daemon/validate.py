@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flexcache.client.answers import blob_problem
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import wire
+from flexcache.v1.wire import blob_problem
 
 from .entries import NamespaceKey, record_size
 from .errors import InvalidRequest, TooLarge
@@ -162,7 +162,7 @@ def blob_fields(blob: pb.BlobInfo, max_blob_bytes: int) -> None:
     """The blob info a client decodes by, which the daemon returns verbatim to every client it serves:
     names, attrs and shape within the limits (at most MAX_SHAPE_RANK sizes, each from 0 to
     MAX_SHAPE_SIZE, and at most one value per byte that max_blob_bytes allows), and nothing the client
-    library would refuse in an answer (client/answers.py `blob_problem`: a "raw" blob whose size is
+    library would refuse in an answer (wire.blob_problem: a "raw" blob whose size is
     not its shape's, a dtype its codec does not store, a seed that is not an integer). The client
     treats a lookup with one such candidate as a miss, so a stored one would turn every lookup it
     matches into a miss; refusing it here keeps the two sides' rules one function."""

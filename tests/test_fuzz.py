@@ -31,13 +31,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from bench import fuzz_daemon
-from flexcache.client.answers import LookupResult, blob_problem, check_header
+from flexcache.client.answers import LookupResult, check_header
 from flexcache.daemon import validate
 from flexcache.daemon.errors import CacheError
 from flexcache.daemon.limits import Limits
 from flexcache.daemon.process import DaemonProcess
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
+from flexcache.v1.wire import blob_problem
 from tests.vectors import unit
 
 CASES = 3000  # about 10 s here; the engine's whole run, kept-entry checks included, well within a minute

@@ -133,7 +133,7 @@ CASES: dict[str, tuple[Call, str]] = {
                                                  "values, above max_blob_bytes"),
     "negative shape": (put_call(header(blob=blob_info(shape=[-1, 4096]))), "blob.shape size -1 is negative"),
     "rank 17": (put_call(header(blob=blob_info(shape=[1] * 17))), "blob.shape has 17 sizes, above 16"),
-    # What the client library refuses in an answer (client/answers.py blob_problem) would poison lookups.
+    # What the client library refuses in an answer (flexcache.v1.wire.blob_problem) would poison lookups.
     "raw blob whose size is not its shape's": (put_call(header(blob=blob_info(shape=[17, 4]))),
                                                "blob of 4096 bytes cannot hold shape [17, 4] of uint8: no client"),
     "raw blob of an unknown dtype": (put_call(header(blob=blob_info(dtype="complex256"))),

@@ -1,8 +1,13 @@
-"""What both sides of the wire must agree on beyond cache.proto: message limits, role names, and
-the encoding of a FetchResponse chunk frame that the daemon writes by hand and the client reads
-without a copy (`encode_chunk` / `decode_chunk`)."""
+"""What both sides of the wire must agree on beyond cache.proto: message limits, role names, the
+encoding of a FetchResponse chunk frame that the daemon writes by hand and the client reads without
+a copy (`encode_chunk` / `decode_chunk`), and the rule for a usable blob info (`blob_problem`)."""
 
 from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
 
 from . import cache_pb2 as pb
 
@@ -55,3 +60,51 @@ def decode_chunk(raw: bytes) -> memoryview | bytes:
                     return view[pos:]
                 break
     return pb.FetchResponse.FromString(raw).chunk
+
+
+# ---- the blob info rule ----
+RAW, LATENT_CODEC = "raw", "fxlc"
+"""BlobInfo.codec: plain bytes, or the client's latent codec (flexcache.client.codec)."""
+BF16 = "bfloat16"
+CODEC_DTYPES = ("float32", "float16", BF16)
+"""The dtypes the latent codec stores."""
+ITEMSIZE = {np.dtype(t).name: np.dtype(t).itemsize for t in (
+    np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+    np.float16, np.float32, np.float64, np.longdouble)} | {BF16: 2}
+"""Bytes per value of every dtype a raw latent may have (numpy's numeric kinds, and bf16)."""
+MAX_BLOB_BYTES = 1 << 32
+"""The largest blob, and the largest decoded latent, a client stores or accepts: far past any video
+latent, and a bound on what an answer can make a worker allocate."""
+MAX_NDIM = 16
+"""Most dimensions of a latent (the codec's limit)."""
+SEED = re.compile(r"-?[0-9]{1,40}")
+"""What a blob's `seed` attr must look like: an integer."""
+
+
+def blob_problem(blob: pb.BlobInfo, total_steps: int | None = None) -> str | None:
+    """Why a blob info cannot be used as it says (None: it can). One rule for both sides: the daemon
+    refuses to store what a client would refuse in an answer, since one such entry would make every
+    lookup near it a miss. Sizes are bounded and products are Python ints (no overflow); the shape
+    and dtype are checked for the codecs a client decodes, other codecs are opaque bytes."""
+    if not 1 <= blob.size <= MAX_BLOB_BYTES:
+        return f"blob size {blob.size} is outside 1..{MAX_BLOB_BYTES}"
+    if len(blob.sha256) != 32:
+        return f"blob sha256 has {len(blob.sha256)} bytes, not 32"
+    shape = list(blob.shape)
+    if len(shape) > MAX_NDIM or min(shape, default=0) < 0:
+        return f"blob shape {shape[:MAX_NDIM + 1]} is not 0 to {MAX_NDIM} non-negative sizes"
+    if total_steps is not None and blob.step >= total_steps:
+        return f"blob step {blob.step} is not below total_steps {total_steps}"
+    if "seed" in blob.attrs and not SEED.fullmatch(blob.attrs["seed"]):
+        return f"blob seed {blob.attrs['seed'][:50]!r} is not an integer"
+    if blob.codec not in (RAW, LATENT_CODEC) or (blob.codec == RAW and not blob.dtype and not shape):
+        return None  # opaque bytes: fetchable as they are, never decoded as a latent
+    known = ITEMSIZE if blob.codec == RAW else CODEC_DTYPES
+    if blob.dtype not in known:
+        return f"blob dtype {blob.dtype[:50]!r} is not one the {blob.codec!r} codec stores"
+    values = math.prod(shape)
+    if values * ITEMSIZE[blob.dtype] > MAX_BLOB_BYTES:
+        return f"blob shape {shape} of {blob.dtype} holds more than {MAX_BLOB_BYTES} bytes"
+    if blob.codec == RAW and values * ITEMSIZE[blob.dtype] != blob.size:
+        return f"blob of {blob.size} bytes cannot hold shape {shape} of {blob.dtype}"
+    return None
