@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.report import replace_results
 from flexcache.daemon.process import DaemonProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -670,9 +671,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_doc(command: str, started: datetime.datetime, elapsed: float, report: str, checks: str,
               notes: list[str]) -> None:
     """Replace the generated part of docs/bench_daemon.md (between the markers), keep the prose."""
-    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
-    generated = "\n".join([
-        begin,
+    replace_results(DOC, "Daemon benchmark", [
         f"Command: `{command}`  ",
         f"Date: {started:%Y-%m-%d %H:%M %Z}, {elapsed:.0f} s wall  ",
         f"Machine: {machine_note()}",
@@ -686,14 +685,7 @@ def write_doc(command: str, started: datetime.datetime, elapsed: float, report: 
         "How the lookup entries were loaded, in this run:",
         "",
         *[f"- {n}" for n in notes],
-        end,
     ])
-    text = DOC.read_text() if DOC.exists() else f"# Daemon benchmark\n\n{begin}\n{end}\n"
-    if begin not in text:
-        text += f"\n{begin}\n{end}\n"
-    head, rest = text.split(begin, 1)
-    tail = rest.split(end, 1)[1] if end in rest else ""
-    DOC.write_text(head + generated + tail)
 
 
 if __name__ == "__main__":

@@ -368,17 +368,11 @@ def main(argv: list[str] | None = None) -> int:
 def write_doc(command: str, started: datetime.datetime, elapsed: float, report: str) -> None:
     """Replace the generated part of docs/namespaces.md (between the markers), keep the prose."""
     from bench.bench_daemon import machine_note
+    from bench.report import replace_results
 
-    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
-    generated = "\n".join([begin, f"Command: `{command}`  ",
-                           f"Date: {started:%Y-%m-%d %H:%M %Z}, {elapsed:.0f} s wall  ",
-                           f"Machine: {machine_note()}", "", report, end])
-    text = DOC.read_text() if DOC.exists() else f"# Many namespaces\n\n{begin}\n{end}\n"
-    if begin not in text:
-        text += f"\n{begin}\n{end}\n"
-    head, rest = text.split(begin, 1)
-    tail = rest.split(end, 1)[1] if end in rest else ""
-    DOC.write_text(head + generated + tail)
+    replace_results(DOC, "Many namespaces", [f"Command: `{command}`  ",
+                                             f"Date: {started:%Y-%m-%d %H:%M %Z}, {elapsed:.0f} s wall  ",
+                                             f"Machine: {machine_note()}", "", report])
 
 
 if __name__ == "__main__":

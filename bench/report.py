@@ -1,8 +1,9 @@
-"""Figures for benchmark reports: a mean with its 95 % confidence half-width, in points."""
+"""Benchmark reports: a mean with its 95 % confidence half-width, in points; the generated part of a doc."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -17,3 +18,17 @@ def points(x: np.ndarray, signed: bool = False) -> str:
     if not len(x):
         return "-"
     return f"{100 * np.mean(x):{'+' if signed else ''}.1f} ± {100 * ci95(x):.1f}"
+
+
+RESULTS_BEGIN, RESULTS_END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def replace_results(doc: Path, title: str, lines: list[str]) -> None:
+    """Write `lines` between the results markers of `doc`, keeping the prose around them (a doc that
+    does not exist yet starts as `# title` and the markers)."""
+    text = doc.read_text() if doc.exists() else f"# {title}\n\n{RESULTS_BEGIN}\n{RESULTS_END}\n"
+    if RESULTS_BEGIN not in text:
+        text += f"\n{RESULTS_BEGIN}\n{RESULTS_END}\n"
+    head, rest = text.split(RESULTS_BEGIN, 1)
+    tail = rest.split(RESULTS_END, 1)[1] if RESULTS_END in rest else ""
+    doc.write_text(head + "\n".join([RESULTS_BEGIN, *lines, RESULTS_END]) + tail)

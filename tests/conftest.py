@@ -6,6 +6,7 @@ Every process a test starts is stopped at teardown, whatever the test did to it.
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,3 +50,13 @@ def connect(target: str, namespace: Namespace = NS, **options: object) -> CacheC
 def client(daemon: DaemonProcess) -> Iterator[CacheClient]:
     with connect(daemon.target) as c:
         yield c
+
+
+def metric(daemon: DaemonProcess, name: str, **labels: str) -> float:
+    """Sum of a series' samples on the daemon's metrics endpoint whose labels include `labels`."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

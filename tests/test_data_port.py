@@ -7,7 +7,6 @@ import os
 import socket
 import threading
 import time
-import urllib.request
 
 import grpc
 import numpy as np
@@ -15,18 +14,8 @@ import pytest
 
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
-from tests.conftest import NS, connect
+from tests.conftest import NS, connect, metric
 from tests.vectors import unit
-
-
-def metric(daemon, name: str, **labels: str) -> float:
-    """Sum of a counter's samples whose labels include `labels`."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=5).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def wait_for(condition, timeout_s: float = 5.0) -> bool:

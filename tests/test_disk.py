@@ -11,7 +11,6 @@ import os
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 
 from flexcache.daemon.process import DaemonProcess
 from flexcache.daemon.store import folder_bytes
-from tests.conftest import connect
+from tests.conftest import connect, metric
 from tests.vectors import unit
 
 MIB = 1 << 20
@@ -31,14 +30,6 @@ def latent(i: int, kib: int = 256) -> np.ndarray:
     return np.random.default_rng(i).integers(0, 255, kib * 1024, dtype=np.uint8)
 
 
-def metric(daemon: DaemonProcess, name: str, **labels: str) -> float:
-    """Sum of a series' samples whose labels include `labels`."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=5).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def free_bytes(path: Path) -> int:

@@ -15,8 +15,7 @@ from flexcache.daemon.guard import PeerLog, peer_host
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
 from flexcache.v1 import wire
-from tests.conftest import NS, connect
-from tests.test_data_port import metric
+from tests.conftest import NS, connect, metric
 from tests.vectors import unit
 
 METHOD = f"/{wire.SERVICE_NAME}/"
@@ -60,7 +59,8 @@ def test_a_flood_of_bad_requests_is_counted_not_logged(daemon) -> None:
     with grpc.insecure_channel(daemon.target) as channel:
         lookup_codes = send_all(channel, "Lookup", garbage + invalid_lookups)
         fetch_codes = send_all(channel, "FetchDirect", invalid_fetches)
-        put_codes = send_all(channel, "Put", garbage[:500], streaming=True)
+        # Put streams fewer at a time than streams_per_client (16): past the share they are refused instead
+        put_codes = send_all(channel, "Put", garbage[:500], streaming=True, batch=8)
         assert not decodes(pb.StatsRequest, b"\xff\xff\xff")
         stats_codes = send_all(channel, "Stats", [b"\xff\xff\xff"] * 100)
 

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -17,18 +16,8 @@ import numpy as np
 from flexcache.daemon.process import DaemonProcess
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
-from tests.conftest import NS, connect
+from tests.conftest import NS, connect, metric
 from tests.vectors import unit
-
-
-def metric(daemon: DaemonProcess, name: str, **labels: str) -> float:
-    """Sum of a series' samples whose labels include `labels`."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=5).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def put_raw(daemon: DaemonProcess, data: bytes, prompt: str, seed: int) -> str:

@@ -23,8 +23,8 @@ import pytest
 
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
-from tests.conftest import NS, connect
-from tests.test_data_port import metric, wait_for
+from tests.conftest import NS, connect, metric
+from tests.test_data_port import wait_for
 from tests.vectors import unit
 
 IDLE_S = 2.0  # stream_idle_seconds in these tests
