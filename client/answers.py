@@ -3,15 +3,14 @@
 A daemon's answer is checked before the client relies on it: a hostile or buggy daemon can send a
 candidate whose mask or blob header does not add up, steps a worker cannot skip, a header for
 another entry, a stream longer than it declared. Such an answer is `Malformed`; the caller turns it
-into a miss with a warning. Sizes are products of Python ints, bounded (MAX_BLOB_BYTES,
-MAX_MASK_CELLS) before anything is allocated. Fetched bytes are verified against the entry's
+into a miss with a warning. Sizes are products of Python ints, bounded (wire.MAX_BLOB_BYTES,
+wire.MAX_MASK_CELLS) before anything is allocated. Fetched bytes are verified against the entry's
 CRC-32C, or its sha256 when it was stored without one (`receive_blob`, `verify_blob`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import queue
 import re
 import threading
@@ -27,7 +26,6 @@ from flexcache.v1.wire import LATENT_CODEC, RAW, blob_problem
 
 from . import codec, tensors
 
-MAX_MASK_CELLS = 1 << 24  # as the daemon's limit: a latent-grid mask, far past any video latent's grid
 _SIMILARITY_SLACK = 1e-5  # cosine similarity is in [-1, 1]; float32 rounding may step just outside
 _TICKET_BYTES = 16  # daemon/dataport.py: TICKET_BYTES
 _ENTRY_ID = re.compile(r"[0-9a-f]{64}")
@@ -159,14 +157,10 @@ def _check_blob(blob: pb.BlobInfo, total_steps: int | None, where: str) -> None:
 
 
 def _checked_mask(mask: pb.Mask, where: str) -> np.ndarray:
+    problem = wire.mask_problem(mask)
+    if problem is not None:
+        raise Malformed(f"{where}: object mask {problem}")
     shape = [int(n) for n in mask.shape]
-    if not 1 <= len(shape) <= 4 or min(shape) < 1:
-        raise Malformed(f"{where}: object mask shape {shape[:5]} is not 1 to 4 positive sizes")
-    cells = math.prod(shape)
-    if cells > MAX_MASK_CELLS:
-        raise Malformed(f"{where}: object mask of shape {shape} has more than {MAX_MASK_CELLS} cells")
-    if len(mask.bits) != (cells + 7) // 8:
-        raise Malformed(f"{where}: object mask bits are {len(mask.bits)} bytes, shape {shape} needs {(cells + 7) // 8}")
     return tensors.unpack_mask(shape, mask.bits)
 
 

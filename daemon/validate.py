@@ -34,7 +34,7 @@ from .errors import InvalidRequest, TooLarge
 from .limits import Limits
 
 MAX_PROMPT_CHARS = 16_384
-MAX_MASK_CELLS = 1 << 24  # cells of a latent-grid mask: far past any video latent's grid
+MAX_MASK_CELLS = wire.MAX_MASK_CELLS
 MAX_TOP_K = 64  # candidates per role a lookup returns; a larger top_k is clamped to it
 MAX_NAME_CHARS = 256  # namespace.tenant, .model and .scheduler; blob.codec and .dtype
 MAX_FRAME_SIZE = 1 << 16  # namespace.width and .height (pixels), namespace.frames
@@ -195,16 +195,10 @@ def blob_fields(blob: pb.BlobInfo, max_blob_bytes: int) -> None:
 
 
 def mask(value: pb.Mask) -> None:
-    """A bit-packed mask on the latent grid: 1 to 4 positive sizes, at most MAX_MASK_CELLS cells
-    (counted in Python ints), exactly enough bytes for them."""
-    shape = list(value.shape)
-    if not 1 <= len(shape) <= 4 or min(shape) < 1:
-        raise InvalidRequest(f"object_mask.shape must have 1 to 4 positive sizes, got {shape[:5]}")
-    cells = math.prod(shape)
-    if cells > MAX_MASK_CELLS:
-        raise InvalidRequest(f"object_mask has {cells} cells, above {MAX_MASK_CELLS}")
-    if len(value.bits) != (cells + 7) // 8:
-        raise InvalidRequest(f"object_mask.bits has {len(value.bits)} bytes, shape {shape} needs {(cells + 7) // 8}")
+    """A bit-packed mask on the latent grid, by the rule both sides apply (wire.mask_problem)."""
+    problem = wire.mask_problem(value)
+    if problem is not None:
+        raise InvalidRequest(f"object_mask {problem}")
 
 
 def lookup_query(request: pb.LookupRequest, ns: NamespaceKey, dim: int | None, max_dim: int) -> LookupQuery:

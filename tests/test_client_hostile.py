@@ -301,7 +301,7 @@ def raw_lookup(candidate_bytes: bytes) -> bytes:
 
 HOSTILE_LOOKUPS: dict[str, tuple[Callable[[pb.LookupRequest], Answer], str]] = {  # answer, why it is refused
     "mask shape [65536]*4 (its cell count wraps to 0 in int64)": (lookup_of(
-        candidate(object_mask=pb.Mask(shape=[65536] * 4, bits=b""))), "more than 16777216 cells"),
+        candidate(object_mask=pb.Mask(shape=[65536] * 4, bits=b""))), "cells, above 16777216"),
     "mask of five axes": (lookup_of(candidate(object_mask=pb.Mask(shape=[1] * 5, bits=b"\x80"))),
                           "not 1 to 4 positive sizes"),
     "mask with a zero axis": (lookup_of(candidate(object_mask=pb.Mask(shape=[3, 0, 4], bits=b""))),
@@ -309,7 +309,7 @@ HOSTILE_LOOKUPS: dict[str, tuple[Callable[[pb.LookupRequest], Answer], str]] = {
     "mask bits of another length": (lookup_of(candidate(object_mask=pb.Mask(shape=GRID, bits=b"\xff" * 5))),
                                     "bits are 5 bytes"),
     "mask of 2**24 + 1 cells": (lookup_of(candidate(object_mask=pb.Mask(shape=[(1 << 24) + 1], bits=b""))),
-                                "more than 16777216 cells"),
+                                "cells, above 16777216"),
     "raw blob size at odds with its shape": (lookup_of(candidate(blob=blob_info(DATA[IDS["a"]], size=100))),
                                              "blob of 100 bytes cannot hold shape"),
     "raw blob of an unknown dtype": (lookup_of(candidate(blob=blob_info(DATA[IDS["a"]], dtype="object"))),

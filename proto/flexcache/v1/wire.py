@@ -108,3 +108,21 @@ def blob_problem(blob: pb.BlobInfo, total_steps: int | None = None) -> str | Non
     if blob.codec == RAW and values * ITEMSIZE[blob.dtype] != blob.size:
         return f"blob of {blob.size} bytes cannot hold shape {shape} of {blob.dtype}"
     return None
+
+
+MAX_MASK_CELLS = 1 << 24
+"""Most cells of an object mask on the latent grid: far past any video latent's grid."""
+
+
+def mask_problem(mask: pb.Mask) -> str | None:
+    """Why an object mask cannot be used (None: it can): 1 to 4 positive sizes, at most MAX_MASK_CELLS
+    cells counted in Python ints (65536^4 is 0 in int64), and exactly the bytes those cells need."""
+    shape = [int(n) for n in mask.shape]
+    if not 1 <= len(shape) <= 4 or min(shape) < 1:
+        return f"shape {shape[:5]} is not 1 to 4 positive sizes"
+    cells = math.prod(shape)
+    if cells > MAX_MASK_CELLS:
+        return f"has {cells} cells, above {MAX_MASK_CELLS}"
+    if len(mask.bits) != (cells + 7) // 8:
+        return f"bits are {len(mask.bits)} bytes, shape {shape} needs {(cells + 7) // 8}"
+    return None
