@@ -26,7 +26,15 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py flexcache_model/pyproject.toml $
 serve: $(DAEMON_STAMP)
 	$(BIN)/flexcache serve --data-dir $(DATA_DIR)
 
-test: $(STAMP)
+NODE_STAMP := tests/node/node_modules/.package-lock.json
+
+# The Node.js client check's packages (tests/test_node_client.py), where npm is installed; without npm
+# those tests skip and say so (CI installs Node.js first: .ci/run).
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then npm ci --prefix tests/node --no-audit --no-fund; \
+	else echo "make: npm not found: the Node.js client check will be skipped"; fi
+
+test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -58,4 +66,4 @@ examples: $(STAMP)
 	$(BIN)/python examples/composed.py --target $(TARGET)
 
 clean:
-	rm -rf $(VENV) build demo_out *.egg-info proto/flexcache/v1/*_pb2*.py proto/flexcache/v1/*_pb2*.pyi
+	rm -rf $(VENV) build demo_out *.egg-info proto/flexcache/v1/*_pb2*.py proto/flexcache/v1/*_pb2*.pyi tests/node/node_modules

@@ -48,6 +48,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from flexcache.client import CacheClient, Namespace
+from flexcache.client.dataport import hello
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
 from flexcache.v1 import wire
@@ -394,6 +395,7 @@ class Fuzzer:
         assert self.data_port is not None
         conn = socket.create_connection((self.host, self.data_port), timeout=DEADLINE_S)
         conn.settimeout(DEADLINE_S)
+        conn.sendall(hello(None))  # who the client is (no auth here): then tickets, or the fuzzer's bytes
         return conn
 
     def _expect_nothing(self, index: int, payload: bytes) -> None:
@@ -494,6 +496,8 @@ def _mutate_repeated(rng: random.Random, values: Any, f: FieldDescriptor) -> Non
     elif op == "many":
         n = rng.choice((2, 3, 5, 17, 65, 385, 4097, 5000, 100_000, 300_000))
         value = _scalar(rng, f)
+        if isinstance(value, str | bytes) and value:  # a few times the message limit at most, not 90 GB
+            n = min(n, max(2, 4 * wire.MAX_MESSAGE_BYTES // len(value)))
         values.extend([value] * n)
     elif op == "edge" and len(values):
         values[rng.randrange(len(values))] = _scalar(rng, f)

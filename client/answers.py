@@ -199,6 +199,7 @@ class Candidate:
     prompt: str
     blob: pb.BlobInfo = field(repr=False)
     object_mask: np.ndarray | None = field(default=None, repr=False)  # bool, as stored with the entry
+    writer: str = ""  # the credential that stored the entry ("" from a daemon without auth)
 
     @classmethod
     def from_proto(cls, c: pb.Candidate, total_steps: int | None = None) -> Candidate:
@@ -220,7 +221,7 @@ class Candidate:
             raise Malformed(f"{where}: an intermediate latent at step {c.blob.step} offered as a {role} "
                             f"match for {c.granted_steps} steps")
         mask = _checked_mask(c.object_mask, where) if c.HasField("object_mask") else None
-        return cls(entry_id, float(c.similarity), int(c.granted_steps), role, c.prompt, c.blob, mask)
+        return cls(entry_id, float(c.similarity), int(c.granted_steps), role, c.prompt, c.blob, mask, c.writer)
 
 
 @dataclass(frozen=True)

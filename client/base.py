@@ -46,7 +46,11 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Namespace:
-    """Generation settings whose latents are interchangeable; see proto/flexcache/v1/cache.proto."""
+    """Generation settings whose latents are interchangeable; see proto/flexcache/v1/cache.proto.
+
+    `writers`: only entries stored by these credentials (Candidate.writer, e.g. "token:3f2a9c1b7d4e"
+    for the tenant's own workers) answer this client's lookups; empty: any writer of the namespace.
+    Not part of the namespace on the wire: it filters what the namespace holds."""
 
     tenant: str
     model: str
@@ -55,6 +59,7 @@ class Namespace:
     frames: int = 0
     scheduler: str = "flow"
     total_steps: int = 50
+    writers: tuple[str, ...] = ()
 
     def to_proto(self) -> pb.Namespace:
         return pb.Namespace(tenant=self.tenant, model=self.model, width=self.width, height=self.height,
@@ -81,6 +86,9 @@ class Hit:
     kind: str  # "full": one entry matched the whole prompt; "composed": object and background donors;
     #            "partial": one donor whose object or background alone matched (get(partial_roles=...))
     sources: list[Candidate]
+
+
+REFUSED_CREDENTIAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 def _status(error: grpc.RpcError) -> grpc.StatusCode:
@@ -156,6 +164,7 @@ class CacheBase(abc.ABC):
         self.retry = retry
         self.last_error: grpc.RpcError | Exception | None = None
         self._last_warning: dict[str, float] = {}
+        self._credential_refused = False  # told once that the daemon refuses this client's credential
         self._ns = namespace.to_proto()
 
     # ---- what a backend provides ----
@@ -220,8 +229,17 @@ class CacheBase(abc.ABC):
                 return None
 
     def _failed(self, method: str, error: Exception) -> None:
-        """Record and (rate-limited) log a failure that the caller sees as a miss."""
+        """Record and (rate-limited) log a failure that the caller sees as a miss. A refused credential
+        is told once, in its own words, whatever the method: it will not fix itself."""
         self.last_error = error
+        if isinstance(error, grpc.RpcError) and _status(error) in REFUSED_CREDENTIAL:
+            if not self._credential_refused:
+                self._credential_refused = True
+                log.warning("flexcache: the daemon at %s refused this client's credential (%s: %s); every call "
+                            "is a miss until the token or certificate is fixed (this warning is not repeated)",
+                            self.target, _status(error).name, error.details() if callable(getattr(
+                                error, "details", None)) else error)
+            return
         now = time.monotonic()
         if now - self._last_warning.get(method, -1e9) >= self.warn_every_s:
             self._last_warning[method] = now
@@ -298,7 +316,8 @@ class CacheBase(abc.ABC):
         """Similar earlier entries with the steps each lets the worker skip; None if the daemon failed.
         `partial_roles` ("object", "background"): parts whose donors may answer alone (a partial hit)."""
         request = pb.LookupRequest(namespace=self._ns, vectors=_vectors(vector, object_vector, background_vector),
-                                   top_k=top_k, partial_roles=[_role(r) for r in partial_roles])
+                                   top_k=top_k, partial_roles=[_role(r) for r in partial_roles],
+                                   writers=self.namespace.writers)
         answer = self._lookup(request)
         return self._checked("lookup", answer,
                              lambda a: LookupResult.from_proto(a, self.namespace.total_steps, top_k))

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Final
+from typing import Final, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
@@ -26,8 +27,10 @@ from . import codec, dataport
 from .answers import ChecksumMismatch, Fetched, Malformed, check_header, check_ticket, receive_blob, verify_blob
 from .base import CacheBase, Namespace
 from .retry import Retry
+from .tls import ClientTLS
 
 log = logging.getLogger("flexcache.client")
+T = TypeVar("T")
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
@@ -62,6 +65,16 @@ def _chunks(responses: Iterator[bytes]) -> Iterator[memoryview | bytes]:
             raise Malformed(f"an unparsable Fetch message: {exc}") from exc
 
 
+ENV_TOKEN = "FLEXCACHE_CLIENT_TOKEN"  # what a sidecar sets when the arguments are not given
+ENV_TLS_CA_FILE = "FLEXCACHE_CLIENT_TLS_CA_FILE"
+ENV_TLS_CERT_FILE = "FLEXCACHE_CLIENT_TLS_CERT_FILE"
+ENV_TLS_KEY_FILE = "FLEXCACHE_CLIENT_TLS_KEY_FILE"
+
+
+def _setting(value: str | None, env: str) -> str:
+    return os.environ.get(env, "") if value is None else value
+
+
 class CacheClient(CacheBase):
     """The cache over gRPC, at `target` ('host:port', or any gRPC target).
 
@@ -76,21 +89,38 @@ class CacheClient(CacheBase):
     `data_port`: fetch over the daemon's data port (FetchDirect) when it has one; False always
     streams (Fetch). A daemon without one, an unreachable port or a failed transfer fall back to the
     stream (client/dataport.py).
+    `token`: the bearer token the daemon's tokens file binds to this client's tenant (sent as
+    `authorization: Bearer` metadata and on the data port); `tls_ca_file`: the CA that signed the
+    daemon's certificate (TLS on; "" with a client certificate: the system's CAs); `tls_cert_file`
+    and `tls_key_file`: this client's certificate, for a daemon that requires one (mTLS). Each left
+    None is read from its FLEXCACHE_CLIENT_* environment variable (ENV_TOKEN, ...), so a sidecar or a
+    pod spec can set them; TLS is on when any of the three files is set. A daemon that refuses the
+    credential (UNAUTHENTICATED, PERMISSION_DENIED) is a miss like any failure, with one warning
+    that says so.
     """
 
     def __init__(self, target: str, namespace: Namespace, *, max_rel_error: float | None = codec.DEFAULT_MAX_REL_ERROR,
                  timeout_s: float = 1.0, transfer_timeout_s: float = 30.0, warn_every_s: float = 10.0,
-                 data_port: bool = True, retry: Retry | None = None):
+                 data_port: bool = True, retry: Retry | None = None, token: str | None = None,
+                 tls_ca_file: str | None = None, tls_cert_file: str | None = None, tls_key_file: str | None = None):
         super().__init__(namespace, target=target, max_rel_error=max_rel_error, timeout_s=timeout_s,
                          warn_every_s=warn_every_s, retry=Retry() if retry is None else retry)
         self.transfer_timeout_s = transfer_timeout_s
-        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        token = _setting(token, ENV_TOKEN).strip()  # a Secret file keeps the newline `tokens add` printed
+        files = [_setting(f, env) for f, env in ((tls_ca_file, ENV_TLS_CA_FILE), (tls_cert_file, ENV_TLS_CERT_FILE),
+                                                 (tls_key_file, ENV_TLS_KEY_FILE))]
+        tls = ClientTLS(*files) if any(files) else None
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = (grpc.secure_channel(target, tls.channel_credentials(), options=_CHANNEL_OPTIONS)
+                         if tls is not None else grpc.insecure_channel(target, options=_CHANNEL_OPTIONS))
         self._stub = pb_grpc.CacheServiceStub(self._channel)
         # Fetch with chunk messages as raw bytes (see wire.decode_chunk), not parsed protobuf.
         self._fetch_raw = self._channel.unary_stream(
             wire.FETCH_METHOD, request_serializer=pb.FetchRequest.SerializeToString, response_deserializer=None)
         host = dataport.data_host(target) if data_port else None
-        self._data = dataport.DataConnections(host, timeout_s) if host else None
+        self._data = (dataport.DataConnections(host, timeout_s, token=token or None,
+                                               tls_context=tls.data_port_context if tls else None)
+                      if host else None)
         self._data_paused_until = 0.0  # after an unreachable data port, fetches stream until then
 
     def close(self) -> None:
@@ -110,24 +140,25 @@ class CacheClient(CacheBase):
             for start in range(0, len(view), wire.CHUNK_BYTES):
                 yield pb.PutRequest(chunk=bytes(view[start:start + wire.CHUNK_BYTES]))
 
-        return self._call("put", lambda timeout: self._stub.Put(requests(), timeout=timeout),
+        return self._call("put", lambda timeout: self._stub.Put(requests(), timeout=timeout, metadata=self._metadata),
                           timeout_s=self.transfer_timeout_s)
+
+    def _unary(self, method: str, call: Callable[..., T], request: Message, timeout_s: float) -> T | None:
+        """One unary RPC through `_call`, with this client's credential."""
+        return self._call(method, lambda timeout: call(request, timeout=timeout, metadata=self._metadata),
+                          timeout_s=timeout_s)
 
     def _lookup(self, request: pb.LookupRequest) -> pb.LookupResponse | None:
-        return self._call("lookup", lambda timeout: self._stub.Lookup(request, timeout=timeout),
-                          timeout_s=self.timeout_s)
+        return self._unary("lookup", self._stub.Lookup, request, self.timeout_s)
 
     def _verify(self, request: pb.VerifyRequest) -> pb.VerifyResponse | None:
-        return self._call("verify", lambda timeout: self._stub.Verify(request, timeout=timeout),
-                          timeout_s=self.transfer_timeout_s)
+        return self._unary("verify", self._stub.Verify, request, self.transfer_timeout_s)
 
     def _delete(self, request: pb.DeleteRequest) -> pb.DeleteResponse | None:
-        return self._call("delete", lambda timeout: self._stub.Delete(request, timeout=timeout),
-                          timeout_s=self.timeout_s)
+        return self._unary("delete", self._stub.Delete, request, self.timeout_s)
 
     def _stats(self) -> pb.StatsResponse | None:
-        return self._call("stats", lambda timeout: self._stub.Stats(pb.StatsRequest(), timeout=timeout),
-                          timeout_s=self.timeout_s)
+        return self._unary("stats", self._stub.Stats, pb.StatsRequest(), self.timeout_s)
 
     def _fetch_blob(self, request: pb.FetchRequest, expect: pb.BlobInfo | None) -> Fetched | None:
         """Over the daemon's data port (FetchDirect, client/dataport.py) when it has one; else, or after a
@@ -149,7 +180,7 @@ class CacheClient(CacheBase):
         total_steps = self.namespace.total_steps
 
         def invoke(timeout: float) -> pb.FetchTicket:
-            answer = self._stub.FetchDirect(request, timeout=timeout)
+            answer = self._stub.FetchDirect(request, timeout=timeout, metadata=self._metadata)
             check_ticket(answer, request, total_steps, expect)
             return answer
 
@@ -176,7 +207,7 @@ class CacheClient(CacheBase):
     def _fetch_stream(self, request: pb.FetchRequest, expect: pb.BlobInfo | None, timeout: float) -> Fetched:
         """One attempt of a Fetch stream: the header, then the chunks, read as raw bytes and copied once,
         straight into the result (answers.receive_blob)."""
-        responses = self._fetch_raw(request, timeout=timeout)
+        responses = self._fetch_raw(request, timeout=timeout, metadata=self._metadata)
         try:
             first = next(responses, None)
             if first is None:

@@ -1,13 +1,21 @@
 """The client's side of the daemon's data port (the protocol: daemon/dataport.py).
 
 Connections are opened on first use and kept between fetches, one per fetch in flight, so a
-multi-threaded worker never shares a socket between two transfers.
+multi-threaded worker never shares a socket between two transfers. Each new connection makes its TLS
+handshake (when the client has a TLS context: the daemon's data port uses the gRPC port's
+certificates) and sends its HELLO frame with the client's bearer token before its first ticket.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
+import struct
 import threading
+from collections.abc import Callable
+
+MAGIC = b"FCD1"  # the HELLO frame: the daemon's dataport.MAGIC and HELLO
+HELLO = struct.Struct(">4sH")
 
 
 def data_host(target: str) -> str | None:
@@ -31,10 +39,22 @@ class _Unused(ValueError):
     """The connection closed before a byte came back: the ticket may be unspent."""
 
 
+def hello(token: str | None) -> bytes:
+    """The HELLO frame that starts every data-port connection: who the client is (its bearer token)."""
+    raw = (token or "").encode()
+    return HELLO.pack(MAGIC, len(raw)) + raw
+
+
 class DataConnections:
-    def __init__(self, host: str, connect_timeout_s: float):
+    """Kept connections to one daemon's data port. `tls_context`: the SSLContext in force for a new
+    connection (None: plain TCP); `token`: the bearer token the HELLO frame carries."""
+
+    def __init__(self, host: str, connect_timeout_s: float, *, token: str | None = None,
+                 tls_context: Callable[[], ssl.SSLContext] | None = None):
         self.host = host
         self.connect_timeout_s = connect_timeout_s
+        self._hello = hello(token)
+        self._tls_context = tls_context
         self._port = 0  # the daemon's data port as last announced; kept connections go there
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -63,7 +83,14 @@ class DataConnections:
             conn = socket.create_connection((self.host, port), timeout=self.connect_timeout_s)
         except OSError as exc:
             raise Unreachable(f"cannot connect to the data port {self.host}:{port}: {exc}") from exc
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls_context is not None:
+                conn = self._tls_context().wrap_socket(conn, server_hostname=self.host)
+            conn.sendall(self._hello)
+        except (OSError, ValueError) as exc:  # a failed handshake (ssl.SSLError is an OSError)
+            conn.close()
+            raise Unreachable(f"cannot open a data-port connection to {self.host}:{port}: {exc}") from exc
         return conn
 
     def _receive(self, conn: socket.socket, port: int, ticket: bytes, size: int, timeout_s: float) -> bytearray:

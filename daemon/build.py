@@ -16,7 +16,12 @@ from .store import Store
 def limits_of(config: Config) -> Limits:
     return Limits(config.max_bytes, config.high_watermark, config.low_watermark, config.max_blob_bytes,
                   config.max_vector_dim, config.utility_half_life, config.utility_prior_steps,
-                  config.max_namespaces)
+                  config.max_namespaces, tenant_max_bytes=config.tenant_max_bytes,
+                  tenant_max_namespaces=config.tenant_max_namespaces,
+                  tenant_requests_per_second=config.tenant_requests_per_second,
+                  tenant_request_burst=config.tenant_request_burst,
+                  verify_bytes_per_second=config.verify_bytes_per_second,
+                  metrics_max_namespaces=config.metrics_max_namespaces)
 
 
 def open_cache(config: Config, metrics: Metrics | None = None, index: VectorIndex | None = None) -> Cache:

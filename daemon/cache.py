@@ -10,6 +10,7 @@ and data flows one way, from this module down:
     ledger.py     what is stored: usage, per-namespace totals, the turnover clock, their metrics
     pins.py       entries being read out, which eviction skips
     limits.py     the numbers all of them check against
+    tenants.py    per-tenant limits: request and Verify rates, namespaces, byte quotas, fair shares
     scrub.py      the blob check Verify shares with the background scrubber (which calls back `check_entry`)
 
 This module keeps what spans the store and the index, under one lock. Invariants it keeps:
@@ -25,7 +26,12 @@ This module keeps what spans the store and the index, under one lock. Invariants
 - A lookup or fetch never crosses namespaces: every index search is confined to one namespace and
   every fetch checks the entry's recorded namespace.
 - Stored bytes stay within the budget: crossing the high watermark evicts, in the policy's order, down
-  to the low watermark.
+  to the low watermark. With tenant_max_bytes set, each tenant's bytes stay within its quota the same
+  way, by evicting only its own entries, and the global pass takes from tenants over their fair share
+  first (`_evict_if_needed` has the rule).
+- Every Put, Lookup, Fetch, Delete and Verify of a tenant takes a token of its request bucket before
+  any work, and a Verify its blob's bytes of its Verify budget (tenants.py): past either it is refused
+  (RESOURCE_EXHAUSTED).
 - A pinned entry (being streamed out, or waiting on the data port) is never evicted.
 - A full disk refuses writes, never reads: a Put the store refuses (store.DiskFull) is TooLarge
   (RESOURCE_EXHAUSTED) and makes room, oldest entries first, a share at a time, until the disk would
@@ -49,7 +55,7 @@ from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import wire
 
 from . import scrub, validate
-from .entries import NamespaceKey, Usage, entry_id
+from .entries import NamespaceKey, Usage, entry_id, record_size
 from .errors import Corrupt, InvalidRequest, NotFound, TooLarge, Unavailable
 from .eviction import EvictionPolicy
 from .index import IndexPoint, VectorIndex
@@ -61,6 +67,7 @@ from .pins import PinnedChunks, Pins
 from .ranking import Ranker, Ranking
 from .steps import StepTable
 from .store import DiskFull, NamespaceInfo, PendingPut, Store, folder_bytes
+from .tenants import TenantLimits, fair_share
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +126,8 @@ class Cache:
         self.metrics = metrics
         self.limits = limits
         self.evictions = 0  # entries evicted since this daemon started
+        self.tenants = TenantLimits(limits)
+        metrics.namespace_labels.set_limit(limits.metrics_max_namespaces)
         # Guards the ledger and keeps each compound step (check, store, index, ledger) whole.
         self._lock = threading.RLock()
         self._ledger = Ledger(policy, metrics, limits)
@@ -164,8 +173,9 @@ class Cache:
             ns_key = NamespaceKey.of(header.namespace).key
             if usage is None:  # the rare path that needs the vectors (a new usage counts their bytes)
                 header.vectors.CopyFrom(self.store.vectors(eid))
-            ledger.restore(eid, ns_key, usage or ledger.new_usage(header, time.time()))
+            ledger.restore(eid, ns_key, usage or ledger.new_usage(header, time.time()), header.namespace.tenant)
             stored.setdefault(ns_key, set()).add(eid)
+        ledger.finish_restore()
         with self._lock:
             self._unreconciled = stored
             # Index points of a namespace the store never recorded are all orphans, and no call would ever
@@ -173,6 +183,9 @@ class Cache:
             for ns_key in sorted(self._indexed_namespaces - namespaces.keys()):
                 self._reconcile(ns_key)
         self.metrics.namespaces.set(ledger.namespace_count)
+        with self._lock:
+            for tenant in sorted(ledger.tenant_holdings()):  # tenant_max_bytes may have been lowered
+                self._evict_tenant(tenant)
         self._evict_if_needed()
         with self._lock:
             self._make_room(0)
@@ -252,11 +265,15 @@ class Cache:
     # ---- put ----
     def begin_put(self, header: pb.PutHeader) -> PutSession:
         ns = validate.namespace_of(header)
+        tenant = header.namespace.tenant
+        self.tenants.request(tenant)
         known = self._ledger.namespace(ns.key)
         validate.put_header(header, known.dim if known else None, self.limits)
+        self.tenants.entry_fits(record_size(header), tenant)
         if known is None:
             validate.new_namespace(ns, self._ledger.namespace_count, self.limits)
-        eid = entry_id(ns, header.prompt, header.blob)
+            self.tenants.new_namespace(ns, tenant, self._ledger.tenant_namespace_count(tenant))
+        eid = entry_id(ns, header.prompt, header.blob, header.writer)
         with self._lock:
             existing = eid in self._ledger
         return PutSession(self, header, ns, eid, existing)
@@ -264,6 +281,7 @@ class Cache:
     def _commit(self, session: PutSession, pending: PendingPut) -> pb.PutResponse:
         """Store the received entry, then index it; count it only once both hold it."""
         header, ns, eid = session.header, session.ns, session.entry_id
+        tenant = header.namespace.tenant
         vectors = validate.vectors(header.vectors, None, self.limits.max_vector_dim)
         with self.store.room_for(header.blob.size) as over, self._lock:
             if eid in self._ledger:
@@ -274,6 +292,7 @@ class Cache:
                                      f"this namespace uses {known.dim}")
             if known is None:  # checked by begin_put too, but other first Puts may have come in since
                 validate.new_namespace(ns, self._ledger.namespace_count, self.limits)
+                self.tenants.new_namespace(ns, tenant, self._ledger.tenant_namespace_count(tenant))
             self._ensure_reconciled(ns.key)
             new_ns = None if known else NamespaceInfo(ns.key, ns.name, int(vectors["full"].size))
             usage = self._ledger.new_usage(header, time.time())
@@ -289,10 +308,11 @@ class Cache:
                 self.store.delete(eid)  # never leave an entry that lookups cannot find
                 log.exception("index upsert failed; put of %s rolled back", eid)
                 raise Unavailable(f"vector index unavailable: {exc}") from exc
-            self._ledger.admit(eid, ns.key, usage, new_ns)
+            self._ledger.admit(eid, ns.key, usage, new_ns, tenant)
             if new_ns is not None:
                 self.metrics.namespaces.set(self._ledger.namespace_count)
-            self._evict_if_needed()
+            self._evict_tenant(tenant)
+            self._evict_if_needed(tenant)
             if over:  # compaction did not catch up within the put's wait: give it fewer entries to keep
                 self._make_room(over)
         self.metrics.payload.labels("Put").observe(header.blob.size)
@@ -301,6 +321,7 @@ class Cache:
     # ---- lookup ----
     def lookup(self, request: pb.LookupRequest) -> pb.LookupResponse:
         ns = validate.namespace_of(request)
+        self.tenants.request(request.namespace.tenant)
         known = self._ledger.namespace(ns.key)
         query = validate.lookup_query(request, ns, known.dim if known else None, self.limits.max_vector_dim)
         if known is not None:
@@ -311,9 +332,10 @@ class Cache:
                 ranking = self._ranker.rank(query)
         else:
             ranking = Ranking.miss("unknown_namespace")
-        self.metrics.lookups.labels(ns.name, ranking.result).inc()
+        label = self._ledger.metric_label(ns.key)  # "_other" for a namespace the daemon does not hold
+        self.metrics.lookups.labels(label, ranking.result).inc()
         if ranking.result == "miss":
-            self.metrics.misses.labels(ns.name, ranking.miss_reason).inc()
+            self.metrics.misses.labels(label, ranking.miss_reason).inc()
             return pb.LookupResponse(miss_reason=ranking.miss_reason)
         return pb.LookupResponse(candidates=ranking.candidates)
 
@@ -322,11 +344,12 @@ class Cache:
         """The entry's header and its chunks, the fetch credited to the entry. The entry stays pinned
         until the chunks are exhausted or closed."""
         ns, eid, role = validate.fetch_request(request)
+        self.tenants.request(request.namespace.tenant)
         with self._lock:
             if not self._ledger.holds(eid, ns.key):
                 raise NotFound(f"no entry {eid} in namespace {ns.name}")
             self._pins.pin(eid)
-            usage = self._ledger.record_fetch(eid, ns.name, role, request.granted_steps, time.time())
+            usage = self._ledger.record_fetch(eid, role, request.granted_steps, time.time())
         try:
             header = self.store.record(eid)
             if header is None:
@@ -353,6 +376,7 @@ class Cache:
     # ---- delete and evict ----
     def delete(self, request: pb.DeleteRequest) -> bool:
         ns, eid = validate.addressed(request)
+        self.tenants.request(request.namespace.tenant)
         with self._lock:
             if not self._ledger.holds(eid, ns.key):
                 return False
@@ -363,8 +387,17 @@ class Cache:
         return True
 
     def verify(self, request: pb.VerifyRequest) -> pb.VerifyResponse:
-        """Re-read an entry with every check on; delete it if its bytes are not what was stored."""
+        """Re-read an entry with every check on; delete it if its bytes are not what was stored. The
+        tenant pays a request token, then the blob's bytes of its Verify budget (verify_bytes_per_second)
+        before anything is read: past either, Refused."""
         ns, eid = validate.addressed(request)
+        tenant = request.namespace.tenant
+        self.tenants.request(tenant)
+        with self._lock:
+            usage = self._ledger.usage(eid) if self._ledger.holds(eid, ns.key) else None
+        if usage is None:
+            raise NotFound(f"no entry {eid} in namespace {ns.name}")
+        self.tenants.verify_bytes(tenant, usage.blob_size)
         answer = self.check_entry(eid, ns, found_by="client")
         if answer is None:
             raise NotFound(f"no entry {eid} in namespace {ns.name}")
@@ -417,21 +450,86 @@ class Cache:
                     log.exception("index delete failed for %d entries; they will be reconciled", len(group))
         return freed
 
-    def _evict_if_needed(self) -> None:
+    def _evict_tenant(self, tenant: str) -> None:
+        """Per-tenant quota (tenant_max_bytes; off at 0): a tenant holding more than high_watermark of it
+        evicts its own entries, in the policy's order among them, down to low_watermark of it, so one
+        tenant filling the cache evicts only its own entries. Called under the lock, after a Put of the
+        tenant (and at startup for every tenant, in case the quota was lowered)."""
+        held = self._ledger.tenant_bytes(tenant)
+        if not self.tenants.over_quota(held):
+            return
+        victims = self._take(self.policy.victims(among=self._ledger.tenant_entries(tenant)), held,
+                             self.tenants.quota_target())
+        if victims:
+            done = len(victims)
+            self._evict(victims, f"tenant {tenant!r} over tenant_max_bytes ({self.limits.tenant_max_bytes})")
+            self.metrics.tenant_evictions.inc(done - sum(1 for eid in victims if eid in self._ledger))
+
+    def _take(self, ranked: list[str], held: int, target: float) -> list[str]:
+        """The first of `ranked` (skipping pinned entries) whose bytes take `held` down to `target`."""
+        victims = []
+        for eid in ranked:
+            if held <= target:
+                break
+            if eid in self._pins:  # being read out
+                continue
+            victims.append(eid)
+            held -= self._ledger.size_of(eid)
+        return victims
+
+    def _evict_if_needed(self, tenant: str | None = None) -> None:
+        """The global budget: crossing high_watermark x max_bytes evicts down to low_watermark x max_bytes.
+
+        Without tenant quotas (tenant_max_bytes = 0), in the policy's order over every entry. With them,
+        victims are taken in tiers, each in the policy's order among its entries, until the target holds:
+
+        1. the entries of `tenant`, whose Put crossed the budget, while it holds more than its fair share;
+        2. the entries of every tenant holding more than its fair share, each while it still does;
+        3. any entry (reached only when pinned entries kept the tiers above from reaching the target).
+
+        A tenant's fair share is the max-min fair share of the target among the tenants holding entries
+        (tenants.fair_share: a tenant holding less leaves the rest of its share to the others). So a
+        tenant holding no more than its fair share never loses an entry to a global pass while any
+        tenant over its share has an entry to evict, and the tenant filling the cache pays first.
+        Sizing quotas so that their sum over the tenants is at most low_watermark x max_bytes means no
+        global pass ever runs: then no tenant within its quota loses an entry because of another
+        (docs/security.md, "Per-tenant limits"). Called under the lock."""
         limits = self.limits
         total = self._ledger.total_bytes
         if total <= limits.max_bytes * limits.high_watermark:
             return
         target = limits.max_bytes * limits.low_watermark
-        victims, projected = [], total
-        for eid in self.policy.victims():
-            if projected <= target:
-                break
-            if eid in self._pins:  # being read out
-                continue
-            victims.append(eid)
-            projected -= self._ledger.size_of(eid)
-        self._evict(victims, "over the budget")
+        if not limits.tenant_max_bytes:
+            self._evict(self._take(self.policy.victims(), total, target), "over the budget")
+            return
+        ledger = self._ledger
+        held = ledger.tenant_holdings()
+        share = fair_share(held, target)
+        tiers: list[list[str]] = []
+        if tenant is not None and held.get(tenant, 0) > share:
+            tiers.append(self.policy.victims(among=ledger.tenant_entries(tenant)))
+        over = [t for t, size in held.items() if size > share and t != tenant]
+        if over:
+            tiers.append(self.policy.victims(among=[eid for t in over for eid in ledger.tenant_entries(t)]))
+        victims: list[str] = []
+        chosen: set[str] = set()
+        projected = total
+        for ranked in tiers:
+            for eid in ranked:
+                if projected <= target:
+                    break
+                owner = ledger.entry_tenant(eid)
+                if eid in self._pins or held[owner] <= share:
+                    continue
+                size = ledger.size_of(eid)
+                victims.append(eid)
+                chosen.add(eid)
+                held[owner] -= size
+                projected -= size
+        if projected > target:
+            rest = [eid for eid in self.policy.victims() if eid not in chosen]
+            victims += self._take(rest, projected, target)
+        self._evict(victims, "over the budget (tenants over their fair share first)")
 
     def _evict(self, victims: list[str], why: str) -> int:
         """Delete the victims as evictions; the bytes freed. A store that fails a delete (its disk full

@@ -1,6 +1,7 @@
 """`flexcache serve` runs the daemon; `flexcache stats` asks a running one; `flexcache verify` checks a
-stopped one's data folder; `config-table` and `metrics-table` print the README's tables from the code;
-`flexcache --version` names the installed release. Errors end with a sentence and exit code 1 (runtime)
+stopped one's data folder; `flexcache tokens` adds, lists and revokes credentials (the tokens file);
+`config-table` and `metrics-table` print the README's tables from the code; `flexcache --version`
+names the installed release. Errors end with a sentence and exit code 1 (runtime)
 or 2 (configuration); `verify` exits 1 when it finds damage, 2 when it cannot check."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -20,6 +22,9 @@ from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
 
 from . import config as cfg
+
+if TYPE_CHECKING:
+    from .auth import Entry
 
 EXIT_CONFIG, EXIT_RUNTIME = 2, 1
 DISTRIBUTION = "flexcache"
@@ -80,9 +85,19 @@ def _write_port_file(path: Path, ports: dict[str, int | None]) -> None:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.target) as channel:
+    from flexcache.client.tls import ClientTLS, ClientTLSError
+
+    try:
+        files = (args.tls_ca_file, args.tls_cert_file, args.tls_key_file)
+        channel = (grpc.secure_channel(args.target, ClientTLS(*files).channel_credentials()) if any(files)
+                   else grpc.insecure_channel(args.target))
+    except ClientTLSError as exc:
+        print(f"flexcache stats: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    metadata = (("authorization", f"Bearer {args.token.strip()}"),) if args.token.strip() else ()
+    with channel:
         try:
-            stats = pb_grpc.CacheServiceStub(channel).Stats(pb.StatsRequest(), timeout=args.timeout)
+            stats = pb_grpc.CacheServiceStub(channel).Stats(pb.StatsRequest(), timeout=args.timeout, metadata=metadata)
         except grpc.RpcError as exc:
             print(f"flexcache stats: {args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return EXIT_RUNTIME
@@ -142,6 +157,72 @@ def _verify(args: argparse.Namespace) -> int:
     return EXIT_RUNTIME if damaged or lost else 0
 
 
+def _tokens(args: argparse.Namespace) -> int:
+    """`flexcache tokens add|list|revoke`: the tokens file (auth_tokens_file). `add` prints the new token
+    alone on stdout (TOKEN=$(flexcache tokens add ...)), its id on stderr; `--certificate CN` binds a
+    client-certificate identity instead and prints nothing secret. Exit 2 for an unusable file or
+    argument, 1 when `revoke` finds nothing to revoke."""
+    name = f"flexcache tokens {args.action}"
+    try:
+        from . import auth  # imported here: needs yaml (the daemon extra), not RocksDB or Qdrant
+    except ModuleNotFoundError as exc:
+        print(f"{name}: {exc.name} is not installed; tokens need the 'daemon' extra: "
+              "pip install 'flexcache[daemon]'", file=sys.stderr)
+        return EXIT_CONFIG
+    path = args.file or os.environ.get("FLEXCACHE_AUTH_TOKENS_FILE", "")
+    if not path:
+        print(f"{name}: name the tokens file with --file PATH (or FLEXCACHE_AUTH_TOKENS_FILE)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        if args.action == "add":
+            if args.tenant is None and not args.admin:
+                print(f"{name}: --tenant NAME is required (only an --admin credential may have none)",
+                      file=sys.stderr)
+                return EXIT_CONFIG
+            tenant = args.tenant or ""
+            if args.certificate is not None:
+                cert = auth.add_certificate(path, args.certificate, tenant, admin=args.admin)
+                print(f"certificate CN {cert.cn!r} bound to {_bound(cert)} in {path}")
+                return 0
+            token, entry = auth.add_token(path, tenant, admin=args.admin)
+            print(f"token {entry.id} for {_bound(entry)} written to {path}; it is shown only once",
+                  file=sys.stderr)
+            print(token, flush=True)
+            return 0
+        if args.action == "list":
+            entries = auth.list_entries(path)
+            if args.json:
+                print(json.dumps([_listed(e) for e in entries], indent=2))
+                return 0
+            rows = [("KIND", "ID", "TENANT", "ADMIN", "CREATED")]
+            rows += [(r["kind"], r["id"], r["tenant"] or "(all)", "yes" if r["admin"] else "no", r["created"])
+                     for r in map(_listed, entries)]
+            widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+            for row in rows:
+                print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+            return 0
+        if not auth.revoke(path, args.id):
+            print(f"{name}: {path} holds no token id or certificate CN {args.id!r}", file=sys.stderr)
+            return EXIT_RUNTIME
+        print(f"revoked {args.id} in {path}; a running daemon stops accepting it within seconds")
+        return 0
+    except auth.AuthConfigError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _bound(entry: Entry) -> str:
+    if entry.admin:
+        return f"admin (tenant {entry.tenant!r})" if entry.tenant else "admin of every tenant"
+    return f"tenant {entry.tenant!r}"
+
+
+def _listed(entry: Entry) -> dict[str, object]:
+    """One entry as `tokens list` shows it: never its hash."""
+    return {"kind": entry.kind, "id": entry.key, "tenant": entry.tenant, "admin": entry.admin,
+            "created": entry.created}
+
+
 def _metrics_table(args: argparse.Namespace) -> int:
     from .metrics import Metrics
 
@@ -160,10 +241,33 @@ def main(argv: list[str] | None = None) -> int:
     stats.add_argument("--target", default="127.0.0.1:50051", help="Daemon address (host:port).")
     stats.add_argument("--timeout", type=float, default=5.0, help="Seconds to wait for the answer.")
     stats.add_argument("--json", action="store_true", help="Print JSON instead of text.")
+    for flag, env, what in (("--token", "TOKEN", "Bearer token, for a daemon with auth_tokens_file"),
+                            ("--tls-ca-file", "TLS_CA_FILE", "CA of the daemon's certificate (TLS on)"),
+                            ("--tls-cert-file", "TLS_CERT_FILE", "client certificate (mTLS)"),
+                            ("--tls-key-file", "TLS_KEY_FILE", "key of the client certificate")):
+        variable = cfg.CLIENT_ENV_PREFIX + env  # the client library's own variables
+        stats.add_argument(flag, default=os.environ.get(variable, ""), help=f"{what} [env {variable}]")
     stats.set_defaults(run=_stats)
     verify = commands.add_parser("verify", help="Check a stopped daemon's data folder for damaged entries.")
     verify.add_argument("--data-dir", default="./data", help="The daemon's data folder (data_dir).")
     verify.set_defaults(run=_verify)
+    tokens = commands.add_parser("tokens", help="Add, list or revoke credentials in a tokens file (auth_tokens_file).")
+    actions = tokens.add_subparsers(dest="action", required=True)
+    file_help = "The tokens file (auth_tokens_file) [env FLEXCACHE_AUTH_TOKENS_FILE]."
+    add = actions.add_parser("add", help="Create a token bound to a tenant and print it (only it, on stdout).")
+    add.add_argument("--file", default=None, metavar="PATH", help=file_help + " Created if missing.")
+    add.add_argument("--tenant", default=None, metavar="NAME", help="The tenant the credential is bound to.")
+    add.add_argument("--admin", action="store_true",
+                     help="The credential may use and manage every tenant (--tenant is then optional).")
+    add.add_argument("--certificate", default=None, metavar="CN",
+                     help="Bind this mTLS client-certificate subject CN instead of creating a token.")
+    listing = actions.add_parser("list", help="Print the file's tokens and certificate identities (no hashes).")
+    listing.add_argument("--file", default=None, metavar="PATH", help=file_help)
+    listing.add_argument("--json", action="store_true", help="Print JSON instead of text.")
+    revoke = actions.add_parser("revoke", help="Remove a token (by the id `list` shows) or a certificate CN.")
+    revoke.add_argument("--file", default=None, metavar="PATH", help=file_help)
+    revoke.add_argument("id", metavar="ID", help="A token id, or a certificate CN.")
+    tokens.set_defaults(run=_tokens)
     table = commands.add_parser("config-table", help="Print the settings table (markdown, for the README).")
     table.set_defaults(run=lambda args: print(cfg.markdown_table()) or 0)
     metrics = commands.add_parser("metrics-table", help="Print the metrics table (markdown, for the README).")

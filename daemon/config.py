@@ -2,8 +2,9 @@
 
 Precedence, lowest first: the table's defaults, the YAML file (`--config` or FLEXCACHE_CONFIG),
 `FLEXCACHE_*` env vars, command-line flags. A key the table does not know is an error wherever it
-appears, so a typo never silently falls back to a default; the one exception is the names Kubernetes
-gives service-link variables (FLEXCACHE_PORT=tcp://..., FLEXCACHE_SERVICE_HOST, ...), never settings.
+appears, so a typo never silently falls back to a default; the exceptions are the names Kubernetes
+gives service-link variables (FLEXCACHE_PORT=tcp://..., FLEXCACHE_SERVICE_HOST, ...) and the client's
+own variables (FLEXCACHE_CLIENT_*: flexcache.client.CacheClient's token and TLS files), never settings.
 """
 
 from __future__ import annotations
@@ -161,6 +162,25 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_namespaces", int, 10_000,
            "Namespaces the daemon holds (a namespace is created by its first Put); a Put that would create "
            "one more is refused (RESOURCE_EXHAUSTED). Existing namespaces stay if it is lowered."),
+    Option("tenant_max_bytes", parse_size, 0,
+           "Budget bytes one tenant (namespace.tenant) may hold: past high_watermark of it, that tenant's own "
+           "entries are evicted (the policy's order) down to low_watermark of it, never another's; global "
+           "eviction then takes from tenants over their fair share first. 0: no per-tenant limit."),
+    Option("tenant_max_namespaces", int, 0,
+           "Namespaces one tenant may hold; a Put that would create one more for it is refused "
+           "(RESOURCE_EXHAUSTED). 0: no per-tenant limit (max_namespaces still applies)."),
+    Option("tenant_requests_per_second", float, 0.0,
+           "Put, Lookup, Fetch, FetchDirect, Delete and Verify calls per second one tenant may make (a token "
+           "bucket); past it RESOURCE_EXHAUSTED. 0: no limit."),
+    Option("tenant_request_burst", int, 100,
+           "tenant_requests_per_second: the bucket's capacity, the calls a tenant may make at once after a pause."),
+    Option("verify_bytes_per_second", parse_size, "64MiB",
+           "Blob bytes per second one tenant's Verify calls may make the daemon re-read (bursts of one second's "
+           "worth; a larger entry waits for a full budget); past it RESOURCE_EXHAUSTED. 0: no limit."),
+    Option("metrics_max_namespaces", int, 100,
+           "Namespaces whose metric series carry their own namespace label: the first that many to store an "
+           "entry (at a restart, the largest first); the others, and namespaces the daemon does not hold, are "
+           "counted under namespace=\"_other\" (gauges summed). Bounds the series clients can create."),
     Option("data_listen", str, "auto",
            "Data port for FetchDirect (host:port): blobs on a plain TCP connection, faster than a gRPC "
            "stream. 'auto': the host of `listen`, a free port (clients learn it from each answer); "
@@ -193,6 +213,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("port_file", str, "",
            "Once serving, write the ports it got as JSON {\"grpc\", \"data\", \"metrics\"} to this file "
            "(for launchers that pass port 0); empty writes none."),
+    Option("tls_cert_file", str, "",
+           "PEM certificate chain the gRPC port and the data port serve (TLS); re-read when it changes. Needs "
+           "tls_key_file; empty: plain text."),
+    Option("tls_key_file", str, "", "PEM private key of tls_cert_file (unencrypted); re-read when it changes."),
+    Option("tls_client_ca_file", str, "",
+           "PEM CA bundle: clients must present a certificate it signed (mTLS), on both ports; needs "
+           "tls_cert_file and tls_key_file."),
+    Option("auth_tokens_file", str, "",
+           "YAML file of token hashes and certificate identities bound to tenants (`flexcache tokens`); "
+           "re-read when it changes. Empty: no authentication."),
 )
 _BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -228,6 +258,12 @@ class Config:
     max_blob_bytes: int
     max_vector_dim: int
     max_namespaces: int
+    tenant_max_bytes: int
+    tenant_max_namespaces: int
+    tenant_requests_per_second: float
+    tenant_request_burst: int
+    verify_bytes_per_second: int
+    metrics_max_namespaces: int
     data_listen: str
     workers: int
     stream_workers: int
@@ -241,6 +277,10 @@ class Config:
     drain_seconds: float
     log_level: str
     port_file: str
+    tls_cert_file: str
+    tls_key_file: str
+    tls_client_ca_file: str
+    auth_tokens_file: str
 
     @property
     def data_path(self) -> Path:
@@ -283,6 +323,14 @@ def _check(config: Config) -> Config:
         raise ConfigError("workers must be at least 1")
     if config.max_namespaces < 1:
         raise ConfigError("max_namespaces must be at least 1")
+    for name in ("tenant_max_namespaces", "metrics_max_namespaces"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must be at least 0 (0: off), not {getattr(config, name)}")
+    if not 0 <= config.tenant_requests_per_second < float("inf"):
+        raise ConfigError(f"tenant_requests_per_second must be a number of at least 0 (0: off), not "
+                          f"{config.tenant_requests_per_second}")
+    if config.tenant_request_burst < 1:
+        raise ConfigError("tenant_request_burst must be at least 1")
     for name in ("stream_workers", "streams_per_client", "data_connections_per_client"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be at least 1")
@@ -296,9 +344,15 @@ def _check(config: Config) -> Config:
         raise ConfigError(f"scrub_pause_seconds must be at least 0, not {config.scrub_pause_seconds}")
     if config.index_backend == "qdrant" and not (config.qdrant_url or config.qdrant_path):
         raise ConfigError("index_backend=qdrant needs qdrant_url (or qdrant_path for local mode)")
+    if bool(config.tls_cert_file) != bool(config.tls_key_file):
+        raise ConfigError("tls_cert_file and tls_key_file go together: set both (TLS) or neither")
+    if config.tls_client_ca_file and not config.tls_cert_file:
+        raise ConfigError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file: clients verify the "
+                          "daemon's certificate before it asks for theirs")
     return config
 
 
+CLIENT_ENV_PREFIX = "FLEXCACHE_CLIENT_"  # the client's variables (client/client.py), which a pod may set for both
 _SERVICE_LINK = re.compile(
     r"FLEXCACHE\w*?(_SERVICE_HOST|_SERVICE_PORT(_\w+)?|_PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)"
 )
@@ -344,7 +398,8 @@ def resolve(
         values[key] = _parse(_BY_NAME[key], raw, "config file")
     known_env = {o.env for o in OPTIONS} | {CONFIG_FILE.env}
     for key, raw in env.items():
-        if key.startswith("FLEXCACHE_") and key not in known_env and not _is_service_link(key, raw):
+        if (key.startswith("FLEXCACHE_") and key not in known_env and not key.startswith(CLIENT_ENV_PREFIX)
+                and not _is_service_link(key, raw)):
             raise ConfigError(f"environment: unknown setting {key}")
     for option in OPTIONS:
         if option.env in env:

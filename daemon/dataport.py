@@ -5,24 +5,28 @@ several copies, which leaves a Fetch stream behind a Redis GET of the same blob 
 docs/bench_daemon.md). The data port carries the bytes as Redis does, on a TCP connection, while
 gRPC keeps everything else (validation, accounting, status codes):
 
-1. the client calls FetchDirect; the daemon checks the request, pins the entry and answers with the
-   header, a one-time ticket (16 random bytes) and the data port's number;
-2. the client sends the ticket on a connection to that port, on the host it reached the daemon at
-   (connections are kept open between fetches);
+1. the client calls FetchDirect; the daemon checks the request and the caller's credential, pins the
+   entry and answers with the header, a one-time ticket (16 random bytes) and the data port's number;
+2. the client opens a connection to that port, on the host it reached the daemon at (TLS with the
+   gRPC port's certificates when the daemon has them), and says who it is: the HELLO frame, MAGIC
+   then a 2-byte big-endian length and the bearer token it sends gRPC (length 0 without auth); then
+   it sends the ticket (connections are kept open between fetches, one HELLO each);
 3. the daemon writes exactly blob.size bytes back, and the client verifies the checksum as for a
    stream.
 
-A ticket is good for one transfer within TICKET_TTL_S; an unknown or expired ticket, or any failure,
-closes the connection, and the client fetches the stream instead. The ticket is the only credential,
-as the gRPC channel has none either: run both on a private network (k8s/ does). An unclaimed ticket
-unpins its entry when it expires, so a client that vanishes cannot hold an entry against eviction.
+A ticket is good for one transfer within TICKET_TTL_S, and only on a connection of the caller it was
+issued to (access.Access identifies the HELLO's token or the connection's client certificate as it
+identifies a gRPC call: the same `Identity.writer`); an unknown, expired or someone else's ticket, an
+unknown credential, or any failure closes the connection, and the client fetches the stream
+instead. An unclaimed ticket unpins its entry when it expires, so a client that vanishes cannot hold
+an entry against eviction.
 
-No client can hold the port against the others: a connection that brings no whole ticket within
-`idle_s` (kept between fetches, or sending a ticket a byte at a time) is closed, and the client simply
-reconnects for its next fetch; one client address has at most `per_client` connections open (more
-are closed at once, and that fetch streams instead); a transfer whose reader takes no bytes for
-`stall_s`, or that runs `max_s` in all, is dropped. Each connection has a thread, waiting only within
-those bounds.
+No client can hold the port against the others: a connection that completes no TLS handshake, HELLO
+or whole ticket within `idle_s` (kept between fetches, or sending a ticket a byte at a time) is
+closed, and the client simply reconnects for its next fetch; one client address has at most
+`per_client` connections open (more are closed at once, and that fetch streams instead); a transfer
+whose reader takes no bytes for `stall_s`, or that runs `max_s` in all, is dropped. Each connection
+has a thread, waiting only within those bounds.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
+import ssl
+import struct
 import threading
 import time
 from collections import Counter
@@ -38,8 +44,16 @@ from contextlib import closing, suppress
 from dataclasses import dataclass
 from typing import Protocol
 
+from .access import OPEN, Access
+from .auth import Identity
+from .errors import Unauthenticated
+from .tls import peer_common_name
+
 log = logging.getLogger(__name__)
 
+MAGIC = b"FCD1"  # a HELLO frame: MAGIC, a 2-byte big-endian token length, the token (UTF-8)
+HELLO = struct.Struct(">4sH")
+MAX_TOKEN_BYTES = 4096
 TICKET_BYTES = 16
 TICKET_TTL_S = 30.0
 IDLE_S = 5.0  # a connection bringing no whole ticket for this long is closed (data_idle_seconds)
@@ -60,20 +74,26 @@ class _Transfer:
     chunks: Chunks
     size: int
     expires: float
+    owner: str  # Identity.writer of the caller it was issued to
 
 
 class DataPort:
     """Listens on `address` (host:port, port 0 picks one); `port` is the one it got. `count` is told
     each ticket's outcome: sent, expired, failed or refused; `count_connection` each connection's:
-    accepted, client_share or full (closed at once), idle_closed (the daemon's metrics). `warn(client,
-    kind, message, *args)` logs a client's refused connections (guard.PeerLog.warn: rate-limited)."""
+    accepted, client_share or full (closed at once), idle_closed, unauthenticated (the daemon's metrics).
+    `warn(client, kind, message, *args)` logs a client's refused connections (guard.PeerLog.warn:
+    rate-limited). `access` identifies each connection's caller (default: auth off); `tls_context`
+    gives the SSLContext in force for a new connection (None: plain TCP)."""
 
     def __init__(self, address: str, ticket_ttl_s: float = TICKET_TTL_S,
                  count: Callable[[str], None] = lambda outcome: None, *, idle_s: float = IDLE_S,
                  stall_s: float = STALL_S, max_s: float = MAX_S, per_client: int = PER_CLIENT,
                  count_connection: Callable[[str], None] = lambda outcome: None,
-                 warn: Callable[..., object] = lambda client, kind, message, *args: None):
+                 warn: Callable[..., object] = lambda client, kind, message, *args: None,
+                 access: Access | None = None, tls_context: Callable[[], ssl.SSLContext] | None = None):
         self.ticket_ttl_s = ticket_ttl_s
+        self._access = access or Access(None)
+        self._tls_context = tls_context
         self.idle_s, self.stall_s, self.max_s, self.per_client = idle_s, stall_s, max_s, per_client
         self._count = count
         self._count_connection = count_connection
@@ -107,14 +127,15 @@ class DataPort:
         with self._lock:
             return len(self._connections)
 
-    def issue(self, chunks: Chunks, size: int) -> bytes:
-        """A ticket for one transfer of `chunks` (`size` bytes in all); the port now owns `chunks`."""
+    def issue(self, chunks: Chunks, size: int, owner: str = OPEN.writer) -> bytes:
+        """A ticket for one transfer of `chunks` (`size` bytes in all), redeemable only on a connection
+        whose caller's Identity.writer is `owner`; the port now owns `chunks`."""
         ticket = secrets.token_bytes(TICKET_BYTES)
         with self._lock:
             if self._stopping.is_set():
                 chunks.close()
                 raise OSError("data port is shutting down")
-            self._tickets[ticket] = _Transfer(chunks, size, time.monotonic() + self.ticket_ttl_s)
+            self._tickets[ticket] = _Transfer(chunks, size, time.monotonic() + self.ticket_ttl_s, owner)
         return ticket
 
     def stop(self, grace_s: float) -> None:
@@ -191,9 +212,14 @@ class DataPort:
             transfer.chunks.close()
             self._count("expired")
 
-    def _take(self, ticket: bytes) -> _Transfer | None:
+    def _take(self, ticket: bytes, who: Identity) -> _Transfer | None:
+        """The ticket's transfer, if `who` may redeem it; someone else's ticket stays for its owner."""
         with self._lock:
-            transfer = self._tickets.pop(ticket, None)
+            transfer = self._tickets.get(ticket)
+            if transfer is not None and transfer.owner == who.writer:
+                del self._tickets[ticket]
+            else:
+                transfer = None
         if transfer is None:
             self._count("refused")
         elif transfer.expires < time.monotonic():
@@ -203,25 +229,34 @@ class DataPort:
         return transfer
 
     def _serve(self, conn: socket.socket, client: str) -> None:
-        """One client connection: ticket in, blob out, until the client closes it, brings no whole ticket
-        within idle_s, or something fails."""
+        """One client connection: TLS and HELLO, then ticket in, blob out, until the client closes it,
+        brings no whole ticket within idle_s, or something fails."""
+        link = conn  # the TLS session over `conn`, once there is one
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                link = self._secure(conn)
+                who = self._hello(link, client)
+            except TimeoutError:
+                self._count_connection("idle_closed")
+                return
+            if who is None:
+                return
             while not self._stopping.is_set():
                 try:
-                    ticket = _recv_exactly(conn, TICKET_BYTES, time.monotonic() + self.idle_s)
+                    ticket = _recv_exactly(link, TICKET_BYTES, time.monotonic() + self.idle_s)
                 except TimeoutError:
                     self._count_connection("idle_closed")
                     return
                 if ticket is None:
                     return  # closed by the client
-                transfer = self._take(ticket)
+                transfer = self._take(ticket, who)
                 if transfer is None:
-                    return  # a ticket we do not hold (any more): the client streams instead
-                if not self._send(conn, transfer):
+                    return  # a ticket we do not hold (any more), or not this caller's: the client streams instead
+                if not self._send(link, transfer):
                     return
         except OSError:
-            pass  # the client went away, or the daemon is stopping
+            pass  # the client went away, a TLS handshake failed, or the daemon is stopping
         finally:
             with self._lock:
                 self._connections.discard(conn)
@@ -229,7 +264,43 @@ class DataPort:
                 if self._per_client[client] <= 0:
                     del self._per_client[client]
                 self._threads.discard(threading.current_thread())
+            link.close()
             conn.close()
+
+    def _secure(self, conn: socket.socket) -> socket.socket:
+        """The connection after a TLS handshake within idle_s (the certificates in force now), or as it
+        is without TLS. A failed handshake raises OSError (ssl.SSLError): the connection closes."""
+        if self._tls_context is None:
+            return conn
+        conn.settimeout(self.idle_s)
+        secured = self._tls_context().wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        secured.do_handshake()
+        return secured
+
+    def _hello(self, conn: socket.socket, client: str) -> Identity | None:
+        """The caller, from the connection's HELLO frame (and its client certificate); None when the
+        connection closes or brings something else, or the credential is refused (counted, warned)."""
+        deadline = time.monotonic() + self.idle_s
+        head = _recv_exactly(conn, HELLO.size, deadline)
+        if head is None:
+            return None
+        magic, length = HELLO.unpack(head)
+        if magic != MAGIC or length > MAX_TOKEN_BYTES:
+            self._count_connection("unauthenticated")
+            self._warn(client, "data port hello", "data port connection closed: it did not start with a HELLO "
+                       "frame (a client older than this daemon?)")
+            return None
+        raw = _recv_exactly(conn, length, deadline) if length else b""
+        if raw is None:
+            return None
+        token = raw.decode("utf-8", "replace") if raw else None
+        cn = peer_common_name(conn) if isinstance(conn, ssl.SSLSocket) else None
+        try:
+            return self._access.identify(token, cn)
+        except Unauthenticated as exc:
+            self._count_connection("unauthenticated")
+            self._warn(client, "data port unauthenticated", "data port connection refused: %s", exc)
+            return None
 
     def _send(self, conn: socket.socket, transfer: _Transfer) -> bool:
         """Write the ticket's blob; False (the connection must close) if it could not be sent whole: the

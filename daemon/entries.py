@@ -44,10 +44,16 @@ class NamespaceKey:
         return cls(name=name, key=hashlib.sha256(b"flexcache.ns.v1\0" + canonical).hexdigest()[:32])
 
 
-def entry_id(ns: NamespaceKey, prompt: str, blob: pb.BlobInfo) -> str:
-    """Content address of an entry: the same latent put twice for the same prompt is one entry."""
+def entry_id(ns: NamespaceKey, prompt: str, blob: pb.BlobInfo, writer: str = "") -> str:
+    """Content address of an entry: the same latent put twice for the same prompt is one entry. With
+    auth on, the writer (PutHeader.writer) is part of it: two credentials storing the same content
+    make two entries, so no writer can pre-empt another's entry (which, stored first under a
+    hostile writer, a lookup restricted to trusted writers would then skip)."""
     digest = hashlib.sha256(b"flexcache.entry.v1\0")
-    for part in (ns.key.encode(), prompt.encode(), blob.SerializeToString(deterministic=True)):
+    parts = [ns.key.encode(), prompt.encode(), blob.SerializeToString(deterministic=True)]
+    if writer:  # entries stored without auth keep the ids they always had
+        parts.append(writer.encode())
+    for part in parts:
         digest.update(struct.pack(">Q", len(part)))
         digest.update(part)
     return digest.hexdigest()

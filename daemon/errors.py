@@ -45,3 +45,15 @@ class WrongPath(CacheError):
     """The call cannot be served this way, another call can."""
 
     code = "FAILED_PRECONDITION"
+
+
+class Unauthenticated(CacheError):
+    """Auth is on and the call brings no credential the daemon knows (none, unknown or revoked)."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(CacheError):
+    """The caller's credential does not cover what the call names (another tenant's namespace)."""
+
+    code = "PERMISSION_DENIED"

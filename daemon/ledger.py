@@ -11,7 +11,14 @@ Contract:
   entry the ledger tracks is registered with the policy, and forgotten by it when removed, so the
   policy never needs telling about a hit.
 - Every change is published as it happens: the per-namespace gauges when an entry comes or goes, the
-  hit and step counters when a fetch is credited.
+  hit and step counters when a fetch is credited. Their namespace label is the namespace's label
+  (metrics.NamespaceLabels, assigned as the namespace comes to hold entries, the largest first at
+  startup, `finish_restore`); a gauge's value under a label is the sum over every namespace with that
+  label, so "_other" sums the namespaces without a label of their own.
+- It keeps what the per-tenant limits need (tenants.py): each namespace's tenant, a tenant's entries,
+  bytes and namespaces. A namespace's tenant comes from its entries' records (`namespace.tenant`); a
+  stored namespace with no entry left only has its name, whose first "/"-separated part is taken for
+  its tenant (exact unless the tenant's name holds a "/").
 - It touches neither the store nor the index, so none of its methods can fail half-way, and it has
   no lock of its own: the cache calls it under its lock.
 """
@@ -19,13 +26,14 @@ Contract:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Set
 
 from flexcache.v1 import cache_pb2 as pb
 
 from .entries import Usage, record_size
 from .eviction import EvictionPolicy
 from .limits import Limits
-from .metrics import Metrics
+from .metrics import OTHER, Metrics
 from .store import NamespaceInfo
 
 # How much of a composed latent each donor supplies: the share of a fetch's steps its entry is credited.
@@ -44,6 +52,16 @@ class Ledger:
         self._ns_bytes: Counter[str] = Counter()
         self._ns_blob_bytes: Counter[str] = Counter()
         self.total_bytes = 0  # what the budget counts: entries.record_size of every entry
+        # Metric labels: namespace key -> its label, and the gauges' totals by label.
+        self._ns_label: dict[str, str] = {}
+        self._label_entries: Counter[str] = Counter()
+        self._label_bytes: Counter[str] = Counter()
+        self._label_blob_bytes: Counter[str] = Counter()
+        # Tenants: namespace key -> tenant; by tenant, its entry ids, budget bytes and namespaces.
+        self._ns_tenant: dict[str, str] = {}
+        self._tenant_entries: dict[str, set[str]] = {}
+        self._tenant_bytes: Counter[str] = Counter()
+        self._tenant_namespaces: Counter[str] = Counter()
         # The utility policy's clock, in cache turnovers: bytes of new entries / max_bytes. Credit
         # decays as the cache fills with new work, not as seconds pass, so the policy ranks alike at
         # any request rate, and an idle or all-hits cache, whose contents are not being replaced,
@@ -55,6 +73,8 @@ class Ledger:
     def restore_namespaces(self, namespaces: dict[str, NamespaceInfo]) -> None:
         """The namespaces the store records (at startup, before any entry is restored)."""
         self._namespaces = dict(namespaces)
+        for key, info in namespaces.items():
+            self._set_tenant(key, info.name.split("/", 1)[0])  # until an entry's record says (module docstring)
 
     def namespace(self, ns_key: str) -> NamespaceInfo | None:
         """The namespace's name and dimension; None until its first entry is stored."""
@@ -63,6 +83,54 @@ class Ledger:
     @property
     def namespace_count(self) -> int:
         return len(self._namespaces)
+
+    def metric_label(self, ns_key: str) -> str:
+        """The namespace label of a namespace's series: its label if it holds one, else "_other" (a
+        namespace the daemon does not hold, named by a lookup). Assigns nothing: safe without the lock."""
+        return self._ns_label.get(ns_key, OTHER)
+
+    def finish_restore(self) -> None:
+        """After `restore`: give the stored namespaces their metric labels, the largest (stored bytes)
+        first, then by name, and publish their gauges."""
+        for key in sorted(self._namespaces, key=lambda k: (-self._ns_bytes[k], self._namespaces[k].name)):
+            self._label(key)
+        self._metrics.aggregated_namespaces.set(len(self._namespaces) - self._metrics.namespace_labels.own)
+
+    # ---- tenants ----
+    def tenant_of(self, ns_key: str) -> str | None:
+        """The tenant of a stored namespace; None for a namespace the daemon does not hold."""
+        return self._ns_tenant.get(ns_key)
+
+    def tenant_bytes(self, tenant: str) -> int:
+        """Budget bytes (entries.record_size) the tenant's entries hold."""
+        return self._tenant_bytes[tenant]
+
+    def tenant_namespace_count(self, tenant: str) -> int:
+        """Namespaces the tenant holds (entries or not: a namespace, once created, stays)."""
+        return self._tenant_namespaces[tenant]
+
+    def tenant_entries(self, tenant: str) -> Set[str]:
+        """The ids of the tenant's tracked entries: a live view, read it before deleting any."""
+        return self._tenant_entries.get(tenant, frozenset())
+
+    def tenant_holdings(self) -> dict[str, int]:
+        """Budget bytes by tenant, for every tenant holding entries (a copy)."""
+        return {tenant: self._tenant_bytes[tenant] for tenant in self._tenant_entries}
+
+    def entry_tenant(self, eid: str) -> str:
+        """The tenant of a tracked entry."""
+        return self._ns_tenant[self._entry_ns[eid]]
+
+    def _set_tenant(self, ns_key: str, tenant: str) -> None:
+        old = self._ns_tenant.get(ns_key)
+        if old == tenant:
+            return
+        if old is not None:
+            self._tenant_namespaces[old] -= 1
+            if not self._tenant_namespaces[old]:
+                del self._tenant_namespaces[old]
+        self._ns_tenant[ns_key] = tenant
+        self._tenant_namespaces[tenant] += 1
 
     # ---- entries ----
     def __len__(self) -> int:
@@ -101,17 +169,23 @@ class Ledger:
                          self._limits.utility_half_life)
         return usage
 
-    def restore(self, eid: str, ns_key: str, usage: Usage) -> None:
-        """An entry found in the store at startup. The clock resumes from the newest credit, so credit
-        decays across a restart as if the daemon had run on."""
+    def restore(self, eid: str, ns_key: str, usage: Usage, tenant: str) -> None:
+        """An entry of `tenant` found in the store at startup (the gauges are published by
+        `finish_restore`). The clock resumes from the newest credit, so credit decays across a restart
+        as if the daemon had run on."""
         self.clock = max(self.clock, usage.credit_clock)
+        self._set_tenant(ns_key, tenant)
         self._track(eid, ns_key, usage)
 
-    def admit(self, eid: str, ns_key: str, usage: Usage, new_namespace: NamespaceInfo | None) -> None:
-        """A newly stored entry (store and index both written); `new_namespace` if it is the first of
-        its namespace. The clock advances by the entry's share of the budget."""
+    def admit(self, eid: str, ns_key: str, usage: Usage, new_namespace: NamespaceInfo | None, tenant: str) -> None:
+        """A newly stored entry of `tenant` (store and index both written); `new_namespace` if it is the
+        first of its namespace. The clock advances by the entry's share of the budget."""
         if new_namespace is not None:
             self._namespaces[ns_key] = new_namespace
+        self._set_tenant(ns_key, tenant)
+        self._label(ns_key)
+        if new_namespace is not None:
+            self._metrics.aggregated_namespaces.set(len(self._namespaces) - self._metrics.namespace_labels.own)
         self._track(eid, ns_key, usage)
         self.clock += usage.size / self._limits.max_bytes
 
@@ -120,14 +194,17 @@ class Ledger:
         usage = self._usage.pop(eid)
         ns_key = self._entry_ns.pop(eid)
         self._policy.remove(eid)
-        self._ns_entries[ns_key] -= 1
-        self._ns_bytes[ns_key] -= usage.size
-        self._ns_blob_bytes[ns_key] -= usage.blob_size
+        self._count(ns_key, -1, -usage.size, -usage.blob_size)
+        tenant = self._ns_tenant[ns_key]
+        entries = self._tenant_entries[tenant]
+        entries.discard(eid)
+        self._tenant_bytes[tenant] -= usage.size
+        if not entries:  # memory follows the tenants that hold entries
+            del self._tenant_entries[tenant], self._tenant_bytes[tenant]
         self.total_bytes -= usage.size
-        self._publish(ns_key)
         return usage
 
-    def record_fetch(self, eid: str, ns_name: str, role: str | None, granted_steps: int, now: float) -> Usage:
+    def record_fetch(self, eid: str, role: str | None, granted_steps: int, now: float) -> Usage:
         """A fetch of a tracked entry: its last access, and when it serves a role at granted steps, a hit
         and credit for the GPU time it saves (steps x the role's share x seconds per step); the usage,
         for the caller to persist."""
@@ -137,8 +214,9 @@ class Ledger:
             usage.record_hit(role, granted_steps)
             credit = granted_steps * CREDIT_SHARE[role] * usage.step_cost
             usage.add_credit(credit, self.clock, self._limits.utility_half_life)
-            self._metrics.hits.labels(ns_name, role).inc()
-            self._metrics.steps.labels(ns_name, role).inc(granted_steps)
+            label = self.metric_label(self._entry_ns[eid])
+            self._metrics.hits.labels(label, role).inc()
+            self._metrics.steps.labels(label, role).inc(granted_steps)
         return usage
 
     # ---- totals ----
@@ -155,17 +233,42 @@ class Ledger:
         ]
 
     def _track(self, eid: str, ns_key: str, usage: Usage) -> None:
+        """Count an entry whose namespace's tenant is set."""
         self._usage[eid] = usage
         self._entry_ns[eid] = ns_key
         self._policy.add(eid, usage)
-        self._ns_entries[ns_key] += 1
-        self._ns_bytes[ns_key] += usage.size
-        self._ns_blob_bytes[ns_key] += usage.blob_size
+        self._count(ns_key, 1, usage.size, usage.blob_size)
+        tenant = self._ns_tenant[ns_key]
+        self._tenant_entries.setdefault(tenant, set()).add(eid)
+        self._tenant_bytes[tenant] += usage.size
         self.total_bytes += usage.size
-        self._publish(ns_key)
 
-    def _publish(self, ns_key: str) -> None:
-        name = self._namespaces[ns_key].name if ns_key in self._namespaces else ns_key
-        self._metrics.entries.labels(name).set(self._ns_entries[ns_key])
-        self._metrics.bytes.labels(name).set(self._ns_bytes[ns_key])
-        self._metrics.blob_bytes.labels(name).set(self._ns_blob_bytes[ns_key])
+    def _count(self, ns_key: str, entries: int, size: int, blob_size: int) -> None:
+        """Add to a namespace's totals, and to its label's once it has one (then publish them)."""
+        self._ns_entries[ns_key] += entries
+        self._ns_bytes[ns_key] += size
+        self._ns_blob_bytes[ns_key] += blob_size
+        label = self._ns_label.get(ns_key)
+        if label is not None:
+            self._label_entries[label] += entries
+            self._label_bytes[label] += size
+            self._label_blob_bytes[label] += blob_size
+            self._publish(label)
+
+    def _label(self, ns_key: str) -> str:
+        """The namespace's metric label, assigned at its first call (metrics.NamespaceLabels), when its
+        totals so far join its label's."""
+        label = self._ns_label.get(ns_key)
+        if label is None:
+            info = self._namespaces.get(ns_key)
+            label = self._ns_label[ns_key] = self._metrics.namespace_labels.assign(info.name if info else ns_key)
+            self._label_entries[label] += self._ns_entries[ns_key]
+            self._label_bytes[label] += self._ns_bytes[ns_key]
+            self._label_blob_bytes[label] += self._ns_blob_bytes[ns_key]
+            self._publish(label)
+        return label
+
+    def _publish(self, label: str) -> None:
+        self._metrics.entries.labels(label).set(self._label_entries[label])
+        self._metrics.bytes.labels(label).set(self._label_bytes[label])
+        self._metrics.blob_bytes.labels(label).set(self._label_blob_bytes[label])

@@ -1,6 +1,15 @@
-"""Prometheus metrics, served on their own HTTP port. The README's metrics table is generated from here."""
+"""Prometheus metrics, served on their own HTTP port. The README's metrics table is generated from here.
+
+Label values are bounded: a metric's labels come from fixed sets (methods, codes, roles, reasons,
+policies) except the namespace label, whose values are namespace names that any client can make up.
+Every metric with a namespace label takes its value from `NamespaceLabels` (the rule is there), so
+the number of series stays bounded by metrics_max_namespaces whatever clients send. No label or
+log line ever carries prompt text.
+"""
 
 from __future__ import annotations
+
+import threading
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,8 +26,66 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 _SIZE_BUCKETS = tuple(2.0**k for k in range(10, 33, 2))  # 1 KiB .. 4 GiB
 
 
+OTHER = "_other"  # the namespace label value of every namespace without a label of its own
+
+
+class NamespaceLabels:
+    """The namespace label value of every metric with a namespace label.
+
+    Rule: the first `limit` namespaces the cache assigns (`assign`) keep their own name as their label,
+    for the process's lifetime; every other namespace is counted under the single value "_other". The
+    cache assigns a namespace when it comes to hold entries: at startup the stored namespaces, the
+    largest (in stored bytes) first, then each new namespace as its first entry is stored. A namespace
+    that only lookups and fetches name (they create none: made-up names cost nothing) is never
+    assigned, so it is always "_other" (`of`). Why first-come among namespaces that store entries
+    rather than "namespaces of known tenants": the core does not see credentials (the server checks
+    them), and storing is what costs a client something (bytes within tenant_max_bytes, namespaces
+    within tenant_max_namespaces and max_namespaces); at a restart the namespaces holding the most
+    keep their labels.
+
+    A label never changes meaning while the daemon runs (a counter never moves between series), and
+    memory is bounded by `limit` names. Gauges summed under "_other" are the sum over the namespaces
+    it aggregates: the ledger keeps per-label totals (ledger.py). Thread-safe."""
+
+    def __init__(self, limit: int = 100):
+        self._limit = limit
+        self._own: set[str] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def set_limit(self, limit: int) -> None:
+        """metrics_max_namespaces, set once the settings are known (before the cache opens). Names that
+        have their label already keep it."""
+        with self._lock:
+            self._limit = limit
+
+    def assign(self, name: str) -> str:
+        """The label of namespace `name`, which now holds entries: its own name while fewer than
+        `limit` have one, else "_other". The same answer for the same name every time."""
+        with self._lock:
+            if name in self._own:
+                return name
+            if len(self._own) < self._limit:
+                self._own.add(name)
+                return name
+            return OTHER
+
+    def of(self, name: str) -> str:
+        """The label of a namespace without assigning one: its own name if it has one, else "_other"."""
+        return name if name in self._own else OTHER
+
+    @property
+    def own(self) -> int:
+        """Namespaces with a label of their own."""
+        return len(self._own)
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, max_namespaces: int = 100) -> None:
+        self.namespace_labels = NamespaceLabels(max_namespaces)
         self.registry = CollectorRegistry()
         self.described: list[tuple[str, str, tuple[str, ...], str]] = []
         add = self._add
@@ -29,22 +96,29 @@ class Metrics:
         self.payload = add(Histogram, "flexcache_payload_bytes", "Blob bytes per Put or Fetch.", ("method",),
                            buckets=_SIZE_BUCKETS)
         self.lookups = add(Counter, "flexcache_lookups_total",
-                           "Lookups, by namespace and result: hit (whole prompt), composed (object and background "
-                           "donors), partial (one part's donors) or miss.", ("namespace", "result"))
-        self.misses = add(Counter, "flexcache_lookup_misses_total", "Missed lookups, by namespace and reason.",
-                          ("namespace", "reason"))
-        self.hits = add(Counter, "flexcache_hits_total", "Entries served (fetched), by namespace and role.",
-                        ("namespace", "role"))
+                           "Lookups, by namespace (a namespace the daemon does not hold is _other) and result: hit "
+                           "(whole prompt), composed (object and background donors), partial (one part's donors) or "
+                           "miss.", ("namespace", "result"))
+        self.misses = add(Counter, "flexcache_lookup_misses_total",
+                          "Missed lookups, by namespace (or _other) and reason.", ("namespace", "reason"))
+        self.hits = add(Counter, "flexcache_hits_total",
+                        "Entries served (fetched), by namespace (or _other) and role.", ("namespace", "role"))
         self.steps = add(Counter, "flexcache_steps_granted_total",
-                         "Denoising steps that served entries let workers skip, by namespace and role.",
+                         "Denoising steps that served entries let workers skip, by namespace (or _other) and role.",
                          ("namespace", "role"))
-        self.entries = add(Gauge, "flexcache_entries", "Entries stored, by namespace.", ("namespace",))
-        self.bytes = add(Gauge, "flexcache_stored_bytes", "Bytes stored (blobs and records), by namespace.",
-                         ("namespace",))
+        self.entries = add(Gauge, "flexcache_entries",
+                           "Entries stored, by namespace (_other: the sum over the namespaces without a label of "
+                           "their own, metrics_max_namespaces).", ("namespace",))
+        self.bytes = add(Gauge, "flexcache_stored_bytes",
+                         "Bytes stored (blobs and records), by namespace (or _other, summed).", ("namespace",))
         self.blob_bytes = add(Gauge, "flexcache_stored_blob_bytes",
-                              "Latent blob bytes stored (as sent: compressed or not), by namespace.", ("namespace",))
+                              "Latent blob bytes stored (as sent: compressed or not), by namespace (or _other, "
+                              "summed).", ("namespace",))
         self.max_bytes = add(Gauge, "flexcache_max_bytes", "The configured byte budget.")
         self.evictions = add(Counter, "flexcache_evictions_total", "Entries evicted, by policy.", ("policy",))
+        self.tenant_evictions = add(Counter, "flexcache_tenant_evictions_total",
+                                    "Entries evicted because their tenant held more than tenant_max_bytes (counted "
+                                    "in flexcache_evictions_total too).")
         self.evicted_bytes = add(Counter, "flexcache_evicted_bytes_total", "Bytes evicted, by policy.",
                                  ("policy",))
         self.data_transfers = add(Counter, "flexcache_data_port_transfers_total",
@@ -78,6 +152,9 @@ class Metrics:
                               "(reindexed).", ("action",))
         self.namespaces = add(Gauge, "flexcache_namespaces",
                               "Namespaces the daemon holds (created by their first Put; at most max_namespaces).")
+        self.aggregated_namespaces = add(Gauge, "flexcache_aggregated_namespaces",
+                                    "Namespaces the daemon holds whose series are counted under namespace=\"_other\": "
+                                    "those past the first metrics_max_namespaces, which keep a label of their own.")
         self.open_shards = add(Gauge, "flexcache_index_open_shards",
                                "Embedded index shards open now (each holds a search thread and its vectors in "
                                "memory; past a fixed number the least recently used idle one is closed).")
@@ -93,9 +170,13 @@ class Metrics:
                              "Calls the daemon cancelled, by method and reason: idle (waited stream_idle_seconds on "
                              "the client) or too_long (ran stream_max_seconds).", ("method", "reason"))
         self.calls_refused = add(Counter, "flexcache_calls_refused_total",
-                                 "Calls refused before any work (RESOURCE_EXHAUSTED), by method and reason: "
-                                 "client_streams (the address has streams_per_client streams open) or put_buffer "
-                                 "(put_buffer_bytes, or one address's half of it, is taken).", ("method", "reason"))
+                                 "Calls refused before any work, by method and reason: unauthenticated or "
+                                 "permission_denied (auth_tokens_file: no known credential, or another tenant's "
+                                 "namespace), and RESOURCE_EXHAUSTED ones: "
+                                 "client_streams (the address has streams_per_client streams open), put_buffer "
+                                 "(put_buffer_bytes, or one address's half of it, is taken), tenant_requests (the "
+                                 "tenant is past tenant_requests_per_second) or verify_bytes (the tenant's Verify "
+                                 "calls are past verify_bytes_per_second).", ("method", "reason"))
         self.open_streams = add(Gauge, "flexcache_open_streams",
                                 "Streams in progress (Put, Fetch, health Watch, reflection).")
         self.put_buffer = add(Gauge, "flexcache_put_buffer_bytes",
@@ -103,8 +184,10 @@ class Metrics:
         self.data_connections = add(Counter, "flexcache_data_port_connections_total",
                                     "Data-port connections, by outcome: accepted, client_share (closed at once: the "
                                     "address had data_connections_per_client open), full (closed at once: the port "
-                                    "had its maximum open) or idle_closed (no whole ticket within "
-                                    "data_idle_seconds).", ("outcome",))
+                                    "had its maximum open), idle_closed (no TLS handshake, HELLO or whole ticket "
+                                    "within data_idle_seconds) or unauthenticated (a HELLO without a known "
+                                    "credential).",
+                                    ("outcome",))
         self.data_open = add(Gauge, "flexcache_data_port_open_connections", "Data-port connections open now.")
 
     def _add(self, kind: type, name: str, doc: str, labels: tuple[str, ...] = (), **kwargs: object):

@@ -27,11 +27,15 @@ class DaemonProcess:
 
     Restartable: `start()` after `terminate()` or `kill()` reuses the data folder and the gRPC port
     (the metrics and data ports may change). The daemon's stderr is appended to `log`. `python` is
-    the interpreter whose installed flexcache runs (another virtualenv's, say); by default this one's."""
+    the interpreter whose installed flexcache runs (another virtualenv's, say); by default this one's.
+    For a daemon with TLS (the tls_* settings), the launcher's own health checks and Stats trust
+    `trust_ca` and present `client_cert`/`client_key` (mTLS); with auth on they send `token`."""
 
     def __init__(self, data_dir: Path, *, log: Path | None = None, python: str | Path = sys.executable,
-                 **settings: object):
+                 trust_ca: Path | None = None, client_cert: Path | None = None, client_key: Path | None = None,
+                 token: str | None = None, **settings: object):
         self.data_dir = Path(data_dir)
+        self.trust_ca, self.client_cert, self.client_key, self.token = trust_ca, client_cert, client_key, token
         self.python = str(python)
         self.settings = {"metrics_listen": "127.0.0.1:0", **settings}
         self.log = log or self.data_dir.parent / f"{self.data_dir.name}.log"
@@ -77,10 +81,19 @@ class DaemonProcess:
         self.wait_serving(max(1.0, deadline - time.monotonic()))
         return self
 
+    def channel(self) -> grpc.Channel:
+        """A channel to the daemon as this launcher reaches it: TLS when it trusts a CA."""
+        if self.trust_ca is None:
+            return grpc.insecure_channel(self.target)
+        key, chain = ((Path(self.client_key).read_bytes(), Path(self.client_cert).read_bytes())
+                      if self.client_cert and self.client_key else (None, None))
+        credentials = grpc.ssl_channel_credentials(Path(self.trust_ca).read_bytes(), key, chain)
+        return grpc.secure_channel(self.target, credentials)
+
     def wait_serving(self, timeout: float) -> None:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        with grpc.insecure_channel(self.target) as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -94,8 +107,9 @@ class DaemonProcess:
         raise TimeoutError("daemon did not become SERVING")
 
     def stats(self, timeout: float = 10.0) -> pb.StatsResponse:
-        with grpc.insecure_channel(self.target) as channel:
-            return pb_grpc.CacheServiceStub(channel).Stats(pb.StatsRequest(), timeout=timeout)
+        metadata = (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        with self.channel() as channel:
+            return pb_grpc.CacheServiceStub(channel).Stats(pb.StatsRequest(), timeout=timeout, metadata=metadata)
 
     def cpu_seconds(self) -> float:
         """User + system CPU the daemon has used so far (Linux /proc)."""

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 from flexcache.v1 import cache_pb2 as pb
 
-from .entries import NamespaceKey
 from .index import Neighbor, VectorIndex
 from .steps import StepTable
 from .store import Store
@@ -34,6 +33,7 @@ from .validate import LookupQuery
 # Neighbours searched per candidate wanted: an intermediate latent may grant nothing at a similarity
 # that would grant a clean one steps, so look a little deeper than top_k.
 SEARCH_DEPTH = 5
+WRITER_DEPTH = 4  # and this many times deeper when a lookup accepts only some writers' entries
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ class Ranker:
         self._steps = steps
 
     def rank(self, query: LookupQuery) -> Ranking:
-        neighbors = self._index.search(query.ns.key, "full", query.vectors["full"], limit=query.top_k * SEARCH_DEPTH)
-        whole = self._grantable(query.ns, neighbors, query.total_steps, query.top_k, pb.ROLE_FULL)
+        neighbors = self._index.search(query.ns.key, "full", query.vectors["full"], limit=self._depth(query))
+        whole = self._grantable(query, neighbors, query.top_k, pb.ROLE_FULL)
         if whole:
             return Ranking("hit", whole)
         parts = [role for role in ("object", "background") if role in query.vectors]
@@ -66,9 +66,17 @@ class Ranker:
                 return Ranking("composed" if len(roles) == 2 else "partial", donors)
         return Ranking.miss("below_threshold" if neighbors else "empty_namespace")
 
-    def _grantable(self, ns: NamespaceKey, neighbors: Sequence[Neighbor], total_steps: int, limit: int,
+    @staticmethod
+    def _depth(query: LookupQuery) -> int:
+        """Neighbours to search: deeper when only some writers may answer (the others are skipped after
+        the search, which filters only on the namespace)."""
+        return query.top_k * SEARCH_DEPTH * (WRITER_DEPTH if query.writers else 1)
+
+    def _grantable(self, query: LookupQuery, neighbors: Sequence[Neighbor], limit: int,
                    role: int) -> list[pb.Candidate]:
-        """The neighbours that grant steps in `role`, as at most `limit` candidates, best first."""
+        """The neighbours that grant steps in `role` (stored by one of the query's writers, if it names
+        any), as at most `limit` candidates, best first."""
+        ns, total_steps = query.ns, query.total_steps
         candidates: list[pb.Candidate] = []
         for neighbor in neighbors:  # most similar first
             similarity = min(1.0, max(-1.0, neighbor.similarity))
@@ -81,13 +89,15 @@ class Ranker:
             header = self._store.record(neighbor.entry_id)
             if header is None:  # deleted since it was indexed; the next startup reconciles it
                 continue
+            if query.writers and header.writer not in query.writers:
+                continue
             if header.blob.step:
                 if role != pb.ROLE_FULL:
                     continue
                 granted = header.blob.step if granted >= header.blob.step else 0
             if granted:
                 candidate = pb.Candidate(entry_id=neighbor.entry_id, similarity=similarity, granted_steps=granted,
-                                         role=role, blob=header.blob, prompt=header.prompt)
+                                         role=role, blob=header.blob, prompt=header.prompt, writer=header.writer)
                 if header.HasField("object_mask"):
                     candidate.object_mask.CopyFrom(header.object_mask)
                 candidates.append(candidate)
@@ -101,9 +111,8 @@ class Ranker:
         def part_donors(role: str, enum: int) -> list[pb.Candidate]:
             if role not in query.vectors:
                 return []
-            neighbors = self._index.search(query.ns.key, role, query.vectors[role],
-                                           limit=query.top_k * SEARCH_DEPTH)
-            return self._grantable(query.ns, neighbors, query.total_steps, query.top_k, enum)
+            neighbors = self._index.search(query.ns.key, role, query.vectors[role], limit=self._depth(query))
+            return self._grantable(query, neighbors, query.top_k, enum)
 
         total_steps = query.total_steps
         objects, backgrounds = part_donors("object", pb.ROLE_OBJECT), part_donors("background", pb.ROLE_BACKGROUND)

@@ -15,6 +15,7 @@ on a thread pool of their own (stream_workers), apart from the unary calls' (wor
 from __future__ import annotations
 
 import errno
+import ipaddress
 import itertools
 import logging
 import signal
@@ -35,11 +36,23 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import wire
 
+from . import tls
+from .access import OPEN, Access, bearer_token
+from .auth import AuthConfigError, Credentials, Identity
 from .build import open_cache
 from .cache import Cache
 from .config import Config
 from .dataport import DataPort
-from .errors import CacheError, Corrupt, InvalidRequest, TooLarge, Unavailable, WrongPath
+from .errors import (
+    CacheError,
+    Corrupt,
+    InvalidRequest,
+    PermissionDenied,
+    TooLarge,
+    Unauthenticated,
+    Unavailable,
+    WrongPath,
+)
 from .guard import Guard, PeerLog, Refused, Watch, peer_host
 from .metrics import Metrics
 from .store import StoreLocked
@@ -143,6 +156,35 @@ def check_can_listen(address: str) -> None:
             raise listen_error(address, exc)
 
 
+def is_loopback(address: str) -> bool:
+    """Whether a listen address ('host:port', '[v6]:port', 'unix:...') is reachable from this machine only."""
+    if address.startswith("unix"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: whatever it resolves to may be reachable
+        return False
+
+
+def warn_if_exposed(listen: str, tls_on: bool, auth_on: bool) -> None:
+    """A daemon listening beyond loopback without TLS (or without auth) starts, with a loud warning
+    once at start: anyone who reaches the port can read and write every tenant's entries, and a
+    token sent in plain text can be read off the network (docs/security.md says why it warns
+    rather than refuses)."""
+    if is_loopback(listen):
+        return
+    if not tls_on:
+        log.error("SECURITY: listening on %s without TLS (tls_cert_file, tls_key_file): requests, tokens and "
+                  "latents cross the network in plain text; set up TLS, or keep the daemon on a private network "
+                  "behind a NetworkPolicy (docs/security.md)", listen)
+    if not auth_on:
+        log.error("SECURITY: listening on %s without auth (auth_tokens_file): any client that reaches the port "
+                  "can read, overwrite and delete every tenant's entries (docs/security.md)", listen)
+
+
 def _add_v1_reflection_file(pool: descriptor_pool.DescriptorPool) -> None:
     """Put grpc/reflection/v1/reflection.proto into `pool`, so that reflection can describe its own v1
     service too. grpcio-reflection ships only v1alpha's file; v1 is the same file in another package
@@ -196,7 +238,7 @@ def enable_reflection(service_names: tuple[str, ...], server: grpc.Server, servi
     reflecting = reflection.ReflectionServicer((*service_names, reflection.SERVICE_NAME, REFLECTION_V1))
 
     def info(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Message]:
-        with servicer.call("ServerReflectionInfo", context, stream=True, counted=False, needs_cache=False) as (_, w):
+        with servicer.call("ServerReflectionInfo", context, stream=True, counted=False, needs_cache=False) as (_, w, _):
             yield from w.sending(reflecting.ServerReflectionInfo(
                 decoded(w, requests, reflection_pb2.ServerReflectionRequest), context))
 
@@ -212,11 +254,11 @@ def add_health(checker: health.HealthServicer, server: grpc.Server, servicer: Ca
     Watch a stream (so stream_max_seconds ends it; a watcher watches again)."""
 
     def check(requests: Iterator[bytes], context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
-        with servicer.call("Check", context, counted=False, needs_cache=False) as (_, w):
+        with servicer.call("Check", context, counted=False, needs_cache=False) as (_, w, _):
             return checker.Check(one_request(w, requests, health_pb2.HealthCheckRequest), context)
 
     def watch(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[health_pb2.HealthCheckResponse]:
-        with servicer.call("Watch", context, stream=True, counted=False, needs_cache=False) as (_, w):
+        with servicer.call("Watch", context, stream=True, counted=False, needs_cache=False) as (_, w, _):
             yield from w.sending(checker.Watch(one_request(w, requests, health_pb2.HealthCheckRequest), context))
 
     serialize = health_pb2.HealthCheckResponse.SerializeToString
@@ -252,29 +294,41 @@ class CacheServicer:
     """CacheService's methods. Each takes its request as raw bytes (`add_servicer`) and runs inside
     `call`, which watches it (guard.py), decodes and counts, and maps domain errors to statuses."""
 
-    def __init__(self, metrics: Metrics, guard: Guard, clients: PeerLog, dataport: DataPort | None = None):
+    def __init__(self, metrics: Metrics, guard: Guard, clients: PeerLog, dataport: DataPort | None = None,
+                 access: Access | None = None, client_certificates: bool = False):
         self.metrics = metrics
         self.guard = guard
         self.clients = clients  # the log of client mistakes, rate-limited per client address
         self.dataport = dataport  # fetched blobs on a TCP connection (FetchDirect)
+        self.access = access or Access(None)
+        self.client_certificates = client_certificates  # mTLS: every caller has a verified certificate
         self.cache: Cache | None = None  # set once storage is open
+
+    def identify(self, context: grpc.ServicerContext) -> Identity:
+        """The caller (access.Access.identify): its bearer token, else its verified certificate's CN."""
+        if not self.access.on:
+            return OPEN
+        cn = tls.grpc_peer_common_name(context) if self.client_certificates else None
+        return self.access.identify(bearer_token(context.invocation_metadata() or ()), cn)
 
     @contextmanager
     def call(self, method: str, context: grpc.ServicerContext, *, stream: bool = False, counted: bool = True,
-             needs_cache: bool = True) -> Iterator[tuple[Cache, Watch]]:
-        """Watch the call (a stream past its client's share is refused), time it and count it by status
-        (`counted`), and turn domain errors into gRPC statuses; the client's mistakes are counted and
-        logged at most once per client and interval, never with a traceback. Yields the cache (None
-        when not `needs_cache`) and the call's watch."""
+             needs_cache: bool = True) -> Iterator[tuple[Cache, Watch, Identity]]:
+        """Watch the call (a stream past its client's share is refused), identify its caller, time it and
+        count it by status (`counted`), and turn domain errors into gRPC statuses; the client's mistakes
+        are counted and logged at most once per client and interval, never with a traceback. Yields the
+        cache, the call's watch and its caller. Calls that do not `needs_cache` (health, reflection)
+        need no credential either: the cache is None and the caller OPEN."""
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         watch: Watch | None = None
         try:
             with self.guard.watch(method, context, stream) as watch:
+                who = self.identify(context) if needs_cache else OPEN
                 if needs_cache and self.cache is None:
                     code = grpc.StatusCode.UNAVAILABLE
                     context.abort(code, "daemon is starting: storage is not open yet")
-                yield self.cache, watch  # type: ignore[misc]
+                yield self.cache, watch, who  # type: ignore[misc]
         except GeneratorExit:  # a streaming call whose client went away, or that the guard cut
             code = grpc.StatusCode.CANCELLED
             raise
@@ -307,7 +361,11 @@ class CacheServicer:
                 self.metrics.latency.labels(method).observe(time.perf_counter() - start)
 
     def _client_mistake(self, method: str, context: grpc.ServicerContext, exc: CacheError) -> None:
-        if isinstance(exc, Refused):
+        if isinstance(exc, Unauthenticated | PermissionDenied):
+            reason = "unauthenticated" if isinstance(exc, Unauthenticated) else "permission_denied"
+            self.metrics.calls_refused.labels(method, reason).inc()
+            self.clients.warn(peer_host(context.peer()), reason, "%s refused: %s", method, _clip(exc))
+        elif isinstance(exc, Refused):
             self.metrics.calls_refused.labels(method, exc.reason).inc()
             self.clients.warn(peer_host(context.peer()), "refused", "%s refused: %s", method, _clip(exc))
         elif (reason := _bad_request_reason(exc)) is not None:
@@ -316,11 +374,13 @@ class CacheServicer:
                               _clip(exc))
 
     def Put(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.PutResponse:
-        with self.call("Put", context, stream=True) as (cache, watch):
+        with self.call("Put", context, stream=True) as (cache, watch, who):
             messages = decoded(watch, requests, pb.PutRequest)
             first = next(messages, None)
             if first is None or first.WhichOneof("msg") != "header":
                 raise InvalidRequest("the first Put message must be a header")
+            self.access.check(who, first.header.namespace.tenant)
+            first.header.writer = who.writer  # the daemon's to say, never the client's
             session = cache.begin_put(first.header)
             if session.existing:  # content-addressed: the same entry is already stored, skip the upload
                 return pb.PutResponse(entry_id=session.entry_id, created=False)
@@ -334,12 +394,12 @@ class CacheServicer:
             return session.finish()
 
     def Lookup(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.LookupResponse:
-        with self.call("Lookup", context) as (cache, watch):
-            return cache.lookup(one_request(watch, requests, pb.LookupRequest))
+        with self.call("Lookup", context) as (cache, watch, who):
+            return cache.lookup(self._allowed(who, one_request(watch, requests, pb.LookupRequest)))
 
     def Fetch(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[pb.FetchResponse | bytes]:
-        with self.call("Fetch", context, stream=True) as (cache, watch):  # times the whole stream
-            header, chunks = cache.fetch(one_request(watch, requests, pb.FetchRequest))
+        with self.call("Fetch", context, stream=True) as (cache, watch, who):  # times the whole stream
+            header, chunks = cache.fetch(self._allowed(who, one_request(watch, requests, pb.FetchRequest)))
             with closing(chunks):  # unpins the entry even when the client goes away mid-stream
                 messages: Iterable[pb.FetchResponse | bytes] = itertools.chain(
                     (pb.FetchResponse(header=header),),
@@ -347,29 +407,51 @@ class CacheServicer:
                 yield from watch.sending(messages)
 
     def FetchDirect(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.FetchTicket:
-        with self.call("FetchDirect", context) as (cache, watch):
-            request = one_request(watch, requests, pb.FetchRequest)
+        with self.call("FetchDirect", context) as (cache, watch, who):
+            request = self._allowed(who, one_request(watch, requests, pb.FetchRequest))
             if self.dataport is None:
                 raise WrongPath("this daemon has no data port (data_listen): use Fetch")
             header, chunks = cache.fetch(request)
             try:
-                ticket = self.dataport.issue(chunks, header.blob.size)
+                ticket = self.dataport.issue(chunks, header.blob.size, owner=who.writer)
             except OSError as exc:  # shutting down
                 raise Unavailable(str(exc)) from exc
             return pb.FetchTicket(header=header, ticket=ticket, data_port=self.dataport.port)
 
     def Delete(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.DeleteResponse:
-        with self.call("Delete", context) as (cache, watch):
-            return pb.DeleteResponse(deleted=cache.delete(one_request(watch, requests, pb.DeleteRequest)))
+        with self.call("Delete", context) as (cache, watch, who):
+            return pb.DeleteResponse(deleted=cache.delete(self._allowed(who, one_request(watch, requests,
+                                                                                      pb.DeleteRequest))))
 
     def Verify(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.VerifyResponse:
-        with self.call("Verify", context) as (cache, watch):
-            return cache.verify(one_request(watch, requests, pb.VerifyRequest))
+        with self.call("Verify", context) as (cache, watch, who):
+            return cache.verify(self._allowed(who, one_request(watch, requests, pb.VerifyRequest)))
 
     def Stats(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.StatsResponse:
-        with self.call("Stats", context) as (cache, watch):
+        with self.call("Stats", context) as (cache, watch, who):
             one_request(watch, requests, pb.StatsRequest)
-            return cache.stats()
+            return own_stats(cache.stats(), who)
+
+    def _allowed(self, who: Identity, request: M) -> M:
+        """`request`, if its Namespace names a tenant `who` may use (PermissionDenied otherwise)."""
+        self.access.check(who, request.namespace.tenant)  # type: ignore[attr-defined]
+        return request
+
+
+def own_stats(stats: pb.StatsResponse, who: Identity) -> pb.StatsResponse:
+    """What `who` may see of the daemon's Stats: everything for an admin; for a tenant, its own
+    namespaces and the totals over them, with the daemon-wide budget, policy and disk state (its
+    capacity, not anyone's entries). Namespace names begin with the tenant and a '/', and a tenant
+    name that a credential binds has no '/' (auth.tenant_problem)."""
+    if who.admin:
+        return stats
+    own = [ns for ns in stats.namespaces if ns.name.startswith(who.tenant + "/")]
+    mine = pb.StatsResponse(max_bytes=stats.max_bytes, eviction_policy=stats.eviction_policy,
+                            index_backend=stats.index_backend, disk_full=stats.disk_full,
+                            entries=sum(ns.entries for ns in own), bytes=sum(ns.bytes for ns in own),
+                            blob_bytes=sum(ns.blob_bytes for ns in own))
+    mine.namespaces.extend(own)
+    return mine
 
 
 class Daemon:
@@ -386,18 +468,29 @@ class Daemon:
         self.metrics.put_buffer.set_function(lambda: self.guard.held_bytes)
         check_can_listen(config.listen)
         try:
+            credentials = Credentials(config.auth_tokens_file) if config.auth_tokens_file else None
+            self.certificates = (tls.ServerCertificates(config.tls_cert_file, config.tls_key_file,
+                                                        config.tls_client_ca_file) if config.tls_cert_file else None)
+        except (AuthConfigError, tls.TLSConfigError) as exc:
+            raise StartError(str(exc)) from exc
+        self.access = Access(credentials)
+        warn_if_exposed(config.listen, self.certificates is not None, self.access.on)
+        try:
             self.dataport = (DataPort(config.data_address, count=lambda outcome: self.metrics.data_transfers.labels(
                 outcome).inc(), idle_s=config.data_idle_seconds, stall_s=config.stream_idle_seconds,
                 max_s=config.stream_max_seconds, per_client=config.data_connections_per_client,
                 count_connection=lambda outcome: self.metrics.data_connections.labels(outcome).inc(),
-                warn=self.clients.warn) if config.data_address else None)
+                warn=self.clients.warn, access=self.access,
+                tls_context=self.certificates.ssl_context if self.certificates else None)
+                if config.data_address else None)
         except OSError as exc:  # DataPort's error wraps the bind's, which has the errno
             bind_error = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
             raise listen_error(config.data_address, bind_error, "data port") from exc
         if self.dataport is not None:
             dataport = self.dataport
             self.metrics.data_open.set_function(lambda: dataport.open_connections)
-        self.servicer = CacheServicer(self.metrics, self.guard, self.clients, self.dataport)
+        self.servicer = CacheServicer(self.metrics, self.guard, self.clients, self.dataport, self.access,
+                                      client_certificates=bool(self.certificates and self.certificates.client_auth))
         self._stream_pool = futures.ThreadPoolExecutor(max_workers=config.stream_workers, thread_name_prefix="stream")
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
@@ -414,7 +507,10 @@ class Daemon:
         enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self.server,
                           self.servicer, self._stream_pool)
         try:
-            self.port = self.server.add_insecure_port(config.listen)
+            if self.certificates is not None:
+                self.port = self.server.add_secure_port(config.listen, self.certificates.grpc_credentials())
+            else:
+                self.port = self.server.add_insecure_port(config.listen)
         except RuntimeError:  # newer gRPC raises where older ones returned 0; its log line says why
             self.port = 0
         if self.port == 0:

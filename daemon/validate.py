@@ -47,6 +47,7 @@ MAX_SHAPE_SIZE = 1 << 31  # each blob.shape size; their product is bounded by ma
 MAX_STEP_SECONDS = 3600.0  # step_seconds weights an entry's credit: unbounded, it could make one immortal
 PART_ROLES = frozenset({"object", "background"})  # the roles a lookup may accept alone (partial hits)
 MAX_PARTIAL_ROLES = len(PART_ROLES)  # partial_roles entries
+MAX_WRITERS = 64  # LookupRequest.writers entries
 _ENTRY_ID = re.compile(r"[0-9a-f]{64}")
 _ROLE_VALUES = frozenset(pb.Role.values())
 
@@ -63,6 +64,7 @@ class LookupQuery:
     top_k: int  # 1..MAX_TOP_K
     partial_roles: frozenset[str]  # a subset of PART_ROLES
     total_steps: int
+    writers: frozenset[str] = frozenset()  # only entries stored by these writers answer; empty: any
 
 
 def namespace_of(request: Namespaced) -> NamespaceKey:
@@ -212,7 +214,11 @@ def lookup_query(request: pb.LookupRequest, ns: NamespaceKey, dim: int | None, m
     partial = frozenset(wire.ROLE_BY_ENUM.get(r, "") for r in request.partial_roles)
     if not partial <= PART_ROLES:
         raise InvalidRequest("partial_roles may name ROLE_OBJECT and ROLE_BACKGROUND only")
-    return LookupQuery(ns, checked, top_k, partial, request.namespace.total_steps)
+    if len(request.writers) > MAX_WRITERS:
+        raise InvalidRequest(f"writers has {len(request.writers)} entries, above {MAX_WRITERS}")
+    for writer in request.writers:
+        _name(writer, "writers entry")
+    return LookupQuery(ns, checked, top_k, partial, request.namespace.total_steps, frozenset(request.writers))
 
 
 def fetch_request(request: pb.FetchRequest) -> tuple[NamespaceKey, str, str | None]:

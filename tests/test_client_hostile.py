@@ -32,6 +32,7 @@ import pytest
 
 from flexcache.client import CacheClient, Fetched, Hit, LookupResult, Retry
 from flexcache.client import codec as latent_codec
+from flexcache.client.dataport import HELLO
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
 from flexcache.v1 import wire
@@ -127,6 +128,13 @@ def serialize(message: Answer) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
+def _recv(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n and (part := conn.recv(n - len(data))):
+        data += part
+    return data
+
+
 class FakeDaemon(pb_grpc.CacheServiceServicer):
     """CacheService answering as `self.script` says, with a data port beside it."""
 
@@ -161,10 +169,10 @@ class FakeDaemon(pb_grpc.CacheServiceServicer):
                 return
             with conn:
                 conn.settimeout(5)
-                ticket = b""
                 try:
-                    while len(ticket) < 16 and (part := conn.recv(16 - len(ticket))):
-                        ticket += part
+                    head = _recv(conn, HELLO.size)  # the client's HELLO frame, then its ticket
+                    _recv(conn, HELLO.unpack(head)[1] if len(head) == HELLO.size else 0)
+                    ticket = _recv(conn, 16)
                     if self.script.data_port is not None:
                         conn.sendall(self.script.data_port(ticket))
                 except OSError:
@@ -173,6 +181,7 @@ class FakeDaemon(pb_grpc.CacheServiceServicer):
     def stop(self) -> None:
         self.server.stop(grace=None)
         self._data.close()
+
 
     # ---- CacheService ----
     def Put(self, request_iterator: Iterator[pb.PutRequest], context: grpc.ServicerContext) -> Answer:

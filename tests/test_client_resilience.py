@@ -143,12 +143,12 @@ def test_a_put_is_retried_from_its_first_message(daemon) -> None:
     with connect(daemon.target) as c:
         real_put, streams = c._stub.Put, []
 
-        def put_failing_once(requests, timeout):
+        def put_failing_once(requests, timeout, metadata):
             streams.append(requests)
             if len(streams) == 1:
                 next(requests), next(requests)  # the header and a chunk are sent, then the connection drops
                 raise Injected()
-            return real_put(requests, timeout=timeout)
+            return real_put(requests, timeout=timeout, metadata=metadata)
 
         c._stub.Put = put_failing_once
         entry = c.put_blob("retried put", data, info, unit(3))
@@ -182,9 +182,9 @@ def test_a_retried_fetch_credits_its_entry_once(daemon) -> None:
             def cancel(self) -> None:
                 self.call.cancel()
 
-        def fetch_breaking_once(request, timeout):
+        def fetch_breaking_once(request, timeout, metadata):
             granted.append(request.granted_steps)
-            call = real_fetch(request, timeout=timeout)
+            call = real_fetch(request, timeout=timeout, metadata=metadata)
             return BreaksAfterHeader(call) if len(granted) == 1 else call
 
         c._fetch_raw = fetch_breaking_once

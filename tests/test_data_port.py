@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
+from flexcache.client.dataport import hello
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
 from tests.conftest import NS, connect, metric
@@ -37,7 +38,7 @@ def put_raw(daemon, data: bytes, prompt: str = "p") -> str:
 def redeem(port: int, ticket: bytes, size: int) -> bytes:
     """What the data port sends back for `ticket` on a fresh connection (b'' if it just closes)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-        conn.sendall(ticket)
+        conn.sendall(hello(None) + ticket)
         data = bytearray()
         while len(data) < size and (part := conn.recv(size - len(data))):
             data += part

@@ -7,6 +7,11 @@
   env vars, its flags) resolve through the daemon's own config code, and the manifests agree with
   the resolved settings: container ports and probe ports with the listen addresses, the data mount
   with data_dir, volume sizes with max_bytes, the termination grace period with drain_seconds;
+- security (issue 17): a daemon port other pods can reach has TLS and tokens on; the TLS files and
+  the tokens file come from whole Secret volumes (no subPath, so renewals and edits reach the pod);
+  the cert-manager Certificate covers the Service's names; the shared NetworkPolicy admits only
+  client pods to the gRPC and data ports; the workers' FLEXCACHE_CLIENT_* env vars agree with their
+  daemon; no key, certificate or token is shipped;
 - the Dockerfile builds the image the manifests name (no Docker engine here: checked as text).
 """
 
@@ -37,8 +42,14 @@ PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 IMAGE = f"ghcr.io/flexcache/flexcache:{PROJECT['version']}"
 # Oldest version the sidecar variant supports (native sidecars), and a current one.
 K8S_VERSIONS = ("1.29", "1.30")
-# Objects with no schema in kubernetes-validate, checked by their own tests below.
-NOT_CORE_KINDS = {"Kustomization", "ServiceMonitor"}
+# Custom resources: no schema in kubernetes-validate, checked by their own tests below, and left out
+# of kustomization.yaml (applying them fails without their CRDs).
+CRD_KINDS = {"ServiceMonitor", "Certificate"}
+NOT_CORE_KINDS = {"Kustomization", *CRD_KINDS}
+# What flexcache.client.CacheClient reads from the environment when its arguments are not given.
+CLIENT_ENV = {"FLEXCACHE_CLIENT_TOKEN", "FLEXCACHE_CLIENT_TLS_CA_FILE", "FLEXCACHE_CLIENT_TLS_CERT_FILE",
+              "FLEXCACHE_CLIENT_TLS_KEY_FILE"}
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 YAMLLINT_CONFIG = """
 extends: default
@@ -87,7 +98,8 @@ def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
 def test_manifests_exist() -> None:
     names = {rel(p) for p in YAML_FILES}
     for needed in ("k8s/shared/statefulset.yaml", "k8s/shared/service.yaml", "k8s/shared/configmap.yaml",
-                   "k8s/sidecar/deployment.yaml", "k8s/sidecar/configmap.yaml"):
+                   "k8s/shared/networkpolicy.yaml", "k8s/shared/certificate.yaml",
+                   "k8s/shared-worker/deployment.yaml", "k8s/sidecar/deployment.yaml", "k8s/sidecar/configmap.yaml"):
         assert needed in names
     assert (K8S / "README.md").is_file()
 
@@ -129,10 +141,14 @@ def test_kustomization_lists_every_manifest(folder: Path) -> None:
     listed = kustomization["resources"]
     for name in listed:
         assert (folder / name).is_file(), f"{rel(folder)}/kustomization.yaml lists missing {name}"
-    # Everything else must be applied by hand for a reason: only the CRD-dependent ServiceMonitor is.
+    # Everything else must be applied by hand for a reason: only what needs a CRD (ServiceMonitor,
+    # cert-manager's Certificate) is.
     unlisted = {p.name for p in folder.glob("*.yaml")} - set(listed) - {"kustomization.yaml"}
     for name in unlisted:
-        assert {o["kind"] for o in docs(folder / name)} <= {"ServiceMonitor"}, f"{name} is not in kustomization.yaml"
+        assert {o["kind"] for o in docs(folder / name)} <= CRD_KINDS, f"{name} is not in kustomization.yaml"
+    for name in listed:
+        kinds = {o["kind"] for o in docs(folder / name)} & CRD_KINDS
+        assert not kinds, f"{name}: {kinds} fails to apply without its CRD: leave it out and say how to apply it"
 
 
 def test_servicemonitor_scrapes_the_metrics_port() -> None:
@@ -172,8 +188,16 @@ class Daemon:
         return parse_serve_flags(self.container.get("args", []), self.where)
 
     @cached_property
+    def config_text(self) -> str:
+        return config_file_text(self.folder, self.pod, self.container, self.args.config) if self.args.config else ""
+
+    @cached_property
     def config_yaml(self) -> dict[str, Any]:
-        return config_file(self.folder, self.pod, self.container, self.args.config) if self.args.config else {}
+        if not self.config_text:
+            return {}
+        values = yaml.safe_load(self.config_text)
+        assert isinstance(values, dict), f"{self.where}: --config {self.args.config} is not a mapping"
+        return values
 
     @cached_property
     def config(self) -> cfg.Config:
@@ -199,6 +223,14 @@ class Daemon:
                 return port["containerPort"]
         raise AssertionError(f"{self.where}: no container port {ref!r}")
 
+    @property
+    def pod_labels(self) -> dict[str, str]:
+        return self.workload["spec"]["template"]["metadata"]["labels"]
+
+    def mounted_file(self, path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The volume mount that holds `path` inside the container, and its volume."""
+        return mounted_file(self.pod, self.container, path, self.where)
+
     def volume(self, name: str) -> dict[str, Any]:
         for volume in self.pod.get("volumes", []):
             if volume["name"] == name:
@@ -218,8 +250,19 @@ def parse_serve_flags(argv: list[str], where: str) -> argparse.Namespace:
     return args
 
 
-def config_file(folder: Path, pod: dict[str, Any], container: dict[str, Any], path: str) -> dict[str, Any]:
-    """The YAML that `--config path` reads inside the container: a key of a mounted ConfigMap."""
+def mounted_file(pod: dict[str, Any], container: dict[str, Any], path: str,
+                 where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The volume mount (the deepest one) whose mountPath holds `path` in `container`, and its volume."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    holding = [m for m in container.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert holding, f"{where}: {path} is in no mounted volume"
+    mount = max(holding, key=lambda m: len(m["mountPath"]))
+    assert mount["name"] in volumes, f"{where}: the mount of {path} names no volume of the pod"
+    return mount, volumes[mount["name"]]
+
+
+def config_file_text(folder: Path, pod: dict[str, Any], container: dict[str, Any], path: str) -> str:
+    """The YAML text that `--config path` reads inside the container: a key of a mounted ConfigMap."""
     configmaps = {c["metadata"]["name"]: c for c in by_kind(folder_objects(folder), "ConfigMap")}
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     for mount in container.get("volumeMounts", []):
@@ -229,9 +272,7 @@ def config_file(folder: Path, pod: dict[str, Any], container: dict[str, Any], pa
             assert name in configmaps, f"ConfigMap {name} is not in {rel(folder)}"
             key = path.removeprefix(prefix)
             assert key in configmaps[name]["data"], f"ConfigMap {name} has no key {key}"
-            values = yaml.safe_load(configmaps[name]["data"][key])
-            assert isinstance(values, dict), f"ConfigMap {name}/{key} is not a mapping"
-            return values
+            return configmaps[name]["data"][key]
     raise AssertionError(f"--config {path} is not inside a mounted ConfigMap")
 
 
@@ -271,6 +312,20 @@ class TestDaemonContainer:
                       if e["name"].removeprefix("FLEXCACHE_").lower() in daemon.config_yaml]
         assert not overridden, f"{daemon.where}: env {overridden} override the ConfigMap"
 
+    def test_setting_names_are_in_the_options_table(self, daemon: Daemon) -> None:
+        """Each ConfigMap key, including the ones left commented out as a suggestion (`# key: value`),
+        and each FLEXCACHE_* env var names a setting of daemon/config.py's OPTIONS table."""
+        names = {o.name: o for o in cfg.OPTIONS}
+        commented = re.findall(r"^\s*#\s?([a-z][a-z0-9_]*): +\S+\s*$", daemon.config_text, re.MULTILINE)
+        unknown = [key for key in [*daemon.config_yaml, *commented] if key not in names]
+        assert not unknown, f"{daemon.where}: {unknown} are not settings (flexcache config-table)"
+        env = [e["name"] for e in daemon.container.get("env", []) if e["name"].startswith("FLEXCACHE_")]
+        assert not [n for n in env if n not in {o.env for o in cfg.OPTIONS}], f"{daemon.where}: env {env}"
+        for key in commented:  # a suggestion must be usable as written
+            line = re.search(rf"^\s*#\s?{key}: +(\S+)\s*$", daemon.config_text, re.MULTILINE)
+            assert line, key
+            cfg.resolve({**daemon.config_yaml, key: yaml.safe_load(line.group(1))}, {}, {})
+
     def test_image(self, daemon: Daemon) -> None:
         assert daemon.container["image"] == IMAGE
 
@@ -287,14 +342,58 @@ class TestDaemonContainer:
         data = [] if data_host in ("127.0.0.1", "localhost", "::1") else [data_port]
         assert declared == sorted([daemon.grpc_port, daemon.metrics_port, *data])
 
-    def test_probes_use_grpc_health_on_the_grpc_port(self, daemon: Daemon) -> None:
+    def test_probes_check_the_grpc_port(self, daemon: Daemon) -> None:
+        """The native gRPC probe (grpc.health.v1) on a plain-text port. On a TLS port a TCP probe: the
+        kubelet's gRPC probe speaks plain text (its `mode: TLS` is 1.37's and has no client
+        certificate for mTLS), so every handshake would fail and the pod be restarted."""
+        tls = bool(daemon.config.tls_cert_file)
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = daemon.container.get(kind)
             assert probe, f"{daemon.where}: no {kind}"
+            if tls:
+                assert "tcpSocket" in probe, f"{daemon.where}: {kind}: the gRPC port speaks TLS, probe it over TCP"
+                assert daemon.container_port(probe["tcpSocket"]["port"]) == daemon.grpc_port
+                continue
             assert "grpc" in probe, f"{daemon.where}: {kind} should be the native grpc probe"
             assert probe["grpc"]["port"] == daemon.grpc_port
             # "" (overall) or the cache service: the daemon sets both.
             assert probe["grpc"].get("service", "") in ("", "flexcache.v1.CacheService")
+
+    def test_ports_other_pods_reach_have_tls_and_tokens(self, daemon: Daemon) -> None:
+        """A gRPC or data port on the pod's address that a NetworkPolicy (or the lack of one) opens to
+        other pods must speak TLS and require tokens; loopback and fenced ports need neither."""
+        listening = {host_port(daemon.config.listen)}
+        if daemon.config.data_listen not in ("", "auto"):
+            listening.add(host_port(daemon.config.data_listen))
+        opened = opened_ports(daemon)
+        exposed = sorted(port for host, port in listening
+                         if host not in LOOPBACK and (opened is None or port in opened))
+        if exposed:
+            assert daemon.config.tls_cert_file and daemon.config.tls_key_file, \
+                f"{daemon.where}: ports {exposed} are open to other pods without TLS"
+            assert daemon.config.auth_tokens_file, f"{daemon.where}: ports {exposed} are open to others without tokens"
+
+    def test_credential_files_come_from_whole_secret_volumes(self, daemon: Daemon) -> None:
+        """TLS files and the tokens file sit in Secret volumes mounted whole: a subPath mount is a copy
+        taken at start that never sees a renewed certificate or an edited tokens Secret."""
+        for setting in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file"):
+            path = getattr(daemon.config, setting)
+            if not path:
+                continue
+            mount, volume = daemon.mounted_file(path)
+            assert "subPath" not in mount and "subPathExpr" not in mount, \
+                f"{daemon.where}: {setting}: a subPath mount is never updated"
+            assert mount.get("readOnly") is True, f"{daemon.where}: {setting}: mount it read-only"
+            assert "secret" in volume, f"{daemon.where}: {setting} should come from a Secret"
+            secret = volume["secret"]
+            assert not secret.get("optional", False), f"{daemon.where}: {setting}: a missing Secret must not start it"
+            key = path.removeprefix(mount["mountPath"].rstrip("/") + "/")
+            items = {i["path"]: i["key"] for i in secret.get("items", [])}
+            assert not items or key in items, f"{daemon.where}: {setting}: {key} is not among the volume's items"
+            # Readable by the daemon through fsGroup, by nobody else.
+            mode = secret.get("defaultMode", 0o644)
+            assert mode & 0o040 and not mode & 0o007, f"{daemon.where}: {setting}: defaultMode {mode:o}"
+            assert daemon.pod.get("securityContext", {}).get("fsGroup") == dockerfile_uid()
 
     def test_grace_period_covers_the_drain(self, daemon: Daemon) -> None:
         grace = daemon.pod.get("terminationGracePeriodSeconds", 30)
@@ -371,6 +470,231 @@ def test_shared_services_reach_the_daemon_ports() -> None:
             assert daemon.container_port(ports["metrics"]["targetPort"]) == daemon.metrics_port
 
 
+# --- security: NetworkPolicy, TLS and tokens (issue 17) ------------------------------------------
+
+
+def policies_for(objects: list[dict[str, Any]], pod_labels: dict[str, str]) -> list[dict[str, Any]]:
+    """The NetworkPolicies that select a pod with these labels for Ingress."""
+    return [p for p in by_kind(objects, "NetworkPolicy")
+            if labels_match(p["spec"]["podSelector"].get("matchLabels", {}), pod_labels)
+            and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+
+
+def pod_port(pod: dict[str, Any], ref: int | str) -> int:
+    """A NetworkPolicy port (a number, or the name of a container port of the pod) as a number."""
+    if isinstance(ref, int):
+        return ref
+    for container in pod.get("initContainers", []) + pod.get("containers", []):
+        for port in container.get("ports", []):
+            if port.get("name") == ref:
+                return port["containerPort"]
+    raise AssertionError(f"no container port named {ref!r} in the pod")
+
+
+def opened_ports(daemon: Daemon) -> set[int] | None:
+    """The ports of the daemon's pod that its NetworkPolicies open to other pods; None: all of them
+    (no policy selects the pod, or a rule lists no ports)."""
+    policies = policies_for(folder_objects(daemon.folder), daemon.pod_labels)
+    if not policies:
+        return None
+    opened: set[int] = set()
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            if not rule.get("ports"):
+                return None
+            opened |= {pod_port(daemon.pod, p["port"]) for p in rule["ports"]}
+    return opened
+
+
+def the_certificate() -> dict[str, Any]:
+    (certificate,) = by_kind(folder_objects(K8S / "shared"), "Certificate")
+    return certificate
+
+
+def workers_of_the_shared_daemon() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(pod spec, container) of each worker in k8s/shared-worker."""
+    found = []
+    for workload in by_kind(folder_objects(K8S / "shared-worker"), "Deployment"):
+        pod = workload["spec"]["template"]["spec"]
+        found += [(workload, c) for c in pod["containers"]]
+    return found
+
+
+# cert-manager.io/v1 CertificateSpec's fields: with no schema to validate it against, a misspelt
+# field would be ignored by nothing but cert-manager's own webhook.
+CERTIFICATE_SPEC = {"subject", "literalSubject", "commonName", "duration", "renewBefore", "renewBeforePercentage",
+                    "dnsNames", "ipAddresses", "uris", "otherNames", "emailAddresses", "secretName", "secretTemplate",
+                    "keystores", "issuerRef", "isCA", "usages", "privateKey", "encodeUsagesInRequest",
+                    "revisionHistoryLimit", "additionalOutputFormats", "nameConstraints"}
+PRIVATE_KEY_SPEC = {"rotationPolicy", "encoding", "algorithm", "size"}
+
+
+def go_duration(text: str) -> float:
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text)
+    assert parts and text, f"not a duration: {text!r}"
+    hours, minutes, seconds = (int(g or 0) for g in parts.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def test_certificate_is_cert_managers_and_covers_the_service_names() -> None:
+    certificate = the_certificate()
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    spec = certificate["spec"]
+    assert set(spec) <= CERTIFICATE_SPEC, f"unknown Certificate fields {set(spec) - CERTIFICATE_SPEC}"
+    assert set(spec.get("privateKey", {})) <= PRIVATE_KEY_SPEC
+    issuer = spec["issuerRef"]
+    assert issuer["kind"] in ("ClusterIssuer", "Issuer") and issuer["name"], "an issuer the operator provides, by name"
+    assert issuer.get("group", "cert-manager.io") == "cert-manager.io"
+    assert not spec.get("isCA", False)
+    if "usages" in spec:
+        assert "server auth" in spec["usages"]
+    if "duration" in spec and "renewBefore" in spec:
+        assert go_duration(spec["renewBefore"]) < go_duration(spec["duration"])
+    # The daemon mounts the Secret cert-manager writes.
+    (daemon,) = daemons_in(K8S / "shared")
+    _, volume = daemon.mounted_file(daemon.config.tls_cert_file)
+    assert volume["secret"]["secretName"] == spec["secretName"]
+    for setting, key in (("tls_cert_file", "tls.crt"), ("tls_key_file", "tls.key"), ("tls_client_ca_file", "ca.crt")):
+        path = getattr(daemon.config, setting)
+        assert not path or path.endswith("/" + key), f"{setting}: cert-manager's Secret holds it as {key}"
+    # Clients verify the name they dial, on the data port too: each name of the flexcache Service.
+    names = set(spec["dnsNames"])
+    namespaces = {n.split(".")[1] for n in names if n.startswith("flexcache.") and n.count(".") >= 1}
+    assert len(namespaces) == 1, f"the Service's names in one namespace, not {namespaces}"
+    (ns,) = namespaces
+    assert {"flexcache", f"flexcache.{ns}", f"flexcache.{ns}.svc", f"flexcache.{ns}.svc.cluster.local"} <= names
+    assert spec.get("commonName", "flexcache") in names
+
+
+def test_shared_network_policy_admits_clients_to_the_grpc_and_data_ports_only() -> None:
+    objects = folder_objects(K8S / "shared")
+    (daemon,) = daemons_in(K8S / "shared")
+    policies = policies_for(objects, daemon.pod_labels)
+    assert len(policies) == 1, "one NetworkPolicy selects the shared daemon's pod"
+    (policy,) = policies
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    data_port = host_port(daemon.config.data_listen)[1]
+    every_port = {daemon.grpc_port, data_port, daemon.metrics_port}
+    covered: dict[int, list[list[dict[str, Any]]]] = {}
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("ports"), "an ingress rule without ports opens every port"
+        assert rule.get("from"), "an ingress rule without `from` admits every pod and address"
+        for port in rule["ports"]:
+            number = pod_port(daemon.pod, port["port"])
+            assert number in every_port, f"the policy opens port {number}, which the daemon does not serve"
+            assert port.get("protocol", "TCP") == "TCP"
+            covered.setdefault(number, []).append(rule["from"])
+    assert set(covered) == every_port, f"ports {every_port - set(covered)} are closed to everyone"
+    for port in (daemon.grpc_port, data_port):
+        for peers in covered[port]:
+            for peer in peers:
+                assert "ipBlock" not in peer, "gRPC and data ports: client pods only, not address ranges"
+                labels = peer.get("podSelector", {}).get("matchLabels", {})
+                assert labels, f"port {port}: only pods with a client label, not whole namespaces"
+    for peers in covered[daemon.metrics_port]:
+        for peer in peers:
+            assert peer.get("namespaceSelector", {}).get("matchLabels") or peer.get("podSelector", {}).get(
+                "matchLabels"), "the metrics port: Prometheus's namespace or pods, not everyone"
+
+
+def test_shared_workers_are_admitted_and_trust_the_daemon() -> None:
+    """The worker template (k8s/shared-worker) carries the label the policy admits, dials a name the
+    daemon's certificate holds, and sets the client's env vars as the daemon needs them."""
+    (daemon,) = daemons_in(K8S / "shared")
+    (policy,) = policies_for(folder_objects(K8S / "shared"), daemon.pod_labels)
+    client_selectors = [peer["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"]
+                        if daemon.grpc_port in {pod_port(daemon.pod, p["port"]) for p in rule["ports"]}
+                        for peer in rule["from"]]
+    workers = workers_of_the_shared_daemon()
+    assert workers, "k8s/shared-worker holds a worker template"
+    for workload, container in workers:
+        pod = workload["spec"]["template"]["spec"]
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert any(labels_match(sel, labels) for sel in client_selectors), "the policy would drop its connections"
+        assert pod.get("enableServiceLinks") is False
+        env = {e["name"]: e for e in container.get("env", [])}
+        host, port = host_port(env["CACHE_TARGET"]["value"])
+        assert host in the_certificate()["spec"]["dnsNames"], f"{host}: not a name of the daemon's certificate"
+        assert port == daemon.grpc_port
+        # The token comes from a Secret, never a literal in the manifest.
+        if daemon.config.auth_tokens_file:
+            token = env["FLEXCACHE_CLIENT_TOKEN"]
+            assert "value" not in token and token["valueFrom"]["secretKeyRef"]["name"], "the token from a Secret"
+        check_client_env(daemon, pod, container)
+
+
+def check_client_env(daemon: Daemon, pod: dict[str, Any], container: dict[str, Any]) -> None:
+    """A worker's FLEXCACHE_CLIENT_* env agrees with its daemon: a CA file iff the daemon speaks TLS, a
+    certificate iff it requires one (mTLS), a token iff it checks tokens; each file in a mounted
+    volume (not subPath, so a new CA or certificate reaches the pod)."""
+    where = container["name"]
+    env = {e["name"]: e for e in container.get("env", []) if e["name"].startswith("FLEXCACHE_CLIENT_")}
+    assert set(env) <= CLIENT_ENV, f"{where}: the client reads no {sorted(set(env) - CLIENT_ENV)}"
+    expected = set()
+    if daemon.config.tls_cert_file:
+        expected.add("FLEXCACHE_CLIENT_TLS_CA_FILE")
+    if daemon.config.tls_client_ca_file:
+        expected |= {"FLEXCACHE_CLIENT_TLS_CERT_FILE", "FLEXCACHE_CLIENT_TLS_KEY_FILE"}
+    if daemon.config.auth_tokens_file:
+        expected.add("FLEXCACHE_CLIENT_TOKEN")
+    assert set(env) == expected, f"{where}: sets {sorted(env)}, its daemon needs {sorted(expected)}"
+    for name in expected - {"FLEXCACHE_CLIENT_TOKEN"}:
+        mount, volume = mounted_file(pod, container, env[name]["value"], where)
+        assert "subPath" not in mount and "subPathExpr" not in mount, f"{where}: {name}: a subPath is never updated"
+        assert {"secret", "configMap", "projected"} & set(volume), f"{where}: {name}: a Secret or ConfigMap volume"
+
+
+def test_sidecar_workers_need_no_client_credentials() -> None:
+    (daemon,) = daemons_in(K8S / "sidecar")
+    for container in daemon.pod["containers"]:
+        check_client_env(daemon, daemon.pod, container)
+
+
+def test_client_env_names_are_the_clients() -> None:
+    """Every FLEXCACHE_CLIENT_* name in the manifests and k8s/README.md (comments included) is one the
+    client reads, and none is a daemon setting's env var (the daemon refuses unknown FLEXCACHE_*)."""
+    daemon_env = {o.env for o in cfg.OPTIONS}
+    assert not CLIENT_ENV & daemon_env
+    for path in [*YAML_FILES, K8S / "README.md"]:
+        named = set(re.findall(r"FLEXCACHE_CLIENT_\w+", path.read_text()))
+        assert named <= CLIENT_ENV, f"{rel(path)}: {sorted(named - CLIENT_ENV)}"
+    sources = "".join(p.read_text() for p in (ROOT / "client").glob("*.py"))
+    if "FLEXCACHE_CLIENT_" not in sources:
+        pytest.skip("flexcache.client does not read FLEXCACHE_CLIENT_* env vars yet")
+    assert not [n for n in CLIENT_ENV if n not in sources], "the manifests set env vars the client does not read"
+
+
+def test_readme_creates_the_secrets_the_manifests_mount() -> None:
+    """The Secrets are not shipped: k8s/README.md gives the commands that create them, with the names
+    and keys the manifests mount."""
+    readme = (K8S / "README.md").read_text()
+    (daemon,) = daemons_in(K8S / "shared")
+    mount, volume = daemon.mounted_file(daemon.config.auth_tokens_file)
+    key = daemon.config.auth_tokens_file.removeprefix(mount["mountPath"].rstrip("/") + "/")
+    secret = volume["secret"]["secretName"]
+    assert re.search(rf"kubectl (-n \S+ )?create secret generic {secret} --from-file={re.escape(key)}\b", readme)
+    assert "flexcache tokens add --file" in readme
+    for workload, container in workers_of_the_shared_daemon():
+        pod = workload["spec"]["template"]["spec"]
+        for e in container.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                assert re.search(rf"create secret generic {ref['name']}\b[^\n]*--from-\w+={ref['key']}\b", readme), ref
+        for volume in pod.get("volumes", []):
+            if "configMap" in volume:
+                assert f"create configmap {volume['configMap']['name']}" in readme, volume["name"]
+
+
+def test_no_secret_material_is_shipped() -> None:
+    for path in YAML_FILES:
+        text = path.read_text()
+        assert "PRIVATE KEY-----" not in text and "BEGIN CERTIFICATE" not in text, rel(path)
+        assert not re.search(r"\bfct_[\w-]{20,}", text), f"{rel(path)}: a token"
+        assert not re.search(r"\b[0-9a-f]{64}\b", text), f"{rel(path)}: a token hash"
+        for obj in docs(path):
+            assert obj["kind"] != "Secret", f"{rel(path)}: create Secrets with kubectl, do not ship them"
+
+
 # --- the sidecar variant ------------------------------------------------------------------------
 
 
@@ -386,7 +710,8 @@ def test_sidecar_is_a_native_sidecar_next_to_the_worker() -> None:
     assert workers, "the pod needs a worker container"
     for worker in workers:
         env = {e["name"]: e.get("value") for e in worker.get("env", [])}
-        assert not [name for name in env if name.startswith("FLEXCACHE_")], "FLEXCACHE_* is the daemon's"
+        assert not [name for name in env if name.startswith("FLEXCACHE_") and name not in CLIENT_ENV], \
+            "FLEXCACHE_* is the daemon's (and the client's FLEXCACHE_CLIENT_*)"
         host, port = host_port(env["CACHE_TARGET"])
         assert host in ("127.0.0.1", "localhost") and port == daemon.grpc_port
 

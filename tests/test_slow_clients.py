@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 import pytest
 
+from flexcache.client.dataport import hello
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
 from tests.conftest import NS, connect, metric
@@ -317,7 +318,7 @@ def test_a_data_port_reader_that_stops_reading_is_dropped(start_daemon) -> None:
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     conn.connect(("127.0.0.1", answer.data_port))
     try:
-        conn.sendall(answer.ticket)
+        conn.sendall(hello(None) + answer.ticket)
         with connect(daemon.target) as c:
             assert bytes(c.fetch(small_id).data) == small
         assert wait_for(lambda: metric(daemon, "flexcache_data_port_transfers_total", outcome="failed") == 1,
