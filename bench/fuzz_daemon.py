@@ -8,8 +8,8 @@ INDEX is drawn from `random.Random(f"{seed}:{index}")` and the entries the cases
 `--cases INDEX+1` with the same seed reproduces a failure exactly, and `--only INDEX` (that case alone,
 on a fresh daemon) usually does. The kinds of case:
 
-- field-level mutation: a valid request (Put header and stream, Lookup, Fetch, FetchDirect, Delete,
-  Verify, Stats) with one to three of its fields, nested ones too, set to edge values of their type
+- field-level mutation: a valid request (Put header and stream, PutDirect, Lookup, Fetch, FetchDirect,
+  Delete, Verify, Stats) with one to three of its fields, nested ones too, set to edge values of their type
   (0, the type's bounds, NaN and infinities, 300 KB strings, 5,000 repeated values, unknown enum
   numbers...), sent with the generated stub; a Put's stream is also reordered, truncated or padded;
 - byte-level mutation: such a request serialized, then bits flipped, bytes inserted, deleted,
@@ -48,10 +48,10 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from flexcache.client import CacheClient, Namespace
-from flexcache.client.dataport import hello
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
 from flexcache.v1 import wire
+from flexcache.v1.wire import data_hello as hello
 
 NS = Namespace(tenant="fuzz", model="wan2.1-t2v-1.3b", width=832, height=480, frames=81, scheduler="flow",
                total_steps=50)
@@ -66,8 +66,8 @@ ALLOWED = frozenset({grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.
 gRPC's RESOURCE_EXHAUSTED for a message over the limit. INTERNAL, UNKNOWN (an exception escaped a
 handler), UNAVAILABLE and DEADLINE_EXCEEDED are the daemon's fault."""
 METHODS = {m.name: m for m in pb.DESCRIPTOR.services_by_name["CacheService"].methods}
-KINDS = {"Put": 20, "Lookup": 20, "Fetch": 10, "FetchDirect": 10, "Delete": 6, "Verify": 6, "Stats": 3,
-         "garbage": 10, "dataport": 15}
+KINDS = {"Put": 20, "PutDirect": 8, "Lookup": 20, "Fetch": 10, "FetchDirect": 10, "Delete": 6, "Verify": 6,
+         "Stats": 3, "garbage": 10, "dataport": 15}
 """Relative weights of the case kinds."""
 
 _INT_RANGES = {FieldDescriptor.TYPE_INT32: (-2**31, 2**31 - 1), FieldDescriptor.TYPE_INT64: (-2**63, 2**63 - 1),
@@ -286,6 +286,52 @@ class Fuzzer:
         answer = self._call(index, "Put", lambda: self._stub.Put(iter(messages), timeout=DEADLINE_S), header)
         if answer is not None and answer.entry_id not in self.kept_ids and answer.entry_id not in self.fodder:
             self.fodder.append(answer.entry_id)
+
+    def _case_putdirect(self, rng: random.Random, index: int) -> None:
+        """A PutDirect header (valid or mutated), then, with a ticket, its bytes on the data port: as
+        declared, one byte flipped, or cut short. The reply must be a status a client's fault may get,
+        OK for the valid bytes; a short transfer must be closed without a reply."""
+        header, data = self._put_template(rng)
+        mode = rng.choice(("valid", "fields", "flipped", "short"))
+        if mode == "fields":
+            for _ in range(rng.randint(1, 3)):
+                mutate(rng, header)
+        self.report.cases[f"PutDirect/{mode}"] += 1
+        answer = self._call(index, "PutDirect", lambda: self._stub.PutDirect(header, timeout=DEADLINE_S), header)
+        if answer is None or not answer.ticket or self.data_port is None:
+            return
+        payload = bytearray(data)
+        if mode == "flipped":
+            payload[rng.randrange(len(payload))] ^= 1 << rng.randrange(8)
+        elif mode == "short":
+            del payload[rng.randrange(len(payload)):]
+        try:
+            with self._connect() as conn:
+                conn.sendall(answer.ticket + payload)
+                with suppress(OSError):  # no next ticket: the port closes after its reply
+                    conn.shutdown(socket.SHUT_WR)
+                received = _read_until_closed(conn)
+        except OSError as exc:
+            self.report.fail(index, "dataport", f"PutDirect transfer ({mode}): {type(exc).__name__}: {exc}")
+            return
+        if mode == "short":
+            if received:
+                self.report.fail(index, "dataport", f"a reply of {len(received)} bytes to a cut-short put")
+            return
+        if len(received) < wire.PUT_REPLY.size:
+            self.report.fail(index, "dataport", f"PutDirect ({mode}): no reply frame ({len(received)} bytes)")
+            return
+        code, length = wire.PUT_REPLY.unpack_from(received)
+        status = next((c for c in grpc.StatusCode if c.value[0] == code), None)
+        self.report.codes[f"PutDirect reply {status.name if status else code}"] += 1
+        if status not in ALLOWED or len(received) != wire.PUT_REPLY.size + length or \
+                (mode == "valid" and status != grpc.StatusCode.OK):
+            self.report.fail(index, "dataport", f"PutDirect ({mode}): reply {status or code}, {length} bytes "
+                                                f"announced, {len(received) - wire.PUT_REPLY.size} sent")
+        elif status == grpc.StatusCode.OK:
+            entry_id = pb.PutResponse.FromString(received[wire.PUT_REPLY.size:]).entry_id
+            if entry_id not in self.kept_ids and entry_id not in self.fodder:
+                self.fodder.append(entry_id)
 
     def _case_lookup(self, rng: random.Random, index: int) -> None:
         self._unary(rng, index, "Lookup")

@@ -75,6 +75,22 @@ def _setting(value: str | None, env: str) -> str:
     return os.environ.get(env, "") if value is None else value
 
 
+class DirectRefusal(grpc.RpcError):
+    """The daemon's refusal of a put received on the data port, as an RpcError with its status code
+    (`last_error` reads the same whichever path the put took)."""
+
+    def __init__(self, code: int, payload: bytes):
+        self._code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+        self._details = payload.decode("utf-8", "replace")
+        super().__init__(f"{self._code.name}: {self._details}")
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
 class CacheClient(CacheBase):
     """The cache over gRPC, at `target` ('host:port', or any gRPC target).
 
@@ -86,9 +102,9 @@ class CacheClient(CacheBase):
     if the call's deadline leaves time for it, so a worker never waits on the cache for long;
     `Retry.none()` turns retries off. A Put is retried from its first message (its request stream is
     made again), a Fetch from its header; an entry is credited once however often its fetch is tried.
-    `data_port`: fetch over the daemon's data port (FetchDirect) when it has one; False always
-    streams (Fetch). A daemon without one, an unreachable port or a failed transfer fall back to the
-    stream (client/dataport.py).
+    `data_port`: fetch (FetchDirect) and put blobs of wire.DIRECT_PUT_MIN_BYTES or more (PutDirect) over
+    the daemon's data port when it has one; False always streams (Fetch, Put). A daemon without one,
+    an unreachable port or a failed transfer fall back to the stream (client/dataport.py).
     `token`: the bearer token the daemon's tokens file binds to this client's tenant (sent as
     `authorization: Bearer` metadata and on the data port); `tls_ca_file`: the CA that signed the
     daemon's certificate (TLS on; "" with a client certificate: the system's CAs); `tls_cert_file`
@@ -121,7 +137,8 @@ class CacheClient(CacheBase):
         self._data = (dataport.DataConnections(host, timeout_s, token=token or None,
                                                tls_context=tls.data_port_context if tls else None)
                       if host else None)
-        self._data_paused_until = 0.0  # after an unreachable data port, fetches stream until then
+        self._data_paused_until = 0.0  # after an unreachable data port, transfers stream until then
+        self._direct_puts = True  # False once the daemon answered PutDirect with UNIMPLEMENTED
 
     def close(self) -> None:
         self._close_data()
@@ -134,6 +151,55 @@ class CacheClient(CacheBase):
 
     # ---- transport primitives ----
     def _put_blob(self, header: pb.PutHeader, data: bytes | bytearray | memoryview) -> pb.PutResponse | None:
+        """Over the daemon's data port (PutDirect) when it has one and the blob is large enough to gain
+        from it (wire.DIRECT_PUT_MIN_BYTES); else, or after a transfer that failed, one Put stream."""
+        conns = self._data
+        if (conns is not None and self._direct_puts and len(data) >= wire.DIRECT_PUT_MIN_BYTES
+                and time.monotonic() >= self._data_paused_until):
+            answer = self._put_direct(conns, header, data)
+            if answer is not _STREAM:
+                return answer
+        return self._put_stream(header, data)
+
+    def _put_direct(self, conns: dataport.DataConnections, header: pb.PutHeader,
+                    data: bytes | bytearray | memoryview) -> pb.PutResponse | _Path | None:
+        """The blob through the data port; None after a failed call or a refusal (a miss, reported);
+        _STREAM where the data port does not apply (as `_fetch_direct`). A transfer that failed is
+        tried again on the stream: entries are content-addressed, so a blob the daemon did store is
+        not stored twice."""
+        try:
+            answer = self._call("put", lambda timeout: self._stub.PutDirect(header, timeout=timeout,
+                                                                             metadata=self._metadata),
+                                timeout_s=self.timeout_s, passthrough=_NO_DATA_PORT)
+        except grpc.RpcError as exc:  # the passthrough statuses only
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # an older daemon: fetches may still use the port
+                log.info("flexcache: the daemon at %s has no PutDirect; puts stream", self.target)
+                self._direct_puts = False
+            else:
+                log.info("flexcache: no data port at %s (%s); transfers stream", self.target, exc.details())
+                self._close_data()
+            return _STREAM
+        if answer is None:
+            return None
+        if answer.HasField("stored"):
+            return answer.stored
+        try:
+            code, payload = conns.send(answer.data_port, answer.ticket, data, self.transfer_timeout_s)
+        except (OSError, ValueError) as exc:
+            self._failed("put over the data port", exc)
+            if isinstance(exc, dataport.Unreachable):
+                self._data_paused_until = time.monotonic() + DATA_PORT_RETRY_S
+            return _STREAM
+        if code != 0:
+            self._failed("put", DirectRefusal(code, payload))
+            return None
+        try:
+            return pb.PutResponse.FromString(payload)
+        except DecodeError:
+            self._failed("put", Malformed(f"an unparsable PutDirect reply of {len(payload)} bytes"))
+            return None
+
+    def _put_stream(self, header: pb.PutHeader, data: bytes | bytearray | memoryview) -> pb.PutResponse | None:
         def requests() -> Iterator[pb.PutRequest]:  # a factory: each attempt streams from the header again
             yield pb.PutRequest(header=header)
             view = memoryview(data)

@@ -1,7 +1,7 @@
 """The client's side of the daemon's data port (the protocol: daemon/dataport.py).
 
-Connections are opened on first use and kept between fetches, one per fetch in flight, so a
-multi-threaded worker never shares a socket between two transfers. Each new connection makes its TLS
+Connections are opened on first use and kept between transfers (fetches and puts), one per transfer in
+flight, so a multi-threaded worker never shares a socket between two transfers. Each new connection makes its TLS
 handshake (when the client has a TLS context: the daemon's data port uses the gRPC port's
 certificates) and sends its HELLO frame with the client's bearer token before its first ticket.
 """
@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import socket
 import ssl
-import struct
 import threading
 from collections.abc import Callable
+from typing import TypeVar
 
-MAGIC = b"FCD1"  # the HELLO frame: the daemon's dataport.MAGIC and HELLO
-HELLO = struct.Struct(">4sH")
+from flexcache.v1.wire import PUT_REPLY, data_hello
+
+T = TypeVar("T")
+MAX_REPLY_BYTES = 1 << 16  # a PutResponse or an error's sentence
 
 
 def data_host(target: str) -> str | None:
@@ -39,12 +41,6 @@ class _Unused(ValueError):
     """The connection closed before a byte came back: the ticket may be unspent."""
 
 
-def hello(token: str | None) -> bytes:
-    """The HELLO frame that starts every data-port connection: who the client is (its bearer token)."""
-    raw = (token or "").encode()
-    return HELLO.pack(MAGIC, len(raw)) + raw
-
-
 class DataConnections:
     """Kept connections to one daemon's data port. `tls_context`: the SSLContext in force for a new
     connection (None: plain TCP); `token`: the bearer token the HELLO frame carries."""
@@ -53,16 +49,28 @@ class DataConnections:
                  tls_context: Callable[[], ssl.SSLContext] | None = None):
         self.host = host
         self.connect_timeout_s = connect_timeout_s
-        self._hello = hello(token)
+        self._hello = data_hello(token)
         self._tls_context = tls_context
         self._port = 0  # the daemon's data port as last announced; kept connections go there
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
 
     def receive(self, port: int, ticket: bytes, size: int, timeout_s: float) -> bytearray:
-        """Redeem `ticket` on the daemon's data port: exactly `size` bytes. Raises Unreachable (no
-        connection), another OSError (the connection is dropped) or ValueError (the daemon closed it
-        early: an expired ticket, say)."""
+        """Redeem a FetchDirect `ticket` on the daemon's data port: exactly `size` bytes. Raises
+        Unreachable (no connection), another OSError (the connection is dropped) or ValueError (the
+        daemon closed it early: an expired ticket, say)."""
+        return self._redeem(port, lambda conn: _receive(conn, ticket, size, timeout_s))
+
+    def send(self, port: int, ticket: bytes, data: bytes | bytearray | memoryview,
+             timeout_s: float) -> tuple[int, bytes]:
+        """Redeem a PutDirect `ticket`: send `data`, then the daemon's reply (wire.PUT_REPLY): the status
+        code's number (0: stored) and its payload (a PutResponse, or the error's message). Raises as
+        `receive` does."""
+        return self._redeem(port, lambda conn: _send(conn, ticket, data, timeout_s))
+
+    def _redeem(self, port: int, exchange: Callable[[socket.socket], T]) -> T:
+        """`exchange` on a kept connection to `port`, or on a new one if there is none or the daemon had
+        closed the kept one (its ticket then is unspent); the connection is kept afterwards."""
         with self._lock:
             if port != self._port:  # a restarted daemon with a new port: drop connections to the old one
                 stale, self._idle, self._port = self._idle, [], port
@@ -73,10 +81,10 @@ class DataConnections:
             old.close()
         if conn is not None:
             try:
-                return self._receive(conn, port, ticket, size, timeout_s)
+                return self._exchange(port, conn, exchange)
             except (_Unused, ConnectionError):  # the daemon closed the kept connection: the ticket is unspent
                 pass
-        return self._receive(self._connect(port), port, ticket, size, timeout_s)
+        return self._exchange(port, self._connect(port), exchange)
 
     def _connect(self, port: int) -> socket.socket:
         try:
@@ -93,19 +101,9 @@ class DataConnections:
             raise Unreachable(f"cannot open a data-port connection to {self.host}:{port}: {exc}") from exc
         return conn
 
-    def _receive(self, conn: socket.socket, port: int, ticket: bytes, size: int, timeout_s: float) -> bytearray:
-        offset = 0
+    def _exchange(self, port: int, conn: socket.socket, exchange: Callable[[socket.socket], T]) -> T:
         try:
-            conn.settimeout(timeout_s)
-            conn.sendall(ticket)
-            data = bytearray(size)
-            view = memoryview(data)
-            while offset < size:
-                n = conn.recv_into(view[offset:])
-                if n == 0:
-                    raise (_Unused if offset == 0 else ValueError)(
-                        f"data port closed the connection after {offset} of {size} bytes")
-                offset += n
+            result = exchange(conn)
         except BaseException:
             conn.close()
             raise
@@ -115,10 +113,44 @@ class DataConnections:
                 conn = None
         if conn is not None:
             conn.close()
-        return data
+        return result
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+def _receive(conn: socket.socket, ticket: bytes, size: int, timeout_s: float) -> bytearray:
+    conn.settimeout(timeout_s)
+    conn.sendall(ticket)
+    data = bytearray(size)
+    _fill(conn, memoryview(data))
+    return data
+
+
+def _send(conn: socket.socket, ticket: bytes, data: bytes | bytearray | memoryview,
+          timeout_s: float) -> tuple[int, bytes]:
+    conn.settimeout(timeout_s)
+    conn.sendall(ticket)
+    conn.sendall(data)
+    head = bytearray(PUT_REPLY.size)
+    _fill(conn, memoryview(head))
+    code, length = PUT_REPLY.unpack(head)
+    if length > MAX_REPLY_BYTES:
+        raise ValueError(f"data port announced a put reply of {length} bytes")
+    payload = bytearray(length)
+    _fill(conn, memoryview(payload))
+    return code, bytes(payload)
+
+
+def _fill(conn: socket.socket, view: memoryview) -> None:
+    """Read exactly len(view) bytes; _Unused if the connection closes before the first, ValueError after."""
+    offset = 0
+    while offset < len(view):
+        n = conn.recv_into(view[offset:])
+        if n == 0:
+            raise (_Unused if offset == 0 else ValueError)(
+                f"data port closed the connection after {offset} of {len(view)} bytes")
+        offset += n

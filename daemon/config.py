@@ -170,8 +170,8 @@ OPTIONS: tuple[Option, ...] = (
            "Namespaces one tenant may hold; a Put that would create one more for it is refused "
            "(RESOURCE_EXHAUSTED). 0: no per-tenant limit (max_namespaces still applies)."),
     Option("tenant_requests_per_second", float, 0.0,
-           "Put, Lookup, Fetch, FetchDirect, Delete and Verify calls per second one tenant may make (a token "
-           "bucket); past it RESOURCE_EXHAUSTED. 0: no limit."),
+           "Put, PutDirect, Lookup, Fetch, FetchDirect, Delete and Verify calls per second one tenant may make "
+           "(a token bucket); past it RESOURCE_EXHAUSTED. 0: no limit."),
     Option("tenant_request_burst", int, 100,
            "tenant_requests_per_second: the bucket's capacity, the calls a tenant may make at once after a pause."),
     Option("verify_bytes_per_second", parse_size, "64MiB",
@@ -182,9 +182,9 @@ OPTIONS: tuple[Option, ...] = (
            "entry (at a restart, the largest first); the others, and namespaces the daemon does not hold, are "
            "counted under namespace=\"_other\" (gauges summed). Bounds the series clients can create."),
     Option("data_listen", str, "auto",
-           "Data port for FetchDirect (host:port): blobs on a plain TCP connection, faster than a gRPC "
-           "stream. 'auto': the host of `listen`, a free port (clients learn it from each answer); "
-           "empty disables."),
+           "Data port for FetchDirect and PutDirect (host:port): blobs on a TCP connection (TLS with the gRPC "
+           "port's certificates), faster than a gRPC stream. 'auto': the host of `listen`, a free port (clients "
+           "learn it from each answer); empty disables."),
     Option("workers", int, 16,
            "gRPC worker threads for unary calls (Lookup, Stats, FetchDirect, ...); streams have their own."),
     Option("stream_workers", int, 64,

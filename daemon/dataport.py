@@ -1,9 +1,9 @@
-"""The data port: fetched blobs on a plain TCP connection, beside gRPC.
+"""The data port: blobs on a plain (or TLS) TCP connection, beside gRPC.
 
 Python gRPC moves a multi-megabyte blob through HTTP/2 frames, a thread hand-off per message and
 several copies, which leaves a Fetch stream behind a Redis GET of the same blob (measured in
 docs/bench_daemon.md). The data port carries the bytes as Redis does, on a TCP connection, while
-gRPC keeps everything else (validation, accounting, status codes):
+gRPC keeps everything else (validation, accounting, credentials, status codes). A fetch:
 
 1. the client calls FetchDirect; the daemon checks the request and the caller's credential, pins the
    entry and answers with the header, a one-time ticket (16 random bytes) and the data port's number;
@@ -13,6 +13,13 @@ gRPC keeps everything else (validation, accounting, status codes):
    it sends the ticket (connections are kept open between fetches, one HELLO each);
 3. the daemon writes exactly blob.size bytes back, and the client verifies the checksum as for a
    stream.
+
+A put is the same in the other direction: PutDirect takes the Put's header (checked, deduplicated:
+an entry already stored needs no ticket), reserves the blob's share of `put_buffer_bytes`, and answers
+a ticket; the client sends the ticket and then exactly blob.size bytes; the daemon checks and stores
+them as a Put stream's (sha256, CRC-32C, one WriteBatch) and writes the reply frame (wire.PUT_REPLY:
+the status code's number, a length, a PutResponse or the error's message). The connection is then
+kept, as after a fetch.
 
 A ticket is good for one transfer within TICKET_TTL_S, and only on a connection of the caller it was
 issued to (access.Access identifies the HELLO's token or the connection's client certificate as it
@@ -35,7 +42,6 @@ import logging
 import secrets
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections import Counter
@@ -44,6 +50,8 @@ from contextlib import closing, suppress
 from dataclasses import dataclass
 from typing import Protocol
 
+from flexcache.v1.wire import CHUNK_BYTES, DATA_HELLO, DATA_MAGIC, MAX_TOKEN_BYTES, PUT_REPLY, TICKET_BYTES
+
 from .access import OPEN, Access
 from .auth import Identity
 from .errors import Unauthenticated
@@ -51,10 +59,6 @@ from .tls import peer_common_name
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"FCD1"  # a HELLO frame: MAGIC, a 2-byte big-endian token length, the token (UTF-8)
-HELLO = struct.Struct(">4sH")
-MAX_TOKEN_BYTES = 4096
-TICKET_BYTES = 16
 TICKET_TTL_S = 30.0
 IDLE_S = 5.0  # a connection bringing no whole ticket for this long is closed (data_idle_seconds)
 STALL_S = 10.0  # a transfer whose reader takes nothing for this long is dropped (stream_idle_seconds)
@@ -69,12 +73,34 @@ class Chunks(Iterator[bytes], Protocol):
     def close(self) -> None: ...
 
 
+class Sink(Protocol):
+    """Where a PutDirect's bytes go (the server's DirectPut): `add_chunk` for each piece of at most
+    CHUNK_BYTES, in order; then `finish`, the reply (a gRPC status code's number, 0 for OK, and its
+    payload); or `abort` if the transfer failed. Exactly one of `finish` and `abort` is called."""
+
+    def add_chunk(self, data: bytes) -> None: ...
+
+    def finish(self) -> tuple[int, bytes]: ...
+
+    def abort(self) -> None: ...
+
+
 @dataclass
 class _Transfer:
-    chunks: Chunks
+    """One ticket's transfer: a fetch sends `chunks`, a put receives into `sink`."""
+
     size: int
     expires: float
     owner: str  # Identity.writer of the caller it was issued to
+    chunks: Chunks | None = None
+    sink: Sink | None = None
+
+    def drop(self) -> None:
+        """Release what the transfer holds (its entry's pin, or its Put's buffer share)."""
+        if self.chunks is not None:
+            self.chunks.close()
+        elif self.sink is not None:
+            self.sink.abort()
 
 
 class DataPort:
@@ -128,14 +154,22 @@ class DataPort:
             return len(self._connections)
 
     def issue(self, chunks: Chunks, size: int, owner: str = OPEN.writer) -> bytes:
-        """A ticket for one transfer of `chunks` (`size` bytes in all), redeemable only on a connection
-        whose caller's Identity.writer is `owner`; the port now owns `chunks`."""
+        """A ticket for one transfer of `chunks` (`size` bytes in all) to the client, redeemable only on
+        a connection whose caller's Identity.writer is `owner`; the port now owns `chunks`."""
+        return self._issue(_Transfer(size, time.monotonic() + self.ticket_ttl_s, owner, chunks=chunks))
+
+    def issue_put(self, sink: Sink, size: int, owner: str = OPEN.writer) -> bytes:
+        """A ticket for one transfer of `size` bytes from the client into `sink`, answered on the same
+        connection (PUT_REPLY); redeemable as `issue`'s. The port now owns `sink`."""
+        return self._issue(_Transfer(size, time.monotonic() + self.ticket_ttl_s, owner, sink=sink))
+
+    def _issue(self, transfer: _Transfer) -> bytes:
         ticket = secrets.token_bytes(TICKET_BYTES)
         with self._lock:
             if self._stopping.is_set():
-                chunks.close()
+                transfer.drop()
                 raise OSError("data port is shutting down")
-            self._tickets[ticket] = _Transfer(chunks, size, time.monotonic() + self.ticket_ttl_s, owner)
+            self._tickets[ticket] = transfer
         return ticket
 
     def stop(self, grace_s: float) -> None:
@@ -159,7 +193,7 @@ class DataPort:
         for thread in self._live_threads():  # none may still be reading when the store closes
             thread.join(5.0)
         for transfer in transfers:
-            transfer.chunks.close()
+            transfer.drop()
             self._count("expired")
 
     def _live_threads(self) -> list[threading.Thread]:
@@ -209,7 +243,7 @@ class DataPort:
             stale = [t for t, transfer in self._tickets.items() if transfer.expires < now]
             transfers = [self._tickets.pop(t) for t in stale]
         for transfer in transfers:
-            transfer.chunks.close()
+            transfer.drop()
             self._count("expired")
 
     def _take(self, ticket: bytes, who: Identity) -> _Transfer | None:
@@ -223,7 +257,7 @@ class DataPort:
         if transfer is None:
             self._count("refused")
         elif transfer.expires < time.monotonic():
-            transfer.chunks.close()
+            transfer.drop()
             self._count("expired")
             return None
         return transfer
@@ -253,7 +287,8 @@ class DataPort:
                 transfer = self._take(ticket, who)
                 if transfer is None:
                     return  # a ticket we do not hold (any more), or not this caller's: the client streams instead
-                if not self._send(link, transfer):
+                done = self._send(link, transfer) if transfer.chunks is not None else self._receive(link, transfer)
+                if not done:
                     return
         except OSError:
             pass  # the client went away, a TLS handshake failed, or the daemon is stopping
@@ -281,11 +316,11 @@ class DataPort:
         """The caller, from the connection's HELLO frame (and its client certificate); None when the
         connection closes or brings something else, or the credential is refused (counted, warned)."""
         deadline = time.monotonic() + self.idle_s
-        head = _recv_exactly(conn, HELLO.size, deadline)
+        head = _recv_exactly(conn, DATA_HELLO.size, deadline)
         if head is None:
             return None
-        magic, length = HELLO.unpack(head)
-        if magic != MAGIC or length > MAX_TOKEN_BYTES:
+        magic, length = DATA_HELLO.unpack(head)
+        if magic != DATA_MAGIC or length > MAX_TOKEN_BYTES:
             self._count_connection("unauthenticated")
             self._warn(client, "data port hello", "data port connection closed: it did not start with a HELLO "
                        "frame (a client older than this daemon?)")
@@ -302,11 +337,45 @@ class DataPort:
             self._warn(client, "data port unauthenticated", "data port connection refused: %s", exc)
             return None
 
+    def _receive(self, conn: socket.socket, transfer: _Transfer) -> bool:
+        """Read the ticket's `size` bytes into its sink, then write the sink's reply; False (the connection
+        must close, the sink aborted) if the bytes did not all come: the client sent nothing for
+        stall_s, the transfer ran max_s, or the client went away."""
+        sink, size = transfer.sink, transfer.size
+        assert sink is not None
+        deadline = time.monotonic() + self.max_s
+        buffer = bytearray(min(CHUNK_BYTES, size))
+        view = memoryview(buffer)
+        received = 0
+        try:
+            while received < size:
+                n = min(CHUNK_BYTES, size - received)
+                _recv_into_within(conn, view[:n], self.stall_s, deadline)
+                sink.add_chunk(bytes(view[:n]))
+                received += n
+        except OSError:  # the client went away or stalled; it puts over the stream instead
+            sink.abort()
+            self._count("failed")
+            return False
+        except Exception:
+            log.exception("data port: storing a put's bytes failed")
+            sink.abort()
+            self._count("failed")
+            return False
+        code, payload = sink.finish()
+        self._count("received" if code == 0 else "refused_put")
+        try:
+            _send_within(conn, PUT_REPLY.pack(code, len(payload)) + payload, self.stall_s, deadline)
+        except OSError:  # the entry is stored (or refused) whatever the client heard
+            return False
+        return True
+
     def _send(self, conn: socket.socket, transfer: _Transfer) -> bool:
         """Write the ticket's blob; False (the connection must close) if it could not be sent whole: the
         reader took nothing for stall_s, the transfer ran max_s, or the client went away."""
         deadline = time.monotonic() + self.max_s
         sent = 0
+        assert transfer.chunks is not None
         try:
             with closing(transfer.chunks):
                 for chunk in transfer.chunks:
@@ -340,6 +409,21 @@ def _recv_exactly(conn: socket.socket, n: int, deadline: float) -> bytes | None:
             return None
         data += part
     return bytes(data)
+
+
+def _recv_into_within(conn: socket.socket, view: memoryview, stall_s: float, deadline: float) -> None:
+    """Fill `view`; TimeoutError if the sender sends nothing for `stall_s` or `deadline` passes,
+    ConnectionError if it closes first."""
+    filled = 0
+    while filled < len(view):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the transfer ran past its deadline")
+        conn.settimeout(min(stall_s, left))
+        n = conn.recv_into(view[filled:])
+        if n == 0:
+            raise ConnectionError(f"the client closed the connection after {filled} of {len(view)} bytes")
+        filled += n
 
 
 def _send_within(conn: socket.socket, data: bytes, stall_s: float, deadline: float) -> None:

@@ -202,20 +202,41 @@ class Guard:
         """Hold `size` bytes of the Put buffer for `watch`'s call until it ends; Refused if the buffer, or
         this address's half of it, has not that much left."""
         with self._lock:
-            mine = self._held[watch.peer]
-            if mine + size > self.put_buffer_bytes // 2 or self._held_total + size > self.put_buffer_bytes:
-                raise Refused("put_buffer", f"Puts being received hold {self._held_total} bytes ({mine} of them "
-                                            f"this client's), no room for {size} more (put_buffer_bytes "
-                                            f"{self.put_buffer_bytes}, half of it per client): try again later")
-            self._held[watch.peer] += size
-            self._held_total += size
+            self._take(watch.peer, size)
             watch.held_bytes += size
 
+    def reserve(self, peer: str, size: int) -> Callable[[], None]:
+        """Hold `size` bytes of the Put buffer for `peer` beyond any one call (a PutDirect's bytes arrive
+        on the data port after the call ended); Refused as `hold`. Returns the release, which frees them
+        once, however often it is called."""
+        with self._lock:
+            self._take(peer, size)
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if not released.is_set():
+                    released.set()
+                    self._give(peer, size)
+        return release
+
+    def _take(self, peer: str, size: int) -> None:
+        mine = self._held[peer]
+        if mine + size > self.put_buffer_bytes // 2 or self._held_total + size > self.put_buffer_bytes:
+            raise Refused("put_buffer", f"Puts being received hold {self._held_total} bytes ({mine} of them "
+                                        f"this client's), no room for {size} more (put_buffer_bytes "
+                                        f"{self.put_buffer_bytes}, half of it per client): try again later")
+        self._held[peer] += size
+        self._held_total += size
+
+    def _give(self, peer: str, size: int) -> None:
+        self._held[peer] -= size
+        if self._held[peer] <= 0:
+            del self._held[peer]
+        self._held_total -= size
+
     def _release(self, watch: Watch) -> None:
-        self._held[watch.peer] -= watch.held_bytes
-        if self._held[watch.peer] <= 0:
-            del self._held[watch.peer]
-        self._held_total -= watch.held_bytes
+        self._give(watch.peer, watch.held_bytes)
         watch.held_bytes = 0
 
     def _run(self) -> None:

@@ -122,9 +122,11 @@ class Metrics:
         self.evicted_bytes = add(Counter, "flexcache_evicted_bytes_total", "Bytes evicted, by policy.",
                                  ("policy",))
         self.data_transfers = add(Counter, "flexcache_data_port_transfers_total",
-                                  "Data-port tickets, by outcome: sent, expired (never redeemed), failed (the "
-                                  "client went away or the entry could not be read) or refused (a ticket the "
-                                  "daemon does not hold).", ("outcome",))
+                                  "Data-port tickets, by outcome: sent (a fetch), received (a put, stored), "
+                                  "refused_put (a put received and refused: its reply says why), expired (never "
+                                  "redeemed), failed (the client went away or stalled, or the entry could not be "
+                                  "read) or refused (a ticket the daemon does not hold, or another caller's).",
+                                  ("outcome",))
         self.corrupt = add(Counter, "flexcache_corrupt_entries_total",
                            "Entries found corrupt on disk and deleted, by who found them: client (a client's "
                            "Verify after a failed checksum) or scrubber (the background scrubber).", ("found_by",))

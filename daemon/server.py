@@ -40,7 +40,7 @@ from . import tls
 from .access import OPEN, Access, bearer_token
 from .auth import AuthConfigError, Credentials, Identity
 from .build import open_cache
-from .cache import Cache
+from .cache import Cache, PutSession
 from .config import Config
 from .dataport import DataPort
 from .errors import (
@@ -334,7 +334,7 @@ class CacheServicer:
             raise
         except CacheError as exc:
             code = _status_of(exc)
-            self._client_mistake(method, context, exc)
+            self._client_mistake(method, peer_host(context.peer()), exc)
             context.abort(code, str(exc))
         except grpc.RpcError:
             # Raised by the request iterator: gRPC already ended the call with its own status (a
@@ -360,18 +360,25 @@ class CacheServicer:
                 self.metrics.requests.labels(method, code.name).inc()
                 self.metrics.latency.labels(method).observe(time.perf_counter() - start)
 
-    def _client_mistake(self, method: str, context: grpc.ServicerContext, exc: CacheError) -> None:
+    def _client_mistake(self, method: str, peer: str, exc: CacheError) -> None:
         if isinstance(exc, Unauthenticated | PermissionDenied):
             reason = "unauthenticated" if isinstance(exc, Unauthenticated) else "permission_denied"
             self.metrics.calls_refused.labels(method, reason).inc()
-            self.clients.warn(peer_host(context.peer()), reason, "%s refused: %s", method, _clip(exc))
+            self.clients.warn(peer, reason, "%s refused: %s", method, _clip(exc))
         elif isinstance(exc, Refused):
             self.metrics.calls_refused.labels(method, exc.reason).inc()
-            self.clients.warn(peer_host(context.peer()), "refused", "%s refused: %s", method, _clip(exc))
+            self.clients.warn(peer, "refused", "%s refused: %s", method, _clip(exc))
         elif (reason := _bad_request_reason(exc)) is not None:
             self.metrics.bad_requests.labels(method, reason).inc()
-            self.clients.warn(peer_host(context.peer()), "bad request", "bad request to %s (%s): %s", method, reason,
+            self.clients.warn(peer, "bad request", "bad request to %s (%s): %s", method, reason,
                               _clip(exc))
+
+    def _begin_put(self, cache: Cache, who: Identity, header: pb.PutHeader) -> PutSession:
+        """A Put (stream or PutDirect) of `who`'s: its tenant checked, its writer stamped, its header
+        checked by the cache."""
+        self.access.check(who, header.namespace.tenant)
+        header.writer = who.writer  # the daemon's to say, never the client's
+        return cache.begin_put(header)
 
     def Put(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.PutResponse:
         with self.call("Put", context, stream=True) as (cache, watch, who):
@@ -379,9 +386,7 @@ class CacheServicer:
             first = next(messages, None)
             if first is None or first.WhichOneof("msg") != "header":
                 raise InvalidRequest("the first Put message must be a header")
-            self.access.check(who, first.header.namespace.tenant)
-            first.header.writer = who.writer  # the daemon's to say, never the client's
-            session = cache.begin_put(first.header)
+            session = self._begin_put(cache, who, first.header)
             if session.existing:  # content-addressed: the same entry is already stored, skip the upload
                 return pb.PutResponse(entry_id=session.entry_id, created=False)
             self.guard.hold(watch, first.header.blob.size)  # the blob is buffered whole until it is stored
@@ -418,6 +423,22 @@ class CacheServicer:
                 raise Unavailable(str(exc)) from exc
             return pb.FetchTicket(header=header, ticket=ticket, data_port=self.dataport.port)
 
+    def PutDirect(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.PutTicket:
+        with self.call("PutDirect", context) as (cache, watch, who):
+            header = one_request(watch, requests, pb.PutHeader)
+            if self.dataport is None:
+                raise WrongPath("this daemon has no data port (data_listen): use Put")
+            session = self._begin_put(cache, who, header)
+            if session.existing:  # content-addressed: nothing to send
+                return pb.PutTicket(stored=pb.PutResponse(entry_id=session.entry_id, created=False))
+            release = self.guard.reserve(watch.peer, header.blob.size)  # held until the transfer ends
+            put = DirectPut(session, release, lambda exc: self._client_mistake("PutDirect", watch.peer, exc))
+            try:
+                ticket = self.dataport.issue_put(put, header.blob.size, owner=who.writer)
+            except OSError as exc:  # shutting down
+                raise Unavailable(str(exc)) from exc
+            return pb.PutTicket(ticket=ticket, data_port=self.dataport.port)
+
     def Delete(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.DeleteResponse:
         with self.call("Delete", context) as (cache, watch, who):
             return pb.DeleteResponse(deleted=cache.delete(self._allowed(who, one_request(watch, requests,
@@ -436,6 +457,34 @@ class CacheServicer:
         """`request`, if its Namespace names a tenant `who` may use (PermissionDenied otherwise)."""
         self.access.check(who, request.namespace.tenant)  # type: ignore[attr-defined]
         return request
+
+
+class DirectPut:
+    """A PutDirect's entry, fed by the data port (dataport.Sink): the bytes as a Put stream's chunks,
+    then the reply, a domain error answered with its status and message as `call` answers one."""
+
+    def __init__(self, session: PutSession, release: Callable[[], None], mistake: Callable[[CacheError], None]):
+        self._session = session
+        self._release = release  # the Put buffer share PutDirect reserved
+        self._mistake = mistake
+
+    def add_chunk(self, data: bytes) -> None:
+        self._session.add_chunk(data)
+
+    def finish(self) -> tuple[int, bytes]:
+        try:
+            return 0, self._session.finish().SerializeToString()
+        except CacheError as exc:
+            self._mistake(exc)
+            return _status_of(exc).value[0], str(exc).encode()
+        except Exception:
+            log.exception("PutDirect failed")
+            return grpc.StatusCode.INTERNAL.value[0], b"internal error in PutDirect; see the daemon log"
+        finally:
+            self._release()
+
+    def abort(self) -> None:
+        self._release()
 
 
 def own_stats(stats: pb.StatsResponse, who: Identity) -> pb.StatsResponse:

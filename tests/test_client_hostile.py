@@ -32,10 +32,10 @@ import pytest
 
 from flexcache.client import CacheClient, Fetched, Hit, LookupResult, Retry
 from flexcache.client import codec as latent_codec
-from flexcache.client.dataport import HELLO
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
 from flexcache.v1 import wire
+from flexcache.v1.wire import DATA_HELLO as HELLO
 from tests.conftest import NS
 from tests.vectors import unit
 

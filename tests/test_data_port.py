@@ -1,8 +1,10 @@
-"""Fetches over the daemon's data port (daemon/dataport.py, client/dataport.py): tickets, the
+"""Fetches and puts over the daemon's data port (daemon/dataport.py, client/dataport.py): tickets, the
 client's default path, and every way back to the stream."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import socket
 import threading
@@ -12,9 +14,10 @@ import grpc
 import numpy as np
 import pytest
 
-from flexcache.client.dataport import hello
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
+from flexcache.v1 import wire
+from flexcache.v1.wire import data_hello as hello
 from tests.conftest import NS, connect, metric
 from tests.vectors import unit
 
@@ -238,3 +241,103 @@ def test_blob_corrupt_on_disk_is_reported_and_deleted(daemon, caplog) -> None:
                 pb.VerifyRequest(namespace=NS.to_proto(), entry_id=good_id), timeout=10)
         assert answer.intact and not answer.deleted
     assert metric(daemon, "flexcache_corrupt_entries_total") == 1
+
+
+# ---- puts over the data port (PutDirect) ----
+def put_header(data: bytes, prompt: str, *, sha256: bytes | None = None) -> pb.PutHeader:
+    import crc32c
+
+    blob = pb.BlobInfo(codec="raw", dtype="uint8", shape=[len(data)], size=len(data),
+                       sha256=sha256 or hashlib.sha256(data).digest(), crc32c=crc32c.crc32c(data))
+    return pb.PutHeader(namespace=NS.to_proto(), prompt=prompt, blob=blob, vectors=pb.Vectors(full=unit(7).tolist()))
+
+
+def put_direct(daemon, header: pb.PutHeader) -> pb.PutTicket:
+    with grpc.insecure_channel(daemon.target) as channel:
+        return pb_grpc.CacheServiceStub(channel).PutDirect(header, timeout=10)
+
+
+def send_put(port: int, ticket: bytes, data: bytes) -> tuple[int, bytes]:
+    """Redeem a put ticket as a client does: HELLO, ticket, the bytes; the daemon's reply frame."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(hello(None) + ticket + data)
+        head = b""
+        while len(head) < wire.PUT_REPLY.size and (part := conn.recv(wire.PUT_REPLY.size - len(head))):
+            head += part
+        code, length = wire.PUT_REPLY.unpack(head)
+        payload = b""
+        while len(payload) < length and (part := conn.recv(length - len(payload))):
+            payload += part
+        return code, payload
+
+
+@pytest.mark.parametrize("size", [wire.DIRECT_PUT_MIN_BYTES, (3 << 20) + 5])
+def test_client_puts_over_the_data_port(daemon, size: int) -> None:
+    data = os.urandom(size)
+    with connect(daemon.target) as c:
+        info = pb.BlobInfo(codec="raw", dtype="uint8", shape=[size])
+        entry = c.put_blob("a direct put", data, info, unit(1))
+        assert entry is not None and c.last_error is None
+        assert c.put_blob("a direct put", data, info, unit(1)) == entry  # stored already: nothing sent
+        assert bytes(c.fetch(entry).data) == data
+        small = c.put_blob("a small put", b"x" * 1000, pb.BlobInfo(codec="raw", dtype="uint8", shape=[1000]), unit(2))
+        assert small is not None
+    assert metric(daemon, "flexcache_requests_total", method="PutDirect", code="OK") == 2
+    assert metric(daemon, "flexcache_requests_total", method="Put") == 1  # the small one streams
+    assert wait_for(lambda: metric(daemon, "flexcache_data_port_transfers_total", outcome="received") == 1)
+    assert metric(daemon, "flexcache_put_buffer_bytes") == 0
+
+
+def test_a_direct_put_is_checked_like_a_stream(daemon) -> None:
+    data = os.urandom(1 << 20)
+    wrong = put_direct(daemon, put_header(data, "lying about its sha256", sha256=hashlib.sha256(b"other").digest()))
+    code, message = send_put(wrong.data_port, wrong.ticket, data)
+    assert grpc.StatusCode.DATA_LOSS.value[0] == code and b"checksum mismatch" in message
+    with grpc.insecure_channel(daemon.target) as channel, pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.CacheServiceStub(channel).PutDirect(pb.PutHeader(namespace=NS.to_proto(), prompt=""), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    right = put_direct(daemon, put_header(data, "honest"))
+    code, payload = send_put(right.data_port, right.ticket, data)
+    assert code == 0 and pb.PutResponse.FromString(payload).created
+    assert daemon.stats().entries == 1  # only the honest one
+    with socket.create_connection(("127.0.0.1", right.data_port), timeout=10) as conn:
+        conn.sendall(hello(None) + right.ticket)  # spent: the connection closes without a reply
+        with contextlib.suppress(ConnectionResetError):
+            assert conn.recv(16) == b""
+
+
+def test_a_direct_put_that_stalls_is_dropped_and_releases_its_buffer(start_daemon) -> None:
+    daemon = start_daemon(stream_idle_seconds=1.0)
+    data = os.urandom(2 << 20)
+    answer = put_direct(daemon, put_header(data, "stalls"))
+    assert metric(daemon, "flexcache_put_buffer_bytes") == len(data)  # reserved until the transfer ends
+    with socket.create_connection(("127.0.0.1", answer.data_port), timeout=10) as conn:
+        conn.sendall(hello(None) + answer.ticket + data[:1000])  # then nothing
+        assert wait_for(lambda: metric(daemon, "flexcache_data_port_transfers_total", outcome="failed") == 1)
+    assert metric(daemon, "flexcache_put_buffer_bytes") == 0
+    assert daemon.stats().entries == 0  # nothing half-written
+    with connect(daemon.target) as c:  # and the daemon serves on
+        assert c.put_blob("next", data, pb.BlobInfo(codec="raw", dtype="uint8", shape=[len(data)]), unit(3))
+
+
+def test_an_unredeemed_put_ticket_releases_its_buffer_when_it_expires() -> None:
+    from flexcache.daemon.dataport import DataPort
+
+    released = []
+
+    class Sink:
+        def add_chunk(self, data: bytes) -> None: ...
+
+        def finish(self) -> tuple[int, bytes]:
+            return 0, b""
+
+        def abort(self) -> None:
+            released.append(True)
+
+    port = DataPort("127.0.0.1:0", ticket_ttl_s=0.2)
+    port.start()
+    try:
+        port.issue_put(Sink(), 100)
+        assert wait_for(lambda: released == [True], timeout_s=3)
+    finally:
+        port.stop(grace_s=0)

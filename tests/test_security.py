@@ -254,7 +254,7 @@ def test_mtls_binds_a_client_certificate_to_its_tenant(start_daemon, tokens_file
 
 
 def test_a_ticket_is_redeemed_only_by_the_caller_it_was_issued_to(start_daemon, tokens_file: Path) -> None:
-    from flexcache.client.dataport import hello
+    from flexcache.v1.wire import data_hello as hello
 
     s = secured(start_daemon, tokens_file)
     with s.client() as owner:

@@ -21,9 +21,9 @@ import grpc
 import numpy as np
 import pytest
 
-from flexcache.client.dataport import hello
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
+from flexcache.v1.wire import data_hello as hello
 from tests.conftest import NS, connect, metric
 from tests.test_data_port import wait_for
 from tests.vectors import unit

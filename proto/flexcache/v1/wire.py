@@ -1,11 +1,13 @@
 """What both sides of the wire must agree on beyond cache.proto: message limits, role names, the
 encoding of a FetchResponse chunk frame that the daemon writes by hand and the client reads without
-a copy (`encode_chunk` / `decode_chunk`), and the rule for a usable blob info (`blob_problem`)."""
+a copy (`encode_chunk` / `decode_chunk`), the data port's frames (HELLO, a put's reply), and the rules
+for a usable blob info (`blob_problem`) and object mask (`mask_problem`)."""
 
 from __future__ import annotations
 
 import math
 import re
+import struct
 
 import numpy as np
 
@@ -13,11 +15,32 @@ from . import cache_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheService"].full_name
 FETCH_METHOD = f"/{SERVICE_NAME}/Fetch"
+DIRECT_PUT_MIN_BYTES = 256 * 1024
+"""A client puts blobs at least this large over the data port (PutDirect), smaller ones in one Put
+stream: below it, the second connection's round trip costs more than gRPC's framing."""
 
 CHUNK_BYTES = 1 << 20
 """Most blob bytes in one Put or Fetch message; the daemon refuses larger Put chunks."""
 MAX_MESSAGE_BYTES = CHUNK_BYTES + 64 * 1024
 """gRPC message limit on both sides: one chunk plus its framing."""
+
+# ---- the data port (daemon/dataport.py has the protocol) ----
+DATA_MAGIC = b"FCD1"
+DATA_HELLO = struct.Struct(">4sH")
+"""The frame that opens every data-port connection: DATA_MAGIC, then the length of the caller's bearer
+token (0 without auth), then the token's UTF-8 bytes."""
+MAX_TOKEN_BYTES = 4096
+TICKET_BYTES = 16
+PUT_REPLY = struct.Struct(">BI")
+"""What the daemon writes after a PutDirect transfer's last byte: the gRPC status code's number (0 for
+OK), the payload's length, then the payload: a PutResponse for OK, else the error's message (UTF-8)."""
+
+
+def data_hello(token: str | None) -> bytes:
+    """The HELLO frame for a connection whose caller sends `token` (None: no credential)."""
+    raw = (token or "").encode()
+    return DATA_HELLO.pack(DATA_MAGIC, len(raw)) + raw
+
 
 ROLES = ("full", "object", "background")
 ROLE_BY_ENUM = {pb.ROLE_FULL: "full", pb.ROLE_OBJECT: "object", pb.ROLE_BACKGROUND: "background"}
