@@ -60,6 +60,7 @@ from .store import StoreLocked
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = wire.SERVICE_NAME
+SIGNAL_POLL_S = 0.2  # how soon the main thread notices a SIGTERM another thread received
 M = TypeVar("M", bound=Message)
 
 
@@ -639,6 +640,10 @@ class Daemon:
         handler: Callable[[int, object], None] = lambda signum, frame: done.set()  # noqa: E731
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
-        done.wait()
+        # Python runs a signal's handler in the main thread, when that thread next runs bytecode; the
+        # kernel may deliver SIGTERM to any of the daemon's threads (gRPC's, RocksDB's), which does not
+        # wake a main thread blocked without a timeout. So the wait wakes up to look.
+        while not done.wait(SIGNAL_POLL_S):
+            pass
         log.info("signal received: draining in-flight calls")
         self.stop()
