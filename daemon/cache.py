@@ -169,8 +169,10 @@ class Cache:
         ledger.restore_namespaces(namespaces)
         self._indexed_namespaces = self.index.namespaces()
         stored: dict[str, set[str]] = {ns_key: set() for ns_key in self._indexed_namespaces}
+        keys: dict[bytes, str] = {}  # a namespace's encoding -> its key: one sha256 per namespace, not per entry
         for eid, header, usage in self.store.entries():
-            ns_key = NamespaceKey.of(header.namespace).key
+            encoded = header.namespace.SerializeToString(deterministic=True)
+            ns_key = keys.get(encoded) or keys.setdefault(encoded, NamespaceKey.of(header.namespace).key)
             if usage is None:  # the rare path that needs the vectors (a new usage counts their bytes)
                 header.vectors.CopyFrom(self.store.vectors(eid))
             ledger.restore(eid, ns_key, usage or ledger.new_usage(header, time.time()), header.namespace.tenant)
@@ -535,6 +537,7 @@ class Cache:
         """Delete the victims as evictions; the bytes freed. A store that fails a delete (its disk full
         beyond the reserve) ends the pass: what was deleted stays counted, the rest stays whole."""
         before = self._ledger.total_bytes
+        created = {eid: usage.created for eid in victims if (usage := self._ledger.usage(eid)) is not None}
         try:
             self._delete_entries(victims)
         except DiskFull as exc:
@@ -546,6 +549,10 @@ class Cache:
         self.evictions += done
         self.metrics.evictions.labels(self.policy.name).inc(done)
         self.metrics.evicted_bytes.labels(self.policy.name).inc(freed)
+        now, ages = time.time(), self.metrics.evicted_age.labels(self.policy.name)
+        for eid, at in created.items():
+            if eid not in self._ledger:
+                ages.observe(max(0.0, now - at))
         log.info("evicted %d entries (%d bytes) by %s: %s", done, freed, self.policy.name, why)
         return freed
 

@@ -37,9 +37,10 @@ inputs on disk and the folder grew with the square of the point count while puts
 
 Search configuration (`shard_config`, `SEARCH_PARAMS`): HNSW m=32, ef_construct=128, scalar int8
 quantization of the indexed segments kept in RAM (the graph walk scores int8 codes; the final
-candidates are rescored with the float vectors, so returned similarities are exact), hnsw_ef=64 at
-search time, and an optimizer indexing threshold of 1,000 KB, so that few points stay in the plain
-segment every query scans in float32. Against Qdrant's defaults this is faster at a higher recall
+candidates are rescored with the float vectors, so returned similarities are exact), hnsw_ef=128 at
+search time (64 kept recall@1 at 0.999 at 100k entries but let it fall to 0.953 at 1M; 128 gave 0.993
+there: docs/bench_scale.md), and an optimizer indexing threshold of 1,000 KB, so that few points
+stay in the plain segment every query scans in float32. Against Qdrant's defaults this is faster at a higher recall
 for more optimizer CPU in the background thread (docs/bench_daemon.md has the A/B). A search pool of
 one thread per shard leaves a single query's latency as it was (a shard has few segments to search
 in parallel; docs/namespaces.md compares the two on the same 100k-entry shard).
@@ -74,7 +75,7 @@ SEARCH_THREADS: int | None = 1
 
 HNSW_M = 32  # Qdrant's default is 16
 HNSW_EF_CONSTRUCT = 128  # default 100
-SEARCH_HNSW_EF = 64  # candidates kept per search; Qdrant's default is ef_construct
+SEARCH_HNSW_EF = 128  # candidates kept per search; Qdrant's default is ef_construct
 INDEXING_THRESHOLD_KB = 1000  # appendable segments larger than this get indexed; Qdrant's default 10,000
 
 # Parts first, "full" last: an entry with a "full" point has all of its points.
