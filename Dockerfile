@@ -35,6 +35,9 @@ USER 10001:10001
 WORKDIR /var/lib/flexcache
 EXPOSE 50051 50052 9464
 ENTRYPOINT ["flexcache", "serve"]
-# Defaults for `docker run`; Kubernetes `args:` replace them (k8s/ passes --config instead).
+# Defaults for `docker run`; Kubernetes `args:` replace them (k8s/ passes --config instead). On these
+# addresses anyone who reaches the ports can use every tenant's entries: for a shared daemon add TLS
+# and tokens (FLEXCACHE_TLS_CERT_FILE, FLEXCACHE_TLS_KEY_FILE, FLEXCACHE_AUTH_TOKENS_FILE; README
+# "Security"); without them the daemon starts with a SECURITY error line saying so.
 CMD ["--data-dir", "/var/lib/flexcache", "--listen", "0.0.0.0:50051", "--data-listen", "0.0.0.0:50052", \
      "--metrics-listen", "0.0.0.0:9464"]
