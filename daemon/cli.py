@@ -7,7 +7,6 @@ or 2 (configuration); `verify` exits 1 when it finds damage, 2 when it cannot ch
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import logging
 import os
@@ -22,21 +21,12 @@ from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
 
 from . import config as cfg
+from .version import version
 
 if TYPE_CHECKING:
     from .auth import Entry
 
 EXIT_CONFIG, EXIT_RUNTIME = 2, 1
-DISTRIBUTION = "flexcache"
-
-
-def version() -> str:
-    """The installed distribution's version (its metadata, the one pip and bug reports see), or
-    '0+unknown' for code that runs without being installed as a distribution."""
-    try:
-        return importlib.metadata.version(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -120,6 +120,7 @@ class Usage:
     step: int = 0  # the blob's own step K (NIRVANA-style intermediate latent), 0 for x0
     total_steps: int = 1
     step_cost: float = 1.0  # GPU seconds per denoising step of this entry's model
+    step_seconds: float = 0.0  # the worker's measured GPU seconds per step (PutHeader.step_seconds); 0: unknown
     hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(wire.ROLES, 0))
     steps_saved: dict[str, float] = field(default_factory=lambda: dict.fromkeys(wire.ROLES, 0.0))
     log2_credit: float = -math.inf

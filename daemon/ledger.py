@@ -11,7 +11,9 @@ Contract:
   entry the ledger tracks is registered with the policy, and forgotten by it when removed, so the
   policy never needs telling about a hit.
 - Every change is published as it happens: the per-namespace gauges when an entry comes or goes, the
-  hit and step counters when a fetch is credited. Their namespace label is the namespace's label
+  hit, step and GPU-seconds counters when a fetch is credited (GPU seconds: granted steps x the role's
+  share x the entry's measured step_seconds, so a composed hit's two donors add up to the steps it
+  skipped once; an entry stored without a measurement adds none). Their namespace label is the namespace's label
   (metrics.NamespaceLabels, assigned as the namespace comes to hold entries, the largest first at
   startup, `finish_restore`); a gauge's value under a label is the sum over every namespace with that
   label, so "_other" sums the namespaces without a label of their own.
@@ -164,7 +166,7 @@ class Ledger:
         at the current clock, so that a new entry gets a chance to be used before it is ranked last."""
         usage = Usage(size=record_size(header), blob_size=header.blob.size, created=now, last_access=now,
                       step=header.blob.step, total_steps=header.namespace.total_steps,
-                      step_cost=header.step_seconds or 1.0)
+                      step_cost=header.step_seconds or 1.0, step_seconds=header.step_seconds)
         usage.add_credit(self._limits.utility_prior_steps * usage.step_cost, self.clock,
                          self._limits.utility_half_life)
         return usage
@@ -217,6 +219,9 @@ class Ledger:
             label = self.metric_label(self._entry_ns[eid])
             self._metrics.hits.labels(label, role).inc()
             self._metrics.steps.labels(label, role).inc(granted_steps)
+            if usage.step_seconds > 0:  # measured by the entry's worker; unknown (0) adds no GPU seconds
+                saved = granted_steps * CREDIT_SHARE[role] * usage.step_seconds
+                self._metrics.gpu_seconds.labels(label, role).inc(saved)
         return usage
 
     # ---- totals ----

@@ -9,6 +9,7 @@ log line ever carries prompt text.
 
 from __future__ import annotations
 
+import platform
 import threading
 
 from prometheus_client import (
@@ -16,14 +17,33 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     start_http_server,
 )
+
+from .version import version
 
 disable_created_metrics()  # the *_created series only double the scrape size
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _SIZE_BUCKETS = tuple(2.0**k for k in range(10, 33, 2))  # 1 KiB .. 4 GiB
+# An evicted entry's age: 1 s .. 30 days. The thrash alert (deploy/prometheus) reads the 300 s bucket.
+_AGE_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, 7 * 24 * 3600, 30 * 24 * 3600)
+
+# The standard series prometheus_client's ProcessCollector (Linux: read from /proc) and
+# PlatformCollector add to the daemon's registry: described here for the README's table.
+_STANDARD = (
+    ("process_cpu_seconds_total", "counter", (), "Standard (prometheus_client): user and system CPU seconds."),
+    ("process_resident_memory_bytes", "gauge", (), "Standard: resident memory."),
+    ("process_virtual_memory_bytes", "gauge", (), "Standard: virtual memory."),
+    ("process_open_fds", "gauge", (), "Standard: open file descriptors."),
+    ("process_max_fds", "gauge", (), "Standard: the file descriptor limit."),
+    ("process_start_time_seconds", "gauge", (), "Standard: the process's start time, Unix seconds."),
+    ("python_info", "gauge", ("implementation", "major", "minor", "patchlevel", "version"),
+     "Standard: the Python interpreter, value 1."),
+)
 
 
 OTHER = "_other"  # the namespace label value of every namespace without a label of its own
@@ -106,6 +126,13 @@ class Metrics:
         self.steps = add(Counter, "flexcache_steps_granted_total",
                          "Denoising steps that served entries let workers skip, by namespace (or _other) and role.",
                          ("namespace", "role"))
+        self.gpu_seconds = add(Counter, "flexcache_gpu_seconds_saved_total",
+                               "GPU seconds that served entries saved workers, by namespace (or _other) and role: "
+                               "each fetch's granted steps x the role's share (full 1, object and background 0.5 "
+                               "each) x the seconds per step its entry's worker measured (PutHeader.step_seconds). "
+                               "Entries stored without a measurement (step_seconds 0, "
+                               "or stored by a daemon before this metric) add nothing here, only to "
+                               "flexcache_steps_granted_total.", ("namespace", "role"))
         self.entries = add(Gauge, "flexcache_entries",
                            "Entries stored, by namespace (_other: the sum over the namespaces without a label of "
                            "their own, metrics_max_namespaces).", ("namespace",))
@@ -121,6 +148,10 @@ class Metrics:
                                     "in flexcache_evictions_total too).")
         self.evicted_bytes = add(Counter, "flexcache_evicted_bytes_total", "Bytes evicted, by policy.",
                                  ("policy",))
+        self.evicted_age = add(Histogram, "flexcache_evicted_entry_age_seconds",
+                               "Age (since it was stored) of each evicted entry, by policy: many young ones mean "
+                               "the budget thrashes (entries evicted before they could be reused).", ("policy",),
+                               buckets=_AGE_BUCKETS)
         self.data_transfers = add(Counter, "flexcache_data_port_transfers_total",
                                   "Data-port tickets, by outcome: sent (a fetch), received (a put, stored), "
                                   "refused_put (a put received and refused: its reply says why), expired (never "
@@ -191,6 +222,13 @@ class Metrics:
                                     "credential).",
                                     ("outcome",))
         self.data_open = add(Gauge, "flexcache_data_port_open_connections", "Data-port connections open now.")
+        self.build_info = add(Gauge, "flexcache_build_info",
+                              "Value 1, labelled with the daemon's version (the installed distribution's) and the "
+                              "Python version it runs on.", ("version", "python"))
+        self.build_info.labels(version(), platform.python_version()).set(1)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.described.extend(_STANDARD)
 
     def _add(self, kind: type, name: str, doc: str, labels: tuple[str, ...] = (), **kwargs: object):
         self.described.append((name, kind.__name__.lower(), labels, doc))

@@ -43,8 +43,9 @@ IMAGE = f"ghcr.io/flexcache/flexcache:{PROJECT['version']}"
 # Oldest version the sidecar variant supports (native sidecars), and a current one.
 K8S_VERSIONS = ("1.29", "1.30")
 # Custom resources: no schema in kubernetes-validate, checked by their own tests below, and left out
-# of kustomization.yaml (applying them fails without their CRDs).
-CRD_KINDS = {"ServiceMonitor", "Certificate"}
+# of kustomization.yaml (applying them fails without their CRDs). The PrometheusRule
+# (k8s/monitoring, generated from deploy/prometheus) is checked by tests/test_rules.py.
+CRD_KINDS = {"ServiceMonitor", "Certificate", "PrometheusRule"}
 NOT_CORE_KINDS = {"Kustomization", *CRD_KINDS}
 # What flexcache.client.CacheClient reads from the environment when its arguments are not given.
 CLIENT_ENV = {"FLEXCACHE_CLIENT_TOKEN", "FLEXCACHE_CLIENT_TLS_CA_FILE", "FLEXCACHE_CLIENT_TLS_CERT_FILE",
