@@ -185,9 +185,19 @@ def check_header(header: pb.FetchHeader, request: pb.FetchRequest, total_steps: 
 def check_ticket(answer: pb.FetchTicket, request: pb.FetchRequest, total_steps: int,
                  expect: pb.BlobInfo | None = None) -> None:
     check_header(answer.header, request, total_steps, expect)
+    check_data_address(answer, f"entry {request.entry_id}")
+
+
+_HOST = re.compile(r"[A-Za-z0-9._:\-\[\]]{0,253}")
+
+
+def check_data_address(answer: pb.FetchTicket | pb.PutTicket, what: str) -> None:
+    """A ticket of the right size for a port, and a data_host that is a host name or IP address (or
+    empty), not text the daemon made up."""
     if len(answer.ticket) != _TICKET_BYTES or not 1 <= answer.data_port <= 65535:
-        raise Malformed(f"entry {request.entry_id}: a ticket of {len(answer.ticket)} bytes for data port "
-                        f"{answer.data_port}")
+        raise Malformed(f"{what}: a ticket of {len(answer.ticket)} bytes for data port {answer.data_port}")
+    if not _HOST.fullmatch(answer.data_host):
+        raise Malformed(f"{what}: data_host {answer.data_host[:80]!r} is not a host name or address")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,16 @@ from flexcache.v1 import cache_pb2_grpc as pb_grpc
 from flexcache.v1 import wire
 
 from . import codec, dataport
-from .answers import ChecksumMismatch, Fetched, Malformed, check_header, check_ticket, receive_blob, verify_blob
+from .answers import (
+    ChecksumMismatch,
+    Fetched,
+    Malformed,
+    check_data_address,
+    check_header,
+    check_ticket,
+    receive_blob,
+    verify_blob,
+)
 from .base import CacheBase, Namespace
 from .retry import Retry
 from .tls import ClientTLS
@@ -184,7 +193,12 @@ class CacheClient(CacheBase):
         if answer.HasField("stored"):
             return answer.stored
         try:
-            code, payload = conns.send(answer.data_port, answer.ticket, data, self.transfer_timeout_s)
+            check_data_address(answer, "put")
+            code, payload = conns.send(answer.data_port, answer.ticket, data, self.transfer_timeout_s,
+                                       answer.data_host)
+        except Malformed as exc:
+            self._failed("put", exc)
+            return None
         except (OSError, ValueError) as exc:
             self._failed("put over the data port", exc)
             if isinstance(exc, dataport.Unreachable):
@@ -261,7 +275,8 @@ class CacheClient(CacheBase):
         request.granted_steps = 0  # credited
         header = answer.header
         try:
-            data = conns.receive(answer.data_port, answer.ticket, header.blob.size, self.transfer_timeout_s)
+            data = conns.receive(answer.data_port, answer.ticket, header.blob.size, self.transfer_timeout_s,
+                                  answer.data_host)
             verify_blob(header.entry_id, header.blob, data)
         except (OSError, ValueError, ChecksumMismatch) as exc:
             self._failed("fetch over the data port", exc)

@@ -42,7 +42,10 @@ class _Unused(ValueError):
 
 
 class DataConnections:
-    """Kept connections to one daemon's data port. `tls_context`: the SSLContext in force for a new
+    """Kept connections to one daemon's data port, or to several (a ticket may name the host to dial:
+    FetchTicket.data_host). `host`: the host the client reached the daemon at, dialled when a ticket
+    names none, and the name a TLS connection checks the certificate against either way (the daemons
+    behind one address share its certificate). `tls_context`: the SSLContext in force for a new
     connection (None: plain TCP); `token`: the bearer token the HELLO frame carries."""
 
     def __init__(self, host: str, connect_timeout_s: float, *, token: str | None = None,
@@ -51,46 +54,46 @@ class DataConnections:
         self.connect_timeout_s = connect_timeout_s
         self._hello = data_hello(token)
         self._tls_context = tls_context
-        self._port = 0  # the daemon's data port as last announced; kept connections go there
-        self._idle: list[socket.socket] = []
+        self._ports: dict[str, int] = {}  # host -> its data port as last announced; kept connections go there
+        self._idle: dict[tuple[str, int], list[socket.socket]] = {}
         self._lock = threading.Lock()
 
-    def receive(self, port: int, ticket: bytes, size: int, timeout_s: float) -> bytearray:
-        """Redeem a FetchDirect `ticket` on the daemon's data port: exactly `size` bytes. Raises
-        Unreachable (no connection), another OSError (the connection is dropped) or ValueError (the
-        daemon closed it early: an expired ticket, say)."""
-        return self._redeem(port, lambda conn: _receive(conn, ticket, size, timeout_s))
+    def receive(self, port: int, ticket: bytes, size: int, timeout_s: float, host: str = "") -> bytearray:
+        """Redeem a FetchDirect `ticket` on the data port `port` of `host` (empty: `self.host`): exactly
+        `size` bytes. Raises Unreachable (no connection), another OSError (the connection is dropped) or
+        ValueError (the daemon closed it early: an expired ticket, say)."""
+        return self._redeem(host or self.host, port, lambda conn: _receive(conn, ticket, size, timeout_s))
 
     def send(self, port: int, ticket: bytes, data: bytes | bytearray | memoryview,
-             timeout_s: float) -> tuple[int, bytes]:
+             timeout_s: float, host: str = "") -> tuple[int, bytes]:
         """Redeem a PutDirect `ticket`: send `data`, then the daemon's reply (wire.PUT_REPLY): the status
         code's number (0: stored) and its payload (a PutResponse, or the error's message). Raises as
         `receive` does."""
-        return self._redeem(port, lambda conn: _send(conn, ticket, data, timeout_s))
+        return self._redeem(host or self.host, port, lambda conn: _send(conn, ticket, data, timeout_s))
 
-    def _redeem(self, port: int, exchange: Callable[[socket.socket], T]) -> T:
-        """`exchange` on a kept connection to `port`, or on a new one if there is none or the daemon had
-        closed the kept one (its ticket then is unspent); the connection is kept afterwards."""
+    def _redeem(self, host: str, port: int, exchange: Callable[[socket.socket], T]) -> T:
+        """`exchange` on a kept connection to `host`:`port`, or on a new one if there is none or the
+        daemon had closed the kept one (its ticket then is unspent); the connection is kept afterwards."""
         with self._lock:
-            if port != self._port:  # a restarted daemon with a new port: drop connections to the old one
-                stale, self._idle, self._port = self._idle, [], port
-            else:
-                stale = []
-            conn = self._idle.pop() if self._idle else None
+            old_port = self._ports.get(host)
+            stale = self._idle.pop((host, old_port), []) if old_port not in (None, port) else []
+            self._ports[host] = port  # a restarted daemon with a new port: drop connections to the old one
+            idle = self._idle.setdefault((host, port), [])
+            conn = idle.pop() if idle else None
         for old in stale:
             old.close()
         if conn is not None:
             try:
-                return self._exchange(port, conn, exchange)
+                return self._exchange(host, port, conn, exchange)
             except (_Unused, ConnectionError):  # the daemon closed the kept connection: the ticket is unspent
                 pass
-        return self._exchange(port, self._connect(port), exchange)
+        return self._exchange(host, port, self._connect(host, port), exchange)
 
-    def _connect(self, port: int) -> socket.socket:
+    def _connect(self, host: str, port: int) -> socket.socket:
         try:
-            conn = socket.create_connection((self.host, port), timeout=self.connect_timeout_s)
+            conn = socket.create_connection((host, port), timeout=self.connect_timeout_s)
         except OSError as exc:
-            raise Unreachable(f"cannot connect to the data port {self.host}:{port}: {exc}") from exc
+            raise Unreachable(f"cannot connect to the data port {host}:{port}: {exc}") from exc
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls_context is not None:
@@ -98,18 +101,18 @@ class DataConnections:
             conn.sendall(self._hello)
         except (OSError, ValueError) as exc:  # a failed handshake (ssl.SSLError is an OSError)
             conn.close()
-            raise Unreachable(f"cannot open a data-port connection to {self.host}:{port}: {exc}") from exc
+            raise Unreachable(f"cannot open a data-port connection to {host}:{port}: {exc}") from exc
         return conn
 
-    def _exchange(self, port: int, conn: socket.socket, exchange: Callable[[socket.socket], T]) -> T:
+    def _exchange(self, host: str, port: int, conn: socket.socket, exchange: Callable[[socket.socket], T]) -> T:
         try:
             result = exchange(conn)
         except BaseException:
             conn.close()
             raise
         with self._lock:
-            if port == self._port:
-                self._idle.append(conn)
+            if self._ports.get(host) == port:
+                self._idle.setdefault((host, port), []).append(conn)
                 conn = None
         if conn is not None:
             conn.close()
@@ -117,9 +120,10 @@ class DataConnections:
 
     def close(self) -> None:
         with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
 
 
 def _receive(conn: socket.socket, ticket: bytes, size: int, timeout_s: float) -> bytearray:

@@ -47,6 +47,8 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import crc32c
@@ -64,10 +66,11 @@ from .ledger import Ledger
 from .limits import Limits
 from .metrics import Metrics
 from .pins import PinnedChunks, Pins
-from .ranking import Ranker, Ranking
+from .ranking import Gathered, Ranker, Ranking, decide
 from .steps import StepTable
 from .store import DiskFull, NamespaceInfo, PendingPut, Store, folder_bytes
 from .tenants import TenantLimits, fair_share
+from .validate import LookupQuery
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +80,25 @@ DISK_SAMPLE_S = 1.0  # how stale Stats' and the metric's disk_bytes may be (a wa
 MAKE_ROOM_SHARE = 0.1  # of the stored bytes, the most one pass of _make_room evicts (at least one entry)
 
 
-class PutSession:
-    """One Put stream: validated header first, then chunks, then `finish`. Nothing is stored before."""
+def _ignore(*_: object) -> None:
+    return None
 
-    def __init__(self, cache: Cache, header: pb.PutHeader, ns: NamespaceKey, eid: str, existing: bool):
+
+@dataclass
+class CacheEvents:
+    """What the cache tells its owner (a cluster node, daemon/cluster/), from the thread that did it and
+    with the cache's lock held: the callbacks must only queue."""
+
+    fetched: Callable[[str, str | None, int], None] = _ignore  # entry id, role, granted steps: a fetch served
+    evicted: Callable[[list[str]], None] = _ignore  # entry ids evicted (by the budget or a full disk)
+
+
+class PutSession:
+    """One Put stream: validated header first, then chunks, then `finish`. Nothing is stored before.
+    `keep` (a cluster's coordinator, which forwards the blob) also keeps the chunks, in `chunks`."""
+
+    def __init__(self, cache: Cache, header: pb.PutHeader, ns: NamespaceKey, eid: str, existing: bool,
+                 keep: bool = False):
         self._cache = cache
         self.header = header
         self.ns = ns
@@ -90,6 +108,7 @@ class PutSession:
         self._digest = hashlib.sha256()
         self._crc = 0  # CRC-32C so far, checked when the header declares one
         self._pending = cache.store.begin_put(eid)
+        self.chunks: list[bytes] | None = [] if keep else None
 
     def add_chunk(self, data: bytes) -> None:
         if len(data) > wire.CHUNK_BYTES:
@@ -103,8 +122,16 @@ class PutSession:
         if self.header.blob.HasField("crc32c"):
             self._crc = crc32c.crc32c(data, value=self._crc)
         self._pending.add_chunk(data)
+        if self.chunks is not None:
+            self.chunks.append(data)
 
     def finish(self) -> pb.PutResponse:
+        """Check the blob (`check`) and store the entry here."""
+        self.check()
+        return self._cache._commit(self, self._pending)
+
+    def check(self) -> None:
+        """InvalidRequest or Corrupt unless exactly the declared bytes, with the declared checksums, came."""
         size = self.header.blob.size
         if self.received != size:
             raise InvalidRequest(f"stream ended after {self.received} of {size} declared bytes")
@@ -114,7 +141,6 @@ class PutSession:
         if self.header.blob.HasField("crc32c") and self._crc != self.header.blob.crc32c:
             raise Corrupt(f"blob checksum mismatch: declared crc32c {self.header.blob.crc32c:08x}, "
                           f"received {self._crc:08x}")
-        return self._cache._commit(self, self._pending)
 
 
 class Cache:
@@ -132,7 +158,9 @@ class Cache:
         self._lock = threading.RLock()
         self._ledger = Ledger(policy, metrics, limits)
         self._pins = Pins()
+        self.steps = steps
         self._ranker = Ranker(index, store, steps)
+        self.events = CacheEvents()
         self.data_dir = Path(store.path).parent  # build.open_cache keeps the store in <data_dir>/store
         self._made_room_at = -MAKE_ROOM_EVERY_S
         self._reclaimer: threading.Thread | None = None
@@ -265,10 +293,13 @@ class Cache:
         return known.name if known else ns_key
 
     # ---- put ----
-    def begin_put(self, header: pb.PutHeader) -> PutSession:
+    def begin_put(self, header: pb.PutHeader, *, charge: bool = True, keep: bool = False) -> PutSession:
+        """A Put of `header`, checked. `charge`: take a token of the tenant's request bucket (a cluster's
+        copies are charged once, where the client's Put came in); `keep`: see PutSession."""
         ns = validate.namespace_of(header)
         tenant = header.namespace.tenant
-        self.tenants.request(tenant)
+        if charge:
+            self.tenants.request(tenant)
         known = self._ledger.namespace(ns.key)
         validate.put_header(header, known.dim if known else None, self.limits)
         self.tenants.entry_fits(record_size(header), tenant)
@@ -278,7 +309,7 @@ class Cache:
         eid = entry_id(ns, header.prompt, header.blob, header.writer)
         with self._lock:
             existing = eid in self._ledger
-        return PutSession(self, header, ns, eid, existing)
+        return PutSession(self, header, ns, eid, existing, keep)
 
     def _commit(self, session: PutSession, pending: PendingPut) -> pb.PutResponse:
         """Store the received entry, then index it; count it only once both hold it."""
@@ -322,19 +353,30 @@ class Cache:
 
     # ---- lookup ----
     def lookup(self, request: pb.LookupRequest) -> pb.LookupResponse:
-        ns = validate.namespace_of(request)
         self.tenants.request(request.namespace.tenant)
+        query = self.lookup_query(request)
+        return self.publish(query, decide(query, self.gather(query), self.steps))
+
+    def lookup_query(self, request: pb.LookupRequest) -> LookupQuery:
+        """The request checked (validate.lookup_query), against this node's dimension of its namespace."""
+        ns = validate.namespace_of(request)
         known = self._ledger.namespace(ns.key)
-        query = validate.lookup_query(request, ns, known.dim if known else None, self.limits.max_vector_dim)
-        if known is not None:
-            self._ensure_reconciled(ns.key)
-            ranking = self._ranker.rank(query)
-            if ns.key in self._lost:  # the search found the namespace's shard damaged: repair, then search again
-                self._ensure_reconciled(ns.key)
-                ranking = self._ranker.rank(query)
-        else:
-            ranking = Ranking.miss("unknown_namespace")
-        label = self._ledger.metric_label(ns.key)  # "_other" for a namespace the daemon does not hold
+        return validate.lookup_query(request, ns, known.dim if known else None, self.limits.max_vector_dim)
+
+    def gather(self, query: LookupQuery) -> Gathered:
+        """This node's candidates for `query` (ranking.Gathered), its namespace reconciled first."""
+        if self._ledger.namespace(query.ns.key) is None:
+            return Gathered(known=False)
+        self._ensure_reconciled(query.ns.key)
+        gathered = self._ranker.gather(query)
+        if query.ns.key in self._lost:  # the search found the namespace's shard damaged: repair, then search again
+            self._ensure_reconciled(query.ns.key)
+            gathered = self._ranker.gather(query)
+        return gathered
+
+    def publish(self, query: LookupQuery, ranking: Ranking) -> pb.LookupResponse:
+        """A ranking as the Lookup's answer, counted (lookups, misses)."""
+        label = self._ledger.metric_label(query.ns.key)  # "_other" for a namespace the daemon does not hold
         self.metrics.lookups.labels(label, ranking.result).inc()
         if ranking.result == "miss":
             self.metrics.misses.labels(label, ranking.miss_reason).inc()
@@ -342,16 +384,18 @@ class Cache:
         return pb.LookupResponse(candidates=ranking.candidates)
 
     # ---- fetch ----
-    def fetch(self, request: pb.FetchRequest) -> tuple[pb.FetchHeader, PinnedChunks]:
+    def fetch(self, request: pb.FetchRequest, *, charge: bool = True) -> tuple[pb.FetchHeader, PinnedChunks]:
         """The entry's header and its chunks, the fetch credited to the entry. The entry stays pinned
-        until the chunks are exhausted or closed."""
+        until the chunks are exhausted or closed. `charge`: as begin_put's."""
         ns, eid, role = validate.fetch_request(request)
-        self.tenants.request(request.namespace.tenant)
+        if charge:
+            self.tenants.request(request.namespace.tenant)
         with self._lock:
             if not self._ledger.holds(eid, ns.key):
                 raise NotFound(f"no entry {eid} in namespace {ns.name}")
             self._pins.pin(eid)
             usage = self._ledger.record_fetch(eid, role, request.granted_steps, time.time())
+            self.events.fetched(eid, role, request.granted_steps)
         try:
             header = self.store.record(eid)
             if header is None:
@@ -387,6 +431,49 @@ class Cache:
             except DiskFull as exc:
                 raise TooLarge(f"{exc}; the entry is kept, try again later") from exc
         return True
+
+    # ---- what a cluster's node asks of its own copy ----
+    def held(self, eids: Iterable[str]) -> list[bool]:
+        with self._lock:
+            return [eid in self._ledger for eid in eids]
+
+    def entry_ids(self) -> list[str]:
+        """Every entry held here, in no particular order (a snapshot)."""
+        with self._lock:
+            return self._ledger.entry_ids()
+
+    def forget(self, eids: Iterable[str], namespace: pb.Namespace | None = None) -> int:
+        """Delete entries held here (those not held, or not of `namespace` when given, are skipped); how
+        many were deleted. Pinned ones are deleted too: their readers hold a snapshot of the blob
+        (store.read_blob)."""
+        ns_key = NamespaceKey.of(namespace).key if namespace is not None else None
+        with self._lock:
+            present = [eid for eid in dict.fromkeys(eids) if eid in self._ledger
+                       and (ns_key is None or self._ledger.holds(eid, ns_key))]
+            before = len(self._ledger)
+            self._delete_entries(present)
+            return before - len(self._ledger)
+
+    def touch(self, eid: str, role: str | None, granted_steps: int) -> None:
+        """Credit a fetch that another copy of the entry served, as `fetch` credits its own (not counted
+        in the hit metrics: the node that served it counted it). Unknown entries are skipped."""
+        with self._lock:
+            if eid in self._ledger:
+                usage = self._ledger.record_fetch(eid, role, granted_steps, time.time(), counted=False)
+            else:
+                return
+        self._persist_usage(eid, usage)
+
+    def blob_chunks(self, eid: str) -> list[bytes]:
+        """The entry's blob as stored (one snapshot), in chunks of at most wire.CHUNK_BYTES."""
+        return list(self.store.read_blob(eid))
+
+    def record_of(self, eid: str) -> pb.PutHeader | None:
+        """The entry's stored header, vectors included (what a copy elsewhere is put with)."""
+        header = self.store.record(eid)
+        if header is not None:
+            header.vectors.CopyFrom(self.store.vectors(eid))
+        return header
 
     def verify(self, request: pb.VerifyRequest) -> pb.VerifyResponse:
         """Re-read an entry with every check on; delete it if its bytes are not what was stored. The
@@ -545,7 +632,10 @@ class Cache:
         except Exception:
             log.exception("eviction (%s) stopped: the store failed a delete", why)
         freed = before - self._ledger.total_bytes
-        done = sum(1 for eid in victims if eid not in self._ledger)
+        gone = [eid for eid in victims if eid not in self._ledger]
+        done = len(gone)
+        if gone:
+            self.events.evicted(gone)
         self.evictions += done
         self.metrics.evictions.labels(self.policy.name).inc(done)
         self.metrics.evicted_bytes.labels(self.policy.name).inc(freed)

@@ -1,8 +1,12 @@
 """`flexcache serve` runs the daemon; `flexcache stats` asks a running one; `flexcache verify` checks a
 stopped one's data folder; `flexcache tokens` adds, lists and revokes credentials (the tokens file);
-`config-table` and `metrics-table` print the README's tables from the code; `flexcache --version`
-names the installed release. Errors end with a sentence and exit code 1 (runtime)
-or 2 (configuration); `verify` exits 1 when it finds damage, 2 when it cannot check."""
+`flexcache backup` has a running node write a consistent copy of its store, and `flexcache restore`
+copies one into a stopped node's data folder (docs/backup.md); `flexcache health` asks a node's health
+service (an exec readiness probe: exit 0 when SERVING); `flexcache drain` has a node of a cluster hand
+its entries to their other owners and waits until it holds none; `config-table` and `metrics-table`
+print the README's tables from the code; `flexcache --version` names the installed release. Errors end
+with a sentence and exit code 1 (runtime) or 2 (configuration, bad usage); `verify` exits 1 when it
+finds damage, 2 when it cannot check."""
 
 from __future__ import annotations
 
@@ -74,7 +78,29 @@ def _write_port_file(path: Path, ports: dict[str, int | None]) -> None:
     partial.replace(path)
 
 
-def _stats(args: argparse.Namespace) -> int:
+class _Failed(Exception):
+    """A verb's error: `main` prints the sentence on stderr and exits with `code`."""
+
+    def __init__(self, message: str, code: int = EXIT_RUNTIME):
+        super().__init__(message)
+        self.code = code
+
+
+def _add_client_flags(parser: argparse.ArgumentParser, timeout: float = 5.0,
+                      timeout_help: str = "Seconds to wait for the answer.") -> None:
+    """--target, --timeout and the credentials of a verb that calls a running daemon."""
+    parser.add_argument("--target", default="127.0.0.1:50051", help="Daemon address (host:port).")
+    parser.add_argument("--timeout", type=float, default=timeout, help=timeout_help)
+    for flag, env, what in (("--token", "TOKEN", "Bearer token, for a daemon with auth_tokens_file"),
+                            ("--tls-ca-file", "TLS_CA_FILE", "CA of the daemon's certificate (TLS on)"),
+                            ("--tls-cert-file", "TLS_CERT_FILE", "client certificate (mTLS)"),
+                            ("--tls-key-file", "TLS_KEY_FILE", "key of the client certificate")):
+        variable = cfg.CLIENT_ENV_PREFIX + env  # the client library's own variables
+        parser.add_argument(flag, default=os.environ.get(variable, ""), help=f"{what} [env {variable}]")
+
+
+def _connect(args: argparse.Namespace, name: str) -> tuple[grpc.Channel, tuple[tuple[str, str], ...]]:
+    """A channel to `args.target` (TLS when a TLS file is named) and the call metadata (the token)."""
     from flexcache.client.tls import ClientTLS, ClientTLSError
 
     try:
@@ -82,15 +108,26 @@ def _stats(args: argparse.Namespace) -> int:
         channel = (grpc.secure_channel(args.target, ClientTLS(*files).channel_credentials()) if any(files)
                    else grpc.insecure_channel(args.target))
     except ClientTLSError as exc:
-        print(f"flexcache stats: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        raise _Failed(f"flexcache {name}: {exc}", EXIT_CONFIG) from exc
+    if not args.timeout > 0:
+        channel.close()
+        raise _Failed(f"flexcache {name}: --timeout must be a positive number of seconds", EXIT_CONFIG)
     metadata = (("authorization", f"Bearer {args.token.strip()}"),) if args.token.strip() else ()
+    return channel, metadata
+
+
+def _call_failed(name: str, target: str, exc: grpc.RpcError) -> _Failed:
+    details = " ".join((exc.details() or "").split())  # one line, whatever gRPC put in it
+    return _Failed(f"flexcache {name}: {target}: {exc.code().name}: {details}")
+
+
+def _stats(args: argparse.Namespace) -> int:
+    channel, metadata = _connect(args, "stats")
     with channel:
         try:
             stats = pb_grpc.CacheServiceStub(channel).Stats(pb.StatsRequest(), timeout=args.timeout, metadata=metadata)
         except grpc.RpcError as exc:
-            print(f"flexcache stats: {args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return EXIT_RUNTIME
+            raise _call_failed("stats", args.target, exc) from None
     if args.json:
         print(json.dumps(MessageToDict(stats, always_print_fields_with_no_presence=True), indent=2))
         return 0
@@ -101,6 +138,93 @@ def _stats(args: argparse.Namespace) -> int:
     for ns in stats.namespaces:
         print(f"  {ns.name}  dim {ns.dimension}  entries {ns.entries}  bytes {ns.bytes}")
     return 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    """NodeService.Backup: the node writes the copy on its own file system; prints its answer as JSON."""
+    from flexcache.v1 import node_pb2, node_pb2_grpc
+
+    channel, metadata = _connect(args, "backup")
+    with channel:
+        try:
+            answer = node_pb2_grpc.NodeServiceStub(channel).Backup(node_pb2.BackupRequest(path=args.path),
+                                                                   timeout=args.timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            raise _call_failed("backup", args.target, exc) from None
+    print(json.dumps(MessageToDict(answer, always_print_fields_with_no_presence=True), indent=2))
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    """Offline: the backup's store copied into the data folder; the daemon rebuilds the index when it starts."""
+    try:
+        from .backup import restore
+        from .errors import InvalidRequest
+    except ModuleNotFoundError as exc:
+        raise _Failed(f"flexcache restore: {exc.name} is not installed; restore needs the 'daemon' extra: "
+                      "pip install 'flexcache[daemon]'", EXIT_CONFIG) from None
+    try:
+        entries = restore(Path(args.source), Path(args.data_dir), force=args.force)
+    except InvalidRequest as exc:
+        raise _Failed(f"flexcache restore: {exc}", EXIT_CONFIG) from None
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise _Failed(f"flexcache restore: copying {args.source} into {args.data_dir} failed: "
+                      f"{exc.strerror or exc}{where}; the data folder is as it was") from None
+    print(f"restored {entries} entries from {args.source} into {Path(args.data_dir) / 'store'}; a daemon started "
+          "on it re-indexes them")
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    """grpc.health.v1 Check: prints the status in one line; exit 0 only when SERVING."""
+    try:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+    except ModuleNotFoundError as exc:
+        raise _Failed(f"flexcache health: {exc.name} is not installed; health needs the 'daemon' extra: "
+                      "pip install 'flexcache[daemon]'", EXIT_CONFIG) from None
+
+    channel, metadata = _connect(args, "health")
+    with channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
+                                                                timeout=args.timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            raise _call_failed("health", args.target, exc) from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    print(f"{args.target}{' ' + args.service if args.service else ''}: {status}")
+    return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else EXIT_RUNTIME
+
+
+def _drain(args: argparse.Namespace) -> int:
+    """NodeService.Drain once a second until the node holds no entry or --wait has passed."""
+    import time
+
+    from flexcache.v1 import node_pb2, node_pb2_grpc
+
+    if not args.wait >= 0:
+        raise _Failed("flexcache drain: --wait must be 0 or a positive number of seconds", EXIT_CONFIG)
+    channel, metadata = _connect(args, "drain")
+    deadline = time.monotonic() + args.wait
+    with channel:
+        stub = node_pb2_grpc.NodeServiceStub(channel)
+        while True:
+            try:
+                answer = stub.Drain(node_pb2.DrainRequest(), timeout=args.timeout, metadata=metadata)
+            except grpc.RpcError as exc:
+                raise _call_failed("drain", args.target, exc) from None
+            state = node_pb2.NodeState.Name(answer.state) if answer.state in node_pb2.NodeState.values() \
+                else str(answer.state)
+            if answer.entries == 0:
+                print(f"{args.target}: {state}: drained, no entries left", flush=True)
+                return 0
+            print(f"{args.target}: {state}: {answer.entries} entries left", flush=True)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waited = f" after {args.wait:g} s" if args.wait else ""
+                raise _Failed(f"flexcache drain: {args.target}: not drained{waited}: {answer.entries} entries "
+                              "still on the node")
+            time.sleep(min(1.0, left))
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -228,16 +352,34 @@ def main(argv: list[str] | None = None) -> int:
     cfg.add_flags(serve)
     serve.set_defaults(run=_serve)
     stats = commands.add_parser("stats", help="Print a running daemon's statistics.")
-    stats.add_argument("--target", default="127.0.0.1:50051", help="Daemon address (host:port).")
-    stats.add_argument("--timeout", type=float, default=5.0, help="Seconds to wait for the answer.")
+    _add_client_flags(stats)
     stats.add_argument("--json", action="store_true", help="Print JSON instead of text.")
-    for flag, env, what in (("--token", "TOKEN", "Bearer token, for a daemon with auth_tokens_file"),
-                            ("--tls-ca-file", "TLS_CA_FILE", "CA of the daemon's certificate (TLS on)"),
-                            ("--tls-cert-file", "TLS_CERT_FILE", "client certificate (mTLS)"),
-                            ("--tls-key-file", "TLS_KEY_FILE", "key of the client certificate")):
-        variable = cfg.CLIENT_ENV_PREFIX + env  # the client library's own variables
-        stats.add_argument(flag, default=os.environ.get(variable, ""), help=f"{what} [env {variable}]")
     stats.set_defaults(run=_stats)
+    backup = commands.add_parser("backup", help="Have a running node write a consistent copy of its store.")
+    _add_client_flags(backup, timeout=600.0, timeout_help="Seconds to wait for the backup to be written.")
+    backup.add_argument("--path", required=True,
+                        help="Folder to create on the node (absolute, not existing yet; its parent must exist).")
+    backup.set_defaults(run=_backup)
+    restore = commands.add_parser("restore", help="Copy a backup into a stopped daemon's data folder.")
+    restore.add_argument("--from", dest="source", required=True, metavar="PATH",
+                         help="The backup folder (what `flexcache backup --path` wrote).")
+    restore.add_argument("--data-dir", required=True, help="The daemon's data folder (data_dir).")
+    restore.add_argument("--force", action="store_true",
+                         help="Replace the store the data folder already holds (its entries are lost).")
+    restore.set_defaults(run=_restore)
+    health = commands.add_parser("health", help="Ask a daemon's health service; exit 0 when SERVING "
+                                                "(a readiness probe).")
+    _add_client_flags(health, timeout=2.0)
+    health.add_argument("--service", default="", metavar="NAME",
+                        help="The service to ask about (flexcache.v1.CacheService); the whole daemon by default.")
+    health.set_defaults(run=_health)
+    drain = commands.add_parser("drain", help="Have a node hand its entries to their other owners; wait until "
+                                              "it holds none.")
+    _add_client_flags(drain, timeout=5.0, timeout_help="Seconds to wait for each answer.")
+    drain.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                       help="Ask again once a second until the node holds no entry, for at most this long "
+                            "(0: ask once).")
+    drain.set_defaults(run=_drain)
     verify = commands.add_parser("verify", help="Check a stopped daemon's data folder for damaged entries.")
     verify.add_argument("--data-dir", default="./data", help="The daemon's data folder (data_dir).")
     verify.set_defaults(run=_verify)
@@ -263,7 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     metrics = commands.add_parser("metrics-table", help="Print the metrics table (markdown, for the README).")
     metrics.set_defaults(run=_metrics_table)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except _Failed as exc:
+        print(exc, file=sys.stderr)
+        return exc.code
 
 
 if __name__ == "__main__":

@@ -185,6 +185,10 @@ OPTIONS: tuple[Option, ...] = (
            "Data port for FetchDirect and PutDirect (host:port): blobs on a TCP connection (TLS with the gRPC "
            "port's certificates), faster than a gRPC stream. 'auto': the host of `listen`, a free port (clients "
            "learn it from each answer); empty disables."),
+    Option("advertise_host", str, "",
+           "Host (name or IP) clients should dial the data port at, sent with each ticket: this daemon's own "
+           "address when clients reach it through a Service in front of several (a pod's IP); empty: the host "
+           "the client reached the daemon at."),
     Option("workers", int, 16,
            "gRPC worker threads for unary calls (Lookup, Stats, FetchDirect, ...); streams have their own."),
     Option("stream_workers", int, 64,
@@ -223,6 +227,35 @@ OPTIONS: tuple[Option, ...] = (
     Option("auth_tokens_file", str, "",
            "YAML file of token hashes and certificate identities bound to tenants (`flexcache tokens`); "
            "re-read when it changes. Empty: no authentication."),
+    Option("node_id", str, "",
+           "Cluster: this node's stable id, what entries are placed by (rendezvous hashing); empty: the host "
+           "name. Every member needs its own, kept across restarts (a StatefulSet pod's name)."),
+    Option("peers", str, "",
+           "Cluster: the members' gRPC addresses, comma-separated, this node's own included (static membership). "
+           "Empty, with peers_dns empty too: no cluster, one daemon."),
+    Option("peers_dns", str, "",
+           "Cluster: host:port whose name resolves to every member's address (a headless Service), re-resolved "
+           "every ten probe intervals; each address is asked its node_id. Instead of peers."),
+    Option("replication_factor", int, 2,
+           "Cluster: copies of each entry, on different nodes; a Put is acknowledged once that many nodes (or "
+           "every live one, if fewer) stored it."),
+    Option("peer_token", str, "",
+           "Cluster with auth on: an admin token (`flexcache tokens add --admin`) this node sends its peers."),
+    Option("peer_ca_file", str, "",
+           "Cluster with TLS on: CA bundle this node trusts in its peers' certificates (empty: tls_client_ca_file); "
+           "it presents its own tls_cert_file to them, and dials them by peers_dns's host name when set."),
+    Option("peer_timeout_seconds", float, 0.5,
+           "Cluster: deadline of one call to a peer (a lookup's fan-out, a probe); a peer that misses two probes "
+           "in a row is down until it answers one."),
+    Option("peer_probe_seconds", float, 1.0, "Cluster: seconds between two probes (NodeService.Hello) of each peer."),
+    Option("hedge_seconds", float, 0.05,
+           "Cluster: a fetch from a peer that has not answered within this long is asked of the next owner too; "
+           "the first answer wins."),
+    Option("repair_interval_seconds", float, 30.0,
+           "Cluster: seconds between two repair passes: each node copies its entries to owners that lack them "
+           "(a replaced or returning node), and hands off those it no longer owns (a node joined)."),
+    Option("repair_bytes_per_second", parse_size, "64MiB",
+           "Cluster: blob bytes per second a node's repair pass may send its peers."),
 )
 _BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -265,6 +298,7 @@ class Config:
     verify_bytes_per_second: int
     metrics_max_namespaces: int
     data_listen: str
+    advertise_host: str
     workers: int
     stream_workers: int
     streams_per_client: int
@@ -281,10 +315,25 @@ class Config:
     tls_key_file: str
     tls_client_ca_file: str
     auth_tokens_file: str
+    node_id: str
+    peers: str
+    peers_dns: str
+    replication_factor: int
+    peer_token: str
+    peer_ca_file: str
+    peer_timeout_seconds: float
+    peer_probe_seconds: float
+    hedge_seconds: float
+    repair_interval_seconds: float
+    repair_bytes_per_second: int
 
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    @property
+    def clustered(self) -> bool:
+        return bool(self.peers or self.peers_dns)
 
     @property
     def data_address(self) -> str:
@@ -349,6 +398,20 @@ def _check(config: Config) -> Config:
     if config.tls_client_ca_file and not config.tls_cert_file:
         raise ConfigError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file: clients verify the "
                           "daemon's certificate before it asks for theirs")
+    if config.peers and config.peers_dns:
+        raise ConfigError("peers and peers_dns are two ways to name the members: set one")
+    if config.peers_dns and not re.fullmatch(r"[^\s:]+:\d{1,5}", config.peers_dns):
+        raise ConfigError(f"peers_dns must be host:port, not {config.peers_dns!r}")
+    for address in filter(None, (a.strip() for a in config.peers.split(","))):
+        if not re.fullmatch(r".+:\d{1,5}", address):
+            raise ConfigError(f"peers: {address!r} is not host:port")
+    if config.replication_factor < 1:
+        raise ConfigError("replication_factor must be at least 1")
+    for name in ("peer_timeout_seconds", "peer_probe_seconds", "repair_interval_seconds"):
+        if not getattr(config, name) > 0:
+            raise ConfigError(f"{name} must be positive, not {getattr(config, name)}")
+    if not config.hedge_seconds >= 0:
+        raise ConfigError(f"hedge_seconds must be at least 0, not {config.hedge_seconds}")
     return config
 
 

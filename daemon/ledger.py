@@ -141,6 +141,9 @@ class Ledger:
     def __contains__(self, eid: str) -> bool:
         return eid in self._usage
 
+    def entry_ids(self) -> list[str]:
+        return list(self._usage)
+
     def namespace_of(self, eid: str) -> str | None:
         """The namespace key of a tracked entry; None for an entry the ledger does not track."""
         return self._entry_ns.get(eid)
@@ -206,16 +209,20 @@ class Ledger:
         self.total_bytes -= usage.size
         return usage
 
-    def record_fetch(self, eid: str, role: str | None, granted_steps: int, now: float) -> Usage:
+    def record_fetch(self, eid: str, role: str | None, granted_steps: int, now: float, counted: bool = True
+                     ) -> Usage:
         """A fetch of a tracked entry: its last access, and when it serves a role at granted steps, a hit
-        and credit for the GPU time it saves (steps x the role's share x seconds per step); the usage,
-        for the caller to persist."""
+        and credit for the GPU time it saves (steps x the role's share x seconds per step), counted in
+        the metrics unless not `counted` (another node's fetch of its copy); the usage, for the caller
+        to persist."""
         usage = self._usage[eid]
         usage.last_access = now
         if role and granted_steps:
             usage.record_hit(role, granted_steps)
             credit = granted_steps * CREDIT_SHARE[role] * usage.step_cost
             usage.add_credit(credit, self.clock, self._limits.utility_half_life)
+            if not counted:
+                return usage
             label = self.metric_label(self._entry_ns[eid])
             self._metrics.hits.labels(label, role).inc()
             self._metrics.steps.labels(label, role).inc(granted_steps)

@@ -222,6 +222,26 @@ class Metrics:
                                     "credential).",
                                     ("outcome",))
         self.data_open = add(Gauge, "flexcache_data_port_open_connections", "Data-port connections open now.")
+        self.cluster_members = add(Gauge, "flexcache_cluster_members",
+                                   "Cluster (peers or peers_dns set): the members this node sees, itself included, "
+                                   "by state: serving, draining, joining or down (missed two probes in a row).",
+                                   ("state",))
+        self.under_replicated = add(Gauge, "flexcache_cluster_under_replicated_entries",
+                                    "Cluster: entries held here that had fewer than replication_factor copies on "
+                                    "their owners at the end of this node's last repair pass.")
+        self.replication_bytes = add(Counter, "flexcache_cluster_replication_bytes_total",
+                                     "Cluster: blob bytes this node sent its peers, by reason: put (a Put's copies), "
+                                     "repair (an owner lacked a copy) or handoff (a copy moved to an owner before "
+                                     "this node dropped its own).", ("reason",))
+        self.handoffs = add(Counter, "flexcache_cluster_handoffs_total",
+                            "Cluster: entries this node dropped once their owners held them (it was not an owner: "
+                            "a node joined, or this one drains).")
+        self.fanout = add(Histogram, "flexcache_cluster_fanout_seconds",
+                          "Cluster: time a Lookup waited for its peers' answers (NodeService.Gather), and a Fetch "
+                          "from a peer for its first message.", ("method",), buckets=_LATENCY_BUCKETS)
+        self.peer_errors = add(Counter, "flexcache_cluster_peer_errors_total",
+                               "Cluster: calls to a peer that failed or missed peer_timeout_seconds, by peer node_id "
+                               "and method.", ("peer", "method"))
         self.build_info = add(Gauge, "flexcache_build_info",
                               "Value 1, labelled with the daemon's version (the installed distribution's) and the "
                               "Python version it runs on.", ("version", "python"))

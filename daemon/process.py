@@ -7,9 +7,12 @@ it starts is stopped by `close()` (or the context manager), whatever happened to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,13 +36,13 @@ class DaemonProcess:
 
     def __init__(self, data_dir: Path, *, log: Path | None = None, python: str | Path = sys.executable,
                  trust_ca: Path | None = None, client_cert: Path | None = None, client_key: Path | None = None,
-                 token: str | None = None, **settings: object):
+                 token: str | None = None, port: int = 0, **settings: object):
         self.data_dir = Path(data_dir)
         self.trust_ca, self.client_cert, self.client_key, self.token = trust_ca, client_cert, client_key, token
         self.python = str(python)
         self.settings = {"metrics_listen": "127.0.0.1:0", **settings}
         self.log = log or self.data_dir.parent / f"{self.data_dir.name}.log"
-        self.port = 0
+        self.port = port  # 0: the daemon picks one at its first start
         self.metrics_port: int | None = None
         self.data_port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -142,6 +145,85 @@ class DaemonProcess:
 
     def __enter__(self) -> DaemonProcess:
         return self.start() if not self.running else self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` loopback ports free now (bound and released at once: a cluster's members must know each
+    other's ports before any of them starts)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+class DaemonCluster:
+    """`size` daemons on loopback that form one cluster (static `peers`, node ids n0, n1, ...), each a
+    DaemonProcess over root/n<i>, all with `settings`. `add()` starts one more member (the others learn
+    of it at their next resolution of `peers`: a static list they were started with cannot grow, so
+    `add` restarts none and instead the members are started with room: `spare` extra addresses in
+    their peers list, which answer nothing until added). Every process is stopped by close()."""
+
+    def __init__(self, root: Path, size: int, *, spare: int = 0, **settings: object):
+        self.root = Path(root)
+        ports = free_ports(size + spare)
+        self.peers = ",".join(f"127.0.0.1:{p}" for p in ports)
+        self.nodes = [self._node(i, port, settings) for i, port in enumerate(ports)]
+        self.size = size
+
+    def _node(self, i: int, port: int, settings: dict[str, object]) -> DaemonProcess:
+        return DaemonProcess(self.root / f"n{i}", port=port, node_id=f"n{i}", peers=self.peers, **settings)
+
+    @property
+    def members(self) -> list[DaemonProcess]:
+        return self.nodes[:self.size]
+
+    @property
+    def targets(self) -> list[str]:
+        return [n.target for n in self.members]
+
+    def start(self) -> DaemonCluster:
+        for node in self.members:
+            node.start()
+        return self
+
+    def add(self) -> DaemonProcess:
+        """Start the next spare member."""
+        if self.size == len(self.nodes):
+            raise RuntimeError("no spare address left: make the cluster with spare=")
+        self.size += 1
+        return self.nodes[self.size - 1].start()
+
+    def pause(self, i: int) -> None:
+        """SIGSTOP: the node freezes (its sockets accept, nothing answers)."""
+        os.kill(self.nodes[i].pid, signal.SIGSTOP)
+
+    def resume(self, i: int) -> None:
+        os.kill(self.nodes[i].pid, signal.SIGCONT)
+
+    def replace(self, i: int) -> DaemonProcess:
+        """Kill node i and start it again on an empty data folder (a replaced disk)."""
+        node = self.nodes[i]
+        if node.running:
+            node.kill()
+        shutil.rmtree(node.data_dir, ignore_errors=True)
+        return node.start()
+
+    def close(self) -> None:
+        for node in self.nodes:
+            if node.running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(node.pid, signal.SIGCONT)  # a paused node cannot drain
+                node.close()
+
+    def __enter__(self) -> DaemonCluster:
+        return self.start()
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()

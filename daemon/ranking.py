@@ -47,6 +47,74 @@ class Ranking:
         return cls("miss", miss_reason=reason)
 
 
+@dataclass
+class Gathered:
+    """What one node's index and store offer a query, before the rule that picks the answer (`decide`):
+    whole-prompt candidates that grant steps (at most top_k, best first); if there are none, the object
+    and background donors, each with its own part's grant (not yet capped to the composite's). Several
+    nodes' Gathered merge (`merge`) into what one node holding all their entries would have gathered,
+    which is how a cluster ranks (daemon/cluster/)."""
+
+    full: list[pb.Candidate] = field(default_factory=list)
+    objects: list[pb.Candidate] = field(default_factory=list)
+    backgrounds: list[pb.Candidate] = field(default_factory=list)
+    neighbors: bool = False  # the whole-prompt search found any neighbour at all
+    known: bool = True  # the node holds the namespace
+
+    def to_response(self) -> pb.LookupResponse:
+        """On the wire (NodeService.Gather): the candidates with their roles; miss_reason says whether
+        there were neighbours ("below_threshold") or none ("empty_namespace", "unknown_namespace")."""
+        reason = "below_threshold" if self.neighbors else "empty_namespace" if self.known else "unknown_namespace"
+        return pb.LookupResponse(candidates=self.full + self.objects + self.backgrounds, miss_reason=reason)
+
+    @classmethod
+    def from_response(cls, response: pb.LookupResponse) -> Gathered:
+        by_role: dict[int, list[pb.Candidate]] = {pb.ROLE_FULL: [], pb.ROLE_OBJECT: [], pb.ROLE_BACKGROUND: []}
+        for candidate in response.candidates:
+            by_role.setdefault(candidate.role, []).append(candidate)
+        return cls(by_role[pb.ROLE_FULL], by_role[pb.ROLE_OBJECT], by_role[pb.ROLE_BACKGROUND],
+                   neighbors=bool(by_role[pb.ROLE_FULL]) or response.miss_reason == "below_threshold",
+                   known=response.miss_reason != "unknown_namespace")
+
+
+def _best(candidates: list[pb.Candidate], limit: int) -> list[pb.Candidate]:
+    """At most `limit` distinct entries, most granted steps first, then most similar (as `_grantable`)."""
+    unique = {c.entry_id: c for c in sorted(candidates, key=lambda c: c.similarity)}  # the most similar copy wins
+    return sorted(unique.values(), key=lambda c: (c.granted_steps, c.similarity), reverse=True)[:limit]
+
+
+def merge(query: LookupQuery, parts: Sequence[Gathered]) -> Gathered:
+    """Several nodes' answers as one node holding all their entries would have gathered them: the best
+    top_k of each role, an entry held by several nodes counted once. Whole-prompt candidates anywhere win
+    over donors (a node that had some did not look for donors)."""
+    full = _best([c for p in parts for c in p.full], query.top_k)
+    return Gathered(full, [] if full else _best([c for p in parts for c in p.objects], query.top_k),
+                    [] if full else _best([c for p in parts for c in p.backgrounds], query.top_k),
+                    neighbors=any(p.neighbors for p in parts), known=any(p.known for p in parts))
+
+
+def decide(query: LookupQuery, gathered: Gathered, steps: StepTable) -> Ranking:
+    """The answer `Ranker.rank` documents, from what was gathered (on one node or merged from several)."""
+    if gathered.full:
+        return Ranking("hit", gathered.full[:query.top_k])
+    if not gathered.known:
+        return Ranking.miss("unknown_namespace")
+    objects, backgrounds = gathered.objects, gathered.backgrounds
+    total_steps = query.total_steps
+    if objects and backgrounds:
+        k = steps.composed_steps(objects[0].granted_steps, backgrounds[0].granted_steps, total_steps)
+    elif (objects and "object" in query.partial_roles) or (backgrounds and "background" in query.partial_roles):
+        k = (objects or backgrounds)[0].granted_steps
+        k = steps.composed_steps(k, k, total_steps)
+    else:
+        k = 0
+    if not k:
+        return Ranking.miss("below_threshold" if gathered.neighbors else "empty_namespace")
+    for candidate in objects + backgrounds:  # one of the two is empty on a partial hit
+        candidate.granted_steps = min(candidate.granted_steps, k)
+    return Ranking("composed" if objects and backgrounds else "partial", objects + backgrounds)
+
+
 class Ranker:
     def __init__(self, index: VectorIndex, store: Store, steps: StepTable):
         self._index = index
@@ -54,17 +122,21 @@ class Ranker:
         self._steps = steps
 
     def rank(self, query: LookupQuery) -> Ranking:
+        return decide(query, self.gather(query), self._steps)
+
+    def gather(self, query: LookupQuery) -> Gathered:
+        """This node's candidates (`Gathered`); donors are searched only when no whole-prompt candidate
+        grants steps and the request could use them."""
         neighbors = self._index.search(query.ns.key, "full", query.vectors["full"], limit=self._depth(query))
         whole = self._grantable(query, neighbors, query.top_k, pb.ROLE_FULL)
         if whole:
-            return Ranking("hit", whole)
+            return Gathered(whole, neighbors=True)
         parts = [role for role in ("object", "background") if role in query.vectors]
+        objects: list[pb.Candidate] = []
+        backgrounds: list[pb.Candidate] = []
         if len(parts) == 2 or query.partial_roles & set(parts):
-            donors = self._donors(query)
-            if donors:
-                roles = {c.role for c in donors}
-                return Ranking("composed" if len(roles) == 2 else "partial", donors)
-        return Ranking.miss("below_threshold" if neighbors else "empty_namespace")
+            objects, backgrounds = self._part_donors(query, "object"), self._part_donors(query, "background")
+        return Gathered([], objects, backgrounds, neighbors=bool(neighbors))
 
     @staticmethod
     def _depth(query: LookupQuery) -> int:
@@ -104,27 +176,10 @@ class Ranker:
         candidates.sort(key=lambda c: (c.granted_steps, c.similarity), reverse=True)  # stable for ties
         return candidates[:limit]
 
-    def _donors(self, query: LookupQuery) -> list[pb.Candidate]:
-        """Up to top_k object donors and top_k background donors, granted the composite's steps; when
-        only one part matches and its role is in partial_roles, that part's donors, granted as a
-        composite of the part with itself (the same cap: the client starts from them at the same K)."""
-        def part_donors(role: str, enum: int) -> list[pb.Candidate]:
-            if role not in query.vectors:
-                return []
-            neighbors = self._index.search(query.ns.key, role, query.vectors[role], limit=self._depth(query))
-            return self._grantable(query, neighbors, query.top_k, enum)
-
-        total_steps = query.total_steps
-        objects, backgrounds = part_donors("object", pb.ROLE_OBJECT), part_donors("background", pb.ROLE_BACKGROUND)
-        if objects and backgrounds:
-            steps = self._steps.composed_steps(objects[0].granted_steps, backgrounds[0].granted_steps, total_steps)
-        elif (objects and "object" in query.partial_roles) or (backgrounds and "background" in query.partial_roles):
-            k = (objects or backgrounds)[0].granted_steps
-            steps = self._steps.composed_steps(k, k, total_steps)
-        else:
+    def _part_donors(self, query: LookupQuery, role: str) -> list[pb.Candidate]:
+        """Up to top_k donors of one part (clean latents only), each with its own grant."""
+        if role not in query.vectors:
             return []
-        if not steps:
-            return []
-        for candidate in objects + backgrounds:
-            candidate.granted_steps = min(candidate.granted_steps, steps)
-        return objects + backgrounds
+        neighbors = self._index.search(query.ns.key, role, query.vectors[role], limit=self._depth(query))
+        enum = pb.ROLE_OBJECT if role == "object" else pb.ROLE_BACKGROUND
+        return self._grantable(query, neighbors, query.top_k, enum)

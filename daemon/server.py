@@ -25,15 +25,16 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from contextlib import closing, contextmanager
-from typing import TypeVar
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf import descriptor_pb2, descriptor_pool, symbol_database
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from flexcache.v1 import cache_pb2 as pb
+from flexcache.v1 import node_pb2 as npb
 from flexcache.v1 import wire
 
 from . import tls
@@ -41,6 +42,10 @@ from .access import OPEN, Access, bearer_token
 from .auth import AuthConfigError, Credentials, Identity
 from .build import open_cache
 from .cache import Cache, PutSession
+from .cluster import Cluster, node_id_of, open_cluster
+from .cluster.node import ClusterNode, ClusterPut
+from .cluster.service import SERVICE_NAME as NODE_SERVICE_NAME
+from .cluster.service import NodeServicer
 from .config import Config
 from .dataport import DataPort
 from .errors import (
@@ -54,18 +59,15 @@ from .errors import (
     WrongPath,
 )
 from .guard import Guard, PeerLog, Refused, Watch, peer_host
+from .messages import M, Undecodable, decoded, one_request
 from .metrics import Metrics
 from .store import StoreLocked
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = wire.SERVICE_NAME
+_symbol_database = symbol_database.Default()
 SIGNAL_POLL_S = 0.2  # how soon the main thread notices a SIGTERM another thread received
-M = TypeVar("M", bound=Message)
-
-
-class Undecodable(InvalidRequest):
-    """The request's bytes are not a message of the method's request type."""
 
 
 def _status_of(exc: CacheError) -> grpc.StatusCode:
@@ -84,28 +86,6 @@ def _bad_request_reason(exc: CacheError) -> str | None:
     if isinstance(exc, Corrupt):
         return "corrupt"
     return None
-
-
-def decode(kind: type[M], raw: bytes) -> M:
-    """`raw` parsed as a `kind`; Undecodable if it is not one."""
-    try:
-        return kind.FromString(raw)
-    except Exception as exc:  # DecodeError, or anything else the parser raises on hostile bytes
-        raise Undecodable(f"the request is not a valid {kind.DESCRIPTOR.full_name} ({type(exc).__name__})") from None
-
-
-def one_request(watch: Watch, requests: Iterator[bytes], kind: type[M]) -> M:
-    """The request of a method that takes one, read under `watch`."""
-    raw = watch.receive(requests)
-    if raw is None:
-        raise InvalidRequest("the call ended without its request message")
-    return decode(kind, raw)
-
-
-def decoded(watch: Watch, requests: Iterator[bytes], kind: type[M]) -> Iterator[M]:
-    """A request stream's messages, each waited for under `watch` and decoded."""
-    for raw in watch.received(requests):
-        yield decode(kind, raw)
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
@@ -271,18 +251,19 @@ def _serialize_fetch(message: pb.FetchResponse | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def add_servicer(servicer: CacheServicer, server: grpc.Server, stream_pool: futures.ThreadPoolExecutor | None = None
-                 ) -> None:
-    """Register CacheService: each method takes raw request bytes (CacheServicer decodes them), Fetch may
-    yield wire bytes, and the streaming methods run on `stream_pool`."""
+def add_servicer(servicer: object, server: grpc.Server, stream_pool: futures.ThreadPoolExecutor | None = None,
+                 service: ServiceDescriptor = pb.DESCRIPTOR.services_by_name["CacheService"]) -> None:
+    """Register `service` (CacheService; NodeService with a NodeServicer): each method takes raw request
+    bytes (the servicer decodes them), a fetch may yield wire bytes, and streaming methods run on
+    `stream_pool`."""
     handlers = {}
-    for method in pb.DESCRIPTOR.services_by_name["CacheService"].methods:
-        response = getattr(pb, method.output_type.name)
-        serializer = _serialize_fetch if method.name == "Fetch" else response.SerializeToString
+    for method in service.methods:
+        response = _symbol_database.GetSymbol(method.output_type.full_name)
+        serializer = _serialize_fetch if method.output_type.name == "FetchResponse" else response.SerializeToString
         streams = method.client_streaming or method.server_streaming
         handlers[method.name] = _handler(getattr(servicer, method.name), method.server_streaming, serializer,
                                          stream_pool if streams else None)
-    _add(server, SERVICE_NAME, handlers)
+    _add(server, service.full_name, handlers)
 
 
 def _clip(exc: BaseException, limit: int = 300) -> str:
@@ -296,14 +277,15 @@ class CacheServicer:
     `call`, which watches it (guard.py), decodes and counts, and maps domain errors to statuses."""
 
     def __init__(self, metrics: Metrics, guard: Guard, clients: PeerLog, dataport: DataPort | None = None,
-                 access: Access | None = None, client_certificates: bool = False):
+                 access: Access | None = None, client_certificates: bool = False, advertise_host: str = ""):
         self.metrics = metrics
         self.guard = guard
         self.clients = clients  # the log of client mistakes, rate-limited per client address
         self.dataport = dataport  # fetched blobs on a TCP connection (FetchDirect)
         self.access = access or Access(None)
         self.client_certificates = client_certificates  # mTLS: every caller has a verified certificate
-        self.cache: Cache | None = None  # set once storage is open
+        self.advertise_host = advertise_host  # where clients dial the data port ("": where they reached us)
+        self.cache: Cache | ClusterNode | None = None  # set once storage is open: the cluster's front, in one
 
     def identify(self, context: grpc.ServicerContext) -> Identity:
         """The caller (access.Access.identify): its bearer token, else its verified certificate's CN."""
@@ -314,7 +296,7 @@ class CacheServicer:
 
     @contextmanager
     def call(self, method: str, context: grpc.ServicerContext, *, stream: bool = False, counted: bool = True,
-             needs_cache: bool = True) -> Iterator[tuple[Cache, Watch, Identity]]:
+             needs_cache: bool = True) -> Iterator[tuple[Cache | ClusterNode, Watch, Identity]]:
         """Watch the call (a stream past its client's share is refused), identify its caller, time it and
         count it by status (`counted`), and turn domain errors into gRPC statuses; the client's mistakes
         are counted and logged at most once per client and interval, never with a traceback. Yields the
@@ -374,7 +356,7 @@ class CacheServicer:
             self.clients.warn(peer, "bad request", "bad request to %s (%s): %s", method, reason,
                               _clip(exc))
 
-    def _begin_put(self, cache: Cache, who: Identity, header: pb.PutHeader) -> PutSession:
+    def _begin_put(self, cache: Cache | ClusterNode, who: Identity, header: pb.PutHeader) -> PutSession | ClusterPut:
         """A Put (stream or PutDirect) of `who`'s: its tenant checked, its writer stamped, its header
         checked by the cache."""
         self.access.check(who, header.namespace.tenant)
@@ -422,7 +404,8 @@ class CacheServicer:
                 ticket = self.dataport.issue(chunks, header.blob.size, owner=who.writer)
             except OSError as exc:  # shutting down
                 raise Unavailable(str(exc)) from exc
-            return pb.FetchTicket(header=header, ticket=ticket, data_port=self.dataport.port)
+            return pb.FetchTicket(header=header, ticket=ticket, data_port=self.dataport.port,
+                                  data_host=self.advertise_host)
 
     def PutDirect(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.PutTicket:
         with self.call("PutDirect", context) as (cache, watch, who):
@@ -438,7 +421,7 @@ class CacheServicer:
                 ticket = self.dataport.issue_put(put, header.blob.size, owner=who.writer)
             except OSError as exc:  # shutting down
                 raise Unavailable(str(exc)) from exc
-            return pb.PutTicket(ticket=ticket, data_port=self.dataport.port)
+            return pb.PutTicket(ticket=ticket, data_port=self.dataport.port, data_host=self.advertise_host)
 
     def Delete(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.DeleteResponse:
         with self.call("Delete", context) as (cache, watch, who):
@@ -464,7 +447,8 @@ class DirectPut:
     """A PutDirect's entry, fed by the data port (dataport.Sink): the bytes as a Put stream's chunks,
     then the reply, a domain error answered with its status and message as `call` answers one."""
 
-    def __init__(self, session: PutSession, release: Callable[[], None], mistake: Callable[[CacheError], None]):
+    def __init__(self, session: PutSession | ClusterPut, release: Callable[[], None],
+                 mistake: Callable[[CacheError], None]):
         self._session = session
         self._release = release  # the Put buffer share PutDirect reserved
         self._mistake = mistake
@@ -540,7 +524,8 @@ class Daemon:
             dataport = self.dataport
             self.metrics.data_open.set_function(lambda: dataport.open_connections)
         self.servicer = CacheServicer(self.metrics, self.guard, self.clients, self.dataport, self.access,
-                                      client_certificates=bool(self.certificates and self.certificates.client_auth))
+                                      client_certificates=bool(self.certificates and self.certificates.client_auth),
+                                      advertise_host=config.advertise_host)
         self._stream_pool = futures.ThreadPoolExecutor(max_workers=config.stream_workers, thread_name_prefix="stream")
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
@@ -553,9 +538,12 @@ class Daemon:
             ],
         )
         add_servicer(self.servicer, self.server, self._stream_pool)
+        self.nodes = NodeServicer(self.servicer, node_id_of(config),
+                                  on_drain=lambda: self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+        add_servicer(self.nodes, self.server, self._stream_pool, npb.DESCRIPTOR.services_by_name["NodeService"])
         add_health(self.health, self.server, self.servicer, self._stream_pool)
-        enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self.server,
-                          self.servicer, self._stream_pool)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        enable_reflection((SERVICE_NAME, NODE_SERVICE_NAME, health_name), self.server, self.servicer, self._stream_pool)
         try:
             if self.certificates is not None:
                 self.port = self.server.add_secure_port(config.listen, self.certificates.grpc_credentials())
@@ -571,6 +559,7 @@ class Daemon:
         self.metrics_port: int | None = None
         self._stopped = threading.Event()
         self.cache: Cache | None = None
+        self.cluster: Cluster | None = None
 
     def _cut(self, watch: Watch) -> None:
         """The guard cut a call (from its watchdog thread): count it, and tell the log once per client."""
@@ -609,7 +598,13 @@ class Daemon:
             self.guard.stop()
             self._stream_pool.shutdown(wait=False)
             raise
-        self.servicer.cache = self.cache
+        self.nodes.cache = self.cache
+        if c.clustered:
+            self.cluster = self.nodes.cluster = open_cluster(c, self.cache, self.metrics)
+            self.servicer.cache = self.cluster.node
+            self.cluster.start(join_timeout_s=2 * c.peer_timeout_seconds + 1)
+        else:
+            self.servicer.cache = self.cache
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("flexcache serving on port %d (data port %s, index %s, policy %s, budget %d bytes)", self.port,
                  self.dataport.port if self.dataport else "off", c.index_backend, c.eviction_policy, c.max_bytes)
@@ -631,6 +626,8 @@ class Daemon:
             self.dataport.stop(grace_s=self.config.drain_seconds)
         self.guard.stop()
         self._stream_pool.shutdown(wait=False)
+        if self.cluster is not None:
+            self.cluster.stop()
         if self.cache is not None:
             self.cache.close()
         log.info("flexcache stopped")

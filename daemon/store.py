@@ -520,6 +520,15 @@ class Store:
             self._db.flush(True)
             self._db.compact_range(None, None)
 
+    def checkpoint(self, path: Path) -> None:
+        """An online, consistent copy of the database in `path`, a folder that must not exist yet (its
+        parent must): RocksDB flushes the memtables, then hard-links its immutable files (SST and blob
+        files; it copies them where `path` is on another file system) and copies its MANIFEST and live
+        log, all as of one moment. Puts go on meanwhile; each is in the copy whole or not at all (one
+        WriteBatch). Under the gate, like a write, so that a reopen never swaps the handle under it;
+        DiskFull if RocksDB's flush runs out of space. The ACKED and BALLAST files are not part of it."""
+        self._write("checkpoint", lambda db: rocksdict.Checkpoint(db).create_checkpoint(str(path)))
+
     # ---- writes ----
     def begin_put(self, entry_id: str) -> PendingPut:
         return PendingPut(entry_id)

@@ -423,6 +423,9 @@ HOSTILE_TICKETS: dict[str, tuple[Callable[[pb.FetchRequest, int], Answer], Calla
     "a data port that sends nothing": (valid_ticket, lambda t: b"", "after 0 of 768 bytes"),
     "a data port numbered past 65535": (lambda r, port: replace_ticket(valid_ticket(r, port), data_port=70000),
                                         garbage, "for data port 70000"),
+    "a data host that is no host name": (lambda r, port: replace_ticket(valid_ticket(r, port),
+                                                                         data_host="evil host\n; rm -rf"),
+                                         garbage, "is not a host name or address"),
     "a ticket of a thousand bytes": (lambda r, port: replace_ticket(valid_ticket(r, port), ticket=b"t" * 1000),
                                      garbage, "a ticket of 1000 bytes"),
     "a ticket for another entry": (lambda r, port: replace_ticket(valid_ticket(r, port), header=pb.FetchHeader(

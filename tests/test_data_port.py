@@ -109,6 +109,22 @@ def test_unreachable_data_port_falls_back_to_the_stream(start_daemon, caplog) ->
     assert metric(daemon, "flexcache_requests_total", method="Fetch", code="OK") == 2
 
 
+def test_tickets_name_the_advertised_host(start_daemon, caplog) -> None:
+    """The same daemon with advertise_host: tickets say where its data port is (a pod behind a Service),
+    and the client dials it there, for fetches and puts alike, with no stream fallback."""
+    daemon = start_daemon(data_listen="127.0.0.2:0", advertise_host="127.0.0.2")
+    data = os.urandom(2 << 20)
+    entry = put_raw(daemon, data)
+    with connect(daemon.target) as c:
+        assert bytes(c.fetch(entry, granted_steps=10).data) == data
+        assert c.last_error is None
+    assert "cannot connect to the data port" not in caplog.text
+    assert metric(daemon, "flexcache_requests_total", method="PutDirect", code="OK") == 1
+    assert metric(daemon, "flexcache_requests_total", method="FetchDirect", code="OK") == 1
+    assert metric(daemon, "flexcache_requests_total", method="Fetch") == 0
+    assert metric(daemon, "flexcache_requests_total", method="Put") == 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,12 +12,20 @@
   the cert-manager Certificate covers the Service's names; the shared NetworkPolicy admits only
   client pods to the gRPC and data ports; the workers' FLEXCACHE_CLIENT_* env vars agree with their
   daemon; no key, certificate or token is shipped;
+- the cluster (k8s/shared): 3 StatefulSet replicas, started in parallel and updated one at a time;
+  each node's id is its pod name and its members come from a headless Service that lists unready pods;
+  a PodDisruptionBudget lets one node down at a time; required anti-affinity on the host name; the
+  readiness probe runs `flexcache health` (joined and not draining) and a preStop hook `flexcache
+  drain` within the grace period; the NetworkPolicy admits the nodes to each other's gRPC port; the
+  certificate names the headless Service; the peer token comes from a Secret the README creates;
 - the Dockerfile builds the image the manifests name (no Docker engine here: checked as text).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import re
 import shlex
@@ -51,6 +59,8 @@ NOT_CORE_KINDS = {"Kustomization", *CRD_KINDS}
 CLIENT_ENV = {"FLEXCACHE_CLIENT_TOKEN", "FLEXCACHE_CLIENT_TLS_CA_FILE", "FLEXCACHE_CLIENT_TLS_CERT_FILE",
               "FLEXCACHE_CLIENT_TLS_KEY_FILE"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+# The namespace k8s/README.md deploys the shared daemon into, and its certificate names.
+NAMESPACE = "flexcache"
 
 YAMLLINT_CONFIG = """
 extends: default
@@ -93,6 +103,65 @@ def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(key) == value for key, value in selector.items())
 
 
+def container_env(workload: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+    """The container's environment as the kubelet sets it, for the workload's first pod (name-0) in
+    NAMESPACE: fieldRef values, a placeholder for a Secret's or ConfigMap's key, and $(VAR) expanded
+    from the variables defined before it (a later or unknown one is left as written, as Kubernetes does)."""
+    fields = {"metadata.name": f"{workload['metadata']['name']}-0", "metadata.namespace": NAMESPACE,
+              "status.podIP": "10.0.0.10"}
+    env: dict[str, str] = {}
+    for e in container.get("env", []):
+        source = e.get("valueFrom", {})
+        if "value" in e:
+            env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), str(e["value"]))
+        elif "fieldRef" in source:
+            path = source["fieldRef"]["fieldPath"]
+            assert path in fields, f"{e['name']}: fieldRef {path} not simulated here"
+            env[e["name"]] = fields[path]
+        elif "secretKeyRef" in source or "configMapKeyRef" in source:
+            ref = source.get("secretKeyRef") or source["configMapKeyRef"]
+            env[e["name"]] = f"<{ref['name']}/{ref['key']}>"
+        else:
+            env[e["name"]] = ""
+    return env
+
+
+def exec_argv(handler: dict[str, Any]) -> list[str]:
+    """The words of an exec probe's or hook's command; a `sh -c` script split as the shell would (one
+    command, its leading `exec` dropped)."""
+    command = handler["exec"]["command"]
+    if command[:2] != ["sh", "-c"]:
+        return command
+    assert len(command) == 3, f"sh -c takes one script: {command}"
+    words = shlex.split(command[2])
+    assert not {";", "|", "||", "&&", "&"} & set(words), f"one command, not a pipeline: {command[2]}"
+    return words[1:] if words[0] == "exec" else words
+
+
+def cli_options(words: list[str]) -> dict[str, str]:
+    """`--flag value` pairs (a flag without a value maps to '') of a command line."""
+    options: dict[str, str] = {}
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            value = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else ""
+            options[word] = value
+    return options
+
+
+def cli_flags(verb: str) -> set[str] | None:
+    """The flags `flexcache <verb> --help` lists; None when the CLI has no such verb."""
+    from flexcache.daemon import cli
+
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            cli.main([verb, "--help"])
+    except SystemExit as exc:
+        if exc.code:
+            return None
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out.getvalue()))
+
+
 # --- generic: lint and schema -------------------------------------------------------------------
 
 
@@ -100,6 +169,7 @@ def test_manifests_exist() -> None:
     names = {rel(p) for p in YAML_FILES}
     for needed in ("k8s/shared/statefulset.yaml", "k8s/shared/service.yaml", "k8s/shared/configmap.yaml",
                    "k8s/shared/networkpolicy.yaml", "k8s/shared/certificate.yaml",
+                   "k8s/shared/poddisruptionbudget.yaml",
                    "k8s/shared-worker/deployment.yaml", "k8s/sidecar/deployment.yaml", "k8s/sidecar/configmap.yaml"):
         assert needed in names
     assert (K8S / "README.md").is_file()
@@ -201,18 +271,33 @@ class Daemon:
         return values
 
     @cached_property
+    def env(self) -> dict[str, str]:
+        return container_env(self.workload, self.container)
+
+    @cached_property
     def config(self) -> cfg.Config:
         """Resolved as `flexcache serve` would: ConfigMap YAML < FLEXCACHE_* env < flags."""
-        env = {e["name"]: e.get("value", "") for e in self.container.get("env", [])}
         flags = {o.name: getattr(self.args, o.name) for o in cfg.OPTIONS}
         try:
-            return cfg.resolve(self.config_yaml, env, flags)
+            return cfg.resolve(self.config_yaml, self.env, flags)
         except cfg.ConfigError as exc:
             raise AssertionError(f"{self.where}: the daemon would refuse its settings: {exc}") from None
 
     @property
     def grpc_port(self) -> int:
         return host_port(self.config.listen)[1]
+
+    @property
+    def clustered(self) -> bool:
+        return bool(self.config.peers or self.config.peers_dns)
+
+    def hook(self, phase: str) -> list[str]:
+        """The words of the container's preStop/postStart exec hook ([] without one)."""
+        handler = self.container.get("lifecycle", {}).get(phase)
+        if not handler:
+            return []
+        assert "exec" in handler, f"{self.where}: {phase}: an exec hook"
+        return exec_argv(handler)
 
     @property
     def metrics_port(self) -> int:
@@ -346,12 +431,19 @@ class TestDaemonContainer:
     def test_probes_check_the_grpc_port(self, daemon: Daemon) -> None:
         """The native gRPC probe (grpc.health.v1) on a plain-text port. On a TLS port a TCP probe: the
         kubelet's gRPC probe speaks plain text (its `mode: TLS` is 1.37's and has no client
-        certificate for mTLS), so every handshake would fail and the pod be restarted."""
+        certificate for mTLS), so every handshake would fail and the pod be restarted. A cluster node
+        is Ready only when grpc.health.v1 says SERVING (joined, not draining): its readiness probe runs
+        `flexcache health` (test_cluster_readiness_is_flexcache_health); its startup and liveness
+        probes are TCP whatever the port speaks, since a node that has not joined yet must not be
+        restarted."""
         tls = bool(daemon.config.tls_cert_file)
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = daemon.container.get(kind)
             assert probe, f"{daemon.where}: no {kind}"
-            if tls:
+            if daemon.clustered and kind == "readinessProbe":
+                assert "exec" in probe, f"{daemon.where}: a cluster node's readiness is `flexcache health`"
+                continue
+            if tls or daemon.clustered:
                 assert "tcpSocket" in probe, f"{daemon.where}: {kind}: the gRPC port speaks TLS, probe it over TCP"
                 assert daemon.container_port(probe["tcpSocket"]["port"]) == daemon.grpc_port
                 continue
@@ -377,7 +469,7 @@ class TestDaemonContainer:
     def test_credential_files_come_from_whole_secret_volumes(self, daemon: Daemon) -> None:
         """TLS files and the tokens file sit in Secret volumes mounted whole: a subPath mount is a copy
         taken at start that never sees a renewed certificate or an edited tokens Secret."""
-        for setting in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file"):
+        for setting in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "peer_ca_file", "auth_tokens_file"):
             path = getattr(daemon.config, setting)
             if not path:
                 continue
@@ -397,8 +489,13 @@ class TestDaemonContainer:
             assert daemon.pod.get("securityContext", {}).get("fsGroup") == dockerfile_uid()
 
     def test_grace_period_covers_the_drain(self, daemon: Daemon) -> None:
+        """The grace period runs from the preStop hook (a cluster node's `flexcache drain --wait W`)
+        through SIGTERM's drain_seconds to closing the storage."""
         grace = daemon.pod.get("terminationGracePeriodSeconds", 30)
-        assert grace > daemon.config.drain_seconds + 5, f"{daemon.where}: grace {grace}s"
+        hook = cli_options(daemon.hook("preStop"))
+        wait = float(hook["--wait"]) if "--wait" in hook else 0.0
+        assert grace > wait + daemon.config.drain_seconds + 5, \
+            f"{daemon.where}: grace {grace}s for a {wait}s preStop and drain_seconds {daemon.config.drain_seconds}"
 
     def test_data_dir_is_a_writable_volume_big_enough(self, daemon: Daemon) -> None:
         (mount,) = [m for m in daemon.container["volumeMounts"] if m["mountPath"] == daemon.config.data_dir]
@@ -446,15 +543,202 @@ class TestDaemonContainer:
 # --- the shared variant -------------------------------------------------------------------------
 
 
-def test_shared_is_one_statefulset_replica_with_a_claim_template() -> None:
+def the_cluster() -> tuple[Daemon, dict[str, Any]]:
+    """The shared daemon's container and its StatefulSet."""
+    (daemon,) = daemons_in(K8S / "shared")
+    assert daemon.workload["kind"] == "StatefulSet"
+    return daemon, daemon.workload
+
+
+def the_peers_service() -> dict[str, Any]:
+    """The StatefulSet's governing Service, which the nodes resolve for their members."""
+    _, sts = the_cluster()
+    services = [s for s in by_kind(folder_objects(K8S / "shared"), "Service")
+                if s["metadata"]["name"] == sts["spec"]["serviceName"]]
+    assert services, f"no Service {sts['spec']['serviceName']} (the StatefulSet's serviceName)"
+    return services[0]
+
+
+def test_shared_is_a_three_node_statefulset_with_a_claim_template_each() -> None:
     objects = folder_objects(K8S / "shared")
-    (sts,) = by_kind(objects, "StatefulSet")
-    assert sts["spec"]["replicas"] == 1, "RocksDB is single-writer: one process per data dir"
+    daemon, sts = the_cluster()
+    spec = sts["spec"]
+    assert spec["replicas"] == 3
+    assert daemon.clustered, "3 replicas that are not a cluster would be 3 caches that each see a third"
+    # Each node's copies on other nodes, and one node down (the PDB) still leaves replication_factor.
+    assert 2 <= daemon.config.replication_factor < spec["replicas"]
+    # The nodes find each other by DNS in any order; OrderedReady would only slow a cold start.
+    assert spec["podManagementPolicy"] == "Parallel"
+    # One pod at a time (maxUnavailable is 1 when unset; `partition` would hold pods back).
+    assert spec["updateStrategy"]["type"] == "RollingUpdate"
+    rolling = spec["updateStrategy"].get("rollingUpdate", {})
+    assert rolling.get("maxUnavailable", 1) == 1 and not rolling.get("partition", 0)
+    # One process per data dir: a claim per pod, from the template.
     assert by_kind(objects, "PersistentVolumeClaim") == [], "use volumeClaimTemplates"
-    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    (claim,) = spec["volumeClaimTemplates"]
     assert claim["spec"]["accessModes"][0] in ("ReadWriteOnce", "ReadWriteOncePod")
-    governing = [s for s in by_kind(objects, "Service") if s["metadata"]["name"] == sts["spec"]["serviceName"]]
-    assert governing and governing[0]["spec"].get("clusterIP") == "None", "serviceName must be a headless Service"
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+
+
+def test_shared_peers_service_is_headless_and_lists_unready_pods() -> None:
+    daemon, sts = the_cluster()
+    service = the_peers_service()
+    assert service["metadata"]["name"] == "flexcache-peers"
+    assert service["spec"]["clusterIP"] == "None", "a headless Service: its name resolves to every pod's IP"
+    # A node is Ready only once it has probed its peers: unready pods must resolve, or none would join.
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
+    assert labels_match(service["spec"]["selector"], daemon.pod_labels)
+    (grpc,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    assert grpc["port"] == daemon.grpc_port and daemon.container_port(grpc["targetPort"]) == daemon.grpc_port
+    # The client Service is another one: clients never depend on the membership Service.
+    clients = [s for s in by_kind(folder_objects(K8S / "shared"), "Service") if s["metadata"]["name"] == "flexcache"]
+    assert clients and clients[0]["spec"].get("clusterIP") != "None"
+    assert not clients[0]["spec"].get("publishNotReadyAddresses", False), "clients reach joined nodes only"
+
+
+def test_shared_node_id_and_members_come_from_the_pod_and_the_peers_service() -> None:
+    daemon, sts = the_cluster()
+    raw = {e["name"]: e for e in daemon.container["env"]}
+    names = [e["name"] for e in daemon.container["env"]]
+    # The node's id: its pod name, stable across restarts (entries are placed by it).
+    assert raw["FLEXCACHE_NODE_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert daemon.config.node_id == f"{sts['metadata']['name']}-0"
+    # Membership by DNS: the headless Service's full name in the pod's namespace, on the gRPC port.
+    assert raw["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert names.index("POD_NAMESPACE") < names.index("FLEXCACHE_PEERS_DNS"), "$(VAR) needs VAR defined before it"
+    assert "$(POD_NAMESPACE)" in raw["FLEXCACHE_PEERS_DNS"]["value"], "the namespace from the pod, not written in"
+    assert daemon.config.peers == "", "static peers and peers_dns exclude each other"
+    host, port = host_port(daemon.config.peers_dns)
+    assert host == f"{the_peers_service()['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    assert port == daemon.grpc_port
+    # The per-pod settings are env vars; the ConfigMap holds none of them.
+    assert not {"node_id", "peers", "peers_dns", "peer_token", "advertise_host"} & set(daemon.config_yaml)
+    # Tickets name the pod's own IP: a data-port connection through the Service could reach another pod.
+    assert raw["FLEXCACHE_ADVERTISE_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+
+
+def test_shared_peer_credentials() -> None:
+    """With auth on, nodes call each other with an admin token from a Secret; with TLS on, they trust
+    the CA of the certificate they all serve."""
+    daemon, _ = the_cluster()
+    token = {e["name"]: e for e in daemon.container["env"]}.get("FLEXCACHE_PEER_TOKEN")
+    if daemon.config.auth_tokens_file:
+        assert token, "auth is on: the nodes need a peer_token"
+        assert "value" not in token, "the peer token from a Secret, never a literal in the manifest"
+        ref = token["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "flexcache-peer-token" and ref["key"] == "token"
+        assert not ref.get("optional", False)
+    if daemon.config.tls_cert_file:
+        ca = daemon.config.peer_ca_file or daemon.config.tls_client_ca_file
+        assert ca, "TLS is on: the nodes need a CA to check each other's certificate"
+        _, volume = daemon.mounted_file(ca)
+        _, cert_volume = daemon.mounted_file(daemon.config.tls_cert_file)
+        assert volume == cert_volume and ca.endswith("/ca.crt"), "the CA that signed the nodes' certificate"
+
+
+def test_shared_capacity_comment_matches_the_manifests() -> None:
+    """configmap.yaml says what the cluster holds: replicas x max_bytes / replication_factor."""
+    daemon, sts = the_cluster()
+    found = re.search(r"replicas x max_bytes / replication_factor = (\d+) x (\w+) / (\d+) = (\w+)",
+                      re.sub(r"\s*\n\s*#\s*", " ", daemon.config_text))
+    assert found, "configmap.yaml: say what the cluster holds"
+    replicas, max_bytes, factor, total = found.groups()
+    assert int(replicas) == sts["spec"]["replicas"]
+    assert cfg.parse_size(max_bytes) == daemon.config.max_bytes
+    assert int(factor) == daemon.config.replication_factor
+    held = sts["spec"]["replicas"] * daemon.config.max_bytes // daemon.config.replication_factor
+    assert cfg.parse_size(total) == held
+
+
+def test_shared_disruption_budget_lets_one_node_down() -> None:
+    daemon, sts = the_cluster()
+    (pdb,) = by_kind(folder_objects(K8S / "shared"), "PodDisruptionBudget")
+    assert pdb["apiVersion"] == "policy/v1"
+    spec = pdb["spec"]
+    assert spec["maxUnavailable"] == 1 and "minAvailable" not in spec
+    # With R copies, at most R - 1 nodes down keeps a copy of every entry.
+    assert spec["maxUnavailable"] <= daemon.config.replication_factor - 1
+    assert spec["selector"] == sts["spec"]["selector"], "the PDB covers exactly the StatefulSet's pods"
+    assert labels_match(spec["selector"]["matchLabels"], daemon.pod_labels)
+
+
+def test_shared_nodes_never_share_a_kubernetes_node() -> None:
+    """Two copies of an entry on one machine die together: required anti-affinity on the host name."""
+    daemon, _ = the_cluster()
+    anti = daemon.pod["affinity"]["podAntiAffinity"]
+    terms = anti["requiredDuringSchedulingIgnoredDuringExecution"]
+    by_host = [t for t in terms if t["topologyKey"] == "kubernetes.io/hostname"]
+    assert by_host, "required anti-affinity across kubernetes.io/hostname"
+    for term in by_host:
+        assert term["labelSelector"]["matchLabels"] == daemon.workload["spec"]["selector"]["matchLabels"]
+        assert labels_match(term["labelSelector"]["matchLabels"], daemon.pod_labels)
+        assert "namespaces" not in term and "namespaceSelector" not in term, "the cluster's own pods"
+
+
+def test_cluster_readiness_is_flexcache_health() -> None:
+    """Ready means SERVING on grpc.health.v1: storage open and joined, not draining. Asked from inside
+    the container by `flexcache health`, with the TLS flags the port needs."""
+    daemon, _ = the_cluster()
+    probe = daemon.container["readinessProbe"]
+    argv = exec_argv(probe)
+    assert argv[:2] == ["flexcache", "health"], argv
+    check_cli_connection(daemon, cli_options(argv[2:]), "readinessProbe")
+    assert probe["timeoutSeconds"] < probe["periodSeconds"], "one check at a time"
+    assert probe.get("failureThreshold", 3) <= 3
+    assert "exec" not in daemon.container["livenessProbe"], "liveness must not restart a node that has not joined"
+
+
+def test_shared_nodes_drain_before_they_stop() -> None:
+    """preStop: `flexcache drain` hands the node's entries to their other owners (scale-down)."""
+    daemon, _ = the_cluster()
+    argv = daemon.hook("preStop")
+    assert argv[:2] == ["flexcache", "drain"], argv
+    options = cli_options(argv[2:])
+    check_cli_connection(daemon, options, "preStop")
+    assert float(options["--wait"]) >= 60, "time to hand off a node's entries"
+    if daemon.config.auth_tokens_file:  # an admin call: the peer token
+        assert options.get("--token") == "$FLEXCACHE_PEER_TOKEN"
+        assert daemon.container["lifecycle"]["preStop"]["exec"]["command"][:2] == ["sh", "-c"], \
+            "exec hooks do not expand variables: a shell does"
+    else:
+        assert "--token" not in options
+
+
+def check_cli_connection(daemon: Daemon, options: dict[str, str], where: str) -> None:
+    """A flexcache CLI command run inside the daemon's container reaches its gRPC port, under a name of
+    its certificate, with the CA (and client certificate, with mTLS) the port needs."""
+    host, port = host_port(options["--target"])
+    assert port == daemon.grpc_port, f"{where}: {options['--target']}"
+    assert host in LOOPBACK, f"{where}: the container's own daemon"
+    expected = set()
+    if daemon.config.tls_cert_file:
+        assert host in the_certificate()["spec"]["dnsNames"], f"{where}: {host} is not a name of the certificate"
+        expected.add("--tls-ca-file")
+        _, volume = daemon.mounted_file(options["--tls-ca-file"])
+        assert "secret" in volume, f"{where}: the CA from the TLS Secret"
+    if daemon.config.tls_client_ca_file:
+        expected |= {"--tls-cert-file", "--tls-key-file"}
+    assert {o for o in options if o.startswith("--tls-")} == expected, f"{where}: {sorted(options)}"
+
+
+@pytest.mark.parametrize("verb", ["health", "drain"])
+def test_cluster_commands_use_real_flags(verb: str) -> None:
+    daemon, _ = the_cluster()
+    argv = {"health": exec_argv(daemon.container["readinessProbe"]), "drain": daemon.hook("preStop")}[verb]
+    flags = cli_flags(verb)
+    if flags is None:
+        pytest.skip(f"the CLI has no `flexcache {verb}` yet")
+    assert set(cli_options(argv)) <= flags, f"flexcache {verb} does not know {sorted(set(cli_options(argv)) - flags)}"
+
+
+def test_shared_kustomization_applies_the_cluster() -> None:
+    (kustomization,) = docs(K8S / "shared" / "kustomization.yaml")
+    listed = {(o["kind"], o["metadata"]["name"]) for name in kustomization["resources"]
+              for o in docs(K8S / "shared" / name)}
+    assert {("StatefulSet", "flexcache"), ("Service", "flexcache"), ("Service", "flexcache-peers"),
+            ("PodDisruptionBudget", "flexcache"), ("NetworkPolicy", "flexcache"),
+            ("ConfigMap", "flexcache-config")} <= listed
 
 
 def test_shared_services_reach_the_daemon_ports() -> None:
@@ -555,7 +839,8 @@ def test_certificate_is_cert_managers_and_covers_the_service_names() -> None:
     (daemon,) = daemons_in(K8S / "shared")
     _, volume = daemon.mounted_file(daemon.config.tls_cert_file)
     assert volume["secret"]["secretName"] == spec["secretName"]
-    for setting, key in (("tls_cert_file", "tls.crt"), ("tls_key_file", "tls.key"), ("tls_client_ca_file", "ca.crt")):
+    for setting, key in (("tls_cert_file", "tls.crt"), ("tls_key_file", "tls.key"), ("tls_client_ca_file", "ca.crt"),
+                         ("peer_ca_file", "ca.crt")):
         path = getattr(daemon.config, setting)
         assert not path or path.endswith("/" + key), f"{setting}: cert-manager's Secret holds it as {key}"
     # Clients verify the name they dial, on the data port too: each name of the flexcache Service.
@@ -565,6 +850,18 @@ def test_certificate_is_cert_managers_and_covers_the_service_names() -> None:
     (ns,) = namespaces
     assert {"flexcache", f"flexcache.{ns}", f"flexcache.{ns}.svc", f"flexcache.{ns}.svc.cluster.local"} <= names
     assert spec.get("commonName", "flexcache") in names
+
+
+def test_certificate_covers_the_peers_names() -> None:
+    """Nodes dial each other by peers_dns's host name (the TLS target name for every address it resolves
+    to), and may name a pod (flexcache-0.flexcache-peers...); they present the same certificate to
+    each other, as clients when mTLS is on."""
+    daemon, _ = the_cluster()
+    spec = the_certificate()["spec"]
+    host, _ = host_port(daemon.config.peers_dns)
+    assert host.split(".")[1] == NAMESPACE
+    assert {host, f"*.{host}"} <= set(spec["dnsNames"])
+    assert {"server auth", "client auth"} <= set(spec["usages"])
 
 
 def test_shared_network_policy_admits_clients_to_the_grpc_and_data_ports_only() -> None:
@@ -596,6 +893,20 @@ def test_shared_network_policy_admits_clients_to_the_grpc_and_data_ports_only() 
         for peer in peers:
             assert peer.get("namespaceSelector", {}).get("matchLabels") or peer.get("podSelector", {}).get(
                 "matchLabels"), "the metrics port: Prometheus's namespace or pods, not everyone"
+
+
+def test_shared_network_policy_admits_the_peers_to_the_grpc_port() -> None:
+    daemon, _ = the_cluster()
+    (policy,) = policies_for(folder_objects(K8S / "shared"), daemon.pod_labels)
+    peer_rules = [rule for rule in policy["spec"]["ingress"]
+                  if any(labels_match(peer.get("podSelector", {}).get("matchLabels", {"-": "-"}), daemon.pod_labels)
+                         for peer in rule["from"])]
+    assert peer_rules, "no rule admits the FlexCache pods: the nodes could not reach each other"
+    for rule in peer_rules:
+        assert {pod_port(daemon.pod, p["port"]) for p in rule["ports"]} == {daemon.grpc_port}, "peers: gRPC only"
+        for peer in rule["from"]:
+            assert "namespaceSelector" not in peer, "the cluster's own pods, in its namespace only"
+            assert peer["podSelector"]["matchLabels"] == daemon.workload["spec"]["selector"]["matchLabels"]
 
 
 def test_shared_workers_are_admitted_and_trust_the_daemon() -> None:
@@ -675,6 +986,13 @@ def test_readme_creates_the_secrets_the_manifests_mount() -> None:
     secret = volume["secret"]["secretName"]
     assert re.search(rf"kubectl (-n \S+ )?create secret generic {secret} --from-file={re.escape(key)}\b", readme)
     assert "flexcache tokens add --file" in readme
+    # The peer token: an admin token added to the tokens file before its Secret is created.
+    ref = {e["name"]: e for e in daemon.container["env"]}["FLEXCACHE_PEER_TOKEN"]["valueFrom"]["secretKeyRef"]
+    admin = re.search(rf"flexcache tokens add --file {re.escape(key)} --admin \| tr -d '\\n' > (\S+)", readme)
+    assert admin, "k8s/README.md: add the peer token with --admin"
+    assert admin.start() < readme.index(f"create secret generic {secret} "), "add it before creating the Secret"
+    assert re.search(rf"create secret generic {ref['name']} --from-file={ref['key']}={re.escape(admin.group(1))}\b",
+                     readme)
     for workload, container in workers_of_the_shared_daemon():
         pod = workload["spec"]["template"]["spec"]
         for e in container.get("env", []):

@@ -1,0 +1,327 @@
+"""One node of a cluster: CacheService for the whole cluster (any node answers any call), over this
+node's own Cache and its peers' NodeService.
+
+- Put: the entry id is known from the header (entries.entry_id), so its owners are too
+  (placement.ranked over the serving members). The blob is stored on the first replication_factor of
+  them, this node's own copy locally and the others through NodeService.Replicate, in parallel; an owner
+  that fails or is down is replaced by the next member in the ranking (the repair pass later moves the
+  copy home). The Put is acknowledged once replication_factor copies are stored, or every member that
+  could take one: a node killed after the acknowledgement leaves a copy elsewhere.
+- Lookup: every member that holds entries answers Gather, its own candidates, within
+  peer_timeout_seconds; the answers merge as one node holding all the entries would have ranked them
+  (ranking.merge, ranking.decide). A member that does not answer in time is left out of this answer
+  (its entries have a copy elsewhere).
+- Fetch: from this node's store if it holds the entry, else FetchLocal from the owners, best first,
+  hedged: an owner that has not sent the header within hedge_seconds is joined by the next one, and
+  the first header wins (the others are cancelled).
+- Delete: here and on every peer (Forget, the namespace checked there). Verify: on a node holding it.
+- Stats: this node's own (dashboards sum over the nodes).
+Fetches served and entries evicted here are passed to the entries' other copies (repair.Notifier), so
+that the copies rank alike for eviction and leave together.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+
+from flexcache.v1 import cache_pb2 as pb
+from flexcache.v1 import node_pb2 as npb
+from flexcache.v1 import wire
+
+from .. import validate
+from ..cache import Cache, PutSession
+from ..errors import CacheError, Corrupt, InvalidRequest, NotFound, TooLarge, Unavailable
+from ..metrics import Metrics
+from ..ranking import Gathered, decide, merge
+from . import placement
+from .membership import Membership, Peer
+
+log = logging.getLogger(__name__)
+
+COPY_BYTES_PER_SECOND = 20 << 20  # the slowest a copy to a peer may go before its deadline cuts it
+
+
+def _peer_error(exc: grpc.RpcError, peer: str) -> CacheError:
+    """A peer's refusal as the domain error the client should see: its mistakes stay its own."""
+    code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidRequest(details)
+    if code == grpc.StatusCode.DATA_LOSS:
+        return Corrupt(details)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return TooLarge(f"member {peer}: {details}")
+    return Unavailable(f"member {peer}: {code.name}: {details}")
+
+
+class RemoteChunks:
+    """A peer's FetchLocal stream after its header, as the chunks a local fetch gives (pins.PinnedChunks):
+    close() cancels the stream."""
+
+    def __init__(self, call: Iterator[pb.FetchResponse]):
+        self._call = call
+
+    def __iter__(self) -> RemoteChunks:
+        return self
+
+    def __next__(self) -> bytes:
+        message = next(self._call)
+        if message.WhichOneof("msg") != "chunk":
+            raise Unavailable("a peer's fetch stream carried a second header")
+        return message.chunk
+
+    def close(self) -> None:
+        self._call.cancel()  # type: ignore[attr-defined]
+
+
+class ClusterPut:
+    """A Put through this node (PutSession's surface): received here, stored on the entry's owners."""
+
+    def __init__(self, node: ClusterNode, session: PutSession):
+        self._node = node
+        self._session = session
+        self.header = session.header
+        self.entry_id = session.entry_id
+        self.existing = session.existing
+
+    def add_chunk(self, data: bytes) -> None:
+        self._session.add_chunk(data)
+
+    def finish(self) -> pb.PutResponse:
+        return self._node.store_copies(self._session)
+
+
+class ClusterNode:
+    def __init__(self, cache: Cache, membership: Membership, metrics: Metrics, *, replicas: int, timeout_s: float,
+                 hedge_s: float, transfer_timeout_s: float, workers: int = 32):
+        self.cache = cache
+        self.membership = membership
+        self.metrics = metrics
+        self.node_id = membership.node_id
+        self.replicas = replicas
+        self.timeout_s = timeout_s
+        self.hedge_s = hedge_s
+        self.transfer_timeout_s = transfer_timeout_s
+        self.pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="peer")
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.membership.metadata
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _failed(self, peer: Peer, method: str, exc: BaseException) -> None:
+        self.metrics.peer_errors.labels(peer.node_id, method).inc()
+        log.debug("cluster: %s to %s failed: %s", method, peer.node_id, exc)
+
+    # ---- Put ----
+    def begin_put(self, header: pb.PutHeader) -> ClusterPut:
+        return ClusterPut(self, self.cache.begin_put(header, keep=True))
+
+    def store_copies(self, session: PutSession) -> pb.PutResponse:
+        """Store the received entry on its owners (the module docstring has the rule); the answer is this
+        node's own copy's if it stored one, else the first copy's."""
+        session.check()
+        order = placement.ranked(session.entry_id, self.membership.placement()) or [self.node_id]
+        want = min(self.replicas, len(order))
+        candidates = iter(order)
+        running: dict[futures.Future[pb.PutResponse], str] = {}
+        stored: dict[str, pb.PutResponse] = {}
+        errors: list[CacheError] = []
+
+        def launch() -> None:
+            while len(stored) + len(running) < want:
+                node_id = next(candidates, None)
+                if node_id is None:
+                    return
+                if node_id == self.node_id:
+                    running[self.pool.submit(session.finish)] = node_id
+                elif (peer := self.membership.peer(node_id)) is not None:
+                    running[self.pool.submit(self.copy_to, peer, session.header, session.chunks or [], "put")] = node_id
+
+        launch()
+        while running:
+            done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+            for future in done:
+                node_id = running.pop(future)
+                try:
+                    stored[node_id] = future.result()
+                except (InvalidRequest, Corrupt):
+                    raise  # the client's mistake: no other node would take it either
+                except CacheError as exc:
+                    errors.append(exc)
+                    log.warning("cluster: a copy of %s on %s failed (%s); trying the next member", session.entry_id,
+                                node_id, exc)
+            launch()
+        if not stored:
+            raise errors[0] if errors else Unavailable("no member could store the entry")
+        if len(stored) < want:
+            log.warning("cluster: %s stored on %d of %d owners; the repair pass adds the rest", session.entry_id,
+                        len(stored), want)
+        answer = stored.get(self.node_id) or next(iter(stored.values()))
+        answer.created = any(r.created for r in stored.values())
+        return answer
+
+    def copy_to(self, peer: Peer, header: pb.PutHeader, chunks: list[bytes], reason: str) -> pb.PutResponse:
+        """Store one copy on `peer` (NodeService.Replicate); a failure is the domain error it maps to."""
+        def requests() -> Iterator[pb.PutRequest]:
+            yield pb.PutRequest(header=header)
+            for chunk in chunks:
+                yield pb.PutRequest(chunk=chunk)
+
+        timeout = self.timeout_s + header.blob.size / COPY_BYTES_PER_SECOND
+        try:
+            answer = peer.stub.Replicate(requests(), timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            self._failed(peer, "Replicate", exc)
+            raise _peer_error(exc, peer.node_id) from None
+        self.metrics.replication_bytes.labels(reason).inc(header.blob.size)
+        return answer
+
+    # ---- Lookup ----
+    def lookup(self, request: pb.LookupRequest) -> pb.LookupResponse:
+        self.cache.tenants.request(request.namespace.tenant)
+        query = self.cache.lookup_query(request)
+        started = time.perf_counter()
+        calls = [(p, p.stub.Gather.future(request, timeout=self.timeout_s, metadata=self.metadata))
+                 for p in self.membership.peers()]
+        parts = [self.cache.gather(query)]
+        for peer, call in calls:
+            try:
+                parts.append(Gathered.from_response(call.result()))
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # type: ignore[attr-defined]
+                    raise InvalidRequest(exc.details()) from None  # type: ignore[attr-defined]
+                self._failed(peer, "Gather", exc)
+        if calls:
+            self.metrics.fanout.labels("Lookup").observe(time.perf_counter() - started)
+        return self.cache.publish(query, decide(query, merge(query, parts), self.cache.steps))
+
+    # ---- Fetch ----
+    def fetch(self, request: pb.FetchRequest) -> tuple[pb.FetchHeader, Iterator[bytes]]:
+        validate.fetch_request(request)
+        if self.cache.held([request.entry_id])[0]:
+            return self.cache.fetch(request)
+        self.cache.tenants.request(request.namespace.tenant)
+        peers = {p.node_id: p for p in self.membership.peers()}
+        order = [peers[node_id] for node_id in placement.ranked(request.entry_id, peers)]
+        return self._hedged_fetch(request, order)
+
+    def _hedged_fetch(self, request: pb.FetchRequest, order: list[Peer]) -> tuple[pb.FetchHeader, Iterator[bytes]]:
+        """FetchLocal from `order`, best first; the next is asked too when no header came within
+        hedge_seconds, or at once when one answers NOT_FOUND or fails. The first header wins."""
+        answers: queue.Queue[tuple[Peer, object, object]] = queue.Queue()
+        calls: list[object] = []
+        lock = threading.Lock()
+        pending = iter(order)
+        started = time.perf_counter()
+        deadline = time.monotonic() + self.timeout_s + self.hedge_s * len(order)
+
+        def first(peer: Peer, call: Iterator[pb.FetchResponse]) -> None:
+            try:
+                answers.put((peer, call, next(call)))
+            except (grpc.RpcError, StopIteration) as exc:
+                answers.put((peer, call, exc))
+
+        def launch() -> bool:
+            peer = next(pending, None)
+            if peer is None:
+                return False
+            call = peer.stub.FetchLocal(request, timeout=self.transfer_timeout_s, metadata=self.metadata)
+            with lock:
+                calls.append(call)
+            self.pool.submit(first, peer, call)
+            return True
+
+        def cancel_all(but: object = None) -> None:
+            with lock:
+                for call in calls:
+                    if call is not but:
+                        call.cancel()  # type: ignore[attr-defined]
+
+        running = 1 if launch() else 0
+        more = running > 0
+        failures: list[CacheError] = []
+        while running:
+            wait = self.hedge_s if more else deadline - time.monotonic()
+            try:
+                peer, call, message = answers.get(timeout=max(0.0, wait))
+            except queue.Empty:
+                if more and (more := launch()):
+                    running += 1
+                    continue
+                if time.monotonic() >= deadline:
+                    break
+                continue
+            running -= 1
+            if isinstance(message, pb.FetchResponse) and message.WhichOneof("msg") == "header":
+                cancel_all(but=call)
+                self.metrics.fanout.labels("Fetch").observe(time.perf_counter() - started)
+                return message.header, RemoteChunks(call)  # type: ignore[arg-type]
+            if isinstance(message, grpc.RpcError):
+                error = _peer_error(message, peer.node_id)
+                if not isinstance(error, NotFound):
+                    self._failed(peer, "FetchLocal", message)
+                failures.append(error)
+            if more and (more := launch()):
+                running += 1
+        cancel_all()
+        ns = validate.namespace_of(request)
+        if failures and all(isinstance(f, NotFound) for f in failures) and not running:
+            raise NotFound(f"no entry {request.entry_id} in namespace {ns.name}")
+        if not order:
+            raise NotFound(f"no entry {request.entry_id} in namespace {ns.name}")
+        raise Unavailable(f"no member holding entry {request.entry_id} answered within "
+                          f"{self.timeout_s + self.hedge_s * len(order):.2f} s")
+
+    # ---- Delete, Verify, Stats ----
+    def delete(self, request: pb.DeleteRequest) -> bool:
+        deleted = self.cache.delete(request)
+        forget = npb.ForgetRequest(entry_ids=[request.entry_id], reason="deleted", namespace=request.namespace)
+        calls = [(p, p.stub.Forget.future(forget, timeout=self.timeout_s, metadata=self.metadata))
+                 for p in self.membership.peers()]
+        for peer, call in calls:
+            try:
+                deleted = call.result().forgotten > 0 or deleted
+            except grpc.RpcError as exc:
+                self._failed(peer, "Forget", exc)
+        return deleted
+
+    def verify(self, request: pb.VerifyRequest) -> pb.VerifyResponse:
+        validate.addressed(request)
+        if self.cache.held([request.entry_id])[0]:
+            return self.cache.verify(request)
+        peers = {p.node_id: p for p in self.membership.peers()}
+        for node_id in placement.ranked(request.entry_id, peers):
+            try:
+                return peers[node_id].stub.VerifyLocal(request, timeout=self.transfer_timeout_s, metadata=self.metadata)
+            except grpc.RpcError as exc:
+                error = _peer_error(exc, node_id)
+                if not isinstance(error, NotFound | Unavailable):
+                    raise error from None
+        raise NotFound(f"no entry {request.entry_id} in namespace {validate.namespace_of(request).name}")
+
+    def stats(self) -> pb.StatsResponse:
+        return self.cache.stats()
+
+    # ---- NodeService: this node alone ----
+    def hello(self) -> npb.HelloResponse:
+        return npb.HelloResponse(node_id=self.node_id, state=self.membership.state,
+                                 incarnation=self.membership.incarnation, entries=len(self.cache.entry_ids()),
+                                 replication_factor=self.replicas)
+
+    def gather(self, request: pb.LookupRequest) -> pb.LookupResponse:
+        return self.cache.gather(self.cache.lookup_query(request)).to_response()
+
+    def touch(self, request: npb.TouchRequest) -> None:
+        for t in request.touches:
+            self.cache.touch(t.entry_id, wire.ROLE_BY_ENUM.get(t.role), t.granted_steps)

@@ -1,0 +1,285 @@
+"""Several daemons as one cache: real daemon processes on loopback (static peers), real RocksDB and
+Qdrant Edge on each, the real client. Faults are real signals: SIGKILL, SIGSTOP, an emptied data folder."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from flexcache.daemon.process import DaemonCluster, DaemonProcess
+from flexcache.v1 import node_pb2 as npb
+from flexcache.v1 import node_pb2_grpc as npb_grpc
+from tests.conftest import connect, metric
+
+FAST = {"peer_probe_seconds": 0.2, "peer_timeout_seconds": 0.3, "repair_interval_seconds": 0.5,
+        "hedge_seconds": 0.05, "scrub_bytes_per_second": 0}
+DIM = 16
+
+
+def vector(rng: np.random.Generator) -> np.ndarray:
+    v = rng.standard_normal(DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def latent(rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal((4, 2, 8, 8)).astype(np.float32)
+
+
+def held(node: DaemonProcess, ids: list[str]) -> set[str]:
+    """The ids of `ids` that `node` holds (NodeService.Has)."""
+    with node.channel() as channel:
+        answer = npb_grpc.NodeServiceStub(channel).Has(npb.HasRequest(entry_ids=ids), timeout=5)
+    return {eid for eid, h in zip(ids, answer.held, strict=True) if h}
+
+
+def copies(nodes: list[DaemonProcess], ids: list[str]) -> dict[str, int]:
+    count = dict.fromkeys(ids, 0)
+    for node in nodes:
+        for eid in held(node, ids):
+            count[eid] += 1
+    return count
+
+
+def eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Seconds until `check()` held; fails the test if it did not within `timeout`."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if check():
+            return time.monotonic() - start
+        time.sleep(0.1)
+    pytest.fail(f"{what}: not within {timeout} s")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[DaemonCluster]:
+    with DaemonCluster(tmp_path, 3, **FAST) as c:
+        wait_members(c.members, 3)
+        yield c
+
+
+def wait_members(nodes: list[DaemonProcess], count: int) -> None:
+    eventually(lambda: all(metric(n, "flexcache_cluster_members", state="serving") == count for n in nodes), 10,
+               f"every node sees {count} serving members")
+
+
+def fill(targets: list[str], count: int, seed: int = 0) -> list[tuple[str, np.ndarray]]:
+    """`count` entries put through the nodes in turn: (entry id, its vector)."""
+    rng = np.random.default_rng(seed)
+    clients = [connect(t) for t in targets]
+    out = []
+    try:
+        for i in range(count):
+            v = vector(rng)
+            eid = clients[i % len(clients)].put(f"prompt {seed}-{i}", latent(rng), v, seed=i)
+            assert eid is not None
+            out.append((eid, v))
+    finally:
+        for c in clients:
+            c.close()
+    return out
+
+
+def test_any_node_answers_for_the_whole_cluster(cluster: DaemonCluster, start_daemon) -> None:
+    """A put through one node is a hit through any other, and the cluster's candidates are those one
+    daemon holding every entry returns (the same trace on both)."""
+    single = start_daemon("single", **{"scrub_bytes_per_second": 0})
+    entries = fill(cluster.targets, 60)
+    fill([single.target], 60)  # the same prompts, latents and seeds: the same entry ids
+    rng = np.random.default_rng(7)
+    agree = total = 0
+    with connect(single.target) as one, connect(cluster.targets[1]) as c1, connect(cluster.targets[2]) as c2:
+        for i, (eid, v) in enumerate(entries):
+            query = v + 0.25 * vector(rng)  # near it, not on it: the ranking decides
+            a, b = one.lookup(query, top_k=3), (c1 if i % 2 else c2).lookup(query, top_k=3)
+            assert a is not None and b is not None
+            ids_a = [c.entry_id for c in a.candidates]
+            ids_b = [c.entry_id for c in b.candidates]
+            total += 1
+            agree += bool(ids_a) == bool(ids_b) and (not ids_a or ids_a[0] == ids_b[0])
+            exact = (c2 if i % 2 else c1).lookup(v)
+            assert exact is not None and exact.best is not None and exact.best.entry_id == eid
+            fetched = (c1 if i % 2 else c2).fetch(eid)
+            assert fetched is not None
+    assert agree / total >= 0.99
+
+
+def test_entries_are_placed_on_two_owners(cluster: DaemonCluster) -> None:
+    entries = fill(cluster.targets, 90)
+    ids = [eid for eid, _ in entries]
+    eventually(lambda: set(copies(cluster.members, ids).values()) == {2}, 10, "every entry on exactly 2 nodes")
+    shares = [len(held(n, ids)) for n in cluster.members]
+    assert sum(shares) == 180
+    assert all(40 <= s <= 80 for s in shares), shares  # about 2/3 of the entries each (60 expected)
+
+
+def test_sigkill_under_load_loses_no_acknowledged_entry(cluster: DaemonCluster) -> None:
+    """Workers put, look up and fetch through every node while one is killed: none sees an exception,
+    the survivors' workers see no failed call, and every acknowledged entry is still found."""
+    acked: list[tuple[str, np.ndarray]] = []
+    failures: dict[int, int] = {0: 0, 1: 0, 2: 0}
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        rng = np.random.default_rng(100 + i)
+        try:
+            with connect(cluster.targets[i], timeout_s=5.0) as client:
+                n = 0
+                while not stop.is_set():
+                    v = vector(rng)
+                    eid = client.put(f"load {i}-{n}", latent(rng), v, seed=n)
+                    n += 1
+                    if eid is None:
+                        failures[i] += 1
+                        continue
+                    with lock:
+                        acked.append((eid, v))
+                        old, old_vector = acked[int(rng.integers(len(acked)))]
+                    found = client.lookup(old_vector)
+                    if found is None or found.best is None or found.best.entry_id != old or client.fetch(old) is None:
+                        failures[i] += 1
+        except BaseException as exc:  # the test's point: nothing may escape the client
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    cluster.nodes[2].kill()
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert failures[0] == failures[1] == 0
+    assert len(acked) > 20
+    survivors = cluster.members[:2]
+    with connect(survivors[0].target) as client:
+        for eid, v in acked:
+            found = client.lookup(v)
+            assert found is not None and found.best is not None and found.best.entry_id == eid
+    ids = [eid for eid, _ in acked]
+    eventually(lambda: min(copies(survivors, ids).values()) == 2, 15, "every entry on both survivors again")
+
+
+def test_a_frozen_node_costs_a_bounded_wait(cluster: DaemonCluster) -> None:
+    """SIGSTOP: its sockets still accept and nothing answers. Lookups and fetches through the others
+    answer within the peer deadline plus hedging, not the client's timeout."""
+    entries = fill(cluster.targets, 30)
+    ids = [eid for eid, _ in entries]
+    eventually(lambda: set(copies(cluster.members, ids).values()) == {2}, 10, "every entry on 2 nodes")
+    not_on_0 = [eid for eid in ids if eid not in held(cluster.nodes[0], ids)]
+    cluster.pause(2)
+    try:
+        slowest = 0.0
+        with connect(cluster.targets[0], timeout_s=10.0) as client:
+            for eid, v in entries:
+                start = time.monotonic()
+                found = client.lookup(v)
+                fetched = client.fetch(eid)
+                slowest = max(slowest, time.monotonic() - start)
+                assert found is not None and found.best is not None and found.best.entry_id == eid
+                assert fetched is not None, f"{eid} ({'not ' if eid in not_on_0 else ''}on node 0)"
+        assert slowest < 2.0
+        assert not_on_0  # some fetches had to come from the other nodes
+    finally:
+        cluster.resume(2)
+
+
+def test_a_replaced_node_gets_its_copies_back(cluster: DaemonCluster) -> None:
+    entries = fill(cluster.targets, 60)
+    ids = [eid for eid, _ in entries]
+    eventually(lambda: set(copies(cluster.members, ids).values()) == {2}, 10, "every entry on 2 nodes")
+    owned = held(cluster.nodes[1], ids)
+    cluster.replace(1)  # killed, its data folder emptied, started again with the same node id
+    # While it was down its entries got a second copy on the third node, which hands them back after.
+    eventually(lambda: held(cluster.nodes[1], ids) == owned and set(copies(cluster.members, ids).values()) == {2},
+               20, "the new disk holds its share again, and no stand-in copy is left")
+
+
+def test_a_node_that_was_away_catches_up(cluster: DaemonCluster) -> None:
+    before = fill(cluster.targets, 20, seed=1)
+    cluster.nodes[2].terminate()
+    during = fill(cluster.targets[:2], 40, seed=2)  # written while it was away: 2 copies on the other two
+    ids = [eid for eid, _ in before + during]
+    eventually(lambda: set(copies(cluster.members[:2], ids).values()) == {2}, 10, "2 copies on the survivors")
+    cluster.nodes[2].start()
+    wait_members(cluster.members, 3)
+    eventually(lambda: set(copies(cluster.members, ids).values()) == {2} and len(held(cluster.nodes[2], ids)) > 20,
+               20, "the returning node holds its share, every entry 2 copies")
+
+
+def test_a_fourth_node_takes_about_a_quarter(tmp_path: Path) -> None:
+    with DaemonCluster(tmp_path, 3, spare=1, **FAST) as cluster:
+        wait_members(cluster.members, 3)
+        ids = [eid for eid, _ in fill(cluster.targets, 200)]
+        eventually(lambda: set(copies(cluster.members, ids).values()) == {2}, 15, "every entry on 2 nodes")
+        before = [held(n, ids) for n in cluster.members]
+        cluster.add()
+        wait_members(cluster.members, 4)
+        eventually(lambda: set(copies(cluster.members, ids).values()) == {2} and len(held(cluster.nodes[3], ids)) > 50,
+                   20, "the new node holds its share, every entry 2 copies")
+        after = [held(n, ids) for n in cluster.members]
+        moved = len(after[3])
+        assert moved / 400 <= 0.25 + 0.06, moved  # copies moved: about 1/4 of all (400 copies)
+        for old, new in zip(before, after[:3], strict=True):
+            assert new <= old  # an old node only gave copies away, to the new one
+
+
+def test_drain_hands_every_entry_to_the_others(cluster: DaemonCluster) -> None:
+    ids = [eid for eid, _ in fill(cluster.targets, 60)]
+    eventually(lambda: set(copies(cluster.members, ids).values()) == {2}, 10, "every entry on 2 nodes")
+    with cluster.nodes[0].channel() as channel:
+        stub = npb_grpc.NodeServiceStub(channel)
+        assert stub.Drain(npb.DrainRequest(), timeout=5).state == npb.NODE_DRAINING
+        eventually(lambda: stub.Drain(npb.DrainRequest(), timeout=5).entries == 0, 20, "the drained node is empty")
+    assert set(copies(cluster.members[1:], ids).values()) == {2}
+    with connect(cluster.targets[0]) as client:  # a draining node still answers for the cluster
+        assert client.fetch(ids[0]) is not None
+
+
+def test_eviction_stays_per_node_and_copies_leave_together(tmp_path: Path) -> None:
+    budget = 120_000
+    with DaemonCluster(tmp_path, 3, max_bytes=budget, **FAST) as cluster:
+        wait_members(cluster.members, 3)
+        # ~2.4 KB each, compressed: two copies of 150 are twice what the three budgets hold
+        ids = [eid for eid, _ in fill(cluster.targets, 150)]
+        for node in cluster.members:
+            stats = node.stats()
+            assert stats.bytes <= budget and stats.evictions > 0
+        def settled() -> bool:
+            counts = copies(cluster.members, ids)
+            return all(c in (0, 2) for c in counts.values())
+        eventually(settled, 15, "every entry on 2 nodes or on none")
+        assert 0 < sum(1 for c in copies(cluster.members, ids).values() if c == 2) < 150
+
+
+def test_node_service_needs_an_admin_credential(tmp_path: Path) -> None:
+    from flexcache.daemon import auth
+
+    peer, _ = auth.add_token(tmp_path / "tokens.yaml", tenant="", admin=True)
+    tenant, _ = auth.add_token(tmp_path / "tokens.yaml", tenant="acme")
+    settings = {**FAST, "auth_tokens_file": tmp_path / "tokens.yaml", "peer_token": peer}
+    with DaemonCluster(tmp_path / "c", 2, **settings) as cluster:
+        for node in cluster.members:
+            node.token = peer
+        wait_members(cluster.members, 2)
+        with connect(cluster.targets[0], token=tenant) as a, connect(cluster.targets[1], token=tenant) as b:
+            v = vector(np.random.default_rng(3))
+            eid = a.put("p", latent(np.random.default_rng(4)), v, seed=1)
+            assert eid is not None
+            found = b.lookup(v)
+            assert found is not None and found.best is not None and found.best.entry_id == eid
+            assert found.best.writer.startswith("token:")  # the writer stamped by the node the put came in at
+            assert b.fetch(eid) is not None
+        with cluster.nodes[0].channel() as channel, pytest.raises(grpc.RpcError) as caught:
+            npb_grpc.NodeServiceStub(channel).Has(npb.HasRequest(entry_ids=[eid]), timeout=5,
+                                                  metadata=(("authorization", f"Bearer {tenant}"),))
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
