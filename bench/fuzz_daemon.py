@@ -1,4 +1,5 @@
-"""Fuzz a real daemon: every CacheService RPC and the data port, with mutated valid requests and garbage.
+"""Fuzz a real daemon: every CacheService RPC and the data port, with mutated valid requests and garbage
+(garbage to NodeService's methods too).
 
     .venv/bin/python -m bench.fuzz_daemon --cases 20000            # a fresh daemon of its own
     .venv/bin/python -m bench.fuzz_daemon --cases 5000 --seed 7    # another sequence of cases
@@ -14,7 +15,7 @@ on a fresh daemon) usually does. The kinds of case:
   numbers...), sent with the generated stub; a Put's stream is also reordered, truncated or padded;
 - byte-level mutation: such a request serialized, then bits flipped, bytes inserted, deleted,
   duplicated or cut, sent as raw bytes through a generic channel call;
-- garbage: random bytes to a random method;
+- garbage: random bytes to a random method of CacheService or NodeService;
 - the data port: random tickets and bytes, truncated and replayed tickets, and real tickets that must
   bring back exactly the entry's bytes.
 
@@ -50,6 +51,7 @@ from google.protobuf.message import Message
 from flexcache.client import CacheClient, Namespace
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
+from flexcache.v1 import node_pb2 as npb
 from flexcache.v1 import wire
 from flexcache.v1.wire import data_hello as hello
 
@@ -66,6 +68,10 @@ ALLOWED = frozenset({grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.
 gRPC's RESOURCE_EXHAUSTED for a message over the limit. INTERNAL, UNKNOWN (an exception escaped a
 handler), UNAVAILABLE and DEADLINE_EXCEEDED are the daemon's fault."""
 METHODS = {m.name: m for m in pb.DESCRIPTOR.services_by_name["CacheService"].methods}
+GARBAGE_METHODS = {m.full_name: m for service in (pb.DESCRIPTOR.services_by_name["CacheService"],
+                                                  npb.DESCRIPTOR.services_by_name["NodeService"])
+                   for m in service.methods}
+"""Garbage goes to NodeService's methods too: a node's peers and operators call them (node.proto)."""
 KINDS = {"Put": 20, "PutDirect": 8, "Lookup": 20, "Fetch": 10, "FetchDirect": 10, "Delete": 6, "Verify": 6,
          "Stats": 3, "garbage": 10, "dataport": 15}
 """Relative weights of the case kinds."""
@@ -393,11 +399,11 @@ class Fuzzer:
                                                  f"{head.blob.size} its header describes (or another sha256)")
 
     def _case_garbage(self, rng: random.Random, index: int) -> None:
-        name = rng.choice(sorted(METHODS))
-        method = METHODS[name]
+        full_name = rng.choice(sorted(GARBAGE_METHODS))
+        method = GARBAGE_METHODS[full_name]
         raw = rng.randbytes(rng.choice((0, 1, 2, 7, 64, rng.randrange(4096))))
-        path = f"/{wire.SERVICE_NAME}/{name}"
-        self.report.cases[f"garbage/{name}"] += 1
+        path = f"/{method.containing_service.full_name}/{method.name}"
+        self.report.cases[f"garbage/{method.containing_service.name}.{method.name}"] += 1
         if method.client_streaming:
             call = self._channel.stream_unary(path)
             self._call(index, "garbage", lambda: call(iter([raw] * rng.randint(1, 3)), timeout=DEADLINE_S), raw)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from flexcache.v1 import node_pb2
 
-from .errors import InvalidRequest, TooLarge, Unavailable
+from .errors import InvalidRequest, TooLarge, Unavailable, WrongPath
 from .version import version
 
 if TYPE_CHECKING:
@@ -69,6 +69,21 @@ def backup(store: Store, path: str, entries: int, *, node: str = "") -> node_pb2
             raise Unavailable(f"the backup to {path} failed: {exc}") from exc
         raise
     return node_pb2.BackupResponse(path=str(root), entries=int(entries), bytes=folder_bytes(root))
+
+
+def within(backup_dir: str, path: str) -> str:
+    """The absolute path a Backup request's `path` names: relative paths are inside `backup_dir`, and
+    absolute ones must be. Without a backup_dir a daemon takes no backups (WrongPath): a caller that
+    may call Backup could otherwise make it write wherever the daemon may."""
+    if not backup_dir:
+        raise WrongPath("this daemon takes no backups: start it with backup_dir, the folder they may go in")
+    if "\0" in path:
+        raise InvalidRequest("the backup path holds a NUL character")
+    root = Path(backup_dir).resolve()
+    target = Path(os.path.normpath(root / path))  # an absolute `path` replaces `root`
+    if target == root or root not in target.parents:
+        raise InvalidRequest(f"backup path {path!r} is not inside backup_dir {backup_dir}; name a folder in it")
+    return str(target)
 
 
 def _backup_path(store: Store, path: str) -> Path:

@@ -33,10 +33,12 @@ def open_cache(config: Config, metrics: Metrics | None = None, index: VectorInde
         if index is None:
             index = open_index(config.index_backend, config.data_path, url=config.qdrant_url,
                                api_key=config.qdrant_api_key, prefer_grpc=config.qdrant_prefer_grpc,
-                               path=config.qdrant_path)
+                               path=config.qdrant_path, shards=config.qdrant_shards,
+                               replication_factor=config.qdrant_replication_factor,
+                               write_consistency=config.qdrant_write_consistency)
         steps = StepTable(config.skip_thresholds, config.skip_thresholds_by_namespace, config.composed_max_fraction)
         cache = Cache(store, index, make_policy(config.eviction_policy), steps, metrics or Metrics(),
-                      limits_of(config))
+                      limits_of(config), shared_index=config.clustered and config.index_backend == "qdrant")
         cache.open()
         cache.start_scrubber(config.scrub_bytes_per_second, config.scrub_pause_seconds)
     except BaseException:

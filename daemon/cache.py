@@ -47,7 +47,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +57,7 @@ from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import wire
 
 from . import scrub, validate
-from .entries import NamespaceKey, Usage, entry_id, record_size
+from .entries import NamespaceKey, Usage, entry_id, record_size, split_record
 from .errors import Corrupt, InvalidRequest, NotFound, TooLarge, Unavailable
 from .eviction import EvictionPolicy
 from .index import IndexPoint, VectorIndex
@@ -145,8 +145,13 @@ class PutSession:
 
 class Cache:
     def __init__(self, store: Store, index: VectorIndex, policy: EvictionPolicy, steps: StepTable,
-                 metrics: Metrics, limits: Limits):
+                 metrics: Metrics, limits: Limits, shared_index: bool = False):
         self.store = store
+        # The index is a cluster's, shared with the other daemons (a Qdrant server): its points carry
+        # their records; this daemon's reconciliation adds its own entries' points and never removes one
+        # for an entry it does not hold (another daemon does); dropping a copy that is not the entry's
+        # last (a hand-off, a corrupt copy) keeps the point. docs/cluster.md, "One Qdrant for the cluster".
+        self.shared_index = shared_index
         self.index = index
         self.policy = policy
         self.metrics = metrics
@@ -209,8 +214,9 @@ class Cache:
         with self._lock:
             self._unreconciled = stored
             # Index points of a namespace the store never recorded are all orphans, and no call would ever
-            # use that namespace to reconcile it: now (rare: the store was replaced under the index).
-            for ns_key in sorted(self._indexed_namespaces - namespaces.keys()):
+            # use that namespace to reconcile it: now (rare: the store was replaced under the index). In a
+            # shared index they are other daemons' points.
+            for ns_key in sorted(set() if self.shared_index else self._indexed_namespaces - namespaces.keys()):
                 self._reconcile(ns_key)
         self.metrics.namespaces.set(ledger.namespace_count)
         with self._lock:
@@ -268,7 +274,8 @@ class Cache:
             expected = self._unreconciled.get(ns_key)
             if expected is None:  # lost since its reconciliation: the store says what it holds now
                 expected = {eid for eid, _, _ in self.store.entries() if self._ledger.namespace_of(eid) == ns_key}
-            orphans, missing = sorted(indexed - expected), sorted(expected - indexed)
+            orphans = [] if self.shared_index else sorted(indexed - expected)
+            missing = sorted(expected - indexed)
             if orphans:
                 self.index.delete(orphans, namespace_key=ns_key)
                 self.metrics.reconciled.labels("orphan_point").inc(len(orphans))
@@ -276,7 +283,8 @@ class Cache:
                             len(orphans))
             for start in range(0, len(missing), REINDEX_BATCH):
                 # Checked when put; no limit here, so that a lowered max_vector_dim drops no stored entry.
-                self.index.upsert([IndexPoint(eid, ns_key, validate.vectors(self.store.vectors(eid), None, sys.maxsize))
+                self.index.upsert([self._point(eid, ns_key, validate.vectors(self.store.vectors(eid), None,
+                                                                              sys.maxsize))
                                    for eid in missing[start:start + REINDEX_BATCH]])
             if missing:
                 self.metrics.reconciled.labels("reindexed").inc(len(missing))
@@ -287,6 +295,14 @@ class Cache:
                     self._unreconciled.pop(ns_key, None)
                     self._lost.discard(ns_key)
             indexed = None
+
+    def _point(self, eid: str, ns_key: str, vectors: Mapping[str, Sequence[float]],
+               header: pb.PutHeader | None = None) -> IndexPoint:
+        """The entry's index point; in a shared index with its record (the stored header, no vectors)."""
+        if not self.shared_index:
+            return IndexPoint(eid, ns_key, vectors)
+        record = split_record(header)[0] if header is not None else self.store.record(eid)
+        return IndexPoint(eid, ns_key, vectors, record.SerializeToString() if record is not None else b"")
 
     def _name_of(self, ns_key: str) -> str:
         known = self._ledger.namespace(ns_key)
@@ -336,7 +352,7 @@ class Cache:
                 self._make_room(0)
                 raise TooLarge(f"{exc}; the daemon evicts entries to make room, try again later") from exc
             try:
-                self.index.upsert([IndexPoint(eid, ns.key, vectors)])
+                self.index.upsert([self._point(eid, ns.key, vectors, header)])
             except Exception as exc:
                 self.store.delete(eid)  # never leave an entry that lookups cannot find
                 log.exception("index upsert failed; put of %s rolled back", eid)
@@ -365,7 +381,7 @@ class Cache:
 
     def gather(self, query: LookupQuery) -> Gathered:
         """This node's candidates for `query` (ranking.Gathered), its namespace reconciled first."""
-        if self._ledger.namespace(query.ns.key) is None:
+        if self._ledger.namespace(query.ns.key) is None and not self.shared_index:
             return Gathered(known=False)
         self._ensure_reconciled(query.ns.key)
         gathered = self._ranker.gather(query)
@@ -437,21 +453,26 @@ class Cache:
         with self._lock:
             return [eid in self._ledger for eid in eids]
 
+    def entry_count(self) -> int:
+        with self._lock:
+            return len(self._ledger)
+
     def entry_ids(self) -> list[str]:
         """Every entry held here, in no particular order (a snapshot)."""
         with self._lock:
             return self._ledger.entry_ids()
 
-    def forget(self, eids: Iterable[str], namespace: pb.Namespace | None = None) -> int:
+    def forget(self, eids: Iterable[str], namespace: pb.Namespace | None = None, *, last_copy: bool = True) -> int:
         """Delete entries held here (those not held, or not of `namespace` when given, are skipped); how
         many were deleted. Pinned ones are deleted too: their readers hold a snapshot of the blob
-        (store.read_blob)."""
+        (store.read_blob). Not `last_copy` (a hand-off: the owners hold it): a shared index keeps the
+        points."""
         ns_key = NamespaceKey.of(namespace).key if namespace is not None else None
         with self._lock:
             present = [eid for eid in dict.fromkeys(eids) if eid in self._ledger
                        and (ns_key is None or self._ledger.holds(eid, ns_key))]
             before = len(self._ledger)
-            self._delete_entries(present)
+            self._delete_entries(present, unindex=last_copy or not self.shared_index)
             return before - len(self._ledger)
 
     def touch(self, eid: str, role: str | None, granted_steps: int) -> None:
@@ -508,17 +529,18 @@ class Cache:
         with self._lock:
             if not self._ledger.holds(eid, ns.key):  # deleted meanwhile
                 return pb.VerifyResponse(intact=False)
-            self._delete_entries([eid])
+            self._delete_entries([eid], unindex=not self.shared_index)  # other copies are likely intact
         self.metrics.corrupt.labels(found_by).inc()
         log.error("entry %s in namespace %s is corrupt on disk (%s; found by the %s): deleted", eid, ns.name,
                   problem, found_by)
         return pb.VerifyResponse(intact=False, deleted=True)
 
-    def _delete_entries(self, eids: list[str]) -> int:
+    def _delete_entries(self, eids: list[str], unindex: bool = True) -> int:
         """Store first, then the index, a namespace at a time (the index then touches only that
         namespace's shards); a crash in between leaves orphan points that the namespace's reconciliation
         removes. An entry of a namespace not reconciled yet leaves the index alone: that reconciliation
-        finds its point an orphan. Returns the bytes freed."""
+        finds its point an orphan. Not `unindex`: the points stay (a shared index, where other copies
+        remain). Returns the bytes freed."""
         freed = 0
         by_namespace: dict[str, list[str]] = {}
         try:
@@ -529,7 +551,7 @@ class Cache:
                 pending = self._unreconciled.get(ns_key) if ns_key is not None else None
                 if pending is not None:
                     pending.discard(eid)
-                elif ns_key is not None:
+                elif ns_key is not None and unindex:
                     by_namespace.setdefault(ns_key, []).append(eid)
         finally:
             for ns_key, group in by_namespace.items():

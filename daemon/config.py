@@ -151,6 +151,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("qdrant_prefer_grpc", parse_bool, True, "index_backend=qdrant: talk gRPC to the server."),
     Option("qdrant_path", str, "",
            "index_backend=qdrant: use qdrant-client's local mode in this folder instead of a URL."),
+    Option("qdrant_shards", int, 1,
+           "index_backend=qdrant: shards of each collection the daemon creates (Qdrant's distributed mode)."),
+    Option("qdrant_replication_factor", int, 1,
+           "index_backend=qdrant: copies of each shard on the Qdrant cluster's nodes."),
+    Option("qdrant_write_consistency", int, 1,
+           "index_backend=qdrant: shard copies that must confirm a write before Qdrant acknowledges it."),
     Option("fsync", parse_bool, False, "fsync every write (survives power loss, not only a crash)."),
     Option("scrub_bytes_per_second", parse_size, "4MiB",
            "Background scrubber: blob bytes per second it re-reads with every check on (RocksDB's checksums, "
@@ -227,6 +233,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("auth_tokens_file", str, "",
            "YAML file of token hashes and certificate identities bound to tenants (`flexcache tokens`); "
            "re-read when it changes. Empty: no authentication."),
+    Option("backup_dir", str, "",
+           "Folder `flexcache backup` (NodeService.Backup) may write backups into: a backup's path is inside it "
+           "(relative to it, or absolute within it). Empty: the daemon takes no backups, since whoever may call "
+           "Backup could otherwise make it write wherever it may. Same file system as data_dir: hard links."),
     Option("node_id", str, "",
            "Cluster: this node's stable id, what entries are placed by (rendezvous hashing); empty: the host "
            "name. Every member needs its own, kept across restarts (a StatefulSet pod's name)."),
@@ -285,6 +295,9 @@ class Config:
     qdrant_api_key: str
     qdrant_prefer_grpc: bool
     qdrant_path: str
+    qdrant_shards: int
+    qdrant_replication_factor: int
+    qdrant_write_consistency: int
     fsync: bool
     scrub_bytes_per_second: int
     scrub_pause_seconds: float
@@ -315,6 +328,7 @@ class Config:
     tls_key_file: str
     tls_client_ca_file: str
     auth_tokens_file: str
+    backup_dir: str
     node_id: str
     peers: str
     peers_dns: str
@@ -405,6 +419,14 @@ def _check(config: Config) -> Config:
     for address in filter(None, (a.strip() for a in config.peers.split(","))):
         if not re.fullmatch(r".+:\d{1,5}", address):
             raise ConfigError(f"peers: {address!r} is not host:port")
+    for name in ("qdrant_shards", "qdrant_replication_factor", "qdrant_write_consistency"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be at least 1")
+    if config.qdrant_write_consistency > config.qdrant_replication_factor:
+        raise ConfigError("qdrant_write_consistency cannot exceed qdrant_replication_factor")
+    if config.clustered and config.index_backend == "qdrant" and not config.qdrant_url:
+        raise ConfigError("a cluster with index_backend=qdrant shares one index: it needs qdrant_url (a Qdrant server "
+                          "or cluster); qdrant_path's local mode belongs to one process")
     if config.replication_factor < 1:
         raise ConfigError("replication_factor must be at least 1")
     for name in ("peer_timeout_seconds", "peer_probe_seconds", "repair_interval_seconds"):

@@ -54,7 +54,7 @@ from flexcache.v1.wire import CHUNK_BYTES, DATA_HELLO, DATA_MAGIC, MAX_TOKEN_BYT
 
 from .access import OPEN, Access
 from .auth import Identity
-from .errors import Unauthenticated
+from .errors import Unauthenticated, Unavailable
 from .tls import peer_common_name
 
 log = logging.getLogger(__name__)
@@ -381,7 +381,13 @@ class DataPort:
                 for chunk in transfer.chunks:
                     _send_within(conn, chunk, self.stall_s, deadline)
                     sent += len(chunk)
+                    if sent >= transfer.size:  # done: never wait on the source for its end (a peer's stream)
+                        break
         except OSError:  # the client went away; it streams instead
+            self._count("failed")
+            return False
+        except Unavailable as exc:  # a cluster peer the blob came from stalled or failed: told, not a bug
+            log.warning("data port: %s", exc)
             self._count("failed")
             return False
         except Exception:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 
 class Pins:
@@ -42,12 +43,18 @@ class Pins:
             return self._counts[eid] > 0
 
 
+class Closable(Iterator[bytes], Protocol):
+    """Chunks whose source must be let go when they are not read to the end (store.BlobStream)."""
+
+    def close(self) -> None: ...
+
+
 class PinnedChunks:
     """A fetched entry's chunks. The entry stays pinned (never evicted) until this is exhausted or
     closed, whichever comes first; unlike a generator's `finally`, close() releases the pin even if
     no chunk was ever read (a client that went away after the header, a ticket never redeemed)."""
 
-    def __init__(self, chunks: Generator[bytes, None, None], release: Callable[[], None]):
+    def __init__(self, chunks: Closable, release: Callable[[], None]):
         self._chunks = chunks
         self._release: Callable[[], None] | None = release
 

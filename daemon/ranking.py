@@ -159,6 +159,8 @@ class Ranker:
                                and sorted(c.granted_steps for c in candidates)[-limit] >= granted):
                 break
             header = self._store.record(neighbor.entry_id)
+            if header is None and neighbor.record:  # a shared index: another daemon holds the entry
+                header = pb.PutHeader.FromString(neighbor.record)
             if header is None:  # deleted since it was indexed; the next startup reconciles it
                 continue
             if query.writers and header.writer not in query.writers:

@@ -59,6 +59,7 @@ from .errors import (
     WrongPath,
 )
 from .guard import Guard, PeerLog, Refused, Watch, peer_host
+from .index import VectorIndex
 from .messages import M, Undecodable, decoded, one_request
 from .metrics import Metrics
 from .store import StoreLocked
@@ -489,10 +490,14 @@ def own_stats(stats: pb.StatsResponse, who: Identity) -> pb.StatsResponse:
 
 
 class Daemon:
-    """The whole process: gRPC server, health, metrics endpoint, storage."""
+    """The whole process: gRPC server, health, metrics endpoint, storage. `index` replaces the
+    configured index backend (as build.open_cache's: several in-process daemons sharing one
+    qdrant-client local-mode index, which only one process may open, stand in for a cluster over one
+    Qdrant server in tests)."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, index: VectorIndex | None = None):
         self.config = config
+        self._index = index
         self.metrics = Metrics()
         self.health = health.HealthServicer()
         self.clients = PeerLog(log, config.client_log_seconds)
@@ -539,7 +544,8 @@ class Daemon:
         )
         add_servicer(self.servicer, self.server, self._stream_pool)
         self.nodes = NodeServicer(self.servicer, node_id_of(config),
-                                  on_drain=lambda: self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+                                  on_drain=lambda: self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING),
+                                  backup_dir=config.backup_dir)
         add_servicer(self.nodes, self.server, self._stream_pool, npb.DESCRIPTOR.services_by_name["NodeService"])
         add_health(self.health, self.server, self.servicer, self._stream_pool)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -587,7 +593,7 @@ class Daemon:
                 except OSError as exc:
                     raise listen_error(c.metrics_listen, exc, "metrics") from exc
             try:
-                self.cache = open_cache(c, self.metrics)
+                self.cache = open_cache(c, self.metrics, self._index)
             except StoreLocked as exc:
                 raise StartError(f"the data folder {c.data_dir} is in use by another daemon "
                                  f"(RocksDB lock held: {exc.lock})") from exc

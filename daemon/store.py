@@ -44,7 +44,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,19 +203,70 @@ class _Gate:
 
     @contextmanager
     def shared(self) -> Iterator[None]:
-        with self._cond:
-            self._users += 1
+        self.enter_shared()
         try:
             yield
         finally:
-            with self._cond:
-                self._users -= 1
-                self._cond.notify_all()
+            self.exit_shared()
+
+    def enter_shared(self) -> None:
+        with self._cond:
+            self._users += 1
+
+    def exit_shared(self) -> None:
+        with self._cond:
+            self._users -= 1
+            self._cond.notify_all()
 
     @contextmanager
     def exclusive(self, timeout: float) -> Iterator[bool]:
         with self._cond:  # held through the section: shared use waits for it to end
             yield self._cond.wait_for(lambda: self._users == 0, timeout)
+
+
+class BlobStream:
+    """A blob's chunks (Store.read_blob): the snapshot is taken, and the store's handle held (its gate),
+    when the stream is made, not at its first chunk; both are let go at its end, on a read error, or at
+    close(), whichever comes first."""
+
+    def __init__(self, store: Store, entry_id: str, checked: bool):
+        start, self._end = _blob_range(entry_id)
+        self._gate = store._gate
+        self._gate.enter_shared()  # held until the stream ends: a reopen waits for it
+        try:
+            snapshot = store._db.snapshot()
+            self._it: rocksdict.RdictIter | None = snapshot.iter(store._checked_read if checked else store._blob_read)
+            self._it.seek(start)
+        except BaseException:
+            self._gate.exit_shared()
+            raise
+        self._open = True
+
+    def __iter__(self) -> BlobStream:
+        return self
+
+    def __next__(self) -> bytes:
+        if not self._open:
+            raise StopIteration
+        it = self._it
+        assert it is not None
+        try:
+            if it.valid() and it.key() < self._end:
+                value = it.value()
+                it.next()
+                return value
+            it.status()  # a read error ends the stream with an exception, not as if the blob had ended
+        except BaseException:
+            self.close()
+            raise
+        self.close()
+        raise StopIteration
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._it = None
+            self._gate.exit_shared()
 
 
 class Store:
@@ -583,18 +634,11 @@ class Store:
             raw = self._db.get(f"m/{entry_id}".encode())
         return None if raw is None else pb.PutHeader.FromString(raw)
 
-    def read_blob(self, entry_id: str, checked: bool = False) -> Generator[bytes, None, None]:
-        """The blob's chunks from one snapshot: consistent even if the entry is deleted meanwhile.
-        `checked`: with RocksDB's per-record checksums (slower; fetches leave them to the client)."""
-        start, end = _blob_range(entry_id)
-        with self._gate.shared():  # held until the stream ends: a reopen waits for it
-            snapshot = self._db.snapshot()
-            it = snapshot.iter(self._checked_read if checked else self._blob_read)
-            it.seek(start)
-            while it.valid() and it.key() < end:
-                yield it.value()
-                it.next()
-            it.status()  # a read error ends the stream with an exception, not as if the blob had ended
+    def read_blob(self, entry_id: str, checked: bool = False) -> BlobStream:
+        """The blob's chunks from one snapshot, taken now: consistent even if the entry is deleted before
+        the first chunk is read or meanwhile. `checked`: with RocksDB's per-record checksums (slower;
+        fetches leave them to the client). Close the stream if it is not read to its end."""
+        return BlobStream(self, entry_id, checked)
 
     def read_chunk(self, entry_id: str, index: int) -> bytes | None:
         """Chunk `index` of the entry's blob with RocksDB's checksums on, None past the last one. No

@@ -6,8 +6,8 @@
   is not in the backup, rebuilt from the stored vectors), and the backup stays usable;
 - restore refuses a data folder that holds a store (without --force) and one a daemon has open;
 - unusable backup paths (relative, existing, no parent, inside the store) are InvalidRequest;
-- with real daemons, `flexcache backup` end to end: skipped, saying so, only while the daemon answers
-  UNIMPLEMENTED for NodeService.Backup.
+- with real daemons, `flexcache backup` end to end, inside the daemon's backup_dir only; a daemon
+  without one takes no backups.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
@@ -31,10 +30,8 @@ from flexcache.daemon import build
 from flexcache.daemon import config as cfg
 from flexcache.daemon.cache import Cache
 from flexcache.daemon.errors import InvalidRequest
-from flexcache.daemon.process import DaemonProcess
 from flexcache.daemon.store import Store
 from flexcache.v1 import cache_pb2 as pb
-from flexcache.v1 import node_pb2, node_pb2_grpc
 from tests.conftest import NS, connect, metric
 from tests.test_durability import latent_for
 from tests.vectors import unit
@@ -243,24 +240,8 @@ def test_a_failed_backup_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 # ----------------------------------------------------------------------------- real daemons
-def require_backup_rpc(daemon: DaemonProcess) -> None:
-    """Skip while the daemon does not serve NodeService.Backup (a relative path: refused, nothing written)."""
-    with daemon.channel() as channel:
-        try:
-            node_pb2_grpc.NodeServiceStub(channel).Backup(node_pb2.BackupRequest(path="not/absolute"), timeout=10)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                reason = "the daemon answers UNIMPLEMENTED for NodeService.Backup (not wired in server.py yet)"
-                print(reason)
-                pytest.skip(reason)
-            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc
-            return
-    raise AssertionError("NodeService.Backup accepted a relative path")
-
-
 def test_backup_through_the_cli_restores_into_a_new_daemon(start_daemon, tmp_path: Path) -> None:
-    daemon = start_daemon("first")
-    require_backup_rpc(daemon)
+    daemon = start_daemon("first", backup_dir=tmp_path)
     with connect(daemon.target) as c:
         ids = [c.put(f"prompt {i}", latent_for(i), unit(i)) for i in range(12)]
     assert all(ids)
@@ -272,8 +253,15 @@ def test_backup_through_the_cli_restores_into_a_new_daemon(start_daemon, tmp_pat
     again = run_cli("backup", "--target", daemon.target, "--path", str(tmp_path / "bk"))
     assert_one_line(again, 1, f"flexcache backup: {daemon.target}: INVALID_ARGUMENT: backup path")
     assert "already exists" in again.stderr
-    relative = run_cli("backup", "--target", daemon.target, "--path", "bk")
-    assert_one_line(relative, 1, f"flexcache backup: {daemon.target}: INVALID_ARGUMENT: backup path 'bk' is relative")
+    outside = run_cli("backup", "--target", daemon.target, "--path", "/elsewhere/bk")
+    assert_one_line(outside, 1, f"flexcache backup: {daemon.target}: INVALID_ARGUMENT: backup path '/elsewhere/bk' "
+                                "is not inside backup_dir")
+    escape = run_cli("backup", "--target", daemon.target, "--path", "../bk")
+    assert_one_line(escape, 1, f"flexcache backup: {daemon.target}: INVALID_ARGUMENT: backup path '../bk' is not "
+                               "inside backup_dir")
+    relative = run_cli("backup", "--target", daemon.target, "--path", "bk2")  # inside backup_dir
+    assert relative.returncode == 0, relative.stderr
+    assert json.loads(relative.stdout)["path"] == str(tmp_path / "bk2")
 
     busy = run_cli("restore", "--from", str(tmp_path / "bk"), "--data-dir", str(daemon.data_dir))
     assert_one_line(busy, 2, f"flexcache restore: {daemon.data_dir} already holds a store")
@@ -296,8 +284,7 @@ def test_backup_through_the_cli_restores_into_a_new_daemon(start_daemon, tmp_pat
 
 
 def test_backup_taken_while_a_client_puts(start_daemon, tmp_path: Path) -> None:
-    daemon = start_daemon("busy")
-    require_backup_rpc(daemon)
+    daemon = start_daemon("busy", backup_dir=tmp_path)
     acknowledged: dict[str, int] = {}
     stop = threading.Event()
 
@@ -334,3 +321,11 @@ def test_backup_taken_while_a_client_puts(start_daemon, tmp_path: Path) -> None:
             fetched = c.fetch(entry_id)  # verifies size and sha256
             assert fetched is not None
             np.testing.assert_array_equal(fetched.latent(), latent_for(i))
+
+
+def test_a_daemon_without_a_backup_dir_takes_no_backups(start_daemon, tmp_path: Path) -> None:
+    daemon = start_daemon("plain")
+    result = run_cli("backup", "--target", daemon.target, "--path", str(tmp_path / "bk"))
+    assert_one_line(result, 1, f"flexcache backup: {daemon.target}: FAILED_PRECONDITION: this daemon takes no "
+                               "backups")
+    assert not (tmp_path / "bk").exists()

@@ -177,6 +177,7 @@ def test_a_frozen_node_costs_a_bounded_wait(cluster: DaemonCluster) -> None:
     eventually(lambda: set(copies(cluster.members, ids).values()) == {2}, 10, "every entry on 2 nodes")
     not_on_0 = [eid for eid in ids if eid not in held(cluster.nodes[0], ids)]
     cluster.pause(2)
+    rng = np.random.default_rng(11)
     try:
         slowest = 0.0
         with connect(cluster.targets[0], timeout_s=10.0) as client:
@@ -187,8 +188,14 @@ def test_a_frozen_node_costs_a_bounded_wait(cluster: DaemonCluster) -> None:
                 slowest = max(slowest, time.monotonic() - start)
                 assert found is not None and found.best is not None and found.best.entry_id == eid
                 assert fetched is not None, f"{eid} ({'not ' if eid in not_on_0 else ''}on node 0)"
+            start = time.monotonic()
+            written = [client.put(f"while frozen {i}", latent(rng), vector(rng), seed=i) for i in range(5)]
+            put_each = (time.monotonic() - start) / 5
         assert slowest < 2.0
+        assert put_each < 2.0
         assert not_on_0  # some fetches had to come from the other nodes
+        assert all(written)
+        assert set(copies(cluster.members[:2], written).values()) == {2}  # acknowledged with both copies
     finally:
         cluster.resume(2)
 
@@ -283,3 +290,57 @@ def test_node_service_needs_an_admin_credential(tmp_path: Path) -> None:
             npb_grpc.NodeServiceStub(channel).Has(npb.HasRequest(entry_ids=[eid]), timeout=5,
                                                   metadata=(("authorization", f"Bearer {tenant}"),))
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.parametrize(("settings", "problem"), [
+    ({"peers": "127.0.0.1:1", "peers_dns": "flexcache-peers:50051"}, "set one"),
+    ({"peers": "127.0.0.1:1,nonsense"}, "is not host:port"),
+    ({"peers_dns": "no-port"}, "peers_dns must be host:port"),
+    ({"peers": "127.0.0.1:1", "replication_factor": "0"}, "replication_factor must be at least 1"),
+    ({"peers": "127.0.0.1:1", "index_backend": "qdrant", "qdrant_path": "/tmp/q"}, "needs qdrant_url"),
+    ({"qdrant_write_consistency": "2"}, "cannot exceed qdrant_replication_factor"),
+])
+def test_cluster_settings_that_cannot_work_are_refused(settings: dict[str, str], problem: str) -> None:
+    from flexcache.daemon.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError, match=problem):
+        resolve(env={}, flags=settings)
+
+
+def test_members_by_dns_find_this_node_itself(tmp_path: Path) -> None:
+    """peers_dns resolves to every member's address, this node's own among them: the node knows itself
+    by its incarnation and serves as a one-member cluster (one host name with one address here: a
+    headless Service's many cannot be made on loopback)."""
+    from flexcache.daemon.cluster.membership import dns_addresses
+    from flexcache.daemon.process import free_ports
+
+    (port,) = free_ports(1)
+    assert dns_addresses(f"localhost:{port}")() == [f"127.0.0.1:{port}"]
+    with DaemonProcess(tmp_path / "n", port=port, node_id="solo", peers_dns=f"localhost:{port}", **FAST) as node:
+        wait_members([node], 1)
+        assert metric(node, "flexcache_cluster_members", state="down") == 0
+        entries = fill([node.target], 3)
+        with connect(node.target) as client:
+            for eid, v in entries:
+                found = client.lookup(v)
+                assert found is not None and found.best is not None and found.best.entry_id == eid
+
+
+def test_the_readme_cluster_example_runs(tmp_path: Path) -> None:
+    """The README's "Running a cluster" block, run as a user would paste it (in an empty folder, with
+    this checkout's flexcache): three nodes join, answer, back up and drain, and stop on kill."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Running a cluster"):]
+    block = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert block is not None
+    script = block.group(1).replace(".venv/bin/flexcache", str(Path(sys.executable).parent / "flexcache"))
+    stop_all = "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n"  # no daemon outlives a failed line
+    done = subprocess.run(["bash", "-c", "set -e\n" + stop_all + script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode in (0, 143), done.stderr[-2000:]  # `wait` on the killed daemons may report 143
+    assert "SERVING" in done.stdout and '"path"' in done.stdout
+    assert (tmp_path / "backups" / "n1-first" / "manifest.json").is_file()

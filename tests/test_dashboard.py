@@ -10,6 +10,11 @@ queries run against a real Prometheus scraping a real daemon.
   itself, then each panel's PromQL (the variables filled in as Grafana would) must return data of the
   expected sign and size, the shares matching the client's own count. Skipped when
   /usr/bin/prometheus is missing, except under CI (the CI environment variable), where that fails.
+- live, cluster: the Cluster row's panels (cluster mode only: a single daemon has none of their
+  series but an under-replicated count of 0, and none of the cluster alerts' expressions answer for
+  it) run against a Prometheus scraping
+  a real 3-node cluster through two rounds of puts, lookups and remote fetches through every node, each
+  with one member frozen (SIGSTOP) for the Gathers it misses; the cluster's recording rules answer too.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -40,21 +46,53 @@ from bench.dashboard_snapshot import (
     substitute,
 )
 from flexcache.daemon.metrics import Metrics
+from flexcache.daemon.process import DaemonCluster, DaemonProcess
+from flexcache.v1 import node_pb2 as npb
+from flexcache.v1 import node_pb2_grpc as npb_grpc
 from tests.conftest import connect, metric
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGMAP = ROOT / "k8s" / "monitoring" / "grafana-dashboard.yaml"
+ALERT_RULES = ROOT / "deploy" / "prometheus" / "alerts.rules.yml"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 PANELS = panels()
+CLUSTER_ROW = "Cluster"
+CLUSTER_GROUP = "flexcache.cluster"  # the recording rules of cluster mode
+
+
+def row_panels(title: str) -> list[dict[str, Any]]:
+    """The panels of the row titled `title`: those after it up to the next row (or, collapsed, its own)."""
+    found: list[dict[str, Any]] = []
+    inside = False
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        if panel["type"] == "row":
+            inside = panel["title"] == title
+            found.extend(panel.get("panels", []) if inside else [])
+        elif inside:
+            found.append(panel)
+    return found
+
+
+CLUSTER_PANELS = row_panels(CLUSTER_ROW)
+SINGLE_PANELS = [p for p in PANELS if p["id"] not in {c["id"] for c in CLUSTER_PANELS}]
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
                 "offset", "inf", "nan"}
 
 
-def recording_rules() -> list[dict[str, Any]]:
+def recording_rules(cluster: bool | None = None) -> list[dict[str, Any]]:
+    """The recording rules: all of them, or only cluster mode's (True), or only the others (False)."""
     if not RECORDING_RULES.is_file():
         return []
     groups = yaml.safe_load(RECORDING_RULES.read_text())["groups"]
-    return [rule for group in groups for rule in group["rules"] if "record" in rule]
+    return [rule for group in groups if cluster is None or (group["name"] == CLUSTER_GROUP) == cluster
+            for rule in group["rules"] if "record" in rule]
+
+
+def cluster_alerts() -> dict[str, str]:
+    """The alerts on cluster mode's series, name -> expression."""
+    groups = yaml.safe_load(ALERT_RULES.read_text())["groups"]
+    return {rule["alert"]: rule["expr"] for group in groups for rule in group["rules"]
+            if "alert" in rule and re.search(r"flexcache[_:]cluster_", rule["expr"])}
 
 
 def known_metrics() -> set[str]:
@@ -220,7 +258,7 @@ def test_every_panel_answers_from_a_real_prometheus(start_daemon, start_promethe
     steps, gpu_seconds = traffic.steps - warm_steps, traffic.gpu_seconds - warm_gpu
 
     results: dict[str, list[list[tuple[dict[str, str], float]]]] = {}
-    for panel in PANELS:
+    for panel in SINGLE_PANELS:
         answers = []
         for target in panel["targets"]:
             expr = substitute(target["expr"], window=f"{WINDOW:.0f}s", instance=f"127.0.0.1:{daemon.metrics_port}")
@@ -311,10 +349,183 @@ def test_every_panel_answers_from_a_real_prometheus(start_daemon, start_promethe
             pytest.fail(f"panel {title!r}: {exc!r}; answers {results[title]}")
 
     # The recording rules the dashboard reads, and the others, answer too: ratios within [0, 1].
-    for rule in recording_rules():
+    check_recording_rules(prometheus, recording_rules(cluster=False))
+    # A single daemon is not a cluster: no cluster alert's expression answers (its panels are tested below).
+    assert len(cluster_alerts()) >= 3
+    for name, expr in cluster_alerts().items():
+        assert prometheus.query(expr) == [], f"{name} would fire on a single daemon"
+
+
+def check_recording_rules(prometheus: Prometheus, rules: list[dict[str, Any]]) -> None:
+    assert rules
+    for rule in rules:
         samples = prometheus.query(rule["record"])
         assert samples, f"recording rule {rule['record']}: no data"
         for _, value in samples:
             assert math.isfinite(value) and value >= 0, (rule["record"], samples)
             if "ratio" in rule["record"]:
                 assert value <= 1, (rule["record"], samples)
+
+
+# --- live: a real 3-node cluster -----------------------------------------------------------------
+
+CLUSTER_SETTINGS = {"peer_probe_seconds": 0.2, "peer_timeout_seconds": 0.3, "repair_interval_seconds": 0.5,
+                    "scrub_bytes_per_second": 0}
+CLUSTER_DIM = 16
+FROZEN = 2  # the member frozen in each round: peer "n2"
+
+
+def poll(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+def held(node: DaemonProcess, ids: list[str]) -> set[str]:
+    """The ids of `ids` that `node` holds (NodeService.Has)."""
+    with node.channel() as channel:
+        answer = npb_grpc.NodeServiceStub(channel).Has(npb.HasRequest(entry_ids=ids), timeout=5)
+    return {eid for eid, has in zip(ids, answer.held, strict=True) if has}
+
+
+class ClusterTraffic:
+    """Puts, lookups and fetches through every member of a cluster, each node's remote fetches (of entries
+    it does not hold) counted, and rounds of Gathers missed by a frozen member."""
+
+    def __init__(self, cluster: DaemonCluster) -> None:
+        self.cluster = cluster
+        self.clients = [connect(t) for t in cluster.targets]
+        self.rng = np.random.default_rng(11)
+        self.entries: list[tuple[str, np.ndarray]] = []
+        self.blob_bytes = 0  # the latents' bytes, as the client sends them uncompressed
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+    def put(self, through: int) -> None:
+        v = self.rng.standard_normal(CLUSTER_DIM).astype(np.float32)
+        v /= np.linalg.norm(v)
+        latent = self.rng.standard_normal((4, 2, 8, 8)).astype(np.float32)
+        eid = self.clients[through].put(f"cluster prompt {len(self.entries)}", latent, v, seed=len(self.entries))
+        assert eid is not None, "a put failed"
+        self.entries.append((eid, v))
+        self.blob_bytes += latent.nbytes
+
+    def remote(self, node: int) -> list[str]:
+        """The entries `node` does not hold: its fetches of them wait on a peer."""
+        ids = [eid for eid, _ in self.entries]
+        return [eid for eid in ids if eid not in held(self.cluster.members[node], ids)]
+
+    def round(self) -> None:
+        """Puts through every node (until each lacks an entry), then each entry looked up through every
+        node, and fetched through every node that does not hold it."""
+        for i in range(30):
+            self.put(i % 3)
+            if i >= 2 and all(self.remote(n) for n in range(3)):
+                break
+        for n, client in enumerate(self.clients):
+            for eid, v in self.entries:
+                found = client.lookup(v)
+                assert found is not None and found.best is not None and found.best.entry_id == eid
+            remote = self.remote(n)
+            assert remote, f"n{n} holds every entry: no fetch of it waits on a peer"
+            for eid in remote:
+                assert self.clients[n].fetch(eid) is not None
+
+    def freeze(self) -> None:
+        """SIGSTOP one member and look up through the others until each has counted a Gather it missed
+        (it is down, and no longer asked, after two missed probes), then SIGCONT it and wait until every
+        node sees it serving again."""
+        nodes = self.cluster.members
+        others = [n for n in range(3) if n != FROZEN]
+
+        def missed(n: int) -> float:
+            return metric(nodes[n], "flexcache_cluster_peer_errors_total", peer=f"n{FROZEN}", method="Gather")
+
+        before = {n: missed(n) for n in others}
+        self.cluster.pause(FROZEN)
+        try:
+            deadline = time.monotonic() + 10
+            while not all(missed(n) > before[n] for n in others):
+                assert time.monotonic() < deadline, "no Gather to the frozen member was missed"
+                for n in others:
+                    assert self.clients[n].lookup(self.entries[0][1]) is not None
+        finally:
+            self.cluster.resume(FROZEN)
+        poll(lambda: all(metric(n, "flexcache_cluster_members", state="serving") == 3 for n in nodes), 10,
+             "every node sees 3 serving members again")
+
+
+def test_cluster_panels_answer_from_a_real_prometheus(tmp_path: Path, start_prometheus) -> None:
+    assert [p["title"] for p in CLUSTER_PANELS] == [
+        "Cluster members by state", "Under-replicated entries", "Replication bytes by reason",
+        "Lookup and Fetch fan-out", "Peer errors by peer"]
+    with DaemonCluster(tmp_path / "cluster", 3, **CLUSTER_SETTINGS) as cluster:
+        nodes = cluster.members
+        poll(lambda: all(metric(n, "flexcache_cluster_members", state="serving") == 3 for n in nodes), 10,
+             "every node sees 3 serving members")
+        instances = {f"127.0.0.1:{n.metrics_port}" for n in nodes}
+        prometheus = start_prometheus(sorted(instances))
+        traffic = ClusterTraffic(cluster)
+        try:
+            # Round 1 makes every series (a counter's first sample is where rate() starts counting), while
+            # Prometheus gets to its first scrapes (about 5 s after it starts); round 2, once Prometheus has
+            # them all, is what the rates see.
+            traffic.round()
+            traffic.freeze()
+            prometheus.wait_for(
+                'count(flexcache_cluster_fanout_seconds_count{method="Lookup"}) == 3'
+                ' and count(flexcache_cluster_fanout_seconds_count{method="Fetch"}) == 3'
+                ' and count(flexcache_cluster_replication_bytes_total{reason="put"}) == 3'
+                f' and count(flexcache_cluster_peer_errors_total{{peer="n{FROZEN}", method="Gather"}}) == 2', bool)
+            first = len(traffic.entries)
+            traffic.round()
+            traffic.freeze()
+        finally:
+            traffic.close()
+        round_two = traffic.blob_bytes * (len(traffic.entries) - first) / len(traffic.entries)
+        # Prometheus has scraped every node back to 3 serving members, and the rules have seen round 2.
+        prometheus.wait_for(
+            'count(flexcache_cluster_members{state="serving"} == 3) == 3'
+            ' and count(flexcache:cluster_fanout_seconds:p99_rate5m{method="Lookup"} > 0) == 3'
+            ' and count(flexcache:cluster_fanout_seconds:p99_rate5m{method="Fetch"} > 0) == 3'
+            ' and count(flexcache:cluster_replication_bytes:rate5m{reason="put"} > 0) == 3'
+            f' and count(flexcache:cluster_peer_errors:rate5m{{peer="n{FROZEN}", method="Gather"}} > 0) == 2', bool)
+
+        results: dict[str, list[list[tuple[dict[str, str], float]]]] = {}
+        for panel in CLUSTER_PANELS:
+            answers = []
+            for target in panel["targets"]:
+                expr = substitute(target["expr"], window=f"{WINDOW:.0f}s")
+                samples = prometheus.query(expr)
+                assert samples, f"{panel['title']}: no data from {expr}"
+                assert all(math.isfinite(v) and v >= 0 for _, v in samples), f"{panel['title']}: {expr} -> {samples}"
+                answers.append(samples)
+            results[panel["title"]] = answers
+
+        def by(title: str, *labels: str, target: int = 0) -> dict[tuple[str, ...], float]:
+            return {tuple(s.get(label, "") for label in labels): v for s, v in results[title][target]}
+
+        members = by("Cluster members by state", "instance", "state")
+        assert set(members) == {(i, s) for i in instances for s in ("serving", "draining", "joining", "down")}
+        for instance in instances:
+            assert members[instance, "serving"] == 3 and sum(v for (i, _), v in members.items() if i == instance) == 3
+        under = by("Under-replicated entries", "instance")
+        assert set(under) == {(i,) for i in instances} and all(v == int(v) for v in under.values()), under
+        sent = by("Replication bytes by reason", "reason")
+        # Each put sends one or two copies (R = 2 of 3 nodes: two when it reached a non-owner).
+        assert round_two / 2 <= sent["put",] * WINDOW <= 3 * traffic.blob_bytes, (sent, round_two)
+        assert set(sent) <= {("put",), ("repair",), ("handoff",)}, sent
+        for target in range(3):  # Lookup p50, Lookup p99, Fetch p99: every node's, under a second
+            waits = by("Lookup and Fetch fan-out", "instance", target=target)
+            assert set(waits) == {(i,) for i in instances} and all(0 < v < 1 for v in waits.values()), waits
+        errors = by("Peer errors by peer", "peer", "method")
+        assert errors[f"n{FROZEN}", "Gather"] > 0, errors
+
+        check_recording_rules(prometheus, recording_rules(cluster=True))
+        # A healthy cluster again: no member down, every node counting the same serving members.
+        for name in ("FlexCacheClusterMemberDown", "FlexCacheClusterSplitView"):
+            assert prometheus.query(cluster_alerts()[name]) == [], name

@@ -76,6 +76,21 @@ def test_the_node_client_puts_looks_up_fetches_and_deletes_over_plain_text(node:
     assert daemon.stats().entries == 0
 
 
+def test_the_node_client_works_against_a_cluster_unchanged(node: str, tmp_path: Path) -> None:
+    """Put through one member, Lookup and Fetch through another, Delete through the first: every member
+    answers for the cluster, so a client built from cache.proto alone needs nothing new."""
+    from flexcache.daemon.process import DaemonCluster
+    from tests.test_cluster import FAST, copies, wait_members
+
+    with DaemonCluster(tmp_path, 3, **FAST) as cluster:
+        wait_members(cluster.members, 3)
+        seen = run_check(node, cluster.targets[0], read_target=cluster.targets[2])
+        assert seen["put"]["created"] and seen["fetch"]["bytes"] == 2 * (1 << 20) + 12345
+        assert seen["lookup"]["role"] == "ROLE_FULL" and seen["lookup"]["similarity"] > 0.999
+        assert seen["delete"]["deleted"] and seen["delete"]["lookup_after"] == 0
+        assert set(copies(cluster.members, [seen["put"]["entry_id"]]).values()) == {0}
+
+
 # ---- TLS and tokens ----
 def _tokens_add(path: Path, tenant: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXCACHE_")}

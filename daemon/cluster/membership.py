@@ -112,8 +112,8 @@ class Membership:
         with self._lock:
             peers = list(self._peers.values())
         own = 1 if _STATE_NAMES.get(self.state) == state else 0
-        if state == "down":
-            return sum(1 for p in peers if not p.up)
+        if state == "down":  # missed PROBE_FAILURES probes in a row (an address that never answered too)
+            return sum(1 for p in peers if p.failures >= PROBE_FAILURES)
         return own + sum(1 for p in peers if p.up and _STATE_NAMES.get(p.state) == state)
 
     def describe(self) -> list[dict[str, object]]:

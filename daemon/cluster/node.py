@@ -10,7 +10,8 @@ node's own Cache and its peers' NodeService.
 - Lookup: every member that holds entries answers Gather, its own candidates, within
   peer_timeout_seconds; the answers merge as one node holding all the entries would have ranked them
   (ranking.merge, ranking.decide). A member that does not answer in time is left out of this answer
-  (its entries have a copy elsewhere).
+  (its entries have a copy elsewhere). With one Qdrant for the whole cluster (index_backend=qdrant),
+  the index already holds every entry, and this node searches it alone: no fan-out.
 - Fetch: from this node's store if it holds the entry, else FetchLocal from the owners, best first,
   hedged: an owner that has not sent the header within hedge_seconds is joined by the next one, and
   the first header wins (the others are cancelled).
@@ -46,6 +47,10 @@ from .membership import Membership, Peer
 log = logging.getLogger(__name__)
 
 COPY_BYTES_PER_SECOND = 20 << 20  # the slowest a copy to a peer may go before its deadline cuts it
+STALL_PEER_TIMEOUTS = 4  # a peer's fetch stream may pause this many peer_timeout_seconds between messages...
+STALL_MIN_S = 2.0  # ...and never less than this
+READ_AHEAD = 4  # messages of a peer's fetch stream read ahead of the client
+_END = object()
 
 
 def _peer_error(exc: grpc.RpcError, peer: str) -> CacheError:
@@ -63,23 +68,63 @@ def _peer_error(exc: grpc.RpcError, peer: str) -> CacheError:
 
 
 class RemoteChunks:
-    """A peer's FetchLocal stream after its header, as the chunks a local fetch gives (pins.PinnedChunks):
-    close() cancels the stream."""
+    """A peer's FetchLocal stream after its header, as the chunks a local fetch gives (pins.PinnedChunks).
+    A thread of its own reads ahead a few messages; each must come within `stall_s` of the one before,
+    or the fetch ends (Unavailable: the client retries or misses) rather than waiting out a frozen
+    source's deadline. close() cancels the stream."""
 
-    def __init__(self, call: Iterator[pb.FetchResponse]):
+    def __init__(self, call: Iterator[pb.FetchResponse], stall_s: float, what: str):
         self._call = call
+        self._stall_s = stall_s
+        self._what = what
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=READ_AHEAD)
+        self._closed = threading.Event()
+        threading.Thread(target=self._read, name="peer-fetch", daemon=True).start()
+
+    def _read(self) -> None:
+        item: object = _END
+        try:
+            for message in self._call:
+                if not self._offer(message):
+                    return
+        except grpc.RpcError as exc:
+            item = exc
+        self._offer(item)
+
+    def _offer(self, item: object) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def __iter__(self) -> RemoteChunks:
         return self
 
     def __next__(self) -> bytes:
-        message = next(self._call)
-        if message.WhichOneof("msg") != "chunk":
-            raise Unavailable("a peer's fetch stream carried a second header")
-        return message.chunk
+        try:
+            item = self._queue.get(timeout=self._stall_s)
+        except queue.Empty:
+            self.close()
+            raise Unavailable(f"{self._what}: the peer sent nothing for {self._stall_s:g} s") from None
+        if item is _END:
+            self.close()
+            raise StopIteration
+        if isinstance(item, grpc.RpcError):
+            self.close()
+            raise Unavailable(f"{self._what}: the peer's stream failed: {item.code().name}")  # type: ignore[attr-defined]
+        assert isinstance(item, pb.FetchResponse)
+        if item.WhichOneof("msg") != "chunk":
+            self.close()
+            raise Unavailable(f"{self._what}: the peer's stream carried a second header")
+        return item.chunk
 
     def close(self) -> None:
-        self._call.cancel()  # type: ignore[attr-defined]
+        if not self._closed.is_set():
+            self._closed.set()
+            self._call.cancel()  # type: ignore[attr-defined]
 
 
 class ClusterPut:
@@ -157,16 +202,15 @@ class ClusterNode:
                     stored[node_id] = future.result()
                 except (InvalidRequest, Corrupt):
                     raise  # the client's mistake: no other node would take it either
-                except CacheError as exc:
+                except CacheError as exc:  # counted in peer_errors; a down member fails every put until probed
                     errors.append(exc)
-                    log.warning("cluster: a copy of %s on %s failed (%s); trying the next member", session.entry_id,
-                                node_id, exc)
+                    log.debug("cluster: a copy of %s on %s failed (%s); trying the next member", session.entry_id,
+                              node_id, exc)
             launch()
         if not stored:
             raise errors[0] if errors else Unavailable("no member could store the entry")
-        if len(stored) < want:
-            log.warning("cluster: %s stored on %d of %d owners; the repair pass adds the rest", session.entry_id,
-                        len(stored), want)
+        if len(stored) < want:  # the repair passes add the rest (flexcache_cluster_under_replicated_entries)
+            log.debug("cluster: %s stored on %d of %d owners", session.entry_id, len(stored), want)
         answer = stored.get(self.node_id) or next(iter(stored.values()))
         answer.created = any(r.created for r in stored.values())
         return answer
@@ -192,8 +236,8 @@ class ClusterNode:
         self.cache.tenants.request(request.namespace.tenant)
         query = self.cache.lookup_query(request)
         started = time.perf_counter()
-        calls = [(p, p.stub.Gather.future(request, timeout=self.timeout_s, metadata=self.metadata))
-                 for p in self.membership.peers()]
+        peers = [] if self.cache.shared_index else self.membership.peers()  # a shared index has every entry
+        calls = [(p, p.stub.Gather.future(request, timeout=self.timeout_s, metadata=self.metadata)) for p in peers]
         parts = [self.cache.gather(query)]
         for peer, call in calls:
             try:
@@ -266,7 +310,9 @@ class ClusterNode:
             if isinstance(message, pb.FetchResponse) and message.WhichOneof("msg") == "header":
                 cancel_all(but=call)
                 self.metrics.fanout.labels("Fetch").observe(time.perf_counter() - started)
-                return message.header, RemoteChunks(call)  # type: ignore[arg-type]
+                stall_s = max(STALL_MIN_S, STALL_PEER_TIMEOUTS * self.timeout_s)
+                return message.header, RemoteChunks(call, stall_s,  # type: ignore[arg-type]
+                                                    f"fetch of {request.entry_id} from {peer.node_id}")
             if isinstance(message, grpc.RpcError):
                 error = _peer_error(message, peer.node_id)
                 if not isinstance(error, NotFound):
@@ -316,8 +362,17 @@ class ClusterNode:
     # ---- NodeService: this node alone ----
     def hello(self) -> npb.HelloResponse:
         return npb.HelloResponse(node_id=self.node_id, state=self.membership.state,
-                                 incarnation=self.membership.incarnation, entries=len(self.cache.entry_ids()),
+                                 incarnation=self.membership.incarnation, entries=self.cache.entry_count(),
                                  replication_factor=self.replicas)
+
+    def keeps(self, ids: list[str], held: list[bool]) -> list[bool]:
+        """For Has: which of the held `ids` this node means to keep (HasResponse.keeps): it serves, and
+        owns them as it sees the members."""
+        if self.membership.state != npb.NODE_SERVING:
+            return [False] * len(ids)
+        members = self.membership.placement()
+        return [h and self.node_id in placement.owners(eid, members, self.replicas) for eid, h in zip(ids, held,
+                                                                                                       strict=True)]
 
     def gather(self, request: pb.LookupRequest) -> pb.LookupResponse:
         return self.cache.gather(self.cache.lookup_query(request)).to_response()

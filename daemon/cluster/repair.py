@@ -5,9 +5,11 @@ it holds and asks each entry's owners (placement over the serving members) wheth
 (NodeService.Has, a batch at a time). An owner without it gets a copy (repair: a replaced node with an
 empty disk, a node that was away while writes went on, a copy lost to an owner's eviction that could
 not be passed on). An entry this node holds but does not own (a node joined, the owner it stood in for
-came back, this node drains) is dropped here once every owner holds it: a copy is never dropped before
-its owners are confirmed. Copies go at repair_bytes_per_second at most. Only a node that serves or
-drains repairs: a joining one has not seen its peers yet, and would think it owns nothing.
+came back, this node drains) is dropped here once every owner holds it and means to keep it (it serves
+and owns the entry in its own view: HasResponse.keeps), so two nodes whose views of the members differ
+for a probe interval never both drop their copies counting on each other's. Copies go at
+repair_bytes_per_second at most. Only a node that serves or drains repairs: a joining one has not seen
+its peers yet, and would think it owns nothing.
 
 Notifier: a fetch served here is credited on the other copies (TouchEntries), and an entry evicted here
 is forgotten on the other nodes (Forget), in batches a few times a second. So the copies of an entry
@@ -102,33 +104,37 @@ class Repairer:
                 for owner in its:
                     if owner != me:
                         asks.setdefault(owner, []).append(eid)
-            confirmed: Counter[str] = Counter()
+            present: Counter[str] = Counter()  # owners that hold the entry now (after a copy, if it took one)
+            kept: Counter[str] = Counter()  # owners that hold it and mean to keep it (HasResponse.keeps)
             for owner, eids in asks.items():
                 peer = membership.peer(owner)
                 if peer is None:
                     continue
                 try:
-                    held = peer.stub.Has(npb.HasRequest(entry_ids=eids), timeout=node.timeout_s,
-                                         metadata=node.metadata).held
+                    answer = peer.stub.Has(npb.HasRequest(entry_ids=eids), timeout=node.timeout_s,
+                                           metadata=node.metadata)
                 except grpc.RpcError as exc:
                     node.metrics.peer_errors.labels(owner, "Has").inc()
                     log.debug("cluster: Has to %s failed: %s", owner, exc)
                     continue
-                for eid, has in zip(eids, held, strict=False):
+                keeps = answer.keeps if len(answer.keeps) == len(eids) else [False] * len(eids)
+                for eid, has, keep in zip(eids, answer.held, keeps, strict=False):
+                    kept[eid] += keep
                     if has or self._copy(peer, eid, "repair" if me in owners[eid] else "handoff"):
-                        confirmed[eid] += 1
+                        present[eid] += 1
                         report.copied += 0 if has else 1
             leaving = []
             for eid, its in owners.items():
                 others = [o for o in its if o != me]
-                if me not in its:
-                    if others and confirmed[eid] == len(others):
+                if me not in its:  # dropped only once every owner keeps it; a copy made now counts next pass
+                    if others and kept[eid] == len(others):
                         leaving.append(eid)
-                elif confirmed[eid] < len(others):
+                elif present[eid] < len(others):
                     report.under_replicated += 1
             if leaving:
-                report.handed_off += node.cache.forget(leaving)
-                node.metrics.handoffs.inc(len(leaving))
+                dropped = node.cache.forget(leaving, last_copy=False)
+                report.handed_off += dropped
+                node.metrics.handoffs.inc(dropped)
             report.checked += len(batch)
         node.metrics.under_replicated.set(report.under_replicated)
         if report.copied or report.handed_off:

@@ -34,9 +34,10 @@ SERVICE_NAME = npb.DESCRIPTOR.services_by_name["NodeService"].full_name
 
 
 class NodeServicer:
-    def __init__(self, front: CacheServicer, node_id: str, on_drain: Callable[[], None]):
+    def __init__(self, front: CacheServicer, node_id: str, on_drain: Callable[[], None], backup_dir: str = ""):
         self.front = front
         self.node_id = node_id
+        self.backup_dir = backup_dir  # where Backup may write (backup.within)
         self.on_drain = on_drain  # the daemon's health goes NOT_SERVING
         self.cache: Cache | None = None  # this node's own, once open
         self.cluster: Cluster | None = None  # None outside a cluster
@@ -65,7 +66,7 @@ class NodeServicer:
             if self.cluster is not None:
                 return self.cluster.node.hello()
             return npb.HelloResponse(node_id=self.node_id, state=npb.NODE_SERVING if self.cache else npb.NODE_JOINING,
-                                     entries=len(self.cache.entry_ids()) if self.cache else 0)
+                                     entries=self.cache.entry_count() if self.cache else 0)
 
     def Gather(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.LookupResponse:
         return self._unary("Gather", requests, context, pb.LookupRequest,
@@ -104,8 +105,12 @@ class NodeServicer:
                            lambda cache, r: cache.verify(r))  # type: ignore[return-value]
 
     def Has(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> npb.HasResponse:
-        return self._unary("Has", requests, context, npb.HasRequest,  # type: ignore[return-value]
-                           lambda cache, r: npb.HasResponse(held=cache.held(self._ids(r.entry_ids))))
+        def has(cache: Cache, r: npb.HasRequest) -> npb.HasResponse:
+            ids = self._ids(r.entry_ids)
+            held = cache.held(ids)
+            keeps = self.cluster.node.keeps(ids, held) if self.cluster is not None else held
+            return npb.HasResponse(held=held, keeps=keeps)
+        return self._unary("Has", requests, context, npb.HasRequest, has)  # type: ignore[arg-type,return-value]
 
     def Forget(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> npb.ForgetResponse:
         def forget(cache: Cache, r: npb.ForgetRequest) -> npb.ForgetResponse:
@@ -127,10 +132,10 @@ class NodeServicer:
             if self.cluster.membership.state != npb.NODE_DRAINING:
                 self.cluster.drain()
                 self.on_drain()
-            return npb.DrainResponse(state=npb.NODE_DRAINING, entries=len(cache.entry_ids()))
+            return npb.DrainResponse(state=npb.NODE_DRAINING, entries=cache.entry_count())
         return self._unary("Drain", requests, context, npb.DrainRequest, drain)  # type: ignore[return-value]
 
     def Backup(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> npb.BackupResponse:
         return self._unary("Backup", requests, context, npb.BackupRequest,  # type: ignore[return-value]
-                           lambda cache, r: backup.backup(cache.store, r.path, entries=len(cache.entry_ids()),
-                                                           node=self.node_id))
+                           lambda cache, r: backup.backup(cache.store, backup.within(self.backup_dir, r.path),
+                                                          entries=cache.entry_count(), node=self.node_id))

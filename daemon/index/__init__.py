@@ -10,7 +10,8 @@ __all__ = ["IndexPoint", "Neighbor", "VectorIndex", "open_index"]
 
 
 def open_index(backend: str, data_dir: Path, *, url: str = "", api_key: str = "", prefer_grpc: bool = True,
-               path: str = "") -> VectorIndex:
+               path: str = "", shards: int = 1, replication_factor: int = 1, write_consistency: int = 1
+               ) -> VectorIndex:
     """The embedded Qdrant Edge shard by default; a Qdrant server (or qdrant-client local mode)."""
     if backend == "edge":
         from .edge import EdgeIndex
@@ -19,5 +20,6 @@ def open_index(backend: str, data_dir: Path, *, url: str = "", api_key: str = ""
     if backend == "qdrant":
         from .remote import QdrantIndex
 
-        return QdrantIndex(url=url, api_key=api_key, prefer_grpc=prefer_grpc, path=path)
+        return QdrantIndex(url=url, api_key=api_key, prefer_grpc=prefer_grpc, path=path, shards=shards,
+                           replication_factor=replication_factor, write_consistency=write_consistency)
     raise ValueError(f"unknown index backend {backend!r}")

@@ -11,6 +11,7 @@ needs to read every namespace, which is what keeps a restart with thousands of n
 
 from __future__ import annotations
 
+import base64
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,15 +30,19 @@ class Neighbor:
 
     entry_id: str
     similarity: float
+    record: bytes = b""  # the point's record (IndexPoint.record), where the backend keeps it
 
 
 @dataclass(frozen=True)
 class IndexPoint:
-    """What the index stores of an entry: its id, its namespace and its vectors by role."""
+    """What the index stores of an entry: its id, its namespace and its vectors by role; and, for an
+    index that several daemons share (a cluster over one Qdrant), the entry's record (a serialized
+    PutHeader without vectors), so that a daemon can rank entries it does not hold itself."""
 
     entry_id: str
     namespace_key: str
     vectors: Mapping[str, Sequence[float]]  # a subset of VECTOR_NAMES; "full" always present
+    record: bytes = b""
 
     @property
     def dim(self) -> int:
@@ -47,7 +52,10 @@ class IndexPoint:
         return {name: list(vec) for name, vec in self.vectors.items() if len(vec)}
 
     def payload(self) -> dict[str, str]:
-        return {"ns": self.namespace_key, "entry_id": self.entry_id}
+        payload = {"ns": self.namespace_key, "entry_id": self.entry_id}
+        if self.record:
+            payload["record"] = base64.b64encode(self.record).decode()
+        return payload
 
 
 def _ignore(*_: object) -> None:

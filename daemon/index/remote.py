@@ -4,10 +4,15 @@
 in-process engine, which is how the tests exercise this backend (no Qdrant server runs here).
 One collection per vector dimension ("flexcache_d<dim>"), with a keyword payload index on "ns": a
 namespace's calls (search, reconciliation's scroll) filter on it, and `namespaces()` facets on it.
+Collections are created with Qdrant's own distribution settings (`shards`, `replication_factor`,
+`write_consistency`: qdrant_shards, qdrant_replication_factor, qdrant_write_consistency), which a
+Qdrant cluster applies and local mode ignores. Several daemons may share the collections (a FlexCache
+cluster over one Qdrant, docs/cluster.md): a collection another daemon created is found at first use.
 """
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -32,8 +37,11 @@ def collection_name(dim: int) -> str:
 class QdrantIndex(VectorIndex):
     name = "qdrant"
 
-    def __init__(self, url: str = "", api_key: str = "", prefer_grpc: bool = True, path: str = ""):
+    def __init__(self, url: str = "", api_key: str = "", prefer_grpc: bool = True, path: str = "", *,
+                 shards: int = 1, replication_factor: int = 1, write_consistency: int = 1):
         self._local = bool(path)
+        self.distribution = {"shard_number": shards, "replication_factor": replication_factor,
+                             "write_consistency_factor": write_consistency}
         if path:
             self._client = QdrantClient(path=path)
         else:
@@ -52,7 +60,8 @@ class QdrantIndex(VectorIndex):
             name = collection_name(dim)
             if not self._client.collection_exists(name):
                 params = models.VectorParams(size=dim, distance=models.Distance.COSINE)
-                self._client.create_collection(name, vectors_config=dict.fromkeys(VECTOR_NAMES, params))
+                self._client.create_collection(name, vectors_config=dict.fromkeys(VECTOR_NAMES, params),
+                                               **self.distribution)
                 if not self._local:  # local mode scans exhaustively and ignores payload indexes
                     self._client.create_payload_index(name, "ns", models.PayloadSchemaType.KEYWORD)
             self._dims.add(dim)
@@ -64,8 +73,19 @@ class QdrantIndex(VectorIndex):
             self._ensure_collection(dim)
             self._client.upsert(collection_name(dim), batch, wait=True)
 
+    def _known(self, dim: int) -> bool:
+        """Whether a collection of `dim` exists: this process made or saw it, or another daemon sharing
+        the server made it since (asked of the server)."""
+        if dim in self._dims:
+            return True
+        if self._client.collection_exists(collection_name(dim)):
+            with self._lock:
+                self._dims.add(dim)
+            return True
+        return False
+
     def search(self, namespace_key: str, vector_name: str, vector: Sequence[float], limit: int) -> list[Neighbor]:
-        if len(vector) not in self._dims:
+        if not self._known(len(vector)):
             return []
         result = self._client.query_points(
             collection_name(len(vector)),
@@ -75,9 +95,10 @@ class QdrantIndex(VectorIndex):
                 must=[models.FieldCondition(key="ns", match=models.MatchValue(value=namespace_key))]
             ),
             limit=limit,
-            with_payload=["entry_id"],
+            with_payload=["entry_id", "record"],
         )
-        return [Neighbor(p.payload["entry_id"], p.score) for p in result.points]
+        return [Neighbor(p.payload["entry_id"], p.score, base64.b64decode(p.payload.get("record", "")))
+                for p in result.points]
 
     def delete(self, entry_ids: Sequence[str], namespace_key: str | None = None) -> None:
         """Point ids are unique across namespaces, so the namespace is not needed to find them."""

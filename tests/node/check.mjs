@@ -17,6 +17,9 @@
 //   FLEXCACHE_EXPECT     UNAUTHENTICATED or PERMISSION_DENIED: only do a Lookup, and succeed only if it
 //                        fails with that status
 //   FLEXCACHE_PROTO      the proto file (default: proto/flexcache/v1/cache.proto of this repository)
+//   FLEXCACHE_READ_TARGET  another member of the same cluster: the Lookups and the Fetch go there (Put,
+//                        Stats and Delete to FLEXCACHE_TARGET). Stats are per node, so the put's namespace
+//                        is then only reported, not required, in them.
 //
 // Success: one JSON line on stdout, exit 0. Failure: one line on stderr, exit 1 (2: bad environment).
 
@@ -190,7 +193,7 @@ async function expectFailure(client, ns, expected, seen) {
   return fail(`expected ${expected}, but Lookup succeeded`);
 }
 
-async function fullCheck(client, ns, seen) {
+async function fullCheck(client, reader, ns, seen) {
   const data = randomBytes(BLOB_BYTES);
   const digest = sha256(data);
   const crc = crc32c(data);
@@ -207,7 +210,7 @@ async function fullCheck(client, ns, seen) {
   seen.put = { entry_id: entryId, created: stored.created, stored_bytes: stored.stored_bytes,
                chunks: Math.ceil(data.length / CHUNK) };
 
-  const found = await unary(client, "Lookup", { namespace: ns, vectors: { full }, top_k: 3 });
+  const found = await unary(reader, "Lookup", { namespace: ns, vectors: { full }, top_k: 3 });
   const candidate = found.candidates.find((c) => c.entry_id === entryId);
   if (!candidate) {
     fail(`Lookup with the put's own vector did not return its entry (${found.candidates.length} candidates, ` +
@@ -219,7 +222,7 @@ async function fullCheck(client, ns, seen) {
   seen.lookup = { candidates: found.candidates.length, similarity: candidate.similarity,
                   granted_steps: candidate.granted_steps, role: candidate.role, writer: candidate.writer ?? "" };
 
-  const fetched = await fetch(client, { namespace: ns, entry_id: entryId, role: "ROLE_FULL",
+  const fetched = await fetch(reader, { namespace: ns, entry_id: entryId, role: "ROLE_FULL",
                                         granted_steps: candidate.granted_steps });
   const got = fetched.header.blob;
   if (fetched.header.entry_id !== entryId) fail(`Fetch header names entry ${fetched.header.entry_id}`);
@@ -239,14 +242,14 @@ async function fullCheck(client, ns, seen) {
   const stats = await unary(client, "Stats", {});
   const name = namespaceName(ns);
   const mine = stats.namespaces.find((n) => n.name === name);
-  if (!mine) fail(`Stats lists no namespace ${name} (it lists ${stats.namespaces.length})`);
-  if (Number(mine.entries) < 1) fail(`Stats says namespace ${name} holds ${mine.entries} entries`);
+  if (!mine && reader === client) fail(`Stats lists no namespace ${name} (it lists ${stats.namespaces.length})`);
+  if (mine && Number(mine.entries) < 1) fail(`Stats says namespace ${name} holds ${mine.entries} entries`);
   seen.stats = { entries: stats.entries, bytes: stats.bytes, namespaces: stats.namespaces.length,
-                 namespace_entries: mine.entries, eviction_policy: stats.eviction_policy };
+                 namespace_entries: mine ? mine.entries : "0", eviction_policy: stats.eviction_policy };
 
   const deleted = await unary(client, "Delete", { namespace: ns, entry_id: entryId });
   if (!deleted.deleted) fail("Delete of the entry just put answered deleted=false");
-  const after = await unary(client, "Lookup", { namespace: ns, vectors: { full }, top_k: 3 });
+  const after = await unary(reader, "Lookup", { namespace: ns, vectors: { full }, top_k: 3 });
   if (after.candidates.some((c) => c.entry_id === entryId)) fail("Lookup still returns the entry after its Delete");
   seen.delete = { deleted: deleted.deleted, lookup_after: after.candidates.length, miss_reason: after.miss_reason };
   return seen;
@@ -265,16 +268,19 @@ async function main() {
   if (serverName) channelOptions["grpc.ssl_target_name_override"] = serverName;
   const CacheService = loadService();
   const client = new CacheService(target, creds, channelOptions);
+  const readTarget = env("FLEXCACHE_READ_TARGET");
+  const reader = readTarget ? new CacheService(readTarget, creds, channelOptions) : client;
   const ns = namespace();
-  const seen = { ok: true, node: process.version, target, tls, mtls, token: Boolean(env("FLEXCACHE_TOKEN")),
+  const seen = { ok: true, node: process.version, target, read_target: readTarget || target, tls, mtls, token: Boolean(env("FLEXCACHE_TOKEN")),
                  namespace: namespaceName(ns) };
   try {
     const expected = env("FLEXCACHE_EXPECT");
-    const result = expected ? await expectFailure(client, ns, expected, seen) : await fullCheck(client, ns, seen);
+    const result = expected ? await expectFailure(client, ns, expected, seen) : await fullCheck(client, reader, ns, seen);
     process.stdout.write(JSON.stringify(result) + "\n");
     return 0;
   } finally {
     client.close();
+    if (reader !== client) reader.close();
   }
 }
 
