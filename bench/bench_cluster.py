@@ -67,6 +67,7 @@ from bench.report import replace_results
 from bench.traces import Trace, build_trace, describe, load_intents, sample_intents
 from flexcache.client import CacheClient, Namespace
 from flexcache.daemon.cluster import placement
+from flexcache.daemon.cluster.node import STALL_MIN_S, STALL_PEER_TIMEOUTS
 from flexcache.daemon.entries import record_size
 from flexcache.daemon.process import DaemonCluster, DaemonProcess
 from flexcache.v1 import cache_pb2 as pb
@@ -962,6 +963,52 @@ def model_lines(costs: dict[str, Cost], fetches: Sequence[FetchRow]) -> list[str
     return lines
 
 
+@dataclass
+class Refill:
+    rate: int  # repair_bytes_per_second (0: unpaced)
+    copies: int  # entries the replaced node owns
+    nbytes: int  # their blob bytes
+    rejoin_s: float  # from the kill to the new empty node serving
+    refill_s: float  # from serving to holding its whole share again
+
+
+def refill(root: Path, rate: int, blobs: int, size: int) -> Refill:
+    """A node replaced with an empty disk (same node id) in a 3-node cluster holding `blobs` blobs of
+    `size` bytes: how long until its share is back, copied by the other two's repair passes at `rate`."""
+    with DaemonCluster(root / f"refill-{rate}", 3, max_bytes=4 * blobs * size, replication_factor=R,
+                       repair_bytes_per_second=rate, **COMMON, **CLUSTER) as cluster:
+        nodes = cluster.members
+        wait_members(nodes, 3, 30.0)
+        rng = np.random.default_rng(23)
+        ids = []
+        with client(nodes[0].target, SIDE_NS, timeout_s=10.0) as writer:
+            for i in range(blobs):
+                eid = writer.put_blob(f"refill {i}", rng.integers(0, 256, size, dtype=np.uint8).tobytes(),
+                                      pb.BlobInfo(codec="raw", dtype="uint8", shape=[size]), unit(rng))
+                if eid is None:
+                    raise RuntimeError(f"a refill put failed: {writer.last_error}")
+                ids.append(eid)
+        owned = held(nodes[1], ids)
+        t0 = time.perf_counter()
+        cluster.replace(1)
+        wait_members(nodes, 3, 30.0)
+        t1 = time.perf_counter()
+        deadline = t1 + 600
+        while held(nodes[1], ids) != owned:
+            if time.perf_counter() > deadline:
+                raise RuntimeError("the replaced node did not get its share back within 600 s")
+            time.sleep(0.05)
+        return Refill(rate, len(owned), len(owned) * size, t1 - t0, time.perf_counter() - t1)
+
+
+def refill_table(rows: list[Refill]) -> str:
+    return md(["repair_bytes_per_second", "copies to refill", "bytes", "kill to serving s", "refill s",
+                  "MB/s", "s per GiB"],
+                 [[mib(r.rate) + "/s" if r.rate else "0 (unpaced)", r.copies, mib(r.nbytes), f2(r.rejoin_s),
+                   f2(r.refill_s), f"{r.nbytes / 1e6 / r.refill_s:.0f}", f"{r.refill_s * (1 << 30) / r.nbytes:.1f}"]
+                  for r in rows])
+
+
 def relay_table(rf: RelayFreeze) -> str:
     rows = [[f"source n{rf.source} running", len(rf.unfrozen_ms), f2(statistics.median(rf.unfrozen_ms)), "ok", ""],
             [f"source n{rf.source} SIGSTOPped halfway", 1, f2(rf.frozen_ms), "ok" if rf.ok else "failed (None)",
@@ -1002,11 +1049,15 @@ def verdict_lines(replays: Sequence[Replay], fo: Failover | None, summary: dict[
                      f"stopped ({len(frozen)} lookups in {fz.seconds:.1f} s); slowest fetch while stopped "
                      f"{f2(max(fetch_frozen) if fetch_frozen else float('nan'))} ms")
     if rf is not None:
-        bounded = rf.ok and rf.frozen_ms <= 2000
+        stall_s = max(STALL_MIN_S, STALL_PEER_TIMEOUTS * float(CLUSTER["peer_timeout_seconds"]))  # type: ignore[arg-type]
+        bound_ms = 1000 * (stall_s + 1.0)  # the relay's stall deadline, then the fallback through another owner
+        bounded = rf.ok and rf.frozen_ms <= bound_ms
         lines.append(f"- a relayed fetch whose source froze mid-transfer took {rf.frozen_ms:.0f} ms "
                      f"({'ok' if rf.ok else 'failed'}) against {statistics.median(rf.unfrozen_ms):.0f} ms unfrozen: "
-                     f"a bounded wait (<= 2 s, as tests/test_cluster.py asks of a frozen node) "
-                     f"{'met' if bounded else 'NOT met'}")
+                     f"a bounded wait (the relay's {stall_s:g} s stall deadline plus 1 s for the fallback, not the "
+                     f"client's transfer timeout) {'met' if bounded else 'NOT met'}"
+                     + (" (the transfer ended before the freeze took hold: this run did not test the stall)"
+                        if rf.frozen_ms < 3 * statistics.median(rf.unfrozen_ms) else ""))
     return lines
 
 
@@ -1046,6 +1097,8 @@ def main(argv: list[str] | None = None) -> int:
     fo: Failover | None = None
     fz: Freeze | None = None
     rf: RelayFreeze | None = None
+    refills: list[Refill] = []
+    refill_blobs = 16 if args.quick else 48
     relay_transfer_s = 5.0 if args.quick else 10.0
     deployments: list[Deployment] = []
     try:
@@ -1096,6 +1149,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r1.label}: puts p50 {pct(costs[r1.label].put_ms, 50):.2f} ms, "
                       f"{costs[r1.label].put_cpu_ms:.2f} ms CPU each", flush=True)
                 r1.close()
+        for rate in (64 * MiB, 0):  # the default pace, and none
+            refills.append(refill(tmp, rate, refill_blobs, 4 * MiB))
+            print(f"refill at {mib(rate) if rate else 'no pace'}: {mib(refills[-1].nbytes)} in "
+                  f"{refills[-1].refill_s:.1f} s after the new node served", flush=True)
     except KeyboardInterrupt:
         print("interrupted: stopping the daemons", file=sys.stderr)
         return 130
@@ -1146,6 +1203,14 @@ def main(argv: list[str] | None = None) -> int:
             f"through the transfer, SIGCONT once the fetch returned (all three saw 3 serving {rf.rejoin_s:.1f} s "
             f"later); the client's default path (FetchDirect + data port), transfer timeout {relay_transfer_s:g} s)",
             relay_table(rf),
+        ]
+    if refills:
+        sections += [
+            f"**Part 2: a node replaced with an empty disk** (a fresh 3-node cluster, R = {R}, {refill_blobs} blobs of "
+            f"4 MiB put through n0; n1 SIGKILLed, its data folder emptied, started again with the same node id; "
+            f"the other two's repair passes copy its share back, paced at repair_bytes_per_second; refill s: from "
+            f"the new node serving to its holding every entry it owns; s per GiB: refill s over the bytes it owns)",
+            refill_table(refills),
         ]
     sections += [
         f"**Part 3: the scaling model's inputs** ({cost_puts} puts of a {int(np.prod(SHAPE)) * 2 // 1024} KiB "

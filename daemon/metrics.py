@@ -241,7 +241,9 @@ class Metrics:
                           "from a peer for its first message.", ("method",), buckets=_LATENCY_BUCKETS)
         self.peer_errors = add(Counter, "flexcache_cluster_peer_errors_total",
                                "Cluster: calls to a peer that failed or missed peer_timeout_seconds, by peer node_id "
-                               "and method.", ("peer", "method"))
+                               "and method; a Gather is also counted when the lookup went on without it (it had not "
+                               "answered hedge_seconds after all but replication_factor - 1 peers had).",
+                               ("peer", "method"))
         self.build_info = add(Gauge, "flexcache_build_info",
                               "Value 1, labelled with the daemon's version (the installed distribution's) and the "
                               "Python version it runs on.", ("version", "python"))

@@ -200,6 +200,42 @@ def test_a_frozen_node_costs_a_bounded_wait(cluster: DaemonCluster) -> None:
         cluster.resume(2)
 
 
+@pytest.mark.parametrize("data_port", [True, False], ids=["data port", "stream"])
+def test_a_relayed_fetch_whose_source_freezes_midway_is_cut_short(cluster: DaemonCluster, data_port: bool) -> None:
+    """A node without a copy relays the blob from an owner, which is SIGSTOPped halfway: the relay gives up
+    on it after its stall deadline (2 s here) and the client's next try is served by the other owner,
+    well inside the client's 30 s transfer timeout."""
+    from flexcache.daemon.cluster import placement
+    from flexcache.v1 import cache_pb2 as pb
+
+    size = 64 << 20
+    data = np.random.default_rng(5).integers(0, 256, size, dtype=np.uint8).tobytes()
+    with connect(cluster.targets[0]) as writer:
+        eid = writer.put_blob("a large blob", data, pb.BlobInfo(codec="raw", dtype="uint8", shape=[size]),
+                              vector(np.random.default_rng(6)))
+    assert eid is not None
+    eventually(lambda: sum(copies(cluster.members, [eid]).values()) == 2, 10, "the blob on 2 nodes")
+    holders = [i for i, n in enumerate(cluster.members) if held(n, [eid])]
+    relay = next(i for i in range(3) if i not in holders)
+    source = int(placement.ranked(eid, [f"n{i}" for i in holders])[0][1:])
+    result: dict[str, object] = {}
+    with connect(cluster.targets[relay], data_port=data_port, transfer_timeout_s=30.0) as reader:
+        def fetch() -> None:
+            start = time.monotonic()
+            fetched = reader.fetch(eid)
+            result["s"], result["ok"] = time.monotonic() - start, fetched is not None and bytes(fetched.data) == data
+        thread = threading.Thread(target=fetch)
+        thread.start()
+        time.sleep(0.05)
+        cluster.pause(source)
+        try:
+            thread.join(40)
+        finally:
+            cluster.resume(source)
+    assert result["ok"], result
+    assert 1.5 <= result["s"] < 8.0, result  # the freeze caught the transfer, and the stall deadline cut it
+
+
 def test_a_replaced_node_gets_its_copies_back(cluster: DaemonCluster) -> None:
     entries = fill(cluster.targets, 60)
     ids = [eid for eid, _ in entries]
@@ -290,6 +326,34 @@ def test_node_service_needs_an_admin_credential(tmp_path: Path) -> None:
             npb_grpc.NodeServiceStub(channel).Has(npb.HasRequest(entry_ids=[eid]), timeout=5,
                                                   metadata=(("authorization", f"Bearer {tenant}"),))
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_new_cluster_warms_from_one_daemons_backup(start_daemon, tmp_path: Path) -> None:
+    """An online backup of a single daemon, restored into one node of a new 3-node cluster: its repair
+    passes give every entry its two owners and drop the copies it does not own, and any node finds
+    every entry."""
+    import subprocess
+    import sys
+
+    old = start_daemon("old", backup_dir=tmp_path, **{"scrub_bytes_per_second": 0})
+    entries = fill([old.target], 40, seed=9)
+    flexcache = str(Path(sys.executable).parent / "flexcache")
+    subprocess.run([flexcache, "backup", "--target", old.target, "--path", "old-backup"], check=True,
+                   capture_output=True)
+    old.terminate()
+    cluster = DaemonCluster(tmp_path / "new", 3, **FAST)
+    subprocess.run([flexcache, "restore", "--from", str(tmp_path / "old-backup"), "--data-dir",
+                    str(cluster.nodes[0].data_dir)], check=True, capture_output=True)
+    ids = [eid for eid, _ in entries]
+    with cluster:
+        wait_members(cluster.members, 3)
+        eventually(lambda: set(copies(cluster.members, ids).values()) == {2}, 20,
+                   "every restored entry on its 2 owners, and only there")
+        for i, (eid, v) in enumerate(entries):
+            with connect(cluster.targets[i % 3]) as client:
+                found = client.lookup(v)
+                assert found is not None and found.best is not None and found.best.entry_id == eid
+                assert client.fetch(eid) is not None
 
 
 @pytest.mark.parametrize(("settings", "problem"), [

@@ -9,8 +9,9 @@ node's own Cache and its peers' NodeService.
   could take one: a node killed after the acknowledgement leaves a copy elsewhere.
 - Lookup: every member that holds entries answers Gather, its own candidates, within
   peer_timeout_seconds; the answers merge as one node holding all the entries would have ranked them
-  (ranking.merge, ranking.decide). A member that does not answer in time is left out of this answer
-  (its entries have a copy elsewhere). With one Qdrant for the whole cluster (index_backend=qdrant),
+  (ranking.merge, ranking.decide). Hedged: once all but replication_factor - 1 peers have answered,
+  the rest get hedge_seconds more, since every entry has a copy among those that answered. A member
+  that does not answer in time is left out of this answer. With one Qdrant for the whole cluster (index_backend=qdrant),
   the index already holds every entry, and this node searches it alone: no fan-out.
 - Fetch: from this node's store if it holds the entry, else FetchLocal from the owners, best first,
   hedged: an owner that has not sent the header within hedge_seconds is joined by the next one, and
@@ -237,18 +238,47 @@ class ClusterNode:
         query = self.cache.lookup_query(request)
         started = time.perf_counter()
         peers = [] if self.cache.shared_index else self.membership.peers()  # a shared index has every entry
-        calls = [(p, p.stub.Gather.future(request, timeout=self.timeout_s, metadata=self.metadata)) for p in peers]
+        answers: queue.Queue[tuple[Peer, grpc.Future]] = queue.Queue()
+        pending: dict[int, grpc.Future] = {}
+        waiting: dict[int, Peer] = {}
+        for peer in peers:
+            call = peer.stub.Gather.future(request, timeout=self.timeout_s, metadata=self.metadata)
+            pending[id(call)], waiting[id(call)] = call, peer
+            call.add_done_callback(lambda done, peer=peer: answers.put((peer, done)))
         parts = [self.cache.gather(query)]
-        for peer, call in calls:
+        parts += self._gathered(answers, pending, waiting)
+        if peers:
+            self.metrics.fanout.labels("Lookup").observe(time.perf_counter() - started)
+        return self.cache.publish(query, decide(query, merge(query, parts), self.cache.steps))
+
+    def _gathered(self, answers: queue.Queue[tuple[Peer, grpc.Future]], pending: dict[int, grpc.Future],
+                  waiting: dict[int, Peer]) -> list[Gathered]:
+        """The peers' Gather answers, hedged: every entry has replication_factor copies, so once all but
+        replication_factor - 1 peers have answered, every entry is among the answers (fully replicated
+        ones: an entry short of copies may be missed for this one lookup), and the stragglers get
+        hedge_seconds more, not the whole peer_timeout_seconds (a frozen peer that is not yet seen down)."""
+        parts: list[Gathered] = []
+        spare = self.replicas - 1
+        deadline = time.monotonic() + self.timeout_s
+        while pending:
+            if len(pending) <= spare:
+                deadline = min(deadline, time.monotonic() + self.hedge_s)
+                spare = -1  # the grace starts once
+            try:
+                peer, call = answers.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            pending.pop(id(call), None)
             try:
                 parts.append(Gathered.from_response(call.result()))
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # type: ignore[attr-defined]
                     raise InvalidRequest(exc.details()) from None  # type: ignore[attr-defined]
                 self._failed(peer, "Gather", exc)
-        if calls:
-            self.metrics.fanout.labels("Lookup").observe(time.perf_counter() - started)
-        return self.cache.publish(query, decide(query, merge(query, parts), self.cache.steps))
+        for key, call in pending.items():  # hedged away, or past the deadline: counted as missed
+            call.cancel()
+            self._failed(waiting[key], "Gather", TimeoutError("hedged away"))
+        return parts
 
     # ---- Fetch ----
     def fetch(self, request: pb.FetchRequest) -> tuple[pb.FetchHeader, Iterator[bytes]]:
