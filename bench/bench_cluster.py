@@ -69,9 +69,8 @@ from flexcache.client import CacheClient, Namespace
 from flexcache.daemon.cluster import placement
 from flexcache.daemon.cluster.node import STALL_MIN_S, STALL_PEER_TIMEOUTS
 from flexcache.daemon.entries import record_size
-from flexcache.daemon.process import DaemonCluster, DaemonProcess
+from flexcache.daemon.process import DaemonCluster, DaemonProcess, copies
 from flexcache.v1 import cache_pb2 as pb
-from flexcache.v1 import node_pb2 as npb
 from flexcache.v1 import node_pb2_grpc as npb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,25 +162,8 @@ def wait_members(nodes: Sequence[DaemonProcess], count: int, timeout: float) -> 
     raise TimeoutError(f"the nodes did not all see {count} serving members within {timeout} s")
 
 
-def held(node: DaemonProcess, ids: Sequence[str]) -> set[str]:
-    """The ids of `ids` that `node` holds (NodeService.Has, served by clustered and plain daemons alike)."""
-    out: set[str] = set()
-    ids = list(ids)
-    with node.channel() as channel:
-        stub = npb_grpc.NodeServiceStub(channel)
-        for s in range(0, len(ids), 5000):
-            part = ids[s:s + 5000]
-            answer = stub.Has(npb.HasRequest(entry_ids=part), timeout=10)
-            out.update(eid for eid, h in zip(part, answer.held, strict=True) if h)
-    return out
 
 
-def copies(nodes: Sequence[DaemonProcess], ids: Sequence[str]) -> dict[str, int]:
-    count = dict.fromkeys(ids, 0)
-    for node in nodes:
-        for eid in held(node, ids):
-            count[eid] += 1
-    return count
 
 
 def cpu(nodes: Sequence[DaemonProcess]) -> float:
@@ -380,7 +362,7 @@ def fetch_throughput(dep: Deployment, blobs: int, reps: int, size: int, idle: fl
                 clients[0].delete(eid)
                 continue
             put_mbs.append(size / MB / dt)
-            holders = {k for k, node in enumerate(nodes) if eid in held(node, [eid])}  # stored once acknowledged
+            holders = {k for k, node in enumerate(nodes) if eid in node.held([eid])}  # stored once acknowledged
             paths = {"owner": min(holders)}
             if "other" in rows:
                 paths["other"] = min(set(range(len(nodes))) - holders)
@@ -683,7 +665,7 @@ def failover(dep: Deployment, work: Workload, seconds: float, kill_at: float, vi
     def snapshot() -> dict[int, set[str]]:
         with lock:
             ids = sorted(acked)
-        return {k: held(n, ids) for k, n in enumerate(nodes)}
+        return {k: n.held(ids) for k, n in enumerate(nodes)}
 
     def single(snap: dict[int, set[str]]) -> set[str]:
         return snap[victim] - set().union(*(snap[k] for k in snap if k != victim))
@@ -749,7 +731,7 @@ def relay_freeze(dep: Deployment, size: int, transfer_s: float) -> RelayFreeze:
                               pb.BlobInfo(codec="raw", dtype="uint8", shape=[size]), unit(rng))
         if eid is None:
             raise RuntimeError(f"the relayed blob's put failed: {writer.last_error}")
-    holders = {k for k, node in enumerate(nodes) if eid in held(node, [eid])}
+    holders = {k for k, node in enumerate(nodes) if eid in node.held([eid])}
     relay = min(set(range(len(nodes))) - holders)
     source = int(placement.ranked(eid, [f"n{k}" for k in holders])[0][1:])
     reader = client(nodes[relay].target, SIDE_NS, timeout_s=5.0, transfer_s=transfer_s)
@@ -988,13 +970,13 @@ def refill(root: Path, rate: int, blobs: int, size: int) -> Refill:
                 if eid is None:
                     raise RuntimeError(f"a refill put failed: {writer.last_error}")
                 ids.append(eid)
-        owned = held(nodes[1], ids)
+        owned = nodes[1].held(ids)
         t0 = time.perf_counter()
         cluster.replace(1)
         wait_members(nodes, 3, 30.0)
         t1 = time.perf_counter()
         deadline = t1 + 600
-        while held(nodes[1], ids) != owned:
+        while nodes[1].held(ids) != owned:
             if time.perf_counter() > deadline:
                 raise RuntimeError("the replaced node did not get its share back within 600 s")
             time.sleep(0.05)

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -23,6 +24,10 @@ import grpc
 
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
+from flexcache.v1 import node_pb2 as npb
+from flexcache.v1 import node_pb2_grpc as npb_grpc
+
+HAS_BATCH = 5000  # ids per NodeService.Has call (the daemon takes at most 10,000)
 
 
 class DaemonProcess:
@@ -114,6 +119,20 @@ class DaemonProcess:
         with self.channel() as channel:
             return pb_grpc.CacheServiceStub(channel).Stats(pb.StatsRequest(), timeout=timeout, metadata=metadata)
 
+    def held(self, ids: Sequence[str]) -> set[str]:
+        """The ids of `ids` this daemon holds (NodeService.Has, served by clustered and plain daemons alike;
+        in batches below its limit per call)."""
+        ids = list(ids)
+        found: set[str] = set()
+        metadata = (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        with self.channel() as channel:
+            stub = npb_grpc.NodeServiceStub(channel)
+            for start in range(0, len(ids), HAS_BATCH):
+                part = ids[start:start + HAS_BATCH]
+                answer = stub.Has(npb.HasRequest(entry_ids=part), timeout=10, metadata=metadata)
+                found.update(eid for eid, has in zip(part, answer.held, strict=True) if has)
+        return found
+
     def cpu_seconds(self) -> float:
         """User + system CPU the daemon has used so far (Linux /proc)."""
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -148,6 +167,15 @@ class DaemonProcess:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def copies(nodes: Sequence[DaemonProcess], ids: Sequence[str]) -> dict[str, int]:
+    """How many of `nodes` hold each of `ids`."""
+    count = dict.fromkeys(ids, 0)
+    for node in nodes:
+        for eid in node.held(ids):
+            count[eid] += 1
+    return count
 
 
 def free_ports(count: int) -> list[int]:

@@ -6,6 +6,9 @@ Every process a test starts is stopped at teardown, whatever the test did to it.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,3 +63,26 @@ def metric(daemon: DaemonProcess, name: str, **labels: str) -> float:
         if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+CLI = [sys.executable, "-m", "flexcache.daemon.cli"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without FLEXCACHE_* (the developer's own must not leak in), plus `extra`."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("FLEXCACHE_")}, **extra}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`flexcache ARGS...` in a child process, its output captured; `env`: clean_env() by default."""
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          env=clean_env() if env is None else env)
+
+
+def assert_one_line(result: subprocess.CompletedProcess, code: int, starts: str) -> str:
+    """Exit `code`, stderr one line (no traceback, no gRPC log line) that starts with `starts`; the line."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(starts), result.stderr
+    return lines[0]

@@ -16,8 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,23 +30,9 @@ from flexcache.daemon.cache import Cache
 from flexcache.daemon.errors import InvalidRequest
 from flexcache.daemon.store import Store
 from flexcache.v1 import cache_pb2 as pb
-from tests.conftest import NS, connect, metric
+from tests.conftest import NS, assert_one_line, connect, metric, run_cli
 from tests.test_durability import latent_for
 from tests.vectors import unit
-
-CLI = [sys.executable, "-m", "flexcache.daemon.cli"]
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXCACHE_")}
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def assert_one_line(result: subprocess.CompletedProcess, code: int, starts: str) -> None:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(starts), result.stderr
 
 
 def open_cache(data_dir: Path) -> Cache:

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,18 +28,13 @@ from flexcache.daemon.process import DaemonProcess
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
 from flexcache_model.reference.world import _articles
+from tests.conftest import CLI, clean_env, run_cli
 
-CLI = [sys.executable, "-m", "flexcache.daemon.cli"]
 SERVICES = {"flexcache.v1.CacheService", "grpc.health.v1.Health"}
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without FLEXCACHE_* (the developer's own must not leak in), plus `extra`."""
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("FLEXCACHE_")}, **extra}
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env or clean_env())
 
 
 def assert_one_sentence(result: subprocess.CompletedProcess, sentence: str) -> None:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,23 +25,8 @@ import trustme
 
 from flexcache.daemon.process import DaemonProcess
 from flexcache.v1 import node_pb2, node_pb2_grpc
+from tests.conftest import assert_one_line, run_cli
 from tests.test_security import write_server_cert
-
-CLI = [sys.executable, "-m", "flexcache.daemon.cli"]
-
-
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXCACHE_")}
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def assert_one_line(result: subprocess.CompletedProcess, code: int, starts: str) -> str:
-    """Exit `code`, stderr one line (no traceback, no gRPC log line) that starts with `starts`."""
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(starts), result.stderr
-    return lines[0]
 
 
 @pytest.fixture

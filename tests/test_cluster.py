@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from flexcache.daemon.process import DaemonCluster, DaemonProcess
+from flexcache.daemon.process import DaemonCluster, DaemonProcess, copies
 from flexcache.v1 import node_pb2 as npb
 from flexcache.v1 import node_pb2_grpc as npb_grpc
 from tests.conftest import connect, metric
@@ -31,19 +31,8 @@ def latent(rng: np.random.Generator) -> np.ndarray:
     return rng.standard_normal((4, 2, 8, 8)).astype(np.float32)
 
 
-def held(node: DaemonProcess, ids: list[str]) -> set[str]:
-    """The ids of `ids` that `node` holds (NodeService.Has)."""
-    with node.channel() as channel:
-        answer = npb_grpc.NodeServiceStub(channel).Has(npb.HasRequest(entry_ids=ids), timeout=5)
-    return {eid for eid, h in zip(ids, answer.held, strict=True) if h}
 
 
-def copies(nodes: list[DaemonProcess], ids: list[str]) -> dict[str, int]:
-    count = dict.fromkeys(ids, 0)
-    for node in nodes:
-        for eid in held(node, ids):
-            count[eid] += 1
-    return count
 
 
 def eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
@@ -113,7 +102,7 @@ def test_entries_are_placed_on_two_owners(cluster: DaemonCluster) -> None:
     entries = fill(cluster.targets, 90)
     ids = [eid for eid, _ in entries]
     eventually(lambda: set(copies(cluster.members, ids).values()) == {2}, 10, "every entry on exactly 2 nodes")
-    shares = [len(held(n, ids)) for n in cluster.members]
+    shares = [len(n.held(ids)) for n in cluster.members]
     assert sum(shares) == 180
     assert all(40 <= s <= 80 for s in shares), shares  # about 2/3 of the entries each (60 expected)
 
@@ -175,7 +164,7 @@ def test_a_frozen_node_costs_a_bounded_wait(cluster: DaemonCluster) -> None:
     entries = fill(cluster.targets, 30)
     ids = [eid for eid, _ in entries]
     eventually(lambda: set(copies(cluster.members, ids).values()) == {2}, 10, "every entry on 2 nodes")
-    not_on_0 = [eid for eid in ids if eid not in held(cluster.nodes[0], ids)]
+    not_on_0 = [eid for eid in ids if eid not in cluster.nodes[0].held(ids)]
     cluster.pause(2)
     rng = np.random.default_rng(11)
     try:
@@ -215,7 +204,7 @@ def test_a_relayed_fetch_whose_source_freezes_midway_is_cut_short(cluster: Daemo
                               vector(np.random.default_rng(6)))
     assert eid is not None
     eventually(lambda: sum(copies(cluster.members, [eid]).values()) == 2, 10, "the blob on 2 nodes")
-    holders = [i for i, n in enumerate(cluster.members) if held(n, [eid])]
+    holders = [i for i, n in enumerate(cluster.members) if n.held([eid])]
     relay = next(i for i in range(3) if i not in holders)
     source = int(placement.ranked(eid, [f"n{i}" for i in holders])[0][1:])
     result: dict[str, object] = {}
@@ -240,10 +229,10 @@ def test_a_replaced_node_gets_its_copies_back(cluster: DaemonCluster) -> None:
     entries = fill(cluster.targets, 60)
     ids = [eid for eid, _ in entries]
     eventually(lambda: set(copies(cluster.members, ids).values()) == {2}, 10, "every entry on 2 nodes")
-    owned = held(cluster.nodes[1], ids)
+    owned = cluster.nodes[1].held(ids)
     cluster.replace(1)  # killed, its data folder emptied, started again with the same node id
     # While it was down its entries got a second copy on the third node, which hands them back after.
-    eventually(lambda: held(cluster.nodes[1], ids) == owned and set(copies(cluster.members, ids).values()) == {2},
+    eventually(lambda: cluster.nodes[1].held(ids) == owned and set(copies(cluster.members, ids).values()) == {2},
                20, "the new disk holds its share again, and no stand-in copy is left")
 
 
@@ -255,7 +244,7 @@ def test_a_node_that_was_away_catches_up(cluster: DaemonCluster) -> None:
     eventually(lambda: set(copies(cluster.members[:2], ids).values()) == {2}, 10, "2 copies on the survivors")
     cluster.nodes[2].start()
     wait_members(cluster.members, 3)
-    eventually(lambda: set(copies(cluster.members, ids).values()) == {2} and len(held(cluster.nodes[2], ids)) > 20,
+    eventually(lambda: set(copies(cluster.members, ids).values()) == {2} and len(cluster.nodes[2].held(ids)) > 20,
                20, "the returning node holds its share, every entry 2 copies")
 
 
@@ -264,12 +253,12 @@ def test_a_fourth_node_takes_about_a_quarter(tmp_path: Path) -> None:
         wait_members(cluster.members, 3)
         ids = [eid for eid, _ in fill(cluster.targets, 200)]
         eventually(lambda: set(copies(cluster.members, ids).values()) == {2}, 15, "every entry on 2 nodes")
-        before = [held(n, ids) for n in cluster.members]
+        before = [n.held(ids) for n in cluster.members]
         cluster.add()
         wait_members(cluster.members, 4)
-        eventually(lambda: set(copies(cluster.members, ids).values()) == {2} and len(held(cluster.nodes[3], ids)) > 50,
+        eventually(lambda: set(copies(cluster.members, ids).values()) == {2} and len(cluster.nodes[3].held(ids)) > 50,
                    20, "the new node holds its share, every entry 2 copies")
-        after = [held(n, ids) for n in cluster.members]
+        after = [n.held(ids) for n in cluster.members]
         moved = len(after[3])
         assert moved / 400 <= 0.25 + 0.06, moved  # copies moved: about 1/4 of all (400 copies)
         for old, new in zip(before, after[:3], strict=True):
@@ -354,6 +343,86 @@ def test_a_new_cluster_warms_from_one_daemons_backup(start_daemon, tmp_path: Pat
                 found = client.lookup(v)
                 assert found is not None and found.best is not None and found.best.entry_id == eid
                 assert client.fetch(eid) is not None
+
+
+def test_a_cluster_over_mtls_with_tokens(tmp_path: Path) -> None:
+    """The k8s/shared setup on loopback: every port TLS with client certificates required (mTLS), tokens
+    on; the nodes dial each other over TLS presenting their own certificates, with the admin peer_token.
+    A tenant's client puts through one node, finds and fetches through the others (the data port too),
+    and its writer identity survives the copies."""
+    import trustme
+
+    from flexcache.daemon import auth
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    node_cert = ca.issue_cert("127.0.0.1", "localhost")
+    node_cert.private_key_pem.write_to_path(str(tmp_path / "node.key"))
+    node_cert.cert_chain_pems[0].write_to_path(str(tmp_path / "node.pem"))
+    worker = ca.issue_cert("worker.acme", common_name="worker.acme")
+    worker.private_key_pem.write_to_path(str(tmp_path / "worker.key"))
+    worker.cert_chain_pems[0].write_to_path(str(tmp_path / "worker.pem"))
+    peer, _ = auth.add_token(tmp_path / "tokens.yaml", tenant="", admin=True)
+    tenant, _ = auth.add_token(tmp_path / "tokens.yaml", tenant="acme")
+    tls = {"tls_cert_file": tmp_path / "node.pem", "tls_key_file": tmp_path / "node.key",
+           "tls_client_ca_file": tmp_path / "ca.pem", "auth_tokens_file": tmp_path / "tokens.yaml",
+           "peer_token": peer}
+    launcher = {"trust_ca": tmp_path / "ca.pem", "client_cert": tmp_path / "node.pem",
+                "client_key": tmp_path / "node.key", "token": peer}
+    client_tls = {"token": tenant, "tls_ca_file": str(tmp_path / "ca.pem"),
+                  "tls_cert_file": str(tmp_path / "worker.pem"), "tls_key_file": str(tmp_path / "worker.key")}
+    with DaemonCluster(tmp_path / "c", 3, **FAST, **tls, **launcher) as cluster:
+        wait_members(cluster.members, 3)
+        rng = np.random.default_rng(21)
+        entries = []
+        with connect(cluster.targets[0], **client_tls) as writer:
+            for i in range(6):
+                v = vector(rng)
+                eid = writer.put(f"secure {i}", latent(rng), v, seed=i)
+                assert eid is not None, writer.last_error
+                entries.append((eid, v))
+        ids = [eid for eid, _ in entries]
+        eventually(lambda: set(copies(cluster.members, ids).values()) == {2}, 10, "every entry on 2 nodes")
+        for i, (eid, v) in enumerate(entries):
+            with connect(cluster.targets[1 + i % 2], **client_tls) as reader:
+                found = reader.lookup(v)
+                assert found is not None and found.best is not None and found.best.entry_id == eid
+                assert found.best.writer.startswith("token:")
+                assert reader.fetch(eid) is not None, reader.last_error
+        assert all(metric(n, "flexcache_cluster_peer_errors_total") == 0 for n in cluster.members)
+
+        # A rotation to a new CA, as cert-manager's would be. Connections made before it keep working;
+        # a new one (n1 restarted) needs the new files on both sides: the servers re-read theirs, and the
+        # peers make new channels (a node presenting its old certificate to n1 would be refused).
+        new_ca = trustme.CA()
+        node_cert, worker = new_ca.issue_cert("127.0.0.1", "localhost"), new_ca.issue_cert("worker.acme")
+        node_cert.private_key_pem.write_to_path(str(tmp_path / "node.key"))
+        node_cert.cert_chain_pems[0].write_to_path(str(tmp_path / "node.pem"))
+        new_ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        worker.private_key_pem.write_to_path(str(tmp_path / "worker.key"))
+        worker.cert_chain_pems[0].write_to_path(str(tmp_path / "worker.pem"))
+        time.sleep(1.5)  # a probe round or more: the nodes see the new files
+        cluster.nodes[1].terminate()
+        cluster.nodes[1].start()
+        wait_members(cluster.members, 3)
+        rotated: list[str] = []
+
+        def put_with_both_copies() -> bool:
+            """Puts through n0: those owned by n1 reach it only over a new connection from n0."""
+            batch = []
+            with connect(cluster.targets[0], **client_tls) as writer:
+                for _ in range(6):
+                    eid = writer.put(f"after the rotation {len(rotated)}", latent(rng), vector(rng), seed=len(rotated))
+                    if eid is None:
+                        return False
+                    rotated.append(eid)
+                    batch.append(eid)
+            try:
+                return set(copies(cluster.members, batch).values()) == {2} and bool(cluster.nodes[1].held(batch))
+            except grpc.RpcError:  # this launcher trusts the new CA before a node serves the new certificate
+                return False
+
+        eventually(put_with_both_copies, 15, "puts after the rotation stored on both owners, n1 among them")
 
 
 @pytest.mark.parametrize(("settings", "problem"), [

@@ -46,9 +46,7 @@ from bench.dashboard_snapshot import (
     substitute,
 )
 from flexcache.daemon.metrics import Metrics
-from flexcache.daemon.process import DaemonCluster, DaemonProcess
-from flexcache.v1 import node_pb2 as npb
-from flexcache.v1 import node_pb2_grpc as npb_grpc
+from flexcache.daemon.process import DaemonCluster
 from tests.conftest import connect, metric
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -383,11 +381,6 @@ def poll(check: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def held(node: DaemonProcess, ids: list[str]) -> set[str]:
-    """The ids of `ids` that `node` holds (NodeService.Has)."""
-    with node.channel() as channel:
-        answer = npb_grpc.NodeServiceStub(channel).Has(npb.HasRequest(entry_ids=ids), timeout=5)
-    return {eid for eid, has in zip(ids, answer.held, strict=True) if has}
 
 
 class ClusterTraffic:
@@ -417,7 +410,7 @@ class ClusterTraffic:
     def remote(self, node: int) -> list[str]:
         """The entries `node` does not hold: its fetches of them wait on a peer."""
         ids = [eid for eid, _ in self.entries]
-        return [eid for eid in ids if eid not in held(self.cluster.members[node], ids)]
+        return [eid for eid in ids if eid not in self.cluster.members[node].held(ids)]
 
     def round(self) -> None:
         """Puts through every node (until each lacks an entry), then each entry looked up through every

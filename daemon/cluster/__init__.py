@@ -73,24 +73,51 @@ class Cluster:
         self.node.close()
 
 
-def _channel_factory(config: Config):  # type: ignore[no-untyped-def]
-    """Channels to peers: plain, or TLS trusting peer_ca_file (else tls_client_ca_file) and presenting
-    this node's own certificate; dialled by peers_dns's host name when set (certificates name the
-    Service, not pod IPs)."""
-    target_name = config.peers_dns.rpartition(":")[0] if config.peers_dns else ""
-    if not config.tls_cert_file:
-        return lambda address: grpc.insecure_channel(address, options=channel_options())
-    ca_file = config.peer_ca_file or config.tls_client_ca_file
-    roots = Path(ca_file).read_bytes() if ca_file else None
-    key, chain = Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes()
-    credentials = grpc.ssl_channel_credentials(roots, key, chain)
-    return lambda address: grpc.secure_channel(address, credentials, options=channel_options(target_name))
+class PeerChannels:
+    """Channels to peers (membership.ChannelFactory): plain, or TLS trusting peer_ca_file (else
+    tls_client_ca_file) and presenting this node's own certificate, dialled by peers_dns's host name
+    when set (certificates name the Service, not pod IPs). `stale()` says when a file changed since the
+    credentials were read (a rotation): the membership then makes its channels anew."""
+
+    def __init__(self, config: Config):
+        self._target_name = config.peers_dns.rpartition(":")[0] if config.peers_dns else ""
+        ca_file = config.peer_ca_file or config.tls_client_ca_file
+        self._files = [Path(f) for f in (config.tls_cert_file, config.tls_key_file, ca_file) if f]
+        self._tls = bool(config.tls_cert_file)
+        self._ca_file = ca_file
+        self._cert_file, self._key_file = config.tls_cert_file, config.tls_key_file
+        self._read()
+
+    def _signature(self) -> tuple[float, ...]:
+        return tuple(f.stat().st_mtime_ns if f.exists() else -1 for f in self._files)
+
+    def _read(self) -> None:
+        self._seen = self._signature()
+        if self._tls:
+            roots = Path(self._ca_file).read_bytes() if self._ca_file else None
+            self._credentials = grpc.ssl_channel_credentials(roots, Path(self._key_file).read_bytes(),
+                                                             Path(self._cert_file).read_bytes())
+
+    def stale(self) -> bool:
+        if self._signature() == self._seen:
+            return False
+        try:
+            self._read()
+        except OSError as exc:  # half-written during a rotation: the next probe round reads again
+            log.warning("cluster: reading the peers' TLS files failed (%s); keeping the channels", exc)
+            return False
+        return True
+
+    def __call__(self, address: str) -> grpc.Channel:
+        if not self._tls:
+            return grpc.insecure_channel(address, options=channel_options())
+        return grpc.secure_channel(address, self._credentials, options=channel_options(self._target_name))
 
 
 def open_cluster(config: Config, cache: Cache, metrics: Metrics) -> Cluster:
     addresses = dns_addresses(config.peers_dns) if config.peers_dns else static_addresses(config.peers)
     metadata = (("authorization", f"Bearer {config.peer_token}"),) if config.peer_token else ()
-    membership = Membership(node_id_of(config), secrets.token_hex(8), addresses, _channel_factory(config), metadata,
+    membership = Membership(node_id_of(config), secrets.token_hex(8), addresses, PeerChannels(config), metadata,
                             config.peer_probe_seconds, config.peer_timeout_seconds, metrics)
     node = ClusterNode(cache, membership, metrics, replicas=config.replication_factor,
                        timeout_s=config.peer_timeout_seconds, hedge_s=config.hedge_seconds,

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 
@@ -57,7 +58,12 @@ class Peer:
         return self.up and self.state in (npb.NODE_SERVING, npb.NODE_DRAINING)
 
 
-ChannelFactory = Callable[[str], grpc.Channel]
+class ChannelFactory(Protocol):
+    """Makes a channel to a peer's address; `stale()`: the credentials changed, make them anew."""
+
+    def __call__(self, address: str) -> grpc.Channel: ...
+
+    def stale(self) -> bool: ...
 
 
 class Membership:
@@ -139,6 +145,8 @@ class Membership:
 
     def probe_now(self) -> None:
         """One round of probes, now (the first round also sets `joined`)."""
+        if self._channel.stale():  # rotated certificates: every peer gets a new channel
+            self._renew_channels()
         if self._probes % RESOLVE_EVERY == 0 or not self._known:
             self._resolve()
         self._probes += 1
@@ -168,6 +176,15 @@ class Membership:
             p.node_id, p.state, p.incarnation, p.failures, p.seen = (answer.node_id, answer.state, answer.incarnation,
                                                                      0, time.monotonic())
         self.joined.set()
+
+    def _renew_channels(self) -> None:
+        with self._lock:
+            peers = list(self._peers.values())
+            for p in peers:
+                p.channel = self._channel(p.address)
+                p.stub = npb_grpc.NodeServiceStub(p.channel)
+        log.info("cluster: the TLS files changed; new channels to %d peers", len(peers))
+        # Calls under way keep their old channel, which gRPC closes once it is no longer referenced.
 
     def _missed(self, p: Peer, exc: grpc.RpcError) -> None:
         p.failures += 1
