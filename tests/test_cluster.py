@@ -459,6 +459,28 @@ def test_members_by_dns_find_this_node_itself(tmp_path: Path) -> None:
                 assert found is not None and found.best is not None and found.best.entry_id == eid
 
 
+def test_two_members_with_one_node_id_are_told_once_and_kept_apart(tmp_path: Path) -> None:
+    """A copy-paste mistake: both daemons say node_id n0. Each logs it once (not every probe round) and
+    keeps serving alone rather than placing entries on a member it cannot tell from itself."""
+    from flexcache.daemon.process import free_ports
+
+    ports = free_ports(2)
+    peers = ",".join(f"127.0.0.1:{p}" for p in ports)
+    nodes = [DaemonProcess(tmp_path / f"d{i}", port=port, node_id="n0", peers=peers, **FAST)
+             for i, port in enumerate(ports)]
+    try:
+        for node in nodes:
+            node.start()
+        wait_members(nodes, 1)
+        time.sleep(1.0)  # five probe rounds
+        for node in nodes:
+            assert node.log.read_text().count("has this node's node_id 'n0'") == 1
+            assert metric(node, "flexcache_cluster_members", state="serving") == 1
+    finally:
+        for node in nodes:
+            node.close()
+
+
 def test_the_readme_cluster_example_runs(tmp_path: Path) -> None:
     """The README's "Running a cluster" block, run as a user would paste it (in an empty folder, with
     this checkout's flexcache): three nodes join, answer, back up and drain, and stop on kill."""

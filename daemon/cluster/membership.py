@@ -84,6 +84,7 @@ class Membership:
         self._lock = threading.Lock()
         self._peers: dict[str, Peer] = {}  # address -> peer (this node's own address excluded once known)
         self._self_addresses: set[str] = set()
+        self._clashes: set[str] = set()  # addresses answering with this node's node_id, already logged
         self._known: list[str] = []
         self._probes = 0
         self.joined = threading.Event()  # set after the first round of probes
@@ -167,8 +168,10 @@ class Membership:
                 p.channel.close()
                 continue
             if answer.node_id == self.node_id:
-                log.error("cluster: the member at %s has this node's node_id %r: give every member its own "
-                          "(node_id); ignoring it", p.address, self.node_id)
+                if p.address not in self._clashes:  # once per address, not every probe round
+                    self._clashes.add(p.address)
+                    log.error("cluster: the member at %s has this node's node_id %r: give every member its own "
+                              "(node_id); ignoring it", p.address, self.node_id)
                 continue
             if not p.up:
                 log.info("cluster: member %s at %s is up (%s)", answer.node_id, p.address,
