@@ -64,6 +64,7 @@ TARGET ?= 127.0.0.1:50051
 examples: $(STAMP)
 	$(BIN)/python examples/quickstart.py --target $(TARGET)
 	$(BIN)/python examples/composed.py --target $(TARGET)
+	$(BIN)/python examples/diffusers_wan.py --tiny --target $(TARGET)
 
 clean:
 	rm -rf $(VENV) build demo_out *.egg-info proto/flexcache/v1/*_pb2*.py proto/flexcache/v1/*_pb2*.pyi tests/node/node_modules

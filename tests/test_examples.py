@@ -9,6 +9,7 @@ code that does not run.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -83,6 +84,24 @@ def test_composed_serves_one_object_over_another_scene(target: str) -> None:
     assert 0 < k <= 5 and ran == 50 - k  # composed hits are capped at composed_max_fraction = 0.1 of the steps
     assert "object from:     'a purple square rising over a red checkerboard'" in out
     assert "background from: 'a white cross drifting right over a night sky with stars'" in out
+
+
+def test_diffusers_wan_tiny_misses_then_resumes_at_k(target: str) -> None:
+    """The diffusers adapter on a tiny random-weight WanPipeline (skipped without diffusers, except in CI)."""
+    try:
+        import diffusers  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"examples/diffusers_wan.py cannot run, and CI must not skip it: {exc}")
+        pytest.skip(f"diffusers not installed ({exc}): pip install -e '.[diffusers]'")
+    result = subprocess.run([sys.executable, "examples/diffusers_wan.py", "--tiny", "--target", target], cwd=ROOT,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = re.findall(r"^(miss|full hit) +K = +(\d+), +(\d+) of 10 steps, +(\d+) transformer calls", result.stdout,
+                      re.M)
+    assert len(rows) == 3 and rows[0] == ("miss", "0", "10", "10"), result.stdout
+    kind, k, ran, calls = rows[1]
+    assert kind == "full hit" and 0 < int(k) < 10 and int(ran) == int(calls) == 10 - int(k), result.stdout
 
 
 def test_an_absent_daemon_fails_the_example_with_a_message() -> None:

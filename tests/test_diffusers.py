@@ -1,0 +1,207 @@
+"""The diffusers adapter (flexcache.client.diffusers) on a tiny random-weight WanPipeline, offline, on CPU.
+
+- a miss runs N transformer forward passes, a hit granted K exactly N - K (a forward hook counts them);
+- a resume at K from the true x_K of an uncached run reproduces that run's output (the scheduler state is
+  right), and the rebuilt x_K is the scheduler's own forward process (scale_noise) at step K;
+- a dead daemon leaves the output identical to the uncached pipeline's, with one warning.
+
+Skipped where diffusers is not installed, except under CI (env CI set), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+try:
+    import torch
+    from diffusers import (
+        AutoencoderKLWan,
+        DDIMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+except ModuleNotFoundError as exc:
+    if os.environ.get("CI"):
+        pytest.fail(f"the diffusers adapter tests cannot run, and CI must not skip them: {exc}", pytrace=False)
+    pytest.skip(f"diffusers not installed ({exc}): pip install -e '.[diffusers]'", allow_module_level=True)
+
+from flexcache.client import Namespace
+from flexcache.client.base import Hit
+from flexcache.client.diffusers import CachedPipeline, cached, flow_sigmas
+from tests.conftest import connect
+
+N = 8
+NS = Namespace(tenant="acme", model="wan-tiny", width=16, height=16, frames=9, total_steps=N)
+CALL = {"height": 16, "width": 16, "num_frames": 9, "num_inference_steps": N, "guidance_scale": 1.0}
+
+
+def tiny_wan(scheduler: object | None = None, **pipe_kwargs: object) -> WanPipeline:
+    """A random-weight Wan 2.1 pipeline built from config in code (no hub): no text encoder or tokenizer,
+    the calls pass prompt_embeds."""
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32)
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                       scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=7.0), **pipe_kwargs)
+
+
+def embeds(text: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(hashlib.sha256(text.encode()).hexdigest()[:8], 16))
+    return torch.randn(1, 16, 32, generator=g)
+
+
+def embed(prompt: str) -> np.ndarray:
+    """A deterministic stand-in for MiniLM: the same prompt, the same unit vector."""
+    rng = np.random.default_rng(int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16))
+    v = rng.normal(size=384).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def request(prompt: str, seed: int, **extra: object) -> dict:
+    return {"prompt": prompt, "prompt_embeds": embeds(prompt), "generator": torch.Generator().manual_seed(seed),
+            **CALL, **extra}
+
+
+def uncached(pipe: WanPipeline, prompt: str, seed: int, **extra: object) -> tuple[object, list[torch.Tensor]]:
+    """The plain pipeline's output and its latent after every step (index i: x_{i+1})."""
+    trajectory: list[torch.Tensor] = []
+
+    def keep(p, i, t, kwargs):
+        trajectory.append(kwargs["latents"].clone())
+        return {}
+
+    args = request(prompt, seed, **extra)
+    args.pop("prompt")
+    out = pipe(**args, callback_on_step_end=keep)
+    return out, trajectory
+
+
+class FakeCache:
+    """A client that always grants `k` steps from `latent` (or from the rebuild of `x0`)."""
+
+    def __init__(self, k: int, latent: torch.Tensor | None = None, x0: torch.Tensor | None = None):
+        self.namespace, self.last_error, self.k, self.latent, self.x0 = NS, None, k, latent, x0
+        self.rebuilt: torch.Tensor | None = None
+        self.puts: list[dict] = []
+
+    def get(self, vector, *, rebuild=None, noise_seed=None, **_):
+        latent = self.latent
+        if self.x0 is not None:
+            latent = self.rebuilt = rebuild(self.x0.numpy(), noise_seed, self.k, N)
+        return Hit(latent, self.k, "full", [SimpleNamespace(entry_id="e" * 32, similarity=1.0)])
+
+    def put(self, prompt, latent, vector, **kw):
+        self.puts.append({"prompt": prompt, "latent": latent, **kw})
+        return "f" * 32
+
+
+def test_a_miss_runs_n_transformer_calls_and_a_hit_n_minus_k(daemon) -> None:
+    with connect(daemon.target, NS) as client:
+        pipe = cached(tiny_wan(), client, embed=embed)
+        prompt = "a red fox running through snow"
+        _, miss = pipe.run(**request(prompt, 1))
+        assert miss.kind == "miss" and miss.start_step == 0
+        assert miss.transformer_calls == N and miss.steps_run == N and miss.stored
+        pipe.flush()
+        _, hit = pipe.run(**request(prompt, 2))
+        assert hit.kind == "full" and 0 < hit.start_step < N, hit
+        assert hit.transformer_calls == N - hit.start_step == hit.steps_run
+        assert len(hit.entry_ids) == 1 and hit.similarity > 0.99
+        assert not hit.stored  # a deep hit is not admitted (K > 10 % of N)
+        with_cfg = pipe.run(**request(prompt, 3, guidance_scale=5.0, negative_prompt_embeds=embeds("")))[1]
+        assert with_cfg.kind == "full" and with_cfg.transformer_calls == 2 * (N - with_cfg.start_step)
+        pipe.close()
+
+
+def test_a_resume_from_the_true_x_k_reproduces_the_uncached_run() -> None:
+    pipe = tiny_wan()
+    prompt, seed, k = "a lighthouse at dusk", 7, 3
+    plain, trajectory = uncached(pipe, prompt, seed, output_type="latent")
+    fake = FakeCache(k, latent=trajectory[k - 1])  # x_K: the latent after K steps
+    out, outcome = cached(pipe, fake, embed=embed).run(**request(prompt, seed, output_type="latent"))
+    assert outcome.kind == "full" and outcome.start_step == k and outcome.transformer_calls == N - k
+    torch.testing.assert_close(out.frames, plain.frames, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outcome.x0, plain.frames.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_rebuilt_x_k_is_the_schedulers_forward_process() -> None:
+    pipe = tiny_wan()
+    prompt, seed, k = "a lighthouse at dusk", 7, 5
+    _, trajectory = uncached(pipe, prompt, seed, output_type="latent")
+    x0 = trajectory[-1]
+    fake = FakeCache(k, x0=x0)
+    cached(pipe, fake, embed=embed, store=False).run(**request(prompt, seed, output_type="latent"))
+    eps = pipe.prepare_latents(1, 16, 16, 16, 9, torch.float32, "cpu", torch.Generator().manual_seed(seed), None)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(N)
+    expected = scheduler.scale_noise(x0, scheduler.timesteps[k:k + 1], eps)
+    torch.testing.assert_close(fake.rebuilt, expected, rtol=1e-6, atol=1e-6)
+    sigma = flow_sigmas(pipe.scheduler, N)[k]
+    torch.testing.assert_close(fake.rebuilt, (1 - sigma) * x0 + sigma * eps, rtol=1e-6, atol=1e-6)
+    assert 0 < float(sigma) < 1 and float(sigma) != pytest.approx(1 - k / N)  # the shifted schedule
+
+
+def test_a_miss_is_the_uncached_pipeline_and_stores_x0_with_its_seed() -> None:
+    pipe = tiny_wan()
+    plain, _ = uncached(pipe, "a cat", 11)
+    fake = FakeCache(0)
+    fake.get = lambda *a, **kw: None
+    wrapped = cached(pipe, fake, embed=embed)
+    out, outcome = wrapped.run(**request("a cat", 11))
+    wrapped.close()
+    assert outcome.kind == "miss" and outcome.transformer_calls == N
+    np.testing.assert_array_equal(out.frames, plain.frames)
+    assert len(fake.puts) == 1 and fake.puts[0]["seed"] == 11 and fake.puts[0]["step_seconds"] > 0
+    assert fake.puts[0]["latent"].shape == (1, 16, 3, 2, 2)
+
+
+def test_a_dead_daemon_is_the_uncached_pipeline_with_one_warning(caplog) -> None:
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pipe = tiny_wan()
+    plain, _ = uncached(pipe, "a boat on a lake", 5)
+    with connect(f"127.0.0.1:{port}", NS, timeout_s=0.5) as client, caplog.at_level(logging.WARNING):
+        wrapped = cached(pipe, client, embed=embed)
+        out, outcome = wrapped.run(**request("a boat on a lake", 5))
+        wrapped.close()
+    assert outcome.kind == "miss" and outcome.transformer_calls == N and not outcome.stored
+    np.testing.assert_array_equal(out.frames, plain.frames)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("flexcache")]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+def test_unipc_restarts_its_history_at_k() -> None:
+    unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = tiny_wan(unipc)
+    _, trajectory = uncached(pipe, "a forest", 4, output_type="latent")
+    k = 4
+    out, outcome = cached(pipe, FakeCache(k, latent=trajectory[k - 1]), embed=embed, store=False).run(
+        **request("a forest", 4, output_type="latent"))
+    assert outcome.transformer_calls == N - k and torch.isfinite(out.frames).all()
+    assert len(pipe.scheduler.timesteps) == N - k  # the resumed call's schedule: t_K..t_{N-1}
+    assert "set_timesteps" not in pipe.scheduler.__dict__  # the patch is gone after the call
+
+
+def test_other_steps_bypass_and_unsupported_pipelines_are_refused() -> None:
+    pipe = tiny_wan()
+    _, outcome = cached(pipe, FakeCache(4), embed=embed).run(**request("x", 1, num_inference_steps=N - 2))
+    assert outcome.kind == "bypass" and outcome.transformer_calls == N - 2
+    with pytest.raises(ValueError, match="not supported"):
+        CachedPipeline(tiny_wan(DDIMScheduler()), FakeCache(1), embed=embed)
+    wan22 = tiny_wan(transformer_2=tiny_wan().transformer, boundary_ratio=0.875)
+    with pytest.raises(ValueError, match=r"Wan 2\.2"):
+        cached(wan22, FakeCache(1), embed=embed)
