@@ -10,17 +10,26 @@
 
 Per call (docs/diffusers.md): embed the prompt (`embed`, MiniLM by default), draw the request's initial
 noise eps from its generator exactly as the pipeline would, and ask the cache for a start. On a whole-prompt
-hit granted K, x_K = (1 - sigma_K) x0 + sigma_K eps at the pipeline's own (shifted) schedule, and the
-pipeline runs only steps K..N-1: for that call the scheduler's `set_timesteps` keeps timesteps[K:] and
-sigmas[K:], so the pipeline's `set_begin_index(0)` pairs t_K with sigma_K. On a miss all N steps run, from
-the same eps the pipeline would have drawn, so its output is the uncached pipeline's. Afterwards x0 (the
-last latent before the VAE decode) is stored with its seed and measured seconds per step on a background
-thread, if the generation ran at least 1 - `admit_max_start` of its steps (the reference workers' rule).
+hit granted K, x_K is rebuilt with the scheduler's own forward process at the pipeline's own schedule, and
+the pipeline runs only steps K..N-1: for that call the scheduler's `set_timesteps` keeps the schedule from
+K on. On a miss all N steps run, from the same eps the pipeline would have drawn, so its output is the
+uncached pipeline's. Afterwards x0 (the last latent before the VAE decode) is stored with its seed and
+measured seconds per step on a background thread, if the generation ran at least 1 - `admit_max_start` of
+its steps (the reference workers' rule).
 
-Supported: WanPipeline (Wan 2.1) with FlowMatchEulerDiscreteScheduler (a resume continues the uncached
-run exactly) or UniPCMultistepScheduler with flow sigmas (the solver's history restarts at K: its first
-resumed step is first order, as at step 0). Wan 2.2 (two transformers) and other pipelines are refused
-when wrapped. torch and diffusers are imported when a pipeline is wrapped, never by `flexcache.client`.
+Supported, one adapter per pipeline family (`_Adapter`: checks, eps, given latents) and one forward process
+per scheduler family (`_Process`: schedule, rebuild, resume):
+- WanPipeline (Wan 2.1), flow matching: x_K = (1 - sigma_K) x0 + sigma_K eps at the shifted sigmas, resumed
+  with timesteps[K:] and sigmas[K:] (the pipeline's `set_begin_index(0)` then pairs t_K with sigma_K);
+  FlowMatchEulerDiscreteScheduler (a resume continues the uncached run exactly) or UniPCMultistepScheduler
+  with flow sigmas (the solver's history restarts at K: its first resumed step is first order, as at step 0).
+- CogVideoXPipeline, DDPM family: x_K = sqrt(a) x0 + sqrt(1 - a) eps, a = alphas_cumprod[t_K] at the
+  pipeline's own timesteps, resumed with timesteps[K:] (num_inference_steps stays N); CogVideoXDDIMScheduler
+  (a resume continues the uncached run exactly) or CogVideoXDPMScheduler (its previous-x0 history restarts
+  at K, and its per-step noise is drawn afresh from the call's generator). The pipeline multiplies given
+  latents by init_noise_sigma, so a resume passes x_K / init_noise_sigma.
+Wan 2.2 (two transformers) and other pipelines or schedulers are refused when wrapped. torch and diffusers
+are imported when a pipeline is wrapped, never by `flexcache.client`.
 
 Never a dependency: a dead, slow or refusing daemon, an embedder that fails or a cached latent of the
 wrong shape is a miss (the client's one rate-limited warning, or this module's), and the call runs as
@@ -48,11 +57,6 @@ from .optional import MissingExtra
 __all__ = ["CacheOutcome", "CachedPipeline", "cached", "minilm_embed", "namespace_for"]
 
 log = logging.getLogger("flexcache.client.diffusers")
-
-SUPPORTED_PIPELINES = ("WanPipeline",)
-EXACT_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)  # single-step: a resume continues the run exactly
-MULTISTEP_SCHEDULERS = ("UniPCMultistepScheduler",)  # history restarts at K (docs/diffusers.md)
-
 
 def _require_diffusers() -> Any:
     try:
@@ -103,7 +107,8 @@ class CacheOutcome:
     start_step: int = 0  # K
     total_steps: int = 0  # N
     steps_run: int = 0  # denoising steps this call ran (N - K unless the caller interrupted)
-    transformer_calls: int = 0  # forward passes of the transformer(s): steps_run, twice that with CFG
+    transformer_calls: int = 0  # transformer forward passes: steps_run (Wan: twice that with CFG; CogVideoX
+    #                             batches CFG into one pass of a batch of 2)
     entry_ids: tuple[str, ...] = ()
     similarity: float = 0.0
     seed: int | None = None  # the generator's initial seed, stored with x0
@@ -157,27 +162,192 @@ class _Storer:
         self._thread.join()
 
 
-def _scheduler_problem(scheduler: Any) -> str | None:
-    name = type(scheduler).__name__
-    config = scheduler.config
-    if name in EXACT_SCHEDULERS:
-        if getattr(config, "use_dynamic_shifting", False):
-            return f"{name} with use_dynamic_shifting is not supported"
-        return None
-    if name in MULTISTEP_SCHEDULERS:
-        if not getattr(config, "use_flow_sigmas", False) or config.prediction_type != "flow_prediction":
-            return f"{name} is supported with use_flow_sigmas=True and prediction_type='flow_prediction' only"
-        return None
-    return (f"scheduler {name} is not supported (supported: {', '.join(EXACT_SCHEDULERS + MULTISTEP_SCHEDULERS)}); "
-            "its forward process and resume are not implemented")
-
-
 def flow_sigmas(scheduler: Any, total_steps: int, device: Any = None) -> Any:
     """The pipeline's own sigmas for `total_steps` (shift applied; N + 1 values, the last 0), computed on a
     copy so the pipeline's scheduler is untouched."""
     scratch = copy.deepcopy(scheduler)
     scratch.set_timesteps(total_steps, device=device)
     return scratch.sigmas.detach().to("cpu")
+
+
+def ddpm_alphas(scheduler: Any, total_steps: int) -> tuple[Any, Any]:
+    """The pipeline's own timesteps for `total_steps` (N values) and alphas_cumprod at each of them (float32,
+    as the scheduler's add_noise reads it), computed on a copy so the pipeline's scheduler is untouched."""
+    import torch
+
+    scratch = copy.deepcopy(scheduler)
+    scratch.set_timesteps(total_steps, device="cpu")
+    timesteps = scratch.timesteps.detach().to("cpu")
+    return timesteps, scratch.alphas_cumprod.to("cpu", dtype=torch.float32)[timesteps]
+
+
+class _Process:
+    """A scheduler family's forward process and resume: which schedulers it covers, what `rebuild` needs for N
+    steps, x_K from x0 and eps, and how the pipeline's own schedule is cut to steps K..N-1."""
+
+    schedulers: tuple[str, ...] = ()
+
+    def problem(self, scheduler: Any) -> str | None:
+        """Why this scheduler's configuration is refused, or None."""
+        return None
+
+    def schedule(self, scheduler: Any, total_steps: int, device: Any) -> Any:
+        raise NotImplementedError
+
+    def rebuild(self, schedule: Any, x0: Any, eps: Any, step: int) -> Any:
+        raise NotImplementedError
+
+    def resume(self, scheduler: Any, step: int) -> None:
+        """Called right after the pipeline's own set_timesteps(N), for a call resumed at K = step."""
+        raise NotImplementedError
+
+
+class _FlowMatch(_Process):
+    """x_t = (1 - sigma) x0 + sigma eps at the pipeline's shifted sigmas. Euler has no history (a resume is
+    the uncached run from K); UniPC's history restarts at K (its own set_timesteps empties it)."""
+
+    schedulers = ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler")
+
+    def problem(self, scheduler: Any) -> str | None:
+        name, config = type(scheduler).__name__, scheduler.config
+        if name == "FlowMatchEulerDiscreteScheduler" and getattr(config, "use_dynamic_shifting", False):
+            return f"{name} with use_dynamic_shifting is not supported"
+        if name == "UniPCMultistepScheduler" and (not getattr(config, "use_flow_sigmas", False)
+                                                  or config.prediction_type != "flow_prediction"):
+            return f"{name} is supported with use_flow_sigmas=True and prediction_type='flow_prediction' only"
+        return None
+
+    def schedule(self, scheduler: Any, total_steps: int, device: Any) -> Any:
+        return flow_sigmas(scheduler, total_steps, device=device)
+
+    def rebuild(self, schedule: Any, x0: Any, eps: Any, step: int) -> Any:
+        sigma = float(schedule[step])
+        return (1.0 - sigma) * x0 + sigma * eps
+
+    def resume(self, scheduler: Any, step: int) -> None:
+        # sigmas too: the pipeline's set_begin_index(0) then pairs t_K with sigma_K (the terminal sigma stays)
+        scheduler.timesteps = scheduler.timesteps[step:]
+        scheduler.sigmas = scheduler.sigmas[step:]
+
+
+class _DDPM(_Process):
+    """x_t = sqrt(alphas_cumprod[t]) x0 + sqrt(1 - alphas_cumprod[t]) eps at the pipeline's own timesteps (the
+    scheduler's add_noise). Resume: timesteps[K:], num_inference_steps stays N, so DDIM's previous timestep
+    (t - T // N) is the uncached run's; DDIM keeps no history (with its CogVideoX step, no eta either: a resume
+    is the uncached run from K). CogVideoXDPMScheduler's history (the previous x0 prediction) restarts at K:
+    the pipeline passes none at its first step, which is first order, as at step 0."""
+
+    schedulers = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
+
+    def schedule(self, scheduler: Any, total_steps: int, device: Any) -> Any:
+        return ddpm_alphas(scheduler, total_steps)[1]
+
+    def rebuild(self, schedule: Any, x0: Any, eps: Any, step: int) -> Any:
+        alpha = schedule[step].to(x0.device)
+        return alpha ** 0.5 * x0 + (1 - alpha) ** 0.5 * eps
+
+    def resume(self, scheduler: Any, step: int) -> None:
+        scheduler.timesteps = scheduler.timesteps[step:]
+
+
+class _Adapter:
+    """A pipeline family: its checks when wrapped, its scheduler families, how it draws the initial noise eps
+    and what `latents=` makes it start from a given latent."""
+
+    pipeline = ""
+    processes: tuple[_Process, ...] = ()
+
+    def check(self, pipe: Any) -> None:
+        if pipe.transformer is None:
+            raise ValueError("the pipeline has no transformer")
+
+    def process(self, scheduler: Any) -> _Process:
+        name = type(scheduler).__name__
+        for process in self.processes:
+            if name in process.schedulers:
+                problem = process.problem(scheduler)
+                if problem is not None:
+                    raise ValueError(problem)
+                return process
+        supported = ", ".join(n for process in self.processes for n in process.schedulers)
+        raise ValueError(f"scheduler {name} is not supported with {self.pipeline} (supported: {supported}); its "
+                         "forward process and resume are not implemented")
+
+    def noise(self, pipe: Any, call: dict[str, Any], generator: Any) -> Any:
+        """eps exactly as the pipeline draws it from `generator` (a caller's own `latents` are eps)."""
+        raise NotImplementedError
+
+    def as_latents(self, pipe: Any, latent: Any) -> Any:
+        """The `latents=` argument that makes the pipeline's loop start from `latent`."""
+        return latent
+
+    def transformers(self, pipe: Any) -> list[Any]:
+        return [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
+
+
+class _Wan(_Adapter):
+    """WanPipeline (Wan 2.1): eps from its prepare_latents (float32), given latents used as they are."""
+
+    pipeline = "WanPipeline"
+    processes = (_FlowMatch(),)
+
+    def check(self, pipe: Any) -> None:
+        if getattr(pipe, "transformer_2", None) is not None or pipe.config.get("boundary_ratio") is not None:
+            raise ValueError("Wan 2.2 (two transformers, boundary_ratio) is not supported yet: a resume at K past the "
+                             "boundary would skip the high-noise transformer; see docs/diffusers.md")
+        if pipe.config.get("expand_timesteps"):
+            raise ValueError("WanPipeline with expand_timesteps (Wan 2.2 TI2V) is not supported yet")
+        super().check(pipe)
+
+    def noise(self, pipe: Any, call: dict[str, Any], generator: Any) -> Any:
+        import torch
+
+        if call.get("latents") is not None:
+            return call["latents"].to(torch.float32)
+        height, width, frames = call["height"], call["width"], call["num_frames"]
+        temporal = pipe.vae_scale_factor_temporal
+        if frames % temporal != 1:  # as the pipeline rounds them
+            frames = frames // temporal * temporal + 1
+        frames = max(frames, 1)
+        patch = pipe.transformer.config.patch_size
+        h_mult, w_mult = pipe.vae_scale_factor_spatial * patch[1], pipe.vae_scale_factor_spatial * patch[2]
+        height, width = height // h_mult * h_mult, width // w_mult * w_mult
+        return pipe.prepare_latents(1, pipe.transformer.config.in_channels, height, width, frames, torch.float32,
+                                    pipe._execution_device, generator, None)
+
+
+class _CogVideoX(_Adapter):
+    """CogVideoXPipeline (1.0 and 1.5): eps is its standard normal draw (in the prompt embeddings' dtype, latent
+    frames padded to patch_size_t as the pipeline pads them), before its prepare_latents multiplies by
+    init_noise_sigma, which it does to given latents too: a resume passes x_K / init_noise_sigma."""
+
+    pipeline = "CogVideoXPipeline"
+    processes = (_DDPM(),)
+
+    def noise(self, pipe: Any, call: dict[str, Any], generator: Any) -> Any:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if call.get("latents") is not None:
+            return call["latents"]
+        config = pipe.transformer.config
+        spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+        height = call.get("height") or config.sample_height * spatial
+        width = call.get("width") or config.sample_width * spatial
+        frames = (((call.get("num_frames") or config.sample_frames) - 1) // temporal) + 1
+        if config.patch_size_t is not None and frames % config.patch_size_t:
+            frames += config.patch_size_t - frames % config.patch_size_t
+        embeds = call.get("prompt_embeds")
+        dtype = embeds.dtype if embeds is not None else pipe.text_encoder.dtype
+        return randn_tensor((1, frames, config.in_channels, height // spatial, width // spatial),
+                            generator=generator, device=pipe._execution_device, dtype=dtype)
+
+    def as_latents(self, pipe: Any, latent: Any) -> Any:
+        scale = float(pipe.scheduler.init_noise_sigma)
+        return latent if scale == 1.0 else latent / scale
+
+
+ADAPTERS = {adapter.pipeline: adapter for adapter in (_Wan(), _CogVideoX())}
+SUPPORTED_PIPELINES = tuple(ADAPTERS)
 
 
 class CachedPipeline:
@@ -192,18 +362,11 @@ class CachedPipeline:
                  admit_max_start: float = 0.1, store: bool = True, store_backlog: int = 8) -> None:
         _require_diffusers()
         name = type(pipe).__name__
-        if name not in SUPPORTED_PIPELINES:
+        if name not in ADAPTERS:
             raise ValueError(f"flexcache.client.diffusers supports {', '.join(SUPPORTED_PIPELINES)}, not {name}")
-        if getattr(pipe, "transformer_2", None) is not None or pipe.config.get("boundary_ratio") is not None:
-            raise ValueError("Wan 2.2 (two transformers, boundary_ratio) is not supported yet: a resume at K past the "
-                             "boundary would skip the high-noise transformer; see docs/diffusers.md")
-        if pipe.config.get("expand_timesteps"):
-            raise ValueError("WanPipeline with expand_timesteps (Wan 2.2 TI2V) is not supported yet")
-        if pipe.transformer is None:
-            raise ValueError("the pipeline has no transformer")
-        problem = _scheduler_problem(pipe.scheduler)
-        if problem is not None:
-            raise ValueError(problem)
+        self._adapter = ADAPTERS[name]
+        self._adapter.check(pipe)
+        self._adapter.process(pipe.scheduler)  # refuses a scheduler it cannot rebuild or resume
         self.pipe = pipe
         self.client = client
         self.embed = minilm_embed if embed is None else embed
@@ -281,6 +444,8 @@ class CachedPipeline:
         generator = call.get("generator")
         if isinstance(generator, list):
             return "a list of generators is not cached"
+        if call.get("timesteps") is not None or call.get("sigmas") is not None:
+            return "custom timesteps or sigmas are not cached"
         steps = call.get("num_inference_steps")
         if steps != self.client.namespace.total_steps:
             self._warn_once(f"steps{steps}", "flexcache: num_inference_steps=%s is not the namespace's total_steps=%d; "
@@ -289,30 +454,18 @@ class CachedPipeline:
         return None
 
     def _noise(self, call: dict[str, Any]) -> tuple[Any, int | None]:
-        """eps, exactly as the pipeline draws it (its own prepare_latents, the call's generator), and the
-        seed stored with x0 (the generator's initial seed; one is made when the call gives none)."""
+        """eps, exactly as the pipeline draws it (the adapter's rule, the call's generator), and the seed stored
+        with x0 (the generator's initial seed; one is made when the call gives none)."""
         import torch
 
-        pipe = self.pipe
-        if call.get("latents") is not None:
-            generator = call.get("generator")
-            return call["latents"].to(torch.float32), (generator.initial_seed() if generator is not None else None)
         generator = call.get("generator")
+        if call.get("latents") is not None:
+            return self._adapter.noise(self.pipe, call, generator), (
+                generator.initial_seed() if generator is not None else None)
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(random.getrandbits(63))
             call["generator"] = generator
-        height, width, frames = call["height"], call["width"], call["num_frames"]
-        temporal = pipe.vae_scale_factor_temporal
-        if frames % temporal != 1:  # as the pipeline rounds them
-            frames = frames // temporal * temporal + 1
-        frames = max(frames, 1)
-        patch = pipe.transformer.config.patch_size
-        h_mult, w_mult = pipe.vae_scale_factor_spatial * patch[1], pipe.vae_scale_factor_spatial * patch[2]
-        height, width = height // h_mult * h_mult, width // w_mult * w_mult
-        seed = generator.initial_seed()
-        eps = pipe.prepare_latents(1, pipe.transformer.config.in_channels, height, width, frames, torch.float32,
-                                   pipe._execution_device, generator, None)
-        return eps, seed
+        return self._adapter.noise(self.pipe, call, generator), generator.initial_seed()
 
     def _cached_call(self, prompt: str, call: dict[str, Any], outcome: CacheOutcome) -> Any:
         import torch
@@ -325,15 +478,15 @@ class CachedPipeline:
         start, k, vector, lookup_failed = None, 0, None, False
         try:
             vector = np.asarray(self.embed(prompt), dtype=np.float32)
-            sigmas = flow_sigmas(self.pipe.scheduler, n, device=eps.device)
+            process = self._adapter.process(self.pipe.scheduler)
+            schedule = process.schedule(self.pipe.scheduler, n, eps.device)
 
             def rebuild(x0: Any, _seed: int, step: int, total: int) -> Any:
                 x0 = torch.as_tensor(np.asarray(x0, dtype=np.float32))
                 if tuple(x0.shape) != tuple(eps.shape) or total != n:
                     raise ValueError(f"cached latent {tuple(x0.shape)} at N={total} does not fit this call's "
                                      f"{tuple(eps.shape)} at N={n}")
-                sigma = float(sigmas[step])
-                return (1.0 - sigma) * x0.to(eps.device) + sigma * eps
+                return process.rebuild(schedule, x0.to(eps.device), eps.to(torch.float32), step).to(eps.dtype)
 
             self.client.last_error = None
             hit = self.client.get(vector, rebuild=rebuild, noise_seed=0 if seed is None else seed)
@@ -350,7 +503,7 @@ class CachedPipeline:
             outcome.kind, lookup_failed = "miss", True
         outcome.lookup_seconds = time.perf_counter() - t0
         if start is not None:
-            call["latents"] = start
+            call["latents"] = self._adapter.as_latents(self.pipe, start)
         output = self._denoise(call, outcome, start=start, k=k)
         complete = outcome.steps_run == n - k and outcome.x0 is not None
         if (self._storer is not None and complete and not lookup_failed and vector is not None
@@ -367,15 +520,15 @@ class CachedPipeline:
 
         pipe = self.pipe
         scheduler = pipe.scheduler
+        process = self._adapter.process(scheduler) if k else None
         own = scheduler.__dict__.get("set_timesteps")
         original = scheduler.set_timesteps
         clock = {"start": 0.0, "end": 0.0}
 
         def set_timesteps(*a: Any, **kw: Any) -> None:
             original(*a, **kw)
-            if k:
-                scheduler.timesteps = scheduler.timesteps[k:]
-                scheduler.sigmas = scheduler.sigmas[k:]
+            if process is not None:
+                process.resume(scheduler, k)
             clock["start"] = time.perf_counter()
 
         user_callback = call.get("callback_on_step_end")
@@ -400,8 +553,7 @@ class CachedPipeline:
 
         call["callback_on_step_end"] = on_step_end
         call["callback_on_step_end_tensor_inputs"] = inputs
-        hooks = [m.register_forward_hook(count) for m in (pipe.transformer, getattr(pipe, "transformer_2", None))
-                 if m is not None]
+        hooks = [m.register_forward_hook(count) for m in self._adapter.transformers(pipe)]
         scheduler.set_timesteps = set_timesteps
         outcome.start_step = k
         try:

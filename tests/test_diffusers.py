@@ -1,8 +1,10 @@
-"""The diffusers adapter (flexcache.client.diffusers) on a tiny random-weight WanPipeline, offline, on CPU.
+"""The diffusers adapter (flexcache.client.diffusers) on tiny random-weight WanPipeline and CogVideoXPipeline
+models built from config in code, offline, on CPU.
 
 - a miss runs N transformer forward passes, a hit granted K exactly N - K (a forward hook counts them);
 - a resume at K from the true x_K of an uncached run reproduces that run's output (the scheduler state is
-  right), and the rebuilt x_K is the scheduler's own forward process (scale_noise) at step K;
+  right), and the rebuilt x_K is the scheduler's own forward process at step K (Wan: flow matching,
+  scale_noise; CogVideoX: DDPM-family, add_noise at the pipeline's own timesteps);
 - a dead daemon leaves the output identical to the uncached pipeline's, with one warning.
 
 Skipped where diffusers is not installed, except under CI (env CI set), where that is a failure.
@@ -22,7 +24,12 @@ import pytest
 try:
     import torch
     from diffusers import (
+        AutoencoderKLCogVideoX,
         AutoencoderKLWan,
+        CogVideoXDDIMScheduler,
+        CogVideoXDPMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
         DDIMScheduler,
         FlowMatchEulerDiscreteScheduler,
         UniPCMultistepScheduler,
@@ -36,7 +43,7 @@ except ModuleNotFoundError as exc:
 
 from flexcache.client import Namespace
 from flexcache.client.base import Hit
-from flexcache.client.diffusers import CachedPipeline, cached, flow_sigmas
+from flexcache.client.diffusers import CachedPipeline, cached, ddpm_alphas, flow_sigmas
 from tests.conftest import connect
 
 N = 8
@@ -205,3 +212,149 @@ def test_other_steps_bypass_and_unsupported_pipelines_are_refused() -> None:
     wan22 = tiny_wan(transformer_2=tiny_wan().transformer, boundary_ratio=0.875)
     with pytest.raises(ValueError, match=r"Wan 2\.2"):
         cached(wan22, FakeCache(1), embed=embed)
+
+
+# ---- CogVideoX: DDPM-family (CogVideoXDDIMScheduler, v-prediction), latents (B, F, C, H, W) ----
+
+NS_COG = Namespace(tenant="acme", model="cogvideox-tiny", width=16, height=16, frames=9, scheduler="ddim",
+                   total_steps=N)
+
+
+def cog_scheduler(kind: type = CogVideoXDDIMScheduler) -> object:
+    """The CogVideoX-2b scheduler configuration: v-prediction, zero terminal SNR, trailing timesteps."""
+    return kind(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
+                snr_shift_scale=3.0, timestep_spacing="trailing")
+
+
+def tiny_cog(scheduler: object | None = None) -> CogVideoXPipeline:
+    """A random-weight CogVideoX pipeline built from config in code (no hub): no T5 or tokenizer, the calls
+    pass prompt_embeds (1, 16, 32)."""
+    torch.manual_seed(0)
+    transformer = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                              out_channels=4, time_embed_dim=2, text_embed_dim=32, num_layers=1,
+                                              sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
+                                              temporal_compression_ratio=4, max_text_seq_length=16)
+    vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                 latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                                 temporal_compression_ratio=4)
+    return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                             scheduler=scheduler or cog_scheduler())
+
+
+def cog_fake(k: int, **kw: object) -> FakeCache:
+    fake = FakeCache(k, **kw)
+    fake.namespace = NS_COG
+    return fake
+
+
+def cog_eps(seed: int) -> torch.Tensor:
+    """The pipeline's own initial draw: randn of (1, latent frames, C, h, w), before init_noise_sigma."""
+    return torch.randn((1, 3, 4, 2, 2), generator=torch.Generator().manual_seed(seed))
+
+
+def test_cogvideox_a_miss_runs_n_transformer_calls_and_a_hit_n_minus_k(daemon) -> None:
+    with connect(daemon.target, NS_COG) as client:
+        pipe = cached(tiny_cog(), client, embed=embed)
+        prompt = "a red fox running through snow"
+        _, miss = pipe.run(**request(prompt, 1))
+        assert miss.kind == "miss" and miss.start_step == 0
+        assert miss.transformer_calls == N and miss.steps_run == N and miss.stored
+        assert miss.x0.shape == (1, 3, 4, 2, 2)
+        pipe.flush()
+        _, hit = pipe.run(**request(prompt, 2))
+        assert hit.kind == "full" and 0 < hit.start_step < N, hit
+        assert hit.transformer_calls == N - hit.start_step == hit.steps_run
+        assert len(hit.entry_ids) == 1 and hit.similarity > 0.99 and not hit.stored
+        # CogVideoX batches classifier-free guidance: one forward pass (of a batch of 2) per step
+        with_cfg = pipe.run(**request(prompt, 3, guidance_scale=6.0, negative_prompt_embeds=embeds("")))[1]
+        assert with_cfg.kind == "full" and with_cfg.transformer_calls == N - with_cfg.start_step
+        pipe.close()
+
+
+def test_cogvideox_a_resume_from_the_true_x_k_reproduces_the_uncached_run() -> None:
+    pipe = tiny_cog()
+    prompt, seed, k = "a lighthouse at dusk", 7, 3
+    plain, trajectory = uncached(pipe, prompt, seed, output_type="latent")
+    fake = cog_fake(k, latent=trajectory[k - 1])
+    out, outcome = cached(pipe, fake, embed=embed).run(**request(prompt, seed, output_type="latent"))
+    assert outcome.kind == "full" and outcome.start_step == k and outcome.transformer_calls == N - k
+    assert len(pipe.scheduler.timesteps) == N - k and pipe.scheduler.num_inference_steps == N
+    torch.testing.assert_close(out.frames, plain.frames, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outcome.x0, plain.frames.float(), rtol=1e-5, atol=1e-5)
+    assert "set_timesteps" not in pipe.scheduler.__dict__
+
+
+def test_cogvideox_the_rebuilt_x_k_is_the_schedulers_add_noise() -> None:
+    pipe = tiny_cog()
+    prompt, seed, k = "a lighthouse at dusk", 7, 5
+    _, trajectory = uncached(pipe, prompt, seed, output_type="latent")
+    x0 = trajectory[-1]
+    fake = cog_fake(k, x0=x0)
+    cached(pipe, fake, embed=embed, store=False).run(**request(prompt, seed, output_type="latent"))
+    eps = cog_eps(seed)
+    scheduler = CogVideoXDDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(N)
+    expected = scheduler.add_noise(x0, eps, scheduler.timesteps[k:k + 1])
+    torch.testing.assert_close(fake.rebuilt, expected, rtol=1e-6, atol=1e-6)
+    timesteps, alphas = ddpm_alphas(pipe.scheduler, N)
+    assert int(timesteps[k]) == 999 - k * (1000 // N)  # the pipeline's own (trailing) timesteps
+    torch.testing.assert_close(fake.rebuilt, alphas[k].sqrt() * x0 + (1 - alphas[k]).sqrt() * eps,
+                               rtol=1e-6, atol=1e-6)
+    assert float(alphas[0]) == 0.0 and 0 < float(alphas[k]) < 1  # zero terminal SNR: x_0 of the run is eps
+
+
+def test_cogvideox_init_noise_sigma_scales_the_draw_and_not_the_resume() -> None:
+    """The pipeline multiplies given latents by init_noise_sigma (1.0 for both CogVideoX schedulers): a miss
+    passes the unscaled draw, a resume x_K / init_noise_sigma. Checked with a scheduler reporting 2.0."""
+    pipe = tiny_cog()
+    pipe.scheduler.init_noise_sigma = 2.0
+    prompt, seed, k = "a windmill", 9, 2
+    plain, trajectory = uncached(pipe, prompt, seed, output_type="latent")
+    miss = FakeCache(0)
+    miss.get = lambda *a, **kw: None
+    out, outcome = cached(pipe, miss, embed=embed, store=False).run(**request(prompt, seed, output_type="latent"))
+    assert outcome.kind == "miss"
+    torch.testing.assert_close(out.frames, plain.frames, rtol=0, atol=0)
+    out, outcome = cached(pipe, cog_fake(k, latent=trajectory[k - 1]), embed=embed, store=False).run(
+        **request(prompt, seed, output_type="latent"))
+    assert outcome.kind == "full" and outcome.transformer_calls == N - k
+    torch.testing.assert_close(out.frames, plain.frames, rtol=1e-5, atol=1e-5)
+
+
+def test_cogvideox_a_dead_daemon_is_the_uncached_pipeline_with_one_warning(caplog) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pipe = tiny_cog()
+    plain, _ = uncached(pipe, "a boat on a lake", 5)
+    with connect(f"127.0.0.1:{port}", NS_COG, timeout_s=0.5) as client, caplog.at_level(logging.WARNING):
+        wrapped = cached(pipe, client, embed=embed)
+        out, outcome = wrapped.run(**request("a boat on a lake", 5))
+        wrapped.close()
+    assert outcome.kind == "miss" and outcome.transformer_calls == N and not outcome.stored
+    np.testing.assert_array_equal(out.frames, plain.frames)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("flexcache")]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+def test_cogvideox_dpm_misses_exactly_and_restarts_its_history_at_k() -> None:
+    pipe = tiny_cog(cog_scheduler(CogVideoXDPMScheduler))
+    plain, trajectory = uncached(pipe, "a forest", 4, output_type="latent")
+    miss = FakeCache(0)
+    miss.get = lambda *a, **kw: None
+    out, _ = cached(pipe, miss, embed=embed, store=False).run(**request("a forest", 4, output_type="latent"))
+    torch.testing.assert_close(out.frames, plain.frames, rtol=0, atol=0)  # the same eps and step noise
+    k = 4
+    out, outcome = cached(pipe, cog_fake(k, latent=trajectory[k - 1]), embed=embed, store=False).run(
+        **request("a forest", 4, output_type="latent"))
+    assert outcome.transformer_calls == N - k and torch.isfinite(out.frames).all()
+    assert len(pipe.scheduler.timesteps) == N - k
+
+
+def test_schedulers_are_refused_across_families() -> None:
+    with pytest.raises(ValueError, match="not supported with WanPipeline"):
+        cached(tiny_wan(cog_scheduler()), FakeCache(1), embed=embed)
+    with pytest.raises(ValueError, match="not supported with CogVideoXPipeline"):
+        cached(tiny_cog(FlowMatchEulerDiscreteScheduler(shift=7.0)), cog_fake(1), embed=embed)
