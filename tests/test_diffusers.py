@@ -5,7 +5,8 @@ models built from config in code, offline, on CPU.
 - a resume at K from the true x_K of an uncached run reproduces that run's output (the scheduler state is
   right), and the rebuilt x_K is the scheduler's own forward process at step K (Wan: flow matching,
   scale_noise; CogVideoX: DDPM-family, add_noise at the pipeline's own timesteps);
-- a dead daemon leaves the output identical to the uncached pipeline's, with one warning.
+- a dead, frozen or refusing daemon leaves the output identical to the uncached pipeline's, with one
+  warning.
 
 Skipped where diffusers is not installed, except under CI (env CI set), where that is a failure.
 """
@@ -185,6 +186,39 @@ def test_a_dead_daemon_is_the_uncached_pipeline_with_one_warning(caplog) -> None
         wrapped = cached(pipe, client, embed=embed)
         out, outcome = wrapped.run(**request("a boat on a lake", 5))
         wrapped.close()
+    assert outcome.kind == "miss" and outcome.transformer_calls == N and not outcome.stored
+    np.testing.assert_array_equal(out.frames, plain.frames)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("flexcache")]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+@pytest.mark.parametrize("how", ["frozen", "refusing"])
+def test_a_frozen_or_refusing_daemon_is_the_uncached_pipeline_with_one_warning(start_daemon, tmp_path, caplog,
+                                                                               how: str) -> None:
+    """A real daemon that answers nothing (SIGSTOP: its socket accepts, the call runs into the client's
+    timeout) or refuses the call (auth on, no token: UNAUTHENTICATED): a miss, the uncached output, one
+    warning, nothing stored."""
+    import signal
+
+    from flexcache.daemon import auth
+
+    if how == "refusing":
+        auth.add_token(tmp_path / "tokens.yaml", tenant="acme")
+        daemon = start_daemon("refusing", auth_tokens_file=tmp_path / "tokens.yaml")
+    else:
+        daemon = start_daemon("frozen")
+    pipe = tiny_wan()
+    plain, _ = uncached(pipe, "a boat on a lake", 5)
+    if how == "frozen":
+        os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        with connect(daemon.target, NS, timeout_s=0.5) as client, caplog.at_level(logging.WARNING):
+            wrapped = cached(pipe, client, embed=embed)
+            out, outcome = wrapped.run(**request("a boat on a lake", 5))
+            wrapped.close()
+    finally:
+        if how == "frozen":
+            os.kill(daemon.pid, signal.SIGCONT)
     assert outcome.kind == "miss" and outcome.transformer_calls == N and not outcome.stored
     np.testing.assert_array_equal(out.frames, plain.frames)
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("flexcache")]
