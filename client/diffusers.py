@@ -41,7 +41,6 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import queue
 import random
 import threading
 import time
@@ -53,6 +52,7 @@ import numpy as np
 
 from .base import CacheBase, Namespace
 from .optional import MissingExtra
+from .stores import BackgroundStores
 
 __all__ = ["CacheOutcome", "CachedPipeline", "cached", "minilm_embed", "namespace_for"]
 
@@ -124,42 +124,6 @@ class CacheOutcome:
     def saved_seconds(self) -> float:
         """Estimated denoising time a hit saved: K steps at this call's measured seconds per step."""
         return self.start_step * self.step_seconds
-
-
-class _Storer:
-    """One background thread running stores in order; a full backlog drops the newest (with a warning)."""
-
-    def __init__(self, backlog: int) -> None:
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=backlog)
-        self._thread = threading.Thread(target=self._run, name="flexcache-diffusers-store", daemon=True)
-        self._thread.start()
-        self.dropped = 0
-
-    def _run(self) -> None:
-        while (task := self._queue.get()) is not None:
-            try:
-                task()
-            except Exception:  # a failed store never stops later ones, nor reaches the caller
-                log.exception("flexcache: storing a generation failed")
-            finally:
-                self._queue.task_done()
-        self._queue.task_done()
-
-    def submit(self, task: Callable[[], None]) -> bool:
-        try:
-            self._queue.put_nowait(task)
-            return True
-        except queue.Full:
-            self.dropped += 1
-            log.warning("flexcache: store backlog full: generation not cached (%d dropped so far)", self.dropped)
-            return False
-
-    def flush(self) -> None:
-        self._queue.join()
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
 
 
 def flow_sigmas(scheduler: Any, total_steps: int, device: Any = None) -> Any:
@@ -371,7 +335,7 @@ class CachedPipeline:
         self.client = client
         self.embed = minilm_embed if embed is None else embed
         self.admit_max_start = admit_max_start
-        self._storer = _Storer(store_backlog) if store else None
+        self._storer = BackgroundStores(store_backlog, "flexcache-diffusers-store") if store else None
         self._lock = threading.Lock()
         self._signature = inspect.signature(pipe.__call__)
         self._warned: set[str] = set()

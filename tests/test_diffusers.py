@@ -176,55 +176,6 @@ def test_a_miss_is_the_uncached_pipeline_and_stores_x0_with_its_seed() -> None:
     assert fake.puts[0]["latent"].shape == (1, 16, 3, 2, 2)
 
 
-def test_a_dead_daemon_is_the_uncached_pipeline_with_one_warning(caplog) -> None:
-    with socket.socket() as s:  # a loopback port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    pipe = tiny_wan()
-    plain, _ = uncached(pipe, "a boat on a lake", 5)
-    with connect(f"127.0.0.1:{port}", NS, timeout_s=0.5) as client, caplog.at_level(logging.WARNING):
-        wrapped = cached(pipe, client, embed=embed)
-        out, outcome = wrapped.run(**request("a boat on a lake", 5))
-        wrapped.close()
-    assert outcome.kind == "miss" and outcome.transformer_calls == N and not outcome.stored
-    np.testing.assert_array_equal(out.frames, plain.frames)
-    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("flexcache")]
-    assert len(warnings) == 1, [r.getMessage() for r in warnings]
-
-
-@pytest.mark.parametrize("how", ["frozen", "refusing"])
-def test_a_frozen_or_refusing_daemon_is_the_uncached_pipeline_with_one_warning(start_daemon, tmp_path, caplog,
-                                                                               how: str) -> None:
-    """A real daemon that answers nothing (SIGSTOP: its socket accepts, the call runs into the client's
-    timeout) or refuses the call (auth on, no token: UNAUTHENTICATED): a miss, the uncached output, one
-    warning, nothing stored."""
-    import signal
-
-    from flexcache.daemon import auth
-
-    if how == "refusing":
-        auth.add_token(tmp_path / "tokens.yaml", tenant="acme")
-        daemon = start_daemon("refusing", auth_tokens_file=tmp_path / "tokens.yaml")
-    else:
-        daemon = start_daemon("frozen")
-    pipe = tiny_wan()
-    plain, _ = uncached(pipe, "a boat on a lake", 5)
-    if how == "frozen":
-        os.kill(daemon.pid, signal.SIGSTOP)
-    try:
-        with connect(daemon.target, NS, timeout_s=0.5) as client, caplog.at_level(logging.WARNING):
-            wrapped = cached(pipe, client, embed=embed)
-            out, outcome = wrapped.run(**request("a boat on a lake", 5))
-            wrapped.close()
-    finally:
-        if how == "frozen":
-            os.kill(daemon.pid, signal.SIGCONT)
-    assert outcome.kind == "miss" and outcome.transformer_calls == N and not outcome.stored
-    np.testing.assert_array_equal(out.frames, plain.frames)
-    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("flexcache")]
-    assert len(warnings) == 1, [r.getMessage() for r in warnings]
-
-
 def test_unipc_restarts_its_history_at_k() -> None:
     unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     pipe = tiny_wan(unipc)
@@ -357,22 +308,6 @@ def test_cogvideox_init_noise_sigma_scales_the_draw_and_not_the_resume() -> None
     torch.testing.assert_close(out.frames, plain.frames, rtol=1e-5, atol=1e-5)
 
 
-def test_cogvideox_a_dead_daemon_is_the_uncached_pipeline_with_one_warning(caplog) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    pipe = tiny_cog()
-    plain, _ = uncached(pipe, "a boat on a lake", 5)
-    with connect(f"127.0.0.1:{port}", NS_COG, timeout_s=0.5) as client, caplog.at_level(logging.WARNING):
-        wrapped = cached(pipe, client, embed=embed)
-        out, outcome = wrapped.run(**request("a boat on a lake", 5))
-        wrapped.close()
-    assert outcome.kind == "miss" and outcome.transformer_calls == N and not outcome.stored
-    np.testing.assert_array_equal(out.frames, plain.frames)
-    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("flexcache")]
-    assert len(warnings) == 1, [r.getMessage() for r in warnings]
-
-
 def test_cogvideox_dpm_misses_exactly_and_restarts_its_history_at_k() -> None:
     pipe = tiny_cog(cog_scheduler(CogVideoXDPMScheduler))
     plain, trajectory = uncached(pipe, "a forest", 4, output_type="latent")
@@ -392,3 +327,43 @@ def test_schedulers_are_refused_across_families() -> None:
         cached(tiny_wan(cog_scheduler()), FakeCache(1), embed=embed)
     with pytest.raises(ValueError, match="not supported with CogVideoXPipeline"):
         cached(tiny_cog(FlowMatchEulerDiscreteScheduler(shift=7.0)), cog_fake(1), embed=embed)
+
+
+@pytest.mark.parametrize("how", ["dead", "frozen", "refusing"])
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_a_dead_frozen_or_refusing_daemon_is_the_uncached_pipeline_with_one_warning(
+        start_daemon, tmp_path, caplog, family: str, how: str) -> None:
+    """Nothing listening (dead), a real daemon that answers nothing (SIGSTOP: its socket accepts, the call
+    runs into the client's timeout), or one that refuses the call (auth on, no token: UNAUTHENTICATED):
+    a miss, the uncached output, one warning, nothing stored."""
+    import signal
+
+    from flexcache.daemon import auth
+
+    if how == "dead":
+        with socket.socket() as s:  # a loopback port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            target, daemon = f"127.0.0.1:{s.getsockname()[1]}", None
+    elif how == "refusing":
+        auth.add_token(tmp_path / "tokens.yaml", tenant="acme")
+        daemon = start_daemon("refusing", auth_tokens_file=tmp_path / "tokens.yaml")
+        target = daemon.target
+    else:
+        daemon = start_daemon("frozen")
+        target = daemon.target
+    pipe, ns = (tiny_wan(), NS) if family == "wan" else (tiny_cog(), NS_COG)
+    plain, _ = uncached(pipe, "a boat on a lake", 5)
+    if how == "frozen":
+        os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        with connect(target, ns, timeout_s=0.5) as client, caplog.at_level(logging.WARNING):
+            wrapped = cached(pipe, client, embed=embed)
+            out, outcome = wrapped.run(**request("a boat on a lake", 5))
+            wrapped.close()
+    finally:
+        if how == "frozen":
+            os.kill(daemon.pid, signal.SIGCONT)
+    assert outcome.kind == "miss" and outcome.transformer_calls == N and not outcome.stored
+    np.testing.assert_array_equal(out.frames, plain.frames)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("flexcache")]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]

@@ -14,10 +14,7 @@ dropped with a warning (the cache is an accelerator, never back-pressure on serv
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +22,7 @@ import torch
 
 from flexcache.client import CacheClient, Namespace
 from flexcache.client.prompt_split import split_prompt
+from flexcache.client.stores import BackgroundStores
 from flexcache_model.reference.pipeline import Pipeline
 from flexcache_model.reference.rebuild import rebuild_for
 
@@ -64,36 +62,6 @@ def namespace_for(pipeline: Pipeline, steps: int) -> Namespace:
                      frames=t, scheduler=pipeline.schedule, total_steps=steps)
 
 
-class _Storer:
-    """One background thread running store calls in order; full backlog -> the newest is dropped."""
-
-    def __init__(self, backlog: int) -> None:
-        self.backlog = backlog
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=backlog)
-        self._thread = threading.Thread(target=self._run, name="flexcache-store", daemon=True)
-        self._thread.start()
-        self.dropped = 0
-
-    def _run(self) -> None:
-        while (task := self._queue.get()) is not None:
-            try:
-                task()
-            except Exception:  # a failed store must not stop later ones
-                log.exception("storing a generation failed")
-
-    def submit(self, task: Callable[[], None]) -> None:
-        try:
-            self._queue.put_nowait(task)
-        except queue.Full:
-            self.dropped += 1
-            log.warning("store backlog full: generation not cached (%d dropped so far)", self.dropped)
-
-    def close(self) -> None:
-        """Finish the stores already queued, then stop."""
-        self._queue.put(None)
-        self._thread.join()
-
-
 class DiffusionWorker:
     """Serves one request at a time; `cache` is None in mode `none`."""
 
@@ -106,7 +74,7 @@ class DiffusionWorker:
         self.cache = cache if mode.uses_cache else None
         self.steps = steps
         self.rebuild = rebuild_for(pipeline)
-        self._storer = _Storer(store_backlog) if self.cache is not None else None
+        self._storer = BackgroundStores(store_backlog) if self.cache is not None else None
 
     @classmethod
     def connect(cls, pipeline: Pipeline, mode: Mode, target: str | None, steps: int = 50) -> DiffusionWorker:
@@ -121,8 +89,7 @@ class DiffusionWorker:
     def flush(self) -> None:
         """Wait until every generation handed to the store thread is stored (or failed)."""
         if self._storer is not None:
-            self._storer.close()
-            self._storer = _Storer(self._storer.backlog)
+            self._storer.flush()
 
     def close(self) -> None:
         if self._storer is not None:
