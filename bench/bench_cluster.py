@@ -61,7 +61,7 @@ import grpc
 import numpy as np
 
 from bench.bench_daemon import machine_note
-from bench.bench_load import counters, pct
+from bench.bench_load import pct
 from bench.bench_traces import embed_texts
 from bench.report import replace_results
 from bench.traces import Trace, build_trace, describe, load_intents, sample_intents
@@ -69,7 +69,8 @@ from flexcache.client import CacheClient, Namespace
 from flexcache.daemon.cluster import placement
 from flexcache.daemon.cluster.node import STALL_MIN_S, STALL_PEER_TIMEOUTS
 from flexcache.daemon.entries import record_size
-from flexcache.daemon.process import DaemonCluster, DaemonProcess, copies
+from flexcache.daemon.process import DaemonCluster, DaemonProcess, copies, wait_members
+from flexcache.daemon.process import metric as scrape
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import node_pb2_grpc as npb_grpc
 
@@ -142,24 +143,6 @@ def gone(c: CacheClient) -> bool:
     error = c.last_error
     return isinstance(error, grpc.RpcError) and callable(getattr(error, "code", None)) and \
         error.code() == grpc.StatusCode.NOT_FOUND
-
-
-def metric(node: DaemonProcess, name: str, **labels: str) -> float:
-    """Sum of the samples of series `name` on the node's metrics endpoint whose labels include `labels`."""
-    total = 0.0
-    for key, value in counters(node.metrics_port, name).items():
-        if key.split("{", 1)[0] == name and all(f'{k}="{v}"' in key for k, v in labels.items()):
-            total += value
-    return total
-
-
-def wait_members(nodes: Sequence[DaemonProcess], count: int, timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if all(metric(n, "flexcache_cluster_members", state="serving") == count for n in nodes):
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise TimeoutError(f"the nodes did not all see {count} serving members within {timeout} s")
 
 
 
@@ -318,7 +301,7 @@ def replay(dep: Deployment, work: Workload) -> Replay:
         out.evictions += stats.evictions
         out.stored_bytes += stats.bytes
         if dep.n > 1:
-            out.gather_errors += metric(node, "flexcache_cluster_peer_errors_total", method="Gather")
+            out.gather_errors += scrape(node.metrics_port, "flexcache_cluster_peer_errors_total", method="Gather")
     return out
 
 
@@ -410,7 +393,7 @@ def put_cost(dep: Deployment, count: int, cost: Cost, idle: float) -> None:
     try:
         for c in clients:  # connect before the clock starts
             c.stats()
-        sent0 = sum(metric(n, "flexcache_cluster_replication_bytes_total", reason="put") for n in nodes) \
+        sent0 = sum(scrape(n.metrics_port, "flexcache_cluster_replication_bytes_total", reason="put") for n in nodes) \
             if dep.n > 1 else 0.0
         busy = Busy(nodes, idle)
         for i in range(count):
@@ -423,7 +406,7 @@ def put_cost(dep: Deployment, count: int, cost: Cost, idle: float) -> None:
                 raise RuntimeError(f"{dep.label}: a put failed: {clients[i % len(clients)].last_error}")
             ids.append(eid)
         cost.put_cpu_ms = busy.ms() / count
-        sent1 = sum(metric(n, "flexcache_cluster_replication_bytes_total", reason="put") for n in nodes) \
+        sent1 = sum(scrape(n.metrics_port, "flexcache_cluster_replication_bytes_total", reason="put") for n in nodes) \
             if dep.n > 1 else 0.0
         cost.put_copy_bytes = (sent1 - sent0) / count
         for eid in ids:
@@ -443,8 +426,8 @@ def lookup_cost(dep: Deployment, work: Workload, count: int, cost: Cost, idle: f
     try:
         for c in clients:
             c.lookup(vectors[0])
-        fan0 = [(metric(n, "flexcache_cluster_fanout_seconds_sum", method="Lookup"),
-                 metric(n, "flexcache_cluster_fanout_seconds_count", method="Lookup")) for n in nodes]
+        fan0 = [(scrape(n.metrics_port, "flexcache_cluster_fanout_seconds_sum", method="Lookup"),
+                 scrape(n.metrics_port, "flexcache_cluster_fanout_seconds_count", method="Lookup")) for n in nodes]
         busy = Busy(nodes, idle)
         for i in range(count):
             t0 = time.perf_counter()
@@ -453,8 +436,8 @@ def lookup_cost(dep: Deployment, work: Workload, count: int, cost: Cost, idle: f
             cost.lookup_ms.append((time.perf_counter() - t0) * 1e3)
         cost.lookup_cpu_ms = busy.ms() / count
         if dep.n > 1:
-            fan1 = [(metric(n, "flexcache_cluster_fanout_seconds_sum", method="Lookup"),
-                     metric(n, "flexcache_cluster_fanout_seconds_count", method="Lookup")) for n in nodes]
+            fan1 = [(scrape(n.metrics_port, "flexcache_cluster_fanout_seconds_sum", method="Lookup"),
+                     scrape(n.metrics_port, "flexcache_cluster_fanout_seconds_count", method="Lookup")) for n in nodes]
             waited = sum(b[0] - a[0] for a, b in zip(fan0, fan1, strict=True))
             lookups = sum(b[1] - a[1] for a, b in zip(fan0, fan1, strict=True))
             cost.fanout_ms = waited / lookups * 1e3 if lookups else float("nan")
@@ -513,7 +496,7 @@ def watch_down(nodes: Sequence[DaemonProcess], since: float, until: threading.Ev
     """Append the seconds from `since` until every node in `nodes` sees a member down."""
     while not until.is_set():
         with contextlib.suppress(OSError):
-            if all(metric(n, "flexcache_cluster_members", state="down") >= 1 for n in nodes):
+            if all(scrape(n.metrics_port, "flexcache_cluster_members", state="down") >= 1 for n in nodes):
                 into.append(time.perf_counter() - since)
                 return
         time.sleep(0.05)
@@ -674,7 +657,8 @@ def failover(dep: Deployment, work: Workload, seconds: float, kill_at: float, vi
     earlier = snapshot()
     time.sleep(max(0.0, kill_at - (time.perf_counter() - began)))
     before = snapshot()
-    repair0 = sum(metric(n, "flexcache_cluster_replication_bytes_total", reason="repair") for n in survivors)
+    repair0 = sum(scrape(n.metrics_port, "flexcache_cluster_replication_bytes_total", reason="repair")
+                  for n in survivors)
     nodes[victim].kill()
     t_kill = time.perf_counter()
     killed.set()
@@ -699,7 +683,8 @@ def failover(dep: Deployment, work: Workload, seconds: float, kill_at: float, vi
     done.set()
     for t in threads:
         t.join(30)
-    repair1 = sum(metric(n, "flexcache_cluster_replication_bytes_total", reason="repair") for n in survivors)
+    repair1 = sum(scrape(n.metrics_port, "flexcache_cluster_replication_bytes_total", reason="repair")
+                  for n in survivors)
     on_victim = before[victim]
     return Failover(
         seconds, kill_at, sorted(ops, key=lambda o: o.t), detected[0] if detected else float("nan"), replicated_s,

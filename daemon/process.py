@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -167,6 +168,27 @@ class DaemonProcess:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def metric(metrics_port: int | None, name: str, **labels: str) -> float:
+    """Sum of a series' samples on a daemon's metrics endpoint (on loopback) whose labels include `labels`."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_members(nodes: Sequence[DaemonProcess], count: int, timeout: float = 10.0) -> float:
+    """Seconds until every node counts `count` serving members (flexcache_cluster_members); TimeoutError
+    after `timeout`."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if all(metric(n.metrics_port, "flexcache_cluster_members", state="serving") == count for n in nodes):
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise TimeoutError(f"the nodes did not all see {count} serving members within {timeout} s")
 
 
 def copies(nodes: Sequence[DaemonProcess], ids: Sequence[str]) -> dict[str, int]:

@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from flexcache.client import CacheClient, Namespace
 from flexcache.daemon.process import DaemonProcess
+from flexcache.daemon.process import metric as scrape
 
 NS = Namespace(tenant="acme", model="wan2.1-t2v-1.3b", width=832, height=480, frames=81, scheduler="flow",
                total_steps=50)
@@ -55,14 +56,10 @@ def client(daemon: DaemonProcess) -> Iterator[CacheClient]:
         yield c
 
 
-def metric(daemon: DaemonProcess, name: str, **labels: str) -> float:
-    """Sum of a series' samples on the daemon's metrics endpoint whose labels include `labels`."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=5).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+def metric(daemon: DaemonProcess | Any, name: str, **labels: str) -> float:
+    """Sum of a series' samples on the daemon's metrics endpoint whose labels include `labels` (any object
+    with a metrics_port: a DaemonProcess, or an in-process Daemon)."""
+    return scrape(daemon.metrics_port, name, **labels)
 
 
 CLI = [sys.executable, "-m", "flexcache.daemon.cli"]

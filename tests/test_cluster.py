@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from flexcache.daemon.process import DaemonCluster, DaemonProcess, copies
+from flexcache.daemon.process import DaemonCluster, DaemonProcess, copies, wait_members
 from flexcache.v1 import node_pb2 as npb
 from flexcache.v1 import node_pb2_grpc as npb_grpc
 from tests.conftest import connect, metric
@@ -50,11 +50,6 @@ def cluster(tmp_path: Path) -> Iterator[DaemonCluster]:
     with DaemonCluster(tmp_path, 3, **FAST) as c:
         wait_members(c.members, 3)
         yield c
-
-
-def wait_members(nodes: list[DaemonProcess], count: int) -> None:
-    eventually(lambda: all(metric(n, "flexcache_cluster_members", state="serving") == count for n in nodes), 10,
-               f"every node sees {count} serving members")
 
 
 def fill(targets: list[str], count: int, seed: int = 0) -> list[tuple[str, np.ndarray]]:

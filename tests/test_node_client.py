@@ -79,8 +79,8 @@ def test_the_node_client_puts_looks_up_fetches_and_deletes_over_plain_text(node:
 def test_the_node_client_works_against_a_cluster_unchanged(node: str, tmp_path: Path) -> None:
     """Put through one member, Lookup and Fetch through another, Delete through the first: every member
     answers for the cluster, so a client built from cache.proto alone needs nothing new."""
-    from flexcache.daemon.process import DaemonCluster, copies
-    from tests.test_cluster import FAST, wait_members
+    from flexcache.daemon.process import DaemonCluster, copies, wait_members
+    from tests.test_cluster import FAST
 
     with DaemonCluster(tmp_path, 3, **FAST) as cluster:
         wait_members(cluster.members, 3)
