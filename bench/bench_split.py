@@ -3,13 +3,15 @@
 Run:  .venv/bin/python -m bench.bench_split [--data bench/prompts] [--examples N]
 
 Prints markdown: the label-based precision/recall table (metric defined in docs/prompt_split.md),
-a leave-label-out ablation for scene labels, the FETV content-class proxy, timing, and example splits
-of long Open-Sora / VBench-2.0 prompts. Deterministic; needs no model and no network.
+a leave-label-out ablation for scene labels, the held-out VBench-2.0 subject-noun suite (dev and test
+halves), the FETV content-class proxy, timing, and example splits of long Open-Sora / VBench-2.0
+prompts. Deterministic; needs no model and no network.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import re
@@ -179,6 +181,120 @@ def leave_label_out_scene(prompts: list[str], labels: list[Label]) -> Score:
     return total
 
 
+# ---- held-out suite: VBench-2.0 subject nouns ---------------------------------------------------------
+
+V2_META = VB / "VBench-2.0/prompts/meta_info"
+OUR_LABELS = {  # labels we wrote (see each file's "about"): file -> source name in the tables
+    Path("labels/vbench2_human_interaction_subjects.json"): "Human_Interaction, our labels",
+    Path("labels/vbench2_dynamic_attribute_subjects.json"): "Dynamic_Attribute, our labels",
+}
+_DSR_Q = re.compile(
+    r"^Is the (.+?) (?:on the \w+ of|in front of|behind|above|under|below|beside|next to|on) the (.+?)\?"
+)
+_COMP_NP = r"(?:an?|the) (\w+(?: cleaner| cone| bottle| of \w+)?)"
+_COMP_LIST = re.compile(rf"^{_COMP_NP}((?:,? (?:and )?{_COMP_NP})*)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One held-out prompt and the subject nouns (label phrases) that must land in its object part."""
+
+    prompt: str
+    nouns: tuple[str, ...]
+    source: str  # which VBench-2.0 file / field the labels come from
+
+    @property
+    def half(self) -> str:
+        """'dev' or 'test': fixed by a hash of the prompt text, so the split never depends on order."""
+        return "dev" if hashlib.sha1(self.prompt.encode()).digest()[0] % 2 == 0 else "test"
+
+
+def heldout_subjects(data: Path) -> list[Subject]:
+    """Subject-noun labels of five VBench-2.0 dimensions (none read while the lexicons were written).
+
+    - Instance_Preservation: shipped ``auxiliary_info`` ("1.orange cat and 1.white cat" -> the phrases).
+    - Dynamic_Spatial_Relationship: the shipped questions ("Is the dog on the left of the table?" ->
+      dog, table; both are objects, as in VBench's own spatial_relationship labels).
+    - Composition: the shipped ``question`` list: a bare "A lion" question names the hybrid's body;
+      otherwise the leading list of noun phrases of the first question ("A penguin, a car, a rope,
+      and a tiger are ..." -> penguin, car, rope, tiger): one word after each article, or two for
+      "vacuum cleaner", "traffic cone", "water bottle" and "X of Y" ("a cup of tea").
+    - Human_Interaction, Dynamic_Attribute: no shipped subject labels; ours, in bench/prompts/labels/
+      (person / people; the thing whose colour, size or material changes).
+    """
+    meta = data / V2_META
+    out: list[Subject] = []
+    for e in json.loads((meta / "Instance_Preservation.json").read_text()):
+        nouns = tuple(re.sub(r"^\d+\.", "", part.strip()) for part in e["auxiliary_info"].split(" and "))
+        out.append(Subject(e["prompt_en"], nouns, "Instance_Preservation auxiliary_info"))
+    for e in json.loads((meta / "Dynamic_Spatial_Relationship.json").read_text()):
+        nouns: list[str] = []
+        for q in e["auxiliary_info"]:
+            m = _DSR_Q.match(q)
+            if m:
+                nouns += [n for n in m.groups() if n not in nouns]
+        if nouns:
+            out.append(Subject(e["prompt_en"], tuple(nouns), "Dynamic_Spatial_Relationship questions"))
+    for e in json.loads((meta / "Composition.json").read_text()):
+        qs = [q.strip().rstrip(".") for q in e["auxiliary_info"]["question"]]
+        bare = [q.split()[1] for q in qs if re.fullmatch(r"An? \w+", q)]
+        if bare:
+            nouns = bare
+        else:
+            m = _COMP_LIST.match(qs[0])
+            nouns = [m.group(1), *re.findall(_COMP_NP, m.group(2))] if m else []
+        if nouns:
+            out.append(Subject(e["prompt_en"], tuple(n.lower() for n in nouns), "Composition questions"))
+    for path, name in OUR_LABELS.items():
+        src = json.loads((meta / Path(json.loads((data / path).read_text())["source"]).name).read_text())
+        for row in json.loads((data / path).read_text())["labels"]:
+            assert src[row["index"]]["prompt_en"] == row["prompt"], f"{path}: row {row['index']} misaligned"
+            out.append(Subject(row["prompt"], tuple(row["subjects"]), name))
+    return out
+
+
+@dataclass
+class SubjectScore:
+    """Where the held-out subject nouns landed (each label present in its prompt counts once)."""
+
+    present: int = 0
+    absent: int = 0
+    obj_only: int = 0
+    bg_only: int = 0
+    both: int = 0
+    neither: int = 0
+
+    def rate(self) -> float:
+        """Fraction of present subject nouns that are in the object part and not in the background."""
+        return self.obj_only / self.present if self.present else float("nan")
+
+
+def score_subjects(
+    items: list[Subject],
+    splitter: Callable[[str], PromptSplit] = split_prompt,
+    failures: list[tuple[Subject, str, PromptSplit]] | None = None,
+) -> SubjectScore:
+    """Score subject nouns against the splits; optionally collect (item, noun, split) failures."""
+    sc = SubjectScore()
+    for it in items:
+        sp = splitter(it.prompt)
+        for noun in it.nouns:
+            pat = label_pattern(it.prompt, noun)
+            if pat is None:
+                sc.absent += 1
+                continue
+            sc.present += 1
+            in_obj = bool(pat.search(sp.object.lower()))
+            in_bg = bool(pat.search(sp.background.lower()))
+            sc.obj_only += in_obj and not in_bg
+            sc.bg_only += in_bg and not in_obj
+            sc.both += in_obj and in_bg
+            sc.neither += not in_obj and not in_bg
+            if failures is not None and not (in_obj and not in_bg):
+                failures.append((it, noun, sp))
+    return sc
+
+
 FETV_PEOPLE_ANIMALS = {"people", "animals"}
 
 
@@ -266,6 +382,29 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nLabels: {n_obj} object, {n_scene} scene; a label counts only where its word occurs in that "
         "prompt (rewrites sometimes drop or paraphrase it).\n"
+    )
+
+    print("## Held-out suite: VBench-2.0 subject nouns (dev / test halves)\n")
+    print("| half | source | prompts | subject nouns found | in object only | background only | both | neither |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    held = heldout_subjects(data)
+    for half in ("dev", "test"):
+        part = [it for it in held if it.half == half]
+        for src in sorted({it.source for it in part}):
+            sub = [it for it in part if it.source == src]
+            s2 = score_subjects(sub)
+            print(
+                f"| {half} | {src} | {len(sub)} | {s2.present} | {fmt(s2.rate())} | {s2.bg_only} | {s2.both} "
+                f"| {s2.neither} |"
+            )
+        s2 = score_subjects(part)
+        print(
+            f"| **{half}** | all | {len(part)} | {s2.present} | **{fmt(s2.rate())}** | {s2.bg_only} | {s2.both} "
+            f"| {s2.neither} |"
+        )
+    print(
+        "\nA subject noun counts as a hit when it occurs in the object part and not in the background part; "
+        "labels whose word is not in the prompt are not counted.\n"
     )
 
     print("## FETV content-class proxy (held out: not used while writing the rules)\n")

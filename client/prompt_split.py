@@ -22,7 +22,14 @@ How it works (see docs/prompt_split.md for the full description and the measured
    up to the next clause break (", while", "and <verb>", ...).
 4. Inside a background chunk opened by a pattern/scene phrase, "behind/in front of/under/with X" or
    "featuring/showing X" with a non-scene X hands X back to the object ("blue stripes behind *a small
-   red square moving left*", "a checkered yellow background with *a large red square*").
+   red square moving left*", "a checkered yellow background with *a large red square*"). So is what a
+   camera move lands on or follows ("the camera zooms in on *a cat*", "the camera tracks *a red car*").
+5. Context decides for words that are background as a phrase but things as a subject: a celestial
+   body, a single cloud or a camera-named thing (drone, frame, painting) heading a clause's subject
+   phrase before its verb is an object ("*The sun rises*", "*A black drone is floating* in the air",
+   but "drone shot of a beach", "at sunset under the moon"); so is one with a material ("a metal
+   frame"). A noun, an -s word and a determiner read the -s word as the verb ("One person *hands* a
+   camera"), and a passive agent ends a place phrase ("thrown into the air | *by the pillow*").
 
 Style and camera words ("cinematic, 4k, slow pan", "in the style of Van Gogh", "front view") are part
 of the background text -- they set the global look, which the background donor supplies -- and are
@@ -68,7 +75,7 @@ SCENE_WORDS: frozenset[str] = _words(
     """
     background backdrop backdrops scenery landscape landscapes setting surroundings environment
     horizon sky skies skyline cityscape seascape panorama vista outdoors indoors interior exterior
-    world universe space cosmos galaxy nebula atmosphere
+    world universe space cosmos galaxy nebula atmosphere air mid-air midair
     forest forests woods woodland jungle rainforest grove orchard park parks garden gardens meadow
     meadows field fields prairie grassland savanna savannah steppe plain plains pasture farmland
     farm ranch vineyard countryside desert dune dunes oasis canyon gorge ravine valley valleys hill
@@ -162,6 +169,46 @@ STYLE_WORDS: frozenset[str] = _words(
     """
 )
 
+# Nouns that are background or camera words as a phrase ("at sunset under the moon", "drone shot",
+# "a painting of a fox") but objects when they are the grammatical subject of a verb in the chunk's
+# lead ("The moon rises", "A black drone is floating", "The wooden frame turned into ..."). Celestial
+# bodies and a single cloud are moving things a video follows; a camera-named thing that acts is a
+# thing. Exact forms (no plural folding): "clouds roll in" stays weather, "a cloud changes" is a thing.
+SUBJECT_NOUNS: frozenset[str] = _words(
+    """
+    sun suns moon moons star stars planet planets comet comets meteor meteors asteroid asteroids
+    cloud rainbow
+    drone drones frame frames painting paintings picture pictures photo photos photograph
+    photographs sketch drawing drawings
+    """
+)
+
+# Materials: a SUBJECT_NOUNS head with one of these before it is a thing ("a metal frame").
+MATERIAL_WORDS: frozenset[str] = _words(
+    "wooden wood metal metallic glass plastic steel iron stone brick paper cardboard leather ceramic "
+    "marble bronze copper brass gold silver golden silver plush rubber"
+)
+
+# Verbs after which a camera/frame subject stays the camera ("the frame shows", "the drone shot pans").
+CAMERA_VERBS: frozenset[str] = _words(
+    "pans pan zooms zoom tilts tilt tracks track cuts cut fades fade transitions transition orbits orbit "
+    "circles circle focuses focus shows show captures capture reveals reveal features feature depicts"
+)
+
+# Camera moves whose landing point is the subject ("zooms in on a cat", "pans to a cyclist"), the
+# prepositions that name that point, and verbs whose direct object the camera follows.
+CAMERA_MOVES: frozenset[str] = _words(
+    "zoom zooms zooming zoomed pan pans panning panned focus focuses focusing focused tilt tilts tilting "
+    "cut cuts cutting move moves moving shift shifts shifting push pushes pushing close closes closing "
+    "linger lingers lingering settle settles settling"
+)
+TARGET_PREPS: frozenset[str] = _words("on onto at upon")
+FOLLOW_VERBS: frozenset[str] = _words(
+    "follows following tracks tracking approaches approaching circles circling orbits orbiting"
+)
+_MOVE_PARTICLES: frozenset[str] = _words("in out up down back closer over across around then")
+_BE: frozenset[str] = _words("is are was were be being been")
+
 # Words that make a noun phrase an attribute of the subject, not a place ("in a red dress").
 ATTRIBUTE_WORDS: frozenset[str] = _words(
     """
@@ -225,7 +272,7 @@ PRONOUNS: frozenset[str] = _words("he she they it we i you him them someone some
 # Verbs that introduce the subject from a style/scene frame: "A whimsical scene, featuring a bear".
 PRESENT_VERBS: frozenset[str] = _words(
     "featuring features showcasing showcases showing shows depicting depicts including includes "
-    "focusing focuses highlighting highlights presenting presents starring stars capturing captures"
+    "focusing focuses highlighting highlights presenting presents starring capturing captures"
 )
 
 CLAUSE_BREAKERS: frozenset[str] = _words("while whilst as then who whose which that where when")
@@ -321,18 +368,23 @@ class PromptSplitter:
             return False
         return len(w) > 4 and (w.endswith("ing") or w.endswith("ed"))
 
-    def _head_class(self, words: list[str], start: int, end: int) -> tuple[int, int]:
+    def _head_class(self, words: list[str], start: int, end: int, subject: bool = False) -> tuple[int, int]:
         """Classify the noun phrase words[start:end]: returns (class, index after the phrase)."""
-        cls, j, _ = self._head_class3(words, start, end)
+        cls, j, _ = self._head_class3(words, start, end, subject)
         return cls, j
 
-    def _head_class3(self, words: list[str], start: int, end: int) -> tuple[int, int, int]:
+    def _head_class3(self, words: list[str], start: int, end: int, subject: bool = False) -> tuple[int, int, int]:
         """Classify the noun phrase words[start:end]: (class, index after it, style-prefix end).
 
         The phrase ends at the first preposition/verb/breaker; "X of Y" with a frame word X is looked
         through, and when X is a camera/style word ("close-up of a dog") the third value is the index
         after "of" so the caller can give "close-up of" to the style part. Classes: 0 scene/time/
         weather/light, 1 style, 2 attribute, 3 pattern, 4 other noun, 5 no noun.
+
+        ``subject``: the phrase opens a clause (a chunk's lead, or the words after "and"), so a
+        SUBJECT_NOUNS head followed by its verb ("The moon rises", "A drone is floating") is class 4.
+        A noun followed by an -s word and a determiner reads the -s word as the verb ("One person
+        hands a camera ..."), so the phrase ends there.
         """
         j = start
         head_idx = -1
@@ -360,9 +412,28 @@ class PromptSplitter:
                 j > start
                 and self._is_verbish(words, j)
                 and (words[j] in AUX_VERBS or (head_idx >= 0 and words[head_idx] not in ADJECTIVES))
-                and not (j + 1 < end and self._in(words[j + 1], self.bg_words))
+                and (
+                    not (j + 1 < end and self._in(words[j + 1], self.bg_words))
+                    or (w in _BE and words[j + 1].endswith("ing"))  # "The sun is setting behind ..."
+                )
             ):
                 break
+            if (
+                j > start
+                and head_idx == j - 1
+                and len(w) > 3
+                and w.endswith("s")
+                and not w.endswith("ss")
+                and j + 1 < end
+                and words[j + 1] in DETERMINERS
+                and words[head_idx] not in DETERMINERS
+                and not _is_adj(words[head_idx])
+                and (
+                    words[head_idx] in {"camera", "cameras"}
+                    or not self._in(w, self.bg_words | self.style | PATTERN_WORDS)
+                )
+            ):
+                break  # "One person hands a camera", "The camera tracks a car": noun, -s verb, determiner
             if len(w) > 4 and w.endswith("ly") and w not in _NOUN_LY:
                 if head_idx >= 0 and words[head_idx] not in ADJECTIVES:
                     break
@@ -375,6 +446,7 @@ class PromptSplitter:
             return 5, j, through
         hw = words[head_idx]
         prev = words[head_idx - 1] if head_idx > start else ""
+        verb = words[j] if j < end and self._is_verbish(words, j) else ""
         if (
             head_idx > start
             and hw.endswith("s")
@@ -382,7 +454,14 @@ class PromptSplitter:
             and (self._in(prev, self.bg_words) or self._in(prev, self.style))
         ):
             # "A picturesque university campus unfolds": the -s word is the verb, not the head.
+            verb = hw
             hw, prev = prev, words[head_idx - 2] if head_idx - 1 > start else ""
+        if subject and verb and verb not in CAMERA_VERBS and hw in SUBJECT_NOUNS:
+            # "The sun rises", "A black drone is floating": the subject of a verb is an object.
+            return 4, j, through
+        if hw in SUBJECT_NOUNS and any(w in MATERIAL_WORDS for w in words[start:head_idx]):
+            # "into a metal frame", "a wooden drone": camera words take no material, things do.
+            return 4, j, through
         if hw in RELATIONAL_WORDS and self._in(prev, self.style):
             # "pan left", "truck right": a direction after a camera move.
             hw, prev = prev, ""
@@ -539,7 +618,7 @@ class PromptSplitter:
             for t in range(a, rest):
                 labels[t] = _UNK
         else:
-            cls, end, through = self._head_class3(words, i, b)
+            cls, end, through = self._head_class3(words, i, b, subject=True)
             if cls in (0, 3):
                 lead = _BG
             elif cls == 1:
@@ -587,8 +666,11 @@ class PromptSplitter:
                     i = stop
                     cur = lead
                     continue
-                if lead == _BG and w in FRONT_PREPS and cls == 4:
-                    # "blue stripes behind a small red square moving left": the square is the object.
+                if lead == _BG and cls == 4 and (
+                    w in FRONT_PREPS or (w in TARGET_PREPS and self._camera_target(words, i, b))
+                ):
+                    # "blue stripes behind a small red square moving left": the square is the object;
+                    # so is what a camera move lands on ("the camera zooms in on a cat sleeping").
                     stop = self._clause_end(words, end, b)
                     labels[i] = _BG
                     for t in range(i + 1, stop):
@@ -596,7 +678,17 @@ class PromptSplitter:
                     i = stop
                     cur = lead
                     continue
-            elif (w in PRESENT_VERBS or w == "with") and lead == _BG and i + 1 < b:
+            elif w == "to" and lead == _BG and i + 1 < b and self._camera_target(words, i, b):
+                cls, end = self._head_class(words, i + 1, b)
+                if cls == 4:
+                    stop = self._clause_end(words, end, b)
+                    labels[i] = _BG
+                    for t in range(i + 1, stop):
+                        labels[t] = _OBJ
+                    self._label_tail(words, end, stop, _OBJ, labels, styles)
+                    i = stop
+                    continue
+            elif (w in PRESENT_VERBS or w in FOLLOW_VERBS or w == "with") and lead == _BG and i + 1 < b:
                 cls, end = self._head_class(words, i + 1, b)
                 if cls == 4:
                     stop = self._clause_end(words, end, b)
@@ -630,15 +722,34 @@ class PromptSplitter:
         if w in PRONOUNS or self._is_verbish(words, i):
             return True
         if w in DETERMINERS:
-            cls, _ = self._head_class(words, i, b)
+            cls, _ = self._head_class(words, i, b, subject=True)
             return cls in (2, 4)
         return False
 
+    def _camera_target(self, words: list[str], i: int, end: int) -> bool:
+        """True when words[i] ("on", "to", "at") follows a camera move ("zooms in on", "pans slowly to")
+        and what follows up to the clause end names no direction ("pans to the left") and no scene,
+        light or style word ("focusing on the castle's grandeur", "the section of the staircase")."""
+        k = i - 1
+        while k >= 0 and (words[k] in _MOVE_PARTICLES or (len(words[k]) > 4 and words[k].endswith("ly"))):
+            k -= 1
+        if k < 0 or words[k] not in CAMERA_MOVES:
+            return False
+        bg = self.bg_words | self.style | PATTERN_WORDS
+        for w in words[i + 1 : self._clause_end(words, i + 1, end)]:
+            w = w.removesuffix("'s")
+            if w in RELATIONAL_WORDS or w in {"distance", "viewer"} or self._in(w, bg):
+                return False
+        return True
+
     def _clause_end(self, words: list[str], i: int, b: int) -> int:
-        """End of a place phrase: the next clause breaker, "and <new clause>", or the chunk end."""
+        """End of a place phrase: the next clause breaker, "and <new clause>", a passive agent
+        ("thrown into the air *by the pillow*": the agent is an actor, so an object), or the chunk end."""
         while i < b:
             w = words[i]
             if w in CLAUSE_BREAKERS and w not in {"that", "which"}:
+                return i
+            if w == "by" and i + 1 < b and words[i + 1] in DETERMINERS and self._head_class(words, i + 1, b)[0] == 4:
                 return i
             if w in AUX_VERBS and w.endswith("s"):
                 return i
