@@ -12,12 +12,13 @@ from .answers import Candidate, Fetched, LookupResult
 from .base import CacheBase, Hit, Namespace, Rebuild
 from .client import CacheClient
 from .retry import Retry
+from .tables import QualitySample, StepTables
 
 if TYPE_CHECKING:
     from .local import LocalCache
 
 __all__ = ["CacheBase", "CacheClient", "Candidate", "Fetched", "Hit", "LocalCache", "LookupResult", "Namespace",
-           "Rebuild", "Retry"]
+           "QualitySample", "Rebuild", "Retry", "StepTables"]
 
 
 def __getattr__(name: str) -> Any:

@@ -3,9 +3,9 @@
 `CacheBase` holds everything that does not depend on how the daemon is reached: encoding latents
 through the codec, checking what comes back, choosing and composing donors, rebuilding a clean
 latent at the granted step, and the one failure path every call takes (`_call`). A backend supplies
-six transport primitives (`_put_blob`, `_lookup`, `_fetch_blob`, `_verify`, `_delete`, `_stats`) and
-`close`: `CacheClient` (client.py) over gRPC to a daemon, `LocalCache` (local.py) over a daemon's
-cache core in this process.
+nine transport primitives (`_put_blob`, `_lookup`, `_fetch_blob`, `_verify`, `_delete`, `_stats`,
+`_set_step_tables`, `_get_step_tables`, `_report_quality`) and `close`: `CacheClient` (client.py)
+over gRPC to a daemon, `LocalCache` (local.py) over a daemon's cache core in this process.
 
 The contract, for both (README, "Never a dependency"): every public call returns None (a miss) when
 the daemon is down, slow or refuses, when its answer is malformed, or when a blob does not decode,
@@ -38,6 +38,7 @@ from flexcache.v1.wire import CODEC_DTYPES, LATENT_CODEC, RAW, blob_problem
 from . import codec, compose, masks, tensors
 from .answers import Candidate, ChecksumMismatch, Fetched, LookupResult, Malformed, check_entry_id
 from .retry import Retry
+from .tables import QualitySample, StepTables
 
 log = logging.getLogger("flexcache.client")
 
@@ -189,6 +190,15 @@ class CacheBase(abc.ABC):
 
     @abc.abstractmethod
     def _stats(self) -> pb.StatsResponse | None: ...
+
+    @abc.abstractmethod
+    def _set_step_tables(self, request: pb.SetStepTablesRequest) -> pb.StepTablesResponse | None: ...
+
+    @abc.abstractmethod
+    def _get_step_tables(self, request: pb.StepTablesRequest) -> pb.StepTablesResponse | None: ...
+
+    @abc.abstractmethod
+    def _report_quality(self, request: pb.ReportQualityRequest) -> pb.ReportQualityResponse | None: ...
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -436,3 +446,30 @@ class CacheBase(abc.ABC):
     def stats(self) -> pb.StatsResponse | None:
         """The daemon's totals and per-namespace figures (all namespaces), or None on failure."""
         return self._stats()
+
+    # ---- step tables and quality reports (docs/step_tables.md) ----
+    def step_tables(self) -> StepTables | None:
+        """This namespace's effective step tables, where they come from and the quality guard's figures;
+        None on failure."""
+        answer = self._get_step_tables(pb.StepTablesRequest(namespace=self._ns))
+        return None if answer is None else StepTables.from_proto(answer)
+
+    def set_step_tables(self, tables: StepTables) -> StepTables | None:
+        """Set this namespace's own tables (an admin's credential only: PERMISSION_DENIED, a None, for
+        any other); empty composed or partial lists are derived from `tables.whole`. The effective
+        tables, or None on failure (tables the daemon refuses: INVALID_ARGUMENT, in `last_error`)."""
+        answer = self._set_step_tables(pb.SetStepTablesRequest(namespace=self._ns, tables=tables.to_proto()))
+        return None if answer is None else StepTables.from_proto(answer)
+
+    def reset_step_tables(self) -> StepTables | None:
+        """Drop this namespace's own tables (an admin's call): back to the daemon's flags. The effective
+        tables, or None on failure."""
+        answer = self._set_step_tables(pb.SetStepTablesRequest(namespace=self._ns, reset=True))
+        return None if answer is None else StepTables.from_proto(answer)
+
+    def report_quality(self, samples: Sequence[QualitySample]) -> int | None:
+        """Report hits' paired quality losses to the daemon's guard (at most 1,024 a call): how many it
+        took (the rest were stale: granted steps the tier no longer grants), or None on failure."""
+        answer = self._report_quality(pb.ReportQualityRequest(namespace=self._ns,
+                                                              samples=[s.to_proto() for s in samples]))
+        return None if answer is None else answer.accepted

@@ -1,7 +1,8 @@
 """The gRPC backend of the cache surface (base.CacheBase): the client a diffusion worker runs.
 
-Every RPC (Put, Lookup, Fetch, FetchDirect, Verify, Delete, Stats) goes through `CacheBase._call`:
-one deadline, one retry policy, one way a failure becomes a miss. The gRPC channel reconnects by
+Every RPC (Put, Lookup, Fetch, FetchDirect, Verify, Delete, Stats, SetStepTables, GetStepTables,
+ReportQuality) goes through `CacheBase._call`: one deadline, one retry policy, one way a failure
+becomes a miss. The gRPC channel reconnects by
 itself when the daemon comes back; calls never wait for it (wait_for_ready is off), so a down daemon
 costs a fast failure, not a deadline.
 """
@@ -239,6 +240,15 @@ class CacheClient(CacheBase):
 
     def _stats(self) -> pb.StatsResponse | None:
         return self._unary("stats", self._stub.Stats, pb.StatsRequest(), self.timeout_s)
+
+    def _set_step_tables(self, request: pb.SetStepTablesRequest) -> pb.StepTablesResponse | None:
+        return self._unary("set_step_tables", self._stub.SetStepTables, request, self.timeout_s)
+
+    def _get_step_tables(self, request: pb.StepTablesRequest) -> pb.StepTablesResponse | None:
+        return self._unary("step_tables", self._stub.GetStepTables, request, self.timeout_s)
+
+    def _report_quality(self, request: pb.ReportQualityRequest) -> pb.ReportQualityResponse | None:
+        return self._unary("report_quality", self._stub.ReportQuality, request, self.timeout_s)
 
     def _fetch_blob(self, request: pb.FetchRequest, expect: pb.BlobInfo | None) -> Fetched | None:
         """Over the daemon's data port (FetchDirect, client/dataport.py) when it has one; else, or after a

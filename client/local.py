@@ -148,6 +148,15 @@ class LocalCache(CacheBase):
     def _stats(self) -> pb.StatsResponse | None:
         return self._core_call("stats", lambda core: core.stats())
 
+    def _set_step_tables(self, request: pb.SetStepTablesRequest) -> pb.StepTablesResponse | None:
+        return self._core_call("set_step_tables", lambda core: core.set_step_tables(request))  # the owner: an admin
+
+    def _get_step_tables(self, request: pb.StepTablesRequest) -> pb.StepTablesResponse | None:
+        return self._core_call("step_tables", lambda core: core.step_tables(request))
+
+    def _report_quality(self, request: pb.ReportQualityRequest) -> pb.ReportQualityResponse | None:
+        return self._core_call("report_quality", lambda core: core.report_quality(request))
+
     def _fetch_blob(self, request: pb.FetchRequest, expect: pb.BlobInfo | None) -> Fetched | None:
         def fetch(core: Cache) -> Fetched:
             header, chunks = core.fetch(request)

@@ -9,6 +9,7 @@ from .eviction import make_policy
 from .index import VectorIndex, open_index
 from .limits import Limits
 from .metrics import Metrics
+from .quality import GuardSettings
 from .steps import StepTable
 from .store import Store
 
@@ -37,8 +38,11 @@ def open_cache(config: Config, metrics: Metrics | None = None, index: VectorInde
                                replication_factor=config.qdrant_replication_factor,
                                write_consistency=config.qdrant_write_consistency)
         steps = StepTable(config.skip_thresholds, config.skip_thresholds_by_namespace, config.composed_max_fraction)
+        guard = GuardSettings(config.guard_max_loss, config.guard_min_samples, config.guard_confidence,
+                              config.guard_step_fraction)
         cache = Cache(store, index, make_policy(config.eviction_policy), steps, metrics or Metrics(),
-                      limits_of(config), shared_index=config.clustered and config.index_backend == "qdrant")
+                      limits_of(config), shared_index=config.clustered and config.index_backend == "qdrant",
+                      guard=guard)
         cache.open()
         cache.start_scrubber(config.scrub_bytes_per_second, config.scrub_pause_seconds)
     except BaseException:

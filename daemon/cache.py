@@ -7,6 +7,8 @@ and data flows one way, from this module down:
 
     validate.py   request checks -> domain errors (no state)
     ranking.py    index neighbours -> ranked candidates (reads the index and the store)
+    steps.py      each namespace's step tables: its own (set, or changed by the guard) or the flags'
+    quality.py    the online quality guard: reported losses -> the namespace's tables
     ledger.py     what is stored: usage, per-namespace totals, the turnover clock, their metrics
     pins.py       entries being read out, which eviction skips
     limits.py     the numbers all of them check against
@@ -29,9 +31,9 @@ This module keeps what spans the store and the index, under one lock. Invariants
   to the low watermark. With tenant_max_bytes set, each tenant's bytes stay within its quota the same
   way, by evicting only its own entries, and the global pass takes from tenants over their fair share
   first (`_evict_if_needed` has the rule).
-- Every Put, Lookup, Fetch, Delete and Verify of a tenant takes a token of its request bucket before
-  any work, and a Verify its blob's bytes of its Verify budget (tenants.py): past either it is refused
-  (RESOURCE_EXHAUSTED).
+- Every Put, Lookup, Fetch, Delete, Verify and ReportQuality of a tenant takes a token of its request
+  bucket before any work, and a Verify its blob's bytes of its Verify budget (tenants.py): past either
+  it is refused (RESOURCE_EXHAUSTED).
 - A pinned entry (being streamed out, or waiting on the data port) is never evicted.
 - A full disk refuses writes, never reads: a Put the store refuses (store.DiskFull) is TooLarge
   (RESOURCE_EXHAUSTED) and makes room, oldest entries first, a share at a time, until the disk would
@@ -56,7 +58,7 @@ import crc32c
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import wire
 
-from . import scrub, validate
+from . import scrub, steps, validate
 from .entries import NamespaceKey, Usage, entry_id, record_size, split_record
 from .errors import Corrupt, InvalidRequest, NotFound, TooLarge, Unavailable
 from .eviction import EvictionPolicy
@@ -66,8 +68,9 @@ from .ledger import Ledger
 from .limits import Limits
 from .metrics import Metrics
 from .pins import PinnedChunks, Pins
+from .quality import GuardSettings, QualityGuard, checked_samples
 from .ranking import Gathered, Ranker, Ranking, decide
-from .steps import StepTable
+from .steps import Entry, StepTable, TableRegistry, Tables
 from .store import DiskFull, NamespaceInfo, PendingPut, Store, folder_bytes
 from .tenants import TenantLimits, fair_share
 from .validate import LookupQuery
@@ -145,7 +148,7 @@ class PutSession:
 
 class Cache:
     def __init__(self, store: Store, index: VectorIndex, policy: EvictionPolicy, steps: StepTable,
-                 metrics: Metrics, limits: Limits, shared_index: bool = False):
+                 metrics: Metrics, limits: Limits, shared_index: bool = False, guard: GuardSettings | None = None):
         self.store = store
         # The index is a cluster's, shared with the other daemons (a Qdrant server): its points carry
         # their records; this daemon's reconciliation adds its own entries' points and never removes one
@@ -164,7 +167,9 @@ class Cache:
         self._ledger = Ledger(policy, metrics, limits)
         self._pins = Pins()
         self.steps = steps
-        self._ranker = Ranker(index, store, steps)
+        self.registry = TableRegistry(steps, self._persist_tables)
+        self.quality = QualityGuard(self.registry, guard or GuardSettings(), metrics)
+        self._ranker = Ranker(index, store, self.registry)
         self.events = CacheEvents()
         self.data_dir = Path(store.path).parent  # build.open_cache keeps the store in <data_dir>/store
         self._made_room_at = -MAKE_ROOM_EVERY_S
@@ -200,6 +205,7 @@ class Cache:
                       "short after they were acknowledged, and its recovery dropped them", self.store.lost_puts)
         namespaces = self.store.namespaces()
         ledger.restore_namespaces(namespaces)
+        self.registry.load(self.store.step_tables())
         self._indexed_namespaces = self.index.namespaces()
         stored: dict[str, set[str]] = {ns_key: set() for ns_key in self._indexed_namespaces}
         keys: dict[bytes, str] = {}  # a namespace's encoding -> its key: one sha256 per namespace, not per entry
@@ -371,7 +377,11 @@ class Cache:
     def lookup(self, request: pb.LookupRequest) -> pb.LookupResponse:
         self.tenants.request(request.namespace.tenant)
         query = self.lookup_query(request)
-        return self.publish(query, decide(query, self.gather(query), self.steps))
+        return self.publish(query, decide(query, self.gather(query), self.tables_for(query)))
+
+    def tables_for(self, query: LookupQuery) -> Tables:
+        """The step tables the query's namespace ranks by (its own, or the flags')."""
+        return self.registry.tables(query.ns.key, query.ns.name)
 
     def lookup_query(self, request: pb.LookupRequest) -> LookupQuery:
         """The request checked (validate.lookup_query), against this node's dimension of its namespace."""
@@ -398,6 +408,61 @@ class Cache:
             self.metrics.misses.labels(label, ranking.miss_reason).inc()
             return pb.LookupResponse(miss_reason=ranking.miss_reason)
         return pb.LookupResponse(candidates=ranking.candidates)
+
+    # ---- step tables and the quality guard (docs/step_tables.md) ----
+    def set_step_tables(self, request: pb.SetStepTablesRequest) -> pb.StepTablesResponse:
+        """Set the namespace's own tables (checked: steps.checked), or with `reset` drop them (back to the
+        flags); the guard's figures of the namespace restart. Persisted before they apply; the answer is
+        the effective tables. The caller is an admin (the server checks). The namespace need hold no
+        entry: tables may be calibrated before it serves."""
+        ns = validate.namespace_of(request)
+        tables = None if request.reset else steps.checked(request.tables, self.steps.composed_max_fraction)
+        with self.registry.lock:
+            self.registry.put(ns.key, None if tables is None else Entry(ns.name, tables, tables))
+            self.quality.forget(ns.key)
+        log.info("step tables of namespace %s %s", ns.name, "reset to the flags'" if tables is None else "set")
+        return self.quality.describe(ns, request.namespace.total_steps)
+
+    def step_tables(self, request: pb.StepTablesRequest) -> pb.StepTablesResponse:
+        ns = validate.namespace_of(request)
+        return self.quality.describe(ns, request.namespace.total_steps)
+
+    def copy_step_tables(self, namespace: pb.Namespace, admin: pb.StepTables | None,
+                         current: pb.StepTables | None) -> pb.StepTablesResponse:
+        """Another cluster member's tables for the namespace (NodeService.CopyStepTables): `admin` those
+        set (None: the flags'), `current` those in use (None: back to the flags), checked and stored as
+        they are; this node's guard figures of the namespace restart."""
+        request = pb.StepTablesRequest(namespace=namespace)
+        ns = validate.namespace_of(request)
+        cap, most = self.steps.composed_max_fraction, steps.MAX_TIERS ** 2  # derived composed lists are longer
+        entry = None
+        if current is not None:
+            entry = Entry(ns.name, steps.checked(admin, cap, most) if admin is not None else None,
+                          steps.checked(current, cap, most))
+        with self.registry.lock:
+            self.registry.put(ns.key, entry)
+            self.quality.forget(ns.key)
+        return self.quality.describe(ns, namespace.total_steps)
+
+    def report_quality(self, request: pb.ReportQualityRequest, *, charge: bool = True) -> pb.ReportQualityResponse:
+        """A worker's paired quality losses for the guard (quality.py). `charge`: a request token of the
+        tenant, like any call (a cluster's deciding member is not charged again). Only namespaces the
+        daemon holds, or that have tables of their own, keep figures (any client can make up names, and
+        figures cost memory): other samples are stale."""
+        ns = validate.namespace_of(request)
+        if charge:
+            self.tenants.request(request.namespace.tenant)
+        samples = checked_samples(request)
+        if self._ledger.namespace(ns.key) is None and self.registry.entry(ns.key) is None:
+            return self.quality.unused(samples)
+        return self.quality.report(ns, request.namespace.total_steps, samples)
+
+    def _persist_tables(self, ns_key: str, value: bytes | None) -> None:
+        try:
+            self.store.put_step_tables(ns_key, value)
+        except DiskFull as exc:
+            self.metrics.refused_writes.labels("step_tables").inc()
+            raise TooLarge(f"{exc}; the step tables are unchanged, try again later") from exc
 
     # ---- fetch ----
     def fetch(self, request: pb.FetchRequest, *, charge: bool = True) -> tuple[pb.FetchHeader, PinnedChunks]:

@@ -144,6 +144,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("composed_max_fraction", float, 0.1,
            "Composed hits (object and background from two entries) skip at most this fraction of the "
            "total steps (0 turns them off, 1 leaves only the table's limit)."),
+    Option("guard_max_loss", float, 0.0,
+           "Online quality guard (ReportQuality, docs/step_tables.md): the quality loss in points a namespace's "
+           "hits may cost; a step-table tier whose reported losses exceed it (by their lower confidence bound) "
+           "grants fewer steps. 0: off, unless a namespace's own tables set max_loss."),
+    Option("guard_min_samples", int, 20,
+           "Quality guard: samples a tier needs at its current grant before the guard changes it (three times as "
+           "many before it raises one back)."),
+    Option("guard_confidence", float, 0.95,
+           "Quality guard: confidence of the bounds on a tier's mean loss (normal: mean -/+ z x sd / sqrt(n)); "
+           "the lower one must exceed the budget to lower a tier, the upper be within half of it to raise one."),
+    Option("guard_step_fraction", float, 0.1,
+           "Quality guard: how much of the total steps one change lowers or raises a tier's fraction by."),
     Option("index_backend", str, "edge", "Vector index: embedded Qdrant Edge shard, or a Qdrant server.",
            ("edge", "qdrant")),
     Option("qdrant_url", str, "", "index_backend=qdrant: server or cluster URL, e.g. http://qdrant:6333."),
@@ -176,8 +188,8 @@ OPTIONS: tuple[Option, ...] = (
            "Namespaces one tenant may hold; a Put that would create one more for it is refused "
            "(RESOURCE_EXHAUSTED). 0: no per-tenant limit (max_namespaces still applies)."),
     Option("tenant_requests_per_second", float, 0.0,
-           "Put, PutDirect, Lookup, Fetch, FetchDirect, Delete and Verify calls per second one tenant may make "
-           "(a token bucket); past it RESOURCE_EXHAUSTED. 0: no limit."),
+           "Put, PutDirect, Lookup, Fetch, FetchDirect, Delete, Verify and ReportQuality calls per second one "
+           "tenant may make (a token bucket); past it RESOURCE_EXHAUSTED. 0: no limit."),
     Option("tenant_request_burst", int, 100,
            "tenant_requests_per_second: the bucket's capacity, the calls a tenant may make at once after a pause."),
     Option("verify_bytes_per_second", parse_size, "64MiB",
@@ -290,6 +302,10 @@ class Config:
     skip_thresholds: tuple[tuple[float, float], ...]
     skip_thresholds_by_namespace: dict[str, tuple[tuple[float, float], ...]]
     composed_max_fraction: float
+    guard_max_loss: float
+    guard_min_samples: int
+    guard_confidence: float
+    guard_step_fraction: float
     index_backend: str
     qdrant_url: str
     qdrant_api_key: str
@@ -380,6 +396,14 @@ def _check(config: Config) -> Config:
         raise ConfigError(f"utility_prior_steps must be at least 0, not {config.utility_prior_steps}")
     if not 0 <= config.composed_max_fraction <= 1:
         raise ConfigError("composed_max_fraction must be between 0 and 1")
+    if not 0 <= config.guard_max_loss < float("inf"):
+        raise ConfigError(f"guard_max_loss must be a number of at least 0 (0: off), not {config.guard_max_loss}")
+    if config.guard_min_samples < 1:
+        raise ConfigError(f"guard_min_samples must be at least 1, not {config.guard_min_samples}")
+    if not 0.5 <= config.guard_confidence < 1:
+        raise ConfigError(f"guard_confidence must be at least 0.5 and below 1, not {config.guard_confidence}")
+    if not 0 < config.guard_step_fraction <= 1:
+        raise ConfigError(f"guard_step_fraction must be above 0 and at most 1, not {config.guard_step_fraction}")
     if config.data_listen not in ("", "auto") and not re.fullmatch(r".+:\d{1,5}", config.data_listen):
         raise ConfigError(f"data_listen must be host:port, 'auto' or empty, not {config.data_listen!r}")
     if config.workers < 1:

@@ -174,7 +174,8 @@ class Metrics:
                              "store's reserve, or RocksDB out of space), else 0.")
         self.refused_writes = add(Counter, "flexcache_refused_writes_total",
                                   "Writes refused because the disk was full, by write: put (answered "
-                                  "RESOURCE_EXHAUSTED) or usage (a fetch's usage record, skipped; the fetch served).",
+                                  "RESOURCE_EXHAUSTED), usage (a fetch's usage record, skipped; the fetch served) or "
+                                  "step_tables (a SetStepTables or a guard change, answered RESOURCE_EXHAUSTED).",
                                   ("write",))
         self.lost = add(Counter, "flexcache_lost_entries_total",
                         "Acknowledged puts found missing at startup: RocksDB's write-ahead log was damaged or cut "
@@ -244,6 +245,15 @@ class Metrics:
                                "and method; a Gather is also counted when the lookup went on without it (it had not "
                                "answered hedge_seconds after all but replication_factor - 1 peers had).",
                                ("peer", "method"))
+        self.guard_samples = add(Counter, "flexcache_guard_samples_total",
+                                 "Quality samples workers reported (ReportQuality), by table (whole, composed, "
+                                 "partial_object, partial_background) and result: accepted (taken at the tier's "
+                                 "current grant: counted by the online quality guard) or stale (another grant, or a "
+                                 "namespace the daemon keeps no figures for: not used).", ("table", "result"))
+        self.guard_changes = add(Counter, "flexcache_guard_changes_total",
+                                 "Step-table tiers the online quality guard changed, by table and direction: lower "
+                                 "(the loss's upper bound was above max_loss) or raise (at most half of it, up to the "
+                                 "tables last set).", ("table", "direction"))
         self.build_info = add(Gauge, "flexcache_build_info",
                               "Value 1, labelled with the daemon's version (the installed distribution's) and the "
                               "Python version it runs on.", ("version", "python"))

@@ -1,12 +1,16 @@
 """Ranking: a checked lookup -> the candidates a worker may start from, best first.
 
-Contract: `Ranker.rank` answers a validate.LookupQuery with a Ranking:
-- "hit": whole-prompt candidates, if any of the namespace's nearest "full" neighbours grants steps;
-- else "composed": object donors and background donors, if both parts match, all granted the
-  composite's steps (steps.composed_steps: never more than either part allows);
-- else "partial": one part's donors alone, if only that part matches and the request accepts it
-  (partial_roles), granted as the composite of the part with itself;
+Contract: `Ranker.rank` answers a validate.LookupQuery with a Ranking, by the namespace's step tables
+(steps.Tables: its own, or the flags'):
+- "hit": whole-prompt candidates, if any of the namespace's nearest "full" neighbours grants steps by
+  the whole table;
+- else "composed": object donors and background donors, if both parts have donors and the composed
+  table grants the best pair's similarities steps; every donor is granted at most that;
+- else "partial": one part's donors alone, if the request accepts that part alone (partial_roles) and
+  its partial table grants the best donor's similarity steps (the object's first, when both could);
 - else "miss", with why: "below_threshold" (neighbours, none close enough) or "empty_namespace".
+A part's donor qualifies when its similarity could grant something (Tables.part_steps: the composed
+table's marginal for that part, or its partial table when the request accepts the part alone).
 Candidates come most granted steps first, then most similar. An intermediate latent (blob.step = K)
 serves only requests granted at least K and grants exactly K, so the checkpoints of one prompt come
 back largest usable K first, as NIRVANA picks them; donors of a composite must be clean latents
@@ -24,9 +28,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from flexcache.v1 import cache_pb2 as pb
+from flexcache.v1 import wire
 
 from .index import Neighbor, VectorIndex
-from .steps import StepTable
+from .steps import TableRegistry, Tables
 from .store import Store
 from .validate import LookupQuery
 
@@ -93,36 +98,46 @@ def merge(query: LookupQuery, parts: Sequence[Gathered]) -> Gathered:
                     neighbors=any(p.neighbors for p in parts), known=any(p.known for p in parts))
 
 
-def decide(query: LookupQuery, gathered: Gathered, steps: StepTable) -> Ranking:
-    """The answer `Ranker.rank` documents, from what was gathered (on one node or merged from several)."""
+def decide(query: LookupQuery, gathered: Gathered, tables: Tables) -> Ranking:
+    """The answer `Ranker.rank` documents, from what was gathered (on one node or merged from several),
+    by the namespace's `tables`."""
     if gathered.full:
         return Ranking("hit", gathered.full[:query.top_k])
     if not gathered.known:
         return Ranking.miss("unknown_namespace")
     objects, backgrounds = gathered.objects, gathered.backgrounds
     total_steps = query.total_steps
+    k = 0
     if objects and backgrounds:
-        k = steps.composed_steps(objects[0].granted_steps, backgrounds[0].granted_steps, total_steps)
-    elif (objects and "object" in query.partial_roles) or (backgrounds and "background" in query.partial_roles):
-        k = (objects or backgrounds)[0].granted_steps
-        k = steps.composed_steps(k, k, total_steps)
+        k = tables.composed_steps(objects[0].similarity, backgrounds[0].similarity, total_steps)
+    if k:
+        result, donors = "composed", objects + backgrounds
     else:
-        k = 0
+        result, donors = "partial", []
+        for role, found in (("object", objects), ("background", backgrounds)):
+            if found and role in query.partial_roles:
+                k = tables.partial_steps(role, found[0].similarity, total_steps)
+                if k:
+                    donors = found
+                    break
     if not k:
         return Ranking.miss("below_threshold" if gathered.neighbors else "empty_namespace")
-    for candidate in objects + backgrounds:  # one of the two is empty on a partial hit
+    for candidate in donors:
         candidate.granted_steps = min(candidate.granted_steps, k)
-    return Ranking("composed" if objects and backgrounds else "partial", objects + backgrounds)
+    return Ranking(result, donors)
 
 
 class Ranker:
-    def __init__(self, index: VectorIndex, store: Store, steps: StepTable):
+    def __init__(self, index: VectorIndex, store: Store, registry: TableRegistry):
         self._index = index
         self._store = store
-        self._steps = steps
+        self._registry = registry
+
+    def tables(self, query: LookupQuery) -> Tables:
+        return self._registry.tables(query.ns.key, query.ns.name)
 
     def rank(self, query: LookupQuery) -> Ranking:
-        return decide(query, self.gather(query), self._steps)
+        return decide(query, self.gather(query), self.tables(query))
 
     def gather(self, query: LookupQuery) -> Gathered:
         """This node's candidates (`Gathered`); donors are searched only when no whole-prompt candidate
@@ -148,11 +163,13 @@ class Ranker:
                    role: int) -> list[pb.Candidate]:
         """The neighbours that grant steps in `role` (stored by one of the query's writers, if it names
         any), as at most `limit` candidates, best first."""
-        ns, total_steps = query.ns, query.total_steps
+        tables, total_steps = self.tables(query), query.total_steps
+        part = wire.ROLE_BY_ENUM[role] if role != pb.ROLE_FULL else ""
         candidates: list[pb.Candidate] = []
         for neighbor in neighbors:  # most similar first
             similarity = min(1.0, max(-1.0, neighbor.similarity))
-            granted = self._steps.granted_steps(similarity, total_steps, ns.name)
+            granted = (tables.part_steps(part, similarity, total_steps, part in query.partial_roles) if part
+                       else tables.whole_steps(similarity, total_steps))
             # No later neighbour can grant more than this one's table value (the table is monotone) nor
             # be more similar: once `limit` candidates grant at least that much, the rest cannot rank.
             if not granted or (len(candidates) >= limit

@@ -438,6 +438,22 @@ class CacheServicer:
             one_request(watch, requests, pb.StatsRequest)
             return own_stats(cache.stats(), who)
 
+    def SetStepTables(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.StepTablesResponse:
+        with self.call("SetStepTables", context) as (cache, watch, who):
+            request = one_request(watch, requests, pb.SetStepTablesRequest)
+            if not who.admin:
+                raise PermissionDenied("SetStepTables needs an admin credential (`flexcache tokens add --admin`): "
+                                       "a namespace's step tables decide what every tenant's hits may cost")
+            return cache.set_step_tables(request)
+
+    def GetStepTables(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.StepTablesResponse:
+        with self.call("GetStepTables", context) as (cache, watch, who):
+            return cache.step_tables(self._allowed(who, one_request(watch, requests, pb.StepTablesRequest)))
+
+    def ReportQuality(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.ReportQualityResponse:
+        with self.call("ReportQuality", context) as (cache, watch, who):
+            return cache.report_quality(self._allowed(who, one_request(watch, requests, pb.ReportQualityRequest)))
+
     def _allowed(self, who: Identity, request: M) -> M:
         """`request`, if its Namespace names a tenant `who` may use (PermissionDenied otherwise)."""
         self.access.check(who, request.namespace.tenant)  # type: ignore[attr-defined]

@@ -51,7 +51,8 @@ MAX_WRITERS = 64  # LookupRequest.writers entries
 _ENTRY_ID = re.compile(r"[0-9a-f]{64}")
 _ROLE_VALUES = frozenset(pb.Role.values())
 
-Namespaced = pb.PutHeader | pb.LookupRequest | pb.FetchRequest | pb.DeleteRequest | pb.VerifyRequest
+Namespaced = (pb.PutHeader | pb.LookupRequest | pb.FetchRequest | pb.DeleteRequest | pb.VerifyRequest
+              | pb.SetStepTablesRequest | pb.StepTablesRequest | pb.ReportQualityRequest)
 Addressed = pb.FetchRequest | pb.DeleteRequest | pb.VerifyRequest  # requests that name one entry
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flexcache.client import CacheBase, Candidate, Fetched, Hit, LocalCache, LookupResult
+from flexcache.client import CacheBase, Candidate, Fetched, Hit, LocalCache, LookupResult, QualitySample, StepTables
 from flexcache.v1 import cache_pb2 as pb
 from tests.conftest import NS, connect
 from tests.vectors import DIM, at_similarity, unit
@@ -205,16 +205,35 @@ def scripted() -> list[tuple[str, Op]]:
         ("delete a again", by_id("a", "delete")),
         ("delete a malformed id", lambda c: c.delete("nope")),
         ("lookup a, deleted", lambda c: c.lookup(a, top_k=3)),
+        # step tables (docs/step_tables.md): the flags', set, refused, reported on, reset
+        ("step tables, the flags'", lambda c: c.step_tables()),
+        ("set step tables", lambda c: c.set_step_tables(StepTables(whole=((0.9, 0.3), (0.6, 0.1)),
+                                                                   partial_object=((0.8, 0.2),), max_loss=1.5))),
+        ("lookup b by the set table", lambda c: c.lookup(at_similarity(b, 0.93, 10), top_k=2)),
+        ("lookup partial object by the set table",
+         lambda c: c.lookup(unit(20), object_vector=at_similarity(dog, 0.85, 11), partial_roles=("object",))),
+        ("set step tables, not monotone", lambda c: c.set_step_tables(StepTables(whole=((0.9, 0.1), (0.6, 0.3))))),
+        ("set step tables, NaN", lambda c: c.set_step_tables(StepTables(whole=((float("nan"), 0.1),)))),
+        ("report quality", lambda c: c.report_quality([QualitySample("whole", 0.93, 0.0, 15, 0.5),
+                                                       QualitySample("whole", 0.93, 0.0, 20, 0.5),
+                                                       QualitySample("composed", 0.95, 0.7, 5, -0.2)])),
+        ("report quality, unknown table", lambda c: c.report_quality([QualitySample("nope", 0.9, 0.0, 1, 0.0)])),
+        ("step tables, set", lambda c: c.step_tables()),
+        ("reset step tables", lambda c: c.reset_step_tables()),
         ("stats at the end", lambda c: c.stats()),
     ]
     return ops
 
 
 def test_scripted_operations_agree(pair: tuple[CacheBase, CacheBase]) -> None:
-    answers = run(pair, scripted())
+    ops = scripted()
+    answers = run(pair, ops)
     assert any(isinstance(a, tuple) and a[0] == "hit" and a[1] == "composed" for a in answers)  # the script reaches
     assert any(isinstance(a, tuple) and a[0] == "hit" and a[1] == "partial" for a in answers)   # every kind of hit
     assert None in answers
+    assert [a.source for a in answers if isinstance(a, StepTables)] == ["flags", "admin", "admin", "flags"]
+    by_name = {name: answer for (name, _), answer in zip(ops, answers, strict=True)}
+    assert by_name["report quality"] == 2  # the whole sample at the set table's K 15 and the composed one
 
 
 @dataclass

@@ -157,6 +157,7 @@ class ClusterNode:
         self.hedge_s = hedge_s
         self.transfer_timeout_s = transfer_timeout_s
         self.pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="peer")
+        self._tables_lock = threading.Lock()  # one copy of step tables to the members at a time
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -249,7 +250,7 @@ class ClusterNode:
         parts += self._gathered(answers, pending, waiting)
         if peers:
             self.metrics.fanout.labels("Lookup").observe(time.perf_counter() - started)
-        return self.cache.publish(query, decide(query, merge(query, parts), self.cache.steps))
+        return self.cache.publish(query, decide(query, merge(query, parts), self.cache.tables_for(query)))
 
     def _gathered(self, answers: queue.Queue[tuple[Peer, grpc.Future]], pending: dict[int, grpc.Future],
                   waiting: dict[int, Peer]) -> list[Gathered]:
@@ -388,6 +389,67 @@ class ClusterNode:
 
     def stats(self) -> pb.StatsResponse:
         return self.cache.stats()
+
+    # ---- step tables and quality reports (docs/step_tables.md, "In a cluster") ----
+    def set_step_tables(self, request: pb.SetStepTablesRequest) -> pb.StepTablesResponse:
+        """Set (or reset) here, then copy to every other member that holds entries."""
+        answer = self.cache.set_step_tables(request)
+        self.copy_tables(request.namespace)
+        return answer
+
+    def step_tables(self, request: pb.StepTablesRequest) -> pb.StepTablesResponse:
+        """This node's: every member uses the same tables; the guard's figures are the deciding member's."""
+        return self.cache.step_tables(request)
+
+    def report_quality(self, request: pb.ReportQualityRequest) -> pb.ReportQualityResponse:
+        """One member decides for a namespace, so that its samples count in one place: the first of the
+        serving members in placement order for the namespace's key. Another member forwards the report
+        there (NodeService.ReportQualityLocal); if that member cannot be reached, this one decides."""
+        ns = validate.namespace_of(request)
+        self.cache.tenants.request(request.namespace.tenant)
+        order = placement.ranked(ns.key, self.membership.placement())
+        decider = self.membership.peer(order[0]) if order and order[0] != self.node_id else None
+        if decider is not None:
+            try:
+                return decider.stub.ReportQualityLocal(request, timeout=self.timeout_s, metadata=self.metadata)
+            except grpc.RpcError as exc:
+                self._failed(decider, "ReportQualityLocal", exc)
+                error = _peer_error(exc, decider.node_id)
+                if not isinstance(error, Unavailable):
+                    raise error from None
+        return self.decide_quality(request)
+
+    def decide_quality(self, request: pb.ReportQualityRequest) -> pb.ReportQualityResponse:
+        """The samples counted by this node's guard (not charged again); tables it changed are copied
+        to the other members."""
+        ns = validate.namespace_of(request)
+        before = self.cache.quality.changes(ns.key)
+        answer = self.cache.report_quality(request, charge=False)
+        if self.cache.quality.changes(ns.key) != before:
+            self.copy_tables(request.namespace)
+        return answer
+
+    def copy_tables(self, namespace: pb.Namespace) -> None:
+        """This node's tables of the namespace to every other member that holds entries, at once
+        (NodeService.CopyStepTables). A member it cannot reach keeps what it had (counted in
+        peer_errors, and logged): it gets the tables with the namespace's next change."""
+        ns_key = validate.namespace_of(pb.StepTablesRequest(namespace=namespace)).key
+        with self._tables_lock:  # concurrent changes reach every member in the order they were made here
+            own = self.cache.registry.entry(ns_key)
+            copy = npb.StepTablesCopy(namespace=namespace)
+            if own is not None:
+                copy.current.CopyFrom(own.current.to_proto())
+                if own.admin is not None:
+                    copy.admin.CopyFrom(own.admin.to_proto())
+            calls = [(peer, peer.stub.CopyStepTables.future(copy, timeout=self.timeout_s, metadata=self.metadata))
+                     for peer in self.membership.peers()]
+            for peer, call in calls:
+                try:
+                    call.result()
+                except grpc.RpcError as exc:
+                    self._failed(peer, "CopyStepTables", exc)
+                    log.warning("cluster: the step tables of a namespace did not reach %s (%s); it keeps its own "
+                                "until the namespace's next change", peer.node_id, _peer_error(exc, peer.node_id))
 
     # ---- NodeService: this node alone ----
     def hello(self) -> npb.HelloResponse:

@@ -135,6 +135,20 @@ class NodeServicer:
             return npb.DrainResponse(state=npb.NODE_DRAINING, entries=cache.entry_count())
         return self._unary("Drain", requests, context, npb.DrainRequest, drain)  # type: ignore[return-value]
 
+    def CopyStepTables(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.StepTablesResponse:
+        def copy(cache: Cache, r: npb.StepTablesCopy) -> pb.StepTablesResponse:
+            return cache.copy_step_tables(r.namespace, r.admin if r.HasField("admin") else None,
+                                          r.current if r.HasField("current") else None)
+        return self._unary("CopyStepTables", requests, context, npb.StepTablesCopy, copy)  # type: ignore[arg-type,return-value]
+
+    def ReportQualityLocal(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.ReportQualityResponse:
+        def report(cache: Cache, r: pb.ReportQualityRequest) -> pb.ReportQualityResponse:
+            if self.cluster is not None:
+                return self.cluster.node.decide_quality(r)
+            return cache.report_quality(r, charge=False)
+        return self._unary("ReportQualityLocal", requests, context, pb.ReportQualityRequest,  # type: ignore[return-value]
+                           report)  # type: ignore[arg-type]
+
     def Backup(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> npb.BackupResponse:
         return self._unary("Backup", requests, context, npb.BackupRequest,  # type: ignore[return-value]
                            lambda cache, r: backup.backup(cache.store, backup.within(self.backup_dir, r.path),

@@ -1,13 +1,15 @@
 """What both sides of the wire must agree on beyond cache.proto: message limits, role names, the
 encoding of a FetchResponse chunk frame that the daemon writes by hand and the client reads without
-a copy (`encode_chunk` / `decode_chunk`), the data port's frames (HELLO, a put's reply), and the rules
-for a usable blob info (`blob_problem`) and object mask (`mask_problem`)."""
+a copy (`encode_chunk` / `decode_chunk`), the data port's frames (HELLO, a put's reply), the rules
+for a usable blob info (`blob_problem`) and object mask (`mask_problem`), and how a step table's
+fraction becomes K and its tiers travel (`steps_of`, `decimal`, `step_tables` / `step_table_lists`)."""
 
 from __future__ import annotations
 
 import math
 import re
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -149,3 +151,41 @@ def mask_problem(mask: pb.Mask) -> str | None:
     if len(mask.bits) != (cells + 7) // 8:
         return f"bits are {len(mask.bits)} bytes, shape {shape} needs {(cells + 7) // 8}"
     return None
+
+
+# ---- step tables (docs/step_tables.md) ----
+STEP_TABLES = ("whole", "composed", "partial_object", "partial_background")  # also QualitySample.table
+
+
+def steps_of(fraction: float, total_steps: int) -> int:
+    """K for a fraction of N steps: round(fraction x N), at most N - 1 (a hit leaves a step to run)."""
+    return max(0, min(total_steps - 1, round(fraction * total_steps)))
+
+
+def decimal(value: float) -> float:
+    """A float32 off the wire as the decimal it was written as (0.1, not 0.10000000149): what both sides
+    hold and compare, so a fraction sent as 0.3 grants what 0.3 of the flags would, and a sample at 0.95
+    meets a 0.95 tier."""
+    return float(f"{value:.7g}")
+
+
+def step_tables(whole: Sequence[Sequence[float]], composed: Sequence[Sequence[float]],
+                partial_object: Sequence[Sequence[float]], partial_background: Sequence[Sequence[float]],
+                max_loss: float) -> pb.StepTables:
+    """Tier lists -> the message: (min_similarity, fraction) and, composed, (min_object, min_background, fraction)."""
+    def tiers(values: Sequence[Sequence[float]]) -> list[pb.StepTier]:
+        return [pb.StepTier(min_similarity=s, fraction=f) for s, f in values]
+    return pb.StepTables(whole=tiers(whole), partial_object=tiers(partial_object),
+                         partial_background=tiers(partial_background), max_loss=max_loss,
+                         composed=[pb.ComposedTier(min_object_similarity=o, min_background_similarity=b, fraction=f)
+                                   for o, b, f in composed])
+
+
+def step_table_lists(message: pb.StepTables) -> tuple[tuple, tuple, tuple, tuple, float]:
+    """The message -> (whole, composed, partial_object, partial_background, max_loss), numbers as `decimal`s."""
+    def tiers(values: Sequence[pb.StepTier]) -> tuple[tuple[float, float], ...]:
+        return tuple((decimal(v.min_similarity), decimal(v.fraction)) for v in values)
+    composed = tuple((decimal(v.min_object_similarity), decimal(v.min_background_similarity), decimal(v.fraction))
+                     for v in message.composed)
+    return (tiers(message.whole), composed, tiers(message.partial_object), tiers(message.partial_background),
+            decimal(message.max_loss))

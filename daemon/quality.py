@@ -1,0 +1,221 @@
+"""The online quality guard: workers report the paired quality loss of hits (ReportQuality), and each
+namespace's step tables follow what the reports show (docs/step_tables.md). Not guard.py, which
+guards calls.
+
+Rule, per namespace, table and tier: running statistics (n, mean, variance) of the losses of the
+samples taken at the tier's current grant (a sample granted another K is stale: counted, not used),
+and the confidence bounds mean -/+ z x sd / sqrt(n), z of `confidence`. After a sample, with
+n >= min_samples:
+
+- lower bound above the namespace's max_loss (the reports show, at that confidence, that the tier's
+  hits cost more than the budget): the tier's fraction drops by `step_fraction` (at 0 it grants
+  nothing: a miss), every tier it dominates (asks for no more similarity) drops to at most that, so
+  the table stays monotone; the changed tiers' statistics restart;
+- else, with n >= 3 x min_samples and the upper bound at most half of max_loss: the fraction rises by
+  `step_fraction`, never above the fraction it had in the tables last set (by an admin or the flags:
+  the guard only gives back what it took) nor above a tier that dominates it; its statistics restart.
+
+The guard acts on evidence, not on its absence: a quality score of one clip is noisy (on the
+reference model two samples of one prompt differ by ~20 points), so a rule that lowered a tier
+until its upper bound were within a 1-point budget would lower every tier to nothing within a few
+dozen samples, the cache's whole value with it; certifying a table is calibration's job
+(flexcache.client.calibration), with as many trials as it takes. Here a tier is lowered once the
+reports show it too costly, and given back only once they show it well within the budget.
+
+Each change is a log line, a metric and persisted tables (source "guard"). The guard's figures live
+in memory only: a restart keeps the tables it reached, not its counts. It takes the registry's lock
+(steps.TableRegistry), never the cache's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+from flexcache.v1 import cache_pb2 as pb
+
+from .entries import NamespaceKey
+from .errors import InvalidRequest
+from .metrics import Metrics
+from .steps import TABLES, Entry, TableRegistry, Tables, composed_tier_of, decimal, steps_of, tier_of
+
+log = logging.getLogger(__name__)
+
+MAX_SAMPLES = 1024  # QualitySample entries per ReportQuality
+MAX_LOSS = 1e6  # |loss| in points: past any score scale, so one report cannot swamp a mean
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """guard_max_loss (0: off unless a namespace's tables set max_loss), guard_min_samples,
+    guard_confidence and guard_step_fraction (config.py)."""
+
+    max_loss: float = 0.0
+    min_samples: int = 20
+    confidence: float = 0.95
+    step_fraction: float = 0.1
+
+    @property
+    def z(self) -> float:
+        return NormalDist().inv_cdf(self.confidence)
+
+
+@dataclass
+class Bin:
+    """Welford's running mean and variance of one tier's losses at its current grant."""
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, loss: float) -> None:
+        self.n += 1
+        delta = loss - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (loss - self.mean)
+
+    def margin(self, z: float) -> float:
+        """z standard errors of the mean."""
+        sd = math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else 0.0
+        return z * sd / math.sqrt(self.n) if self.n else math.inf
+
+    def bound(self, z: float) -> float:
+        """The upper confidence bound of the mean loss."""
+        return self.mean + self.margin(z)
+
+    def lower(self, z: float) -> float:
+        """The lower confidence bound."""
+        return self.mean - self.margin(z)
+
+
+def dominated(tiers: tuple[tuple[float, ...], ...], i: int) -> list[int]:
+    """The tiers that `tiers[i]` dominates (it asks for at least their similarity, in every part)."""
+    return [j for j, tier in enumerate(tiers) if j != i and all(a >= b for a, b in zip(tiers[i][:-1], tier[:-1],
+                                                                                      strict=True))]
+
+
+def dominating(tiers: tuple[tuple[float, ...], ...], i: int) -> list[int]:
+    """The tiers that dominate `tiers[i]`."""
+    return [j for j, tier in enumerate(tiers) if j != i and all(a >= b for a, b in zip(tier[:-1], tiers[i][:-1],
+                                                                                     strict=True))]
+
+
+def checked_samples(request: pb.ReportQualityRequest) -> list[pb.QualitySample]:
+    """The report's samples, bounded and checked (InvalidRequest naming the first bad one)."""
+    if len(request.samples) > MAX_SAMPLES:
+        raise InvalidRequest(f"samples has {len(request.samples)} entries, above {MAX_SAMPLES}")
+    for i, sample in enumerate(request.samples):
+        if sample.table not in TABLES:
+            raise InvalidRequest(f"samples[{i}].table {sample.table[:40]!r} is not one of {', '.join(TABLES)}")
+        values = (sample.similarity, sample.background_similarity, sample.loss)
+        if not all(math.isfinite(v) for v in values):
+            raise InvalidRequest(f"samples[{i}] has a NaN or infinite value")
+        if abs(sample.loss) > MAX_LOSS:
+            raise InvalidRequest(f"samples[{i}].loss {sample.loss:g} is beyond +-{MAX_LOSS:g} points")
+    return list(request.samples)
+
+
+class QualityGuard:
+    """The guard over every namespace's tables in `registry` (the module docstring has the rule)."""
+
+    def __init__(self, registry: TableRegistry, settings: GuardSettings, metrics: Metrics):
+        self.registry = registry
+        self.settings = settings
+        self._z = settings.z
+        self._metrics = metrics
+        self._bins: dict[tuple[str, str, int], Bin] = {}  # (namespace key, table, tier): since the last change
+        self._changes: dict[str, int] = {}  # namespace key -> changes since this start
+
+    def max_loss(self, tables: Tables) -> float:
+        return tables.max_loss or self.settings.max_loss
+
+    def report(self, ns: NamespaceKey, total_steps: int, samples: list[pb.QualitySample]) -> pb.ReportQualityResponse:
+        """Take a report's samples: (accepted, stale) in the answer; each accepted one may change a tier."""
+        answer = pb.ReportQualityResponse()
+        with self.registry.lock:
+            for sample in samples:
+                tables = self.registry.tables(ns.key, ns.name)
+                tiers = tables.list_of(sample.table)
+                similarity = decimal(sample.similarity)  # as the tables' minima: 0.95 meets a tier of 0.95
+                tier = (composed_tier_of(tables.composed, similarity, decimal(sample.background_similarity))
+                        if sample.table == "composed" else tier_of(tiers, similarity))
+                if tier is None or steps_of(tiers[tier][-1], total_steps) != sample.granted_steps:
+                    answer.stale += 1
+                    self._metrics.guard_samples.labels(sample.table, "stale").inc()
+                    continue
+                answer.accepted += 1
+                self._metrics.guard_samples.labels(sample.table, "accepted").inc()
+                key = (ns.key, sample.table, tier)
+                stats = self._bins.setdefault(key, Bin())
+                stats.add(sample.loss)
+                self._decide(ns, total_steps, tables, sample.table, tier, stats)
+        return answer
+
+    def unused(self, samples: list[pb.QualitySample]) -> pb.ReportQualityResponse:
+        """Samples the guard does not keep figures for: all stale."""
+        for sample in samples:
+            self._metrics.guard_samples.labels(sample.table, "stale").inc()
+        return pb.ReportQualityResponse(stale=len(samples))
+
+    def _decide(self, ns: NamespaceKey, total_steps: int, tables: Tables, table: str, tier: int, stats: Bin) -> None:
+        budget = self.max_loss(tables)
+        if budget <= 0 or stats.n < self.settings.min_samples:
+            return
+        bound, lower = stats.bound(self._z), stats.lower(self._z)
+        tiers = tables.list_of(table)
+        fractions = [t[-1] for t in tiers]
+        old = fractions[tier]
+        if lower > budget:
+            if old <= 0:
+                return
+            new = max(0.0, round(old - self.settings.step_fraction, 6))
+            changed = [tier] + [j for j in dominated(tiers, tier) if fractions[j] > new]
+            for j in changed:
+                fractions[j] = min(fractions[j], new)
+            direction = "lower"
+        elif stats.n >= 3 * self.settings.min_samples and bound <= budget / 2:
+            base = self.registry.base(ns.key, ns.name).list_of(table)
+            ceiling = min([base[tier][-1]] + [fractions[j] for j in dominating(tiers, tier)])
+            new = min(ceiling, round(old + self.settings.step_fraction, 6))
+            if new <= old:
+                return
+            fractions[tier] = new
+            changed = [tier]
+            direction = "raise"
+        else:
+            return
+        current = tables.with_fractions(table, fractions)
+        own = self.registry.entry(ns.key)
+        self.registry.put(ns.key, Entry(ns.name, own.admin if own else None, current))
+        for j in changed:
+            self._bins.pop((ns.key, table, j), None)
+        self._changes[ns.key] = self._changes.get(ns.key, 0) + 1
+        self._metrics.guard_changes.labels(table, direction).inc()
+        log.info("quality guard: namespace %s, %s tier %d: K %d -> %d (%d samples, mean loss %.3f, bounds %.3f to "
+                 "%.3f, max_loss %g)", ns.name, table, tier, steps_of(old, total_steps), steps_of(new, total_steps),
+                 stats.n, stats.mean, lower, bound, budget)
+
+    def changes(self, ns_key: str) -> int:
+        """Changes the guard made to the namespace's tables since this start."""
+        return self._changes.get(ns_key, 0)
+
+    def forget(self, ns_key: str) -> None:
+        """New tables were set: the statistics of the old ones say nothing about them. Under the lock."""
+        for key in [k for k in self._bins if k[0] == ns_key]:
+            del self._bins[key]
+
+    def describe(self, ns: NamespaceKey, total_steps: int) -> pb.StepTablesResponse:
+        """The namespace's effective tables, where they come from, and the guard's figures."""
+        with self.registry.lock:
+            tables = self.registry.tables(ns.key, ns.name)
+            answer = pb.StepTablesResponse(tables=tables.to_proto(), source=self.registry.source(ns.key),
+                                           guard_changes=self._changes.get(ns.key, 0))
+            for (ns_key, table, tier), stats in sorted(self._bins.items()):
+                if ns_key == ns.key:
+                    answer.bins.append(pb.GuardBin(
+                        table=table, tier=tier, granted_steps=steps_of(tables.list_of(table)[tier][-1], total_steps),
+                        samples=stats.n, mean_loss=stats.mean, upper_bound=stats.bound(self._z),
+                        lower_bound=stats.lower(self._z)))
+        return answer
