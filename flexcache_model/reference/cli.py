@@ -1,4 +1,4 @@
-"""`flexcache-model` command line: sample, render, parse, train.
+"""`flexcache-model` command line: sample, render, parse, train, calibrate.
 
 Bad input ends with a one-sentence error and exit code 2, never a traceback.
 """
@@ -96,6 +96,27 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(a: argparse.Namespace) -> int:
+    """flexcache-calibrate with the reference model as the sampler and its probe as the scorer."""
+    import logging
+
+    import torch
+
+    from flexcache.client.calibration import cli as calibration
+
+    from .calibration import ProbeScorer, ReferenceSampler
+    from .worker.worker import namespace_for
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(a.threads)
+    try:
+        return calibration.run(a, lambda: ReferenceSampler(total_steps=a.steps), ProbeScorer,
+                               lambda s: namespace_for(s.pipeline, s.total_steps))
+    except calibration.CalibrationError as e:
+        print(f"flexcache-model: error: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .checkpoint import CHECKPOINT_DIR
 
@@ -131,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--tiny", action="store_true", help="seconds-long smoke configuration")
     t.set_defaults(fn=_cmd_train)
+    c = sub.add_parser("calibrate", help="measure and fit step tables for the reference model (flexcache-calibrate)")
+    from flexcache.client.calibration.cli import add_arguments
+
+    add_arguments(c)
+    c.add_argument("--steps", type=int, default=50)
+    c.add_argument("--threads", type=int, default=1, help="torch threads")
+    c.set_defaults(fn=_cmd_calibrate)
     return ap
 
 
