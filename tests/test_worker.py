@@ -93,6 +93,34 @@ def test_nirvana_stores_five_checkpoints_and_serves_the_largest(daemon, pipeline
         worker.close()
 
 
+def test_shadow_samples_score_a_hit_against_scratch_and_report_it_to_the_guard(start_daemon, pipeline) -> None:
+    from flexcache.client.shadow import Shadow
+    from flexcache_model.reference.calibration import ProbeScorer
+
+    daemon = start_daemon(guard_max_loss=1.0)
+    scorer = ProbeScorer()
+    worker = DiffusionWorker.connect(pipeline, MODES["flexcache"], daemon.target, steps=STEPS, shadow=Shadow(1.0),
+                                     scorer=scorer)
+    try:
+        first = worker.run(Job(0, PROMPT, seed=1))
+        assert first.kind == "miss" and first.shadow_loss is None  # only hits have shadows
+        stats(worker)
+        hit = worker.run(Job(1, PROMPT, seed=2))
+        assert hit.kind == "full" and hit.shadow_loss is not None and hit.shadow_s > 0
+        video = pipeline.decode(torch.from_numpy(hit.x0)).numpy()
+        scratch = pipeline.decode(pipeline.sample(PROMPT, 2, STEPS)).numpy()
+        expected = scorer.score_batch([PROMPT] * 2, np.stack([scratch, video]))
+        assert hit.shadow_loss == pytest.approx(expected[0] - expected[1], abs=1e-6)
+        worker.flush()  # the report goes out on the store thread
+        (fig,) = worker.cache.step_tables().bins
+        assert (fig.table, fig.granted_steps, fig.samples) == ("whole", hit.start_step, 1)
+        assert fig.mean_loss == pytest.approx(hit.shadow_loss, abs=1e-4)
+    finally:
+        worker.close()
+    with pytest.raises(ValueError, match="scorer"):
+        DiffusionWorker(pipeline, MODES["none"], None, shadow=Shadow(0.5))
+
+
 def test_a_dead_daemon_is_a_miss_and_the_worker_keeps_serving(pipeline, caplog) -> None:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

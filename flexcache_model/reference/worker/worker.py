@@ -9,6 +9,11 @@ turns every cache failure into a miss.
 Stores are off the request's path, as a serving worker would do them: the caller gets its video
 when decoding ends. At most `store_backlog` generations wait to be stored; beyond that a new one is
 dropped with a warning (the cache is an accelerator, never back-pressure on serving).
+
+With a `Shadow` and a scorer, a fraction of hits is also generated from scratch (same prompt, same
+seed) after the request's own video is done, both videos are scored and the paired loss is reported
+to the daemon's quality guard on the store thread (client/shadow.py). The shadow's time is counted
+apart (`Outcome.shadow_s`), since a serving fleet would spend it; the request's latency excludes it.
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from flexcache.client import CacheClient, Namespace
+from flexcache.client.base import Hit
 from flexcache.client.prompt_split import split_prompt
+from flexcache.client.shadow import Shadow, quality_sample
 from flexcache.client.stores import BackgroundStores
 from flexcache_model.reference.pipeline import Pipeline
 from flexcache_model.reference.rebuild import rebuild_for
@@ -53,6 +61,8 @@ class Outcome:
     x0: np.ndarray = field(repr=False)  # the generated clean latent, float32
     sources: tuple[str, ...] = ()  # entry ids the start latent came from
     similarity: float = 0.0  # of the whole-prompt match or the object donor
+    shadow_s: float = 0.0  # the shadow sample's generation and scoring, when this hit had one
+    shadow_loss: float | None = None  # its paired loss (score from scratch minus score of the served video)
 
 
 def namespace_for(pipeline: Pipeline, steps: int) -> Namespace:
@@ -66,7 +76,7 @@ class DiffusionWorker:
     """Serves one request at a time; `cache` is None in mode `none`."""
 
     def __init__(self, pipeline: Pipeline, mode: Mode, cache: CacheClient | None, steps: int = 50,
-                 store_backlog: int = 8) -> None:
+                 store_backlog: int = 8, shadow: Shadow | None = None, scorer: Any = None) -> None:
         if mode.uses_cache and cache is None:
             raise ValueError(f"mode {mode.name} needs a CacheClient")
         self.pipeline = pipeline
@@ -75,16 +85,20 @@ class DiffusionWorker:
         self.steps = steps
         self.rebuild = rebuild_for(pipeline)
         self._storer = BackgroundStores(store_backlog) if self.cache is not None else None
+        if shadow is not None and scorer is None:
+            raise ValueError("shadow samples need a scorer")
+        self.shadow, self.scorer = shadow, scorer
 
     @classmethod
-    def connect(cls, pipeline: Pipeline, mode: Mode, target: str | None, steps: int = 50) -> DiffusionWorker:
+    def connect(cls, pipeline: Pipeline, mode: Mode, target: str | None, steps: int = 50,
+                shadow: Shadow | None = None, scorer: Any = None) -> DiffusionWorker:
         """A worker with a client for `target` configured as the mode says (no client for `none`)."""
         cache = None
         if mode.uses_cache:
             if not target:
                 raise ValueError(f"mode {mode.name} needs a daemon address")
             cache = CacheClient(target, namespace_for(pipeline, steps), max_rel_error=mode.max_rel_error)
-        return cls(pipeline, mode, cache, steps)
+        return cls(pipeline, mode, cache, steps, shadow=shadow, scorer=scorer)
 
     def flush(self) -> None:
         """Wait until every generation handed to the store thread is stored (or failed)."""
@@ -101,7 +115,7 @@ class DiffusionWorker:
     def run(self, job: Job) -> Outcome:
         t0 = time.perf_counter()
         vector, parts = self._embed(job.prompt)
-        start, start_step, kind, sources, similarity = None, 0, "miss", (), 0.0
+        start, start_step, kind, sources, similarity, hit = None, 0, "miss", (), 0.0, None
         if self.cache is not None:
             # x_K is rebuilt with the request's own noise (modes.py says why), not the entry's stored seed
             hit = self.cache.get(vector, object_vector=parts[0], background_vector=parts[1], rebuild=self.rebuild,
@@ -117,7 +131,7 @@ class DiffusionWorker:
                                       return_trajectory=keep_trajectory)
         x0, trajectory = result if keep_trajectory else (result, None)
         t2 = time.perf_counter()
-        self.pipeline.decode(x0)  # the video a serving worker returns to its caller
+        video = self.pipeline.decode(x0)  # the video a serving worker returns to its caller
         t3 = time.perf_counter()
         steps_run = self.steps - start_step
         if self._storer is not None and start_step <= self.mode.admit_max_start * self.steps:
@@ -125,8 +139,23 @@ class DiffusionWorker:
             cache, mode, steps = self.cache, self.mode, self.steps
             self._storer.submit(lambda: store_generation(cache, mode, job.prompt, job.seed, x0, trajectory, vector,
                                                          parts, start_step, steps, step_seconds))
-        return Outcome(job.index, kind, start_step, steps_run, t3 - t0, t1 - t0, t2 - t1, t3 - t2,
-                       x0.numpy().astype(np.float32), sources, similarity)
+        outcome = Outcome(job.index, kind, start_step, steps_run, t3 - t0, t1 - t0, t2 - t1, t3 - t2,
+                          x0.numpy().astype(np.float32), sources, similarity)
+        if self.shadow is not None and self.shadow.wants(hit):
+            assert hit is not None
+            self._shadow(job, vector, video, hit, outcome)
+        return outcome
+
+    def _shadow(self, job: Job, vector: np.ndarray, video: torch.Tensor, hit: Hit, outcome: Outcome) -> None:
+        """Generate the request from scratch too, score both and report the loss (module docstring)."""
+        t0 = time.perf_counter()
+        scratch = self.pipeline.decode(self.pipeline.sample(vector, job.seed, self.steps))
+        scores = self.scorer.score_batch([job.prompt] * 2, torch.stack([scratch, video]).numpy())
+        outcome.shadow_loss = float(scores[0] - scores[1])
+        outcome.shadow_s = time.perf_counter() - t0
+        if self._storer is not None:
+            cache, sample = self.cache, quality_sample(hit, outcome.shadow_loss)
+            self._storer.submit(lambda: cache.report_quality([sample]))
 
     def _embed(self, prompt: str) -> tuple[np.ndarray, tuple[np.ndarray | None, np.ndarray | None]]:
         """The prompt's vector (also the denoiser's conditioning) and, for decoupled lookup, its parts'."""
