@@ -31,6 +31,10 @@ per scheduler family (`_Process`: schedule, rebuild, resume):
 Wan 2.2 (two transformers) and other pipelines or schedulers are refused when wrapped. torch and diffusers
 are imported when a pipeline is wrapped, never by `flexcache.client`.
 
+`DiffusersSampler(pipe, total_steps=N, **call)` is the calibration Sampler (flexcache.client.calibration) over
+the same machinery (`_Runner`, which CachedPipeline uses too): a generation is a miss, a resume a whole-prompt
+hit granted K, each exactly as a cached call runs it, so the step tables it calibrates hold for `cached()`.
+
 Never a dependency: a dead, slow or refusing daemon, an embedder that fails or a cached latent of the
 wrong shape is a miss (the client's one rate-limited warning, or this module's), and the call runs as
 the uncached pipeline would.
@@ -44,9 +48,9 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -54,7 +58,10 @@ from .base import CacheBase, Namespace
 from .optional import MissingExtra
 from .stores import BackgroundStores
 
-__all__ = ["CacheOutcome", "CachedPipeline", "cached", "minilm_embed", "namespace_for"]
+if TYPE_CHECKING:
+    from .calibration.sampler import Generated
+
+__all__ = ["CacheOutcome", "CachedPipeline", "DiffusersSampler", "cached", "minilm_embed", "namespace_for"]
 
 log = logging.getLogger("flexcache.client.diffusers")
 
@@ -314,6 +321,122 @@ ADAPTERS = {adapter.pipeline: adapter for adapter in (_Wan(), _CogVideoX())}
 SUPPORTED_PIPELINES = tuple(ADAPTERS)
 
 
+class _Runner:
+    """One pipeline's call machinery, shared by CachedPipeline and DiffusersSampler: the adapter and scheduler
+    checks when wrapped, binding a call to the pipeline's signature, drawing eps from the call's generator as
+    the pipeline would, the rebuild of x_K at the pipeline's own schedule and the run from step k that keeps
+    the final latent x0."""
+
+    def __init__(self, pipe: Any) -> None:
+        _require_diffusers()
+        name = type(pipe).__name__
+        if name not in ADAPTERS:
+            raise ValueError(f"flexcache.client.diffusers supports {', '.join(SUPPORTED_PIPELINES)}, not {name}")
+        self.adapter = ADAPTERS[name]
+        self.adapter.check(pipe)
+        self.adapter.process(pipe.scheduler)  # refuses a scheduler it cannot rebuild or resume
+        self.pipe = pipe
+        self.signature = inspect.signature(pipe.__call__)
+
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's arguments by name, the pipeline's defaults filled in (TypeError for what it does not take)."""
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        call = dict(bound.arguments)
+        call.pop("self", None)
+        call.update(call.pop("kwargs", {}) or {})
+        return call
+
+    def noise(self, call: dict[str, Any]) -> tuple[Any, int | None]:
+        """eps, exactly as the pipeline draws it (the adapter's rule, the call's generator), and the seed stored
+        with x0 (the generator's initial seed; one is made when the call gives none)."""
+        import torch
+
+        generator = call.get("generator")
+        if call.get("latents") is not None:
+            return self.adapter.noise(self.pipe, call, generator), (
+                generator.initial_seed() if generator is not None else None)
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(random.getrandbits(63))
+            call["generator"] = generator
+        return self.adapter.noise(self.pipe, call, generator), generator.initial_seed()
+
+    def rebuilder(self, eps: Any, total_steps: int) -> Callable[[Any, int], Any]:
+        """x0 (array-like, eps's shape) and K -> x_K: the scheduler family's forward process at the pipeline's
+        own schedule for `total_steps`, with eps, in float32, cast to eps's dtype."""
+        import torch
+
+        process = self.adapter.process(self.pipe.scheduler)
+        schedule = process.schedule(self.pipe.scheduler, total_steps, eps.device)
+
+        def rebuild(x0: Any, step: int) -> Any:
+            x0 = torch.as_tensor(np.asarray(x0, dtype=np.float32))
+            if tuple(x0.shape) != tuple(eps.shape):
+                raise ValueError(f"cached latent {tuple(x0.shape)} does not fit this call's {tuple(eps.shape)}")
+            return process.rebuild(schedule, x0.to(eps.device), eps.to(torch.float32), step).to(eps.dtype)
+
+        return rebuild
+
+    def denoise(self, call: dict[str, Any], outcome: CacheOutcome, *, start: Any, k: int) -> Any:
+        """Run the pipeline from step k (0: all steps; `start`: x_K, given to the pipeline as the adapter's
+        `latents=`), counting transformer calls and steps and keeping the final latent; the scheduler and
+        transformer are as they were afterwards, whatever happens."""
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+        pipe = self.pipe
+        if start is not None:
+            call["latents"] = self.adapter.as_latents(pipe, start)
+        scheduler = pipe.scheduler
+        process = self.adapter.process(scheduler) if k else None
+        own = scheduler.__dict__.get("set_timesteps")
+        original = scheduler.set_timesteps
+        clock = {"start": 0.0, "end": 0.0}
+
+        def set_timesteps(*a: Any, **kw: Any) -> None:
+            original(*a, **kw)
+            if process is not None:
+                process.resume(scheduler, k)
+            clock["start"] = time.perf_counter()
+
+        user_callback = call.get("callback_on_step_end")
+        inputs = list(call.get("callback_on_step_end_tensor_inputs") or ["latents"])
+        if isinstance(user_callback, PipelineCallback | MultiPipelineCallbacks):
+            inputs = list(user_callback.tensor_inputs)
+        if "latents" not in inputs:
+            inputs.append("latents")
+
+        def on_step_end(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            result: dict[str, Any] = {}
+            if user_callback is not None:
+                result = user_callback(p, i, t, kwargs) or {}
+            outcome.steps_run += 1
+            clock["end"] = time.perf_counter()
+            if i == len(scheduler.timesteps) - 1:
+                outcome.x0 = result.get("latents", kwargs["latents"]).detach().to("cpu", dtype=_float32()).clone()
+            return result
+
+        def count(*_: Any) -> None:
+            outcome.transformer_calls += 1
+
+        call["callback_on_step_end"] = on_step_end
+        call["callback_on_step_end_tensor_inputs"] = inputs
+        hooks = [m.register_forward_hook(count) for m in self.adapter.transformers(pipe)]
+        scheduler.set_timesteps = set_timesteps
+        outcome.start_step = k
+        try:
+            output = pipe(**call)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            if own is None:
+                del scheduler.set_timesteps
+            else:
+                scheduler.set_timesteps = own
+        outcome.denoise_seconds = max(0.0, clock["end"] - clock["start"])
+        outcome.step_seconds = outcome.denoise_seconds / max(outcome.steps_run, 1)
+        return output
+
+
 class CachedPipeline:
     """A diffusers pipeline with the cache in front of its denoising loop; call it as the pipeline.
 
@@ -324,20 +447,13 @@ class CachedPipeline:
 
     def __init__(self, pipe: Any, client: CacheBase, *, embed: Callable[[str], Any] | None = None,
                  admit_max_start: float = 0.1, store: bool = True, store_backlog: int = 8) -> None:
-        _require_diffusers()
-        name = type(pipe).__name__
-        if name not in ADAPTERS:
-            raise ValueError(f"flexcache.client.diffusers supports {', '.join(SUPPORTED_PIPELINES)}, not {name}")
-        self._adapter = ADAPTERS[name]
-        self._adapter.check(pipe)
-        self._adapter.process(pipe.scheduler)  # refuses a scheduler it cannot rebuild or resume
+        self._runner = _Runner(pipe)
         self.pipe = pipe
         self.client = client
         self.embed = minilm_embed if embed is None else embed
         self.admit_max_start = admit_max_start
         self._storer = BackgroundStores(store_backlog, "flexcache-diffusers-store") if store else None
         self._lock = threading.Lock()
-        self._signature = inspect.signature(pipe.__call__)
         self._warned: set[str] = set()
         self.last: CacheOutcome | None = None
 
@@ -377,11 +493,7 @@ class CachedPipeline:
         """The pipeline's output for these arguments, and what the cache did (also `self.last`)."""
         with self._lock:
             t0 = time.perf_counter()
-            bound = self._signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            call = dict(bound.arguments)
-            call.pop("self", None)
-            call.update(call.pop("kwargs", {}) or {})
+            call = self._runner.bind(args, kwargs)
             outcome = CacheOutcome("bypass", total_steps=int(call.get("num_inference_steps") or 0))
             reason = self._bypass_reason(call)
             prompt = call.get("prompt")
@@ -389,7 +501,7 @@ class CachedPipeline:
                 call["prompt"] = None  # the pipeline refuses both; the text is the cache key only
             if reason is not None:
                 outcome.reason = reason
-                output = self._denoise(call, outcome, start=None, k=0)
+                output = self._runner.denoise(call, outcome, start=None, k=0)
             else:
                 output = self._cached_call(prompt, call, outcome)
             outcome.seconds = time.perf_counter() - t0
@@ -417,40 +529,23 @@ class CachedPipeline:
             return f"num_inference_steps {steps} != the namespace's total_steps"
         return None
 
-    def _noise(self, call: dict[str, Any]) -> tuple[Any, int | None]:
-        """eps, exactly as the pipeline draws it (the adapter's rule, the call's generator), and the seed stored
-        with x0 (the generator's initial seed; one is made when the call gives none)."""
-        import torch
-
-        generator = call.get("generator")
-        if call.get("latents") is not None:
-            return self._adapter.noise(self.pipe, call, generator), (
-                generator.initial_seed() if generator is not None else None)
-        if generator is None:
-            generator = torch.Generator("cpu").manual_seed(random.getrandbits(63))
-            call["generator"] = generator
-        return self._adapter.noise(self.pipe, call, generator), generator.initial_seed()
-
     def _cached_call(self, prompt: str, call: dict[str, Any], outcome: CacheOutcome) -> Any:
         import torch
 
         t0 = time.perf_counter()
         n = outcome.total_steps
-        eps, seed = self._noise(call)
+        eps, seed = self._runner.noise(call)
         call["latents"] = eps
         outcome.seed = seed
         start, k, vector, lookup_failed = None, 0, None, False
         try:
             vector = np.asarray(self.embed(prompt), dtype=np.float32)
-            process = self._adapter.process(self.pipe.scheduler)
-            schedule = process.schedule(self.pipe.scheduler, n, eps.device)
+            rebuild_at = self._runner.rebuilder(eps, n)
 
             def rebuild(x0: Any, _seed: int, step: int, total: int) -> Any:
-                x0 = torch.as_tensor(np.asarray(x0, dtype=np.float32))
-                if tuple(x0.shape) != tuple(eps.shape) or total != n:
-                    raise ValueError(f"cached latent {tuple(x0.shape)} at N={total} does not fit this call's "
-                                     f"{tuple(eps.shape)} at N={n}")
-                return process.rebuild(schedule, x0.to(eps.device), eps.to(torch.float32), step).to(eps.dtype)
+                if total != n:
+                    raise ValueError(f"a cached latent at N={total} does not fit this call's N={n}")
+                return rebuild_at(x0, step)
 
             self.client.last_error = None
             hit = self.client.get(vector, rebuild=rebuild, noise_seed=0 if seed is None else seed)
@@ -466,71 +561,13 @@ class CachedPipeline:
             log.warning("flexcache: cache lookup failed (treated as a miss): %s: %s", type(exc).__name__, exc)
             outcome.kind, lookup_failed = "miss", True
         outcome.lookup_seconds = time.perf_counter() - t0
-        if start is not None:
-            call["latents"] = self._adapter.as_latents(self.pipe, start)
-        output = self._denoise(call, outcome, start=start, k=k)
+        output = self._runner.denoise(call, outcome, start=start, k=k)
         complete = outcome.steps_run == n - k and outcome.x0 is not None
         if (self._storer is not None and complete and not lookup_failed and vector is not None
                 and k <= self.admit_max_start * n and bool(torch.isfinite(outcome.x0).all())):
             x0, client, step_seconds = outcome.x0.numpy(), self.client, outcome.step_seconds
             outcome.stored = self._storer.submit(
                 lambda: client.put(prompt, x0, vector, seed=seed, step_seconds=step_seconds))
-        return output
-
-    def _denoise(self, call: dict[str, Any], outcome: CacheOutcome, *, start: Any, k: int) -> Any:
-        """Run the pipeline from step k (0: all steps), counting transformer calls and steps and keeping the
-        final latent; the scheduler and transformer are as they were afterwards, whatever happens."""
-        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-
-        pipe = self.pipe
-        scheduler = pipe.scheduler
-        process = self._adapter.process(scheduler) if k else None
-        own = scheduler.__dict__.get("set_timesteps")
-        original = scheduler.set_timesteps
-        clock = {"start": 0.0, "end": 0.0}
-
-        def set_timesteps(*a: Any, **kw: Any) -> None:
-            original(*a, **kw)
-            if process is not None:
-                process.resume(scheduler, k)
-            clock["start"] = time.perf_counter()
-
-        user_callback = call.get("callback_on_step_end")
-        inputs = list(call.get("callback_on_step_end_tensor_inputs") or ["latents"])
-        if isinstance(user_callback, PipelineCallback | MultiPipelineCallbacks):
-            inputs = list(user_callback.tensor_inputs)
-        if "latents" not in inputs:
-            inputs.append("latents")
-
-        def on_step_end(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            result: dict[str, Any] = {}
-            if user_callback is not None:
-                result = user_callback(p, i, t, kwargs) or {}
-            outcome.steps_run += 1
-            clock["end"] = time.perf_counter()
-            if i == len(scheduler.timesteps) - 1:
-                outcome.x0 = result.get("latents", kwargs["latents"]).detach().to("cpu", dtype=_float32()).clone()
-            return result
-
-        def count(*_: Any) -> None:
-            outcome.transformer_calls += 1
-
-        call["callback_on_step_end"] = on_step_end
-        call["callback_on_step_end_tensor_inputs"] = inputs
-        hooks = [m.register_forward_hook(count) for m in self._adapter.transformers(pipe)]
-        scheduler.set_timesteps = set_timesteps
-        outcome.start_step = k
-        try:
-            output = pipe(**call)
-        finally:
-            for hook in hooks:
-                hook.remove()
-            if own is None:
-                del scheduler.set_timesteps
-            else:
-                scheduler.set_timesteps = own
-        outcome.denoise_seconds = max(0.0, clock["end"] - clock["start"])
-        outcome.step_seconds = outcome.denoise_seconds / max(outcome.steps_run, 1)
         return output
 
 
@@ -543,3 +580,130 @@ def cached(pipe: Any, client: CacheBase, *, embed: Callable[[str], Any] | None =
            **options: Any) -> CachedPipeline:
     """`pipe` with FlexCache in front of its denoising loop (see CachedPipeline for `options`)."""
     return CachedPipeline(pipe, client, embed=embed, **options)
+
+
+_SAMPLER_SETS = ("prompt", "generator", "latents", "timesteps", "sigmas")
+_PROVIDED = ("prompt_embeds", "negative_prompt_embeds")
+
+
+class DiffusersSampler:
+    """The calibration `Sampler` (flexcache.client.calibration.sampler) over a pipeline `cached()` supports:
+    generation, rebuild and resume exactly as a cached call runs a miss and a whole-prompt hit.
+
+    `call`: the pipeline arguments every generation uses (height, width, num_frames, guidance_scale,
+    output_type, ...). `prompt_embeds` (and `negative_prompt_embeds`) may be a callable(prompt) -> tensor, for
+    a pipeline without its text encoder: it is called per prompt and the text is then not passed. `embed`:
+    the embedder the serving workers look up with (MiniLM by default, as `cached`). `namespace`: optional,
+    the namespace the tables are for (`flexcache-calibrate --apply` without `--namespace`).
+
+    Each generation: a torch.Generator("cpu").manual_seed(seed), eps drawn from it as the pipeline draws it;
+    x0 is the last latent before the decode (numpy float32, one leading batch axis); a video is the
+    pipeline's `frames[0]` in the call's `output_type`. One call at a time (the pipeline's scheduler is call
+    state)."""
+
+    def __init__(self, pipe: Any, *, total_steps: int, embed: Callable[[str], Any] | None = None,
+                 namespace: Namespace | None = None, **call: Any) -> None:
+        self._runner = _Runner(pipe)
+        if total_steps < 2:
+            raise ValueError(f"total_steps must be at least 2, not {total_steps}")
+        fixed = sorted(set(_SAMPLER_SETS) & set(call))
+        if fixed:
+            raise ValueError(f"DiffusersSampler sets {', '.join(fixed)} itself (per prompt and seed)")
+        if call.get("num_inference_steps", total_steps) != total_steps:
+            raise ValueError(f"num_inference_steps={call['num_inference_steps']} is not total_steps={total_steps}")
+        if (call.get("num_videos_per_prompt") or 1) != 1:
+            raise ValueError("DiffusersSampler makes one video per prompt (num_videos_per_prompt=1)")
+        call["num_inference_steps"] = total_steps
+        self._runner.bind((), call)  # a TypeError now for an argument the pipeline does not take
+        self.pipe = pipe
+        self.total_steps = total_steps
+        self.namespace = namespace
+        self.call = call
+        self._embed = minilm_embed if embed is None else embed
+        self._lock = threading.Lock()
+        self._noise_call: dict[str, Any] | None = None
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        vectors = np.stack([np.asarray(self._embed(t), dtype=np.float32).reshape(-1) for t in texts])
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.where(norms > 0, norms, 1.0)
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> Generated:
+        made = []
+        with self._lock:
+            for prompt, seed in zip(prompts, seeds, strict=True):
+                call = self._request(prompt, seed)
+                call["latents"], _ = self._runner.noise(call)
+                made.append(self._run(call, None, 0))
+        return self._generated(made)
+
+    def rebuild(self, x0: np.ndarray, seed: int, k: int) -> np.ndarray:
+        """x_K of one clean latent [...] with the eps of `seed`, as a cached call with that seed rebuilds it."""
+        self._check_k(k)
+        with self._lock:
+            eps = self._eps(seed)
+            x_k = self._runner.rebuilder(eps, self.total_steps)(np.asarray(x0, dtype=np.float32)[None], k)
+        return x_k[0].detach().to("cpu", dtype=_float32()).numpy()
+
+    def resume(self, prompts: Sequence[str], seeds: Sequence[int], starts: np.ndarray, k: int) -> Generated:
+        """Steps k..N-1 from x_K starts [n, ...], each call as a cached call granted K runs it (eps is still drawn
+        from the seed's generator first, so a scheduler's later draws are the cached call's)."""
+        import torch
+
+        self._check_k(k)
+        starts = np.asarray(starts, dtype=np.float32)
+        if len(starts) != len(prompts):
+            raise ValueError(f"{len(starts)} starts for {len(prompts)} prompts")
+        made = []
+        with self._lock:
+            for prompt, seed, start in zip(prompts, seeds, starts, strict=True):
+                call = self._request(prompt, seed)
+                eps, _ = self._runner.noise(call)
+                if tuple(start.shape) != tuple(eps.shape[1:]):
+                    raise ValueError(f"start latent {tuple(start.shape)} does not fit the pipeline's "
+                                     f"{tuple(eps.shape[1:])}")
+                latent = torch.from_numpy(np.ascontiguousarray(start)[None]).to(eps.device, dtype=eps.dtype)
+                made.append(self._run(call, latent, k))
+        return self._generated(made)
+
+    # ---- internals ----
+    def _check_k(self, k: int) -> None:
+        if not 0 <= k < self.total_steps:
+            raise ValueError(f"k={k} is outside 0..{self.total_steps - 1}")
+
+    def _request(self, prompt: str, seed: int) -> dict[str, Any]:
+        import torch
+
+        call = dict(self.call)
+        for key in _PROVIDED:
+            if callable(call.get(key)):
+                call[key] = call[key](prompt)
+        if call.get("prompt_embeds") is None:
+            call["prompt"] = prompt
+        call["generator"] = torch.Generator("cpu").manual_seed(int(seed))
+        return self._runner.bind((), call)
+
+    def _eps(self, seed: int) -> Any:
+        """The eps of `seed` for this setting: it does not depend on the prompt (CogVideoX draws in the prompt
+        embeddings' dtype: a provider's embeddings of "" are read once for it)."""
+        import torch
+
+        if self._noise_call is None:
+            self._noise_call = self._request("", 0)
+        return self._runner.noise({**self._noise_call, "generator": torch.Generator("cpu").manual_seed(int(seed))})[0]
+
+    def _run(self, call: dict[str, Any], start: Any, k: int) -> tuple[Any, Any]:
+        outcome = CacheOutcome("full" if k else "miss", total_steps=self.total_steps)
+        output = self._runner.denoise(call, outcome, start=start, k=k)
+        if outcome.x0 is None or outcome.steps_run != self.total_steps - k:
+            raise RuntimeError(f"the pipeline ran {outcome.steps_run} of {self.total_steps - k} steps")
+        frames = output.frames if hasattr(output, "frames") else output[0]
+        return outcome.x0.numpy(), frames[0]
+
+    @staticmethod
+    def _generated(made: list[tuple[Any, Any]]) -> Generated:
+        from .calibration.sampler import Generated
+
+        if not made:
+            return Generated(np.zeros((0,), np.float32), [])
+        return Generated(np.concatenate([x0 for x0, _ in made]).astype(np.float32), [video for _, video in made])

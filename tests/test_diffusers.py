@@ -44,7 +44,7 @@ except ModuleNotFoundError as exc:
 
 from flexcache.client import Namespace
 from flexcache.client.base import Hit
-from flexcache.client.diffusers import CachedPipeline, cached, ddpm_alphas, flow_sigmas
+from flexcache.client.diffusers import CachedPipeline, DiffusersSampler, cached, ddpm_alphas, flow_sigmas
 from tests.conftest import connect
 
 N = 8
@@ -367,3 +367,84 @@ def test_a_dead_frozen_or_refusing_daemon_is_the_uncached_pipeline_with_one_warn
     np.testing.assert_array_equal(out.frames, plain.frames)
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("flexcache")]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+# ---- DiffusersSampler: the calibration Sampler over the same machinery ----
+
+def sampler_for(pipe: object, **extra: object) -> DiffusersSampler:
+    """The tiny pipelines have no text encoder: prompt_embeds is a provider, called per prompt."""
+    return DiffusersSampler(pipe, total_steps=N, embed=embed, prompt_embeds=embeds, height=16, width=16,
+                            num_frames=9, guidance_scale=1.0, **extra)
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_the_sampler_generates_rebuilds_and_resumes_as_a_cached_call(family: str) -> None:
+    """generate is the plain pipeline; resume from the true x_K of a generation reproduces it (flow-matching
+    Euler and CogVideoX DDIM resume exactly: the tolerance of the resume tests above); rebuild and resume of
+    the generation's own x0 with its own seed are what a cached call granted K computes and outputs. (That
+    resume is not the generation itself: the rebuilt x_K is the forward process's, not the trajectory's.)"""
+    pipe, ns = (tiny_wan(), NS) if family == "wan" else (tiny_cog(), NS_COG)
+    sampler = sampler_for(pipe, output_type="latent")
+    prompt, seed, k = "a lighthouse at dusk", 7, 3
+    plain, trajectory = uncached(pipe, prompt, seed, output_type="latent")
+    made = sampler.generate([prompt], [seed])
+    assert made.x0.dtype == np.float32 and made.x0.shape == (1, *trajectory[-1].shape[1:])
+    np.testing.assert_array_equal(made.videos[0], plain.frames[0].numpy())
+    np.testing.assert_array_equal(made.x0, trajectory[-1].numpy())
+
+    resumed = sampler.resume([prompt], [seed], trajectory[k - 1].numpy(), k)
+    np.testing.assert_allclose(resumed.x0, made.x0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(resumed.videos[0], made.videos[0], rtol=1e-5, atol=1e-5)
+
+    x_k = sampler.rebuild(made.x0[0], seed, k)
+    fake = FakeCache(k, x0=torch.from_numpy(made.x0))
+    fake.namespace = ns
+    hit, outcome = cached(pipe, fake, embed=embed, store=False).run(**request(prompt, seed, output_type="latent"))
+    assert outcome.kind == "full" and outcome.start_step == k
+    np.testing.assert_array_equal(x_k, fake.rebuilt[0].numpy())
+    again = sampler.resume([prompt], [seed], x_k[None], k)
+    np.testing.assert_array_equal(again.videos[0], hit.frames[0].numpy())
+    np.testing.assert_array_equal(again.x0, outcome.x0.numpy())
+
+
+def test_the_sampler_generates_the_plain_pipelines_videos_for_a_batch_of_prompts() -> None:
+    pipe = tiny_cog()
+    sampler = sampler_for(pipe, output_type="np")
+    made = sampler.generate(["a cat", "a boat on a lake"], [11, 5])
+    assert made.x0.shape == (2, 3, 4, 2, 2) and len(made.videos) == 2
+    for i, (prompt, seed) in enumerate((("a cat", 11), ("a boat on a lake", 5))):
+        plain, _ = uncached(pipe, prompt, seed, output_type="np")
+        np.testing.assert_array_equal(made.videos[i], plain.frames[0])
+    vectors = sampler.embed(["a cat", "a cat", "a dog"])
+    assert vectors.shape == (3, 384) and float(vectors[0] @ vectors[1]) == pytest.approx(1.0)
+
+
+def test_the_sampler_refuses_what_it_sets_itself() -> None:
+    pipe = tiny_wan()
+    with pytest.raises(ValueError, match="generator"):
+        sampler_for(pipe, generator=torch.Generator())
+    with pytest.raises(ValueError, match="total_steps"):
+        sampler_for(pipe, num_inference_steps=N - 1)
+    with pytest.raises(TypeError):
+        sampler_for(pipe, no_such_argument=1)
+    with pytest.raises(ValueError, match="outside"):
+        sampler_for(pipe).rebuild(np.zeros((16, 3, 2, 2), np.float32), 1, N)
+
+
+def test_calibration_measures_a_diffusers_pipeline() -> None:
+    """flexcache.client.calibration.measure end to end over the sampler. The scorer, minus the mean absolute
+    pixel difference to a fixed grey video, is a deterministic stand-in for a CLIP score (which cannot be
+    downloaded here): it checks the plumbing, not the quality."""
+    from flexcache.client.calibration import measure
+
+    def grey_score(prompt: str, video: np.ndarray) -> float:
+        return -float(np.abs(np.asarray(video, dtype=np.float64) - 0.5).mean())
+
+    prompts = ["a red fox in snow", "a red fox running in snow", "a boat on a lake"]
+    k = N // 2
+    m = measure(sampler_for(tiny_cog(), output_type="np"), grey_score, prompts, tables=("whole",),
+                ks={"whole": (k,)}, donors=1, min_similarity=-1.0)  # the stand-in embedder's vectors are unrelated
+    assert m.total_steps == N and m.scratch.shape == (3,) and np.isfinite(m.scratch).all()
+    assert len(m.trials) == 3 and {t.k for t in m.trials} == {k} and {t.table for t in m.trials} == {"whole"}
+    assert all(np.isfinite(t.loss) for t in m.trials) and any(t.loss != 0 for t in m.trials)
+    assert m.videos_sampled == pytest.approx(3 + 3 * (N - k) / N)
