@@ -113,7 +113,9 @@ def test_cli_refits_saved_trials(tmp_path: Path) -> None:
     assert "| whole | 0.995:0.90 |" in (out / "calibration.md").read_text()
     # a stricter budget on the same trials: the fit can refuse what it granted
     strict = run("--trials", str(saved), "--out", str(out), "--max-loss", "0.0")
-    assert strict.returncode == 0 and json.loads((out / "tables.json").read_text())["whole"] == []
+    refused = json.loads((out / "tables.json").read_text())
+    assert strict.returncode == 0 and refused["whole"] == [[-1.0, 0.0]]  # explicit: grants nothing
+    assert refused["composed"] == [[-1.0, -1.0, 0.0]] and refused["partial_object"] == [[-1.0, 0.0]]
 
 
 @pytest.mark.parametrize(("args", "says"), [
@@ -151,6 +153,9 @@ def test_cli_installs_the_fitted_tables_on_a_daemon(daemon, tmp_path: Path) -> N
         tables = client.step_tables()
     assert tables.source == "admin" and tables.whole == ((0.995, 0.5), (0.93, 0.2))
     assert tables.composed == ((0.9, 0.9, 0.1),) and tables.max_loss == 1.0
+    assert tables.partial_object == ((-1.0, 0.0),)  # calibrated to nothing, not derived from whole
+    with CacheClient(daemon.target, Namespace("acme", "wan2.1", 832, 480, 81, "flow", 50)) as client:
+        assert client.step_tables().grant(0.99, 50, "partial_object") == 0
     dead = run("--trials", str(saved), "--out", str(tmp_path / "out"), "--apply", "127.0.0.1:1", "--namespace", ns)
     assert dead.returncode == 3 and "did not take the tables" in dead.stderr
 

@@ -105,12 +105,14 @@ def _read_prompts(path: Path, limit: int) -> list[str]:
     return prompts
 
 
-def _read_trials(path: Path) -> tuple[int, list[Trial]]:
+def _read_trials(path: Path) -> tuple[dict[str, Any], list[Trial], list[str] | None]:
     try:
         lines = path.read_text().splitlines()
         head = json.loads(lines[0])
         trials = [Trial(**{**json.loads(line), "donors": tuple(json.loads(line)["donors"])}) for line in lines[1:]]
-        return int(head["total_steps"]), trials
+        prompts = head.get("prompts")
+        int(head["total_steps"])
+        return head, trials, prompts if isinstance(prompts, list) else None
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise CalibrationError(f"--trials {path} is not a trials.jsonl this tool wrote ({exc})") from None
 
@@ -129,9 +131,15 @@ def _grid(args: argparse.Namespace, total_steps: int) -> dict[str, tuple[int, ..
     return grid
 
 
+NOTHING = ((-1.0, 0.0),)  # a list that grants nothing (an empty one would be derived by the daemon from `whole`)
+NOTHING_COMPOSED = ((-1.0, -1.0, 0.0),)
+
+
 def tables_json(result: Fit) -> dict[str, Any]:
-    return {"whole": result.whole, "composed": result.composed, "partial_object": result.partial_object,
-            "partial_background": result.partial_background, "max_loss": result.max_loss}
+    """The fit as the daemon takes it: every list explicit, a table that grants nothing as one tier of 0."""
+    return {"whole": result.whole or NOTHING, "composed": result.composed or NOTHING_COMPOSED,
+            "partial_object": result.partial_object or NOTHING,
+            "partial_background": result.partial_background or NOTHING, "max_loss": result.max_loss}
 
 
 def run(args: argparse.Namespace, make_sampler: Callable[[], Any] | None, make_scorer: Callable[[], Any] | None,
@@ -144,8 +152,12 @@ def run(args: argparse.Namespace, make_sampler: Callable[[], Any] | None, make_s
     args.out.mkdir(parents=True, exist_ok=True)
     sampler = None
     measurement: Measurement | None = None
+    summary = ""
     if args.trials:
-        total_steps, trials = _read_trials(args.trials)
+        head, trials, prompts = _read_trials(args.trials)
+        total_steps = int(head["total_steps"])
+        if "summary" in head:
+            summary = f"{head['summary']} (sampled by an earlier run; refitted from {args.trials.name})"
     else:
         if args.prompts is None:
             raise CalibrationError("give --prompts to sample, or --trials to refit an earlier run")
@@ -157,21 +169,25 @@ def run(args: argparse.Namespace, make_sampler: Callable[[], Any] | None, make_s
                               ks=_grid(args, sampler.total_steps))
         total_steps, trials = measurement.total_steps, measurement.trials
         with (args.out / "trials.jsonl").open("w") as f:
-            f.write(json.dumps({"total_steps": total_steps, "prompts": len(prompts)}) + "\n")
+            summary = measurement.summary()
+            f.write(json.dumps({"total_steps": total_steps, "prompts": prompts, "summary": summary}) + "\n")
             for t in trials:
                 f.write(json.dumps(dataclasses.asdict(t)) + "\n")
     try:
+        # trials of one prompt text (its repeats, its donors) share its difficulty: clustered by text
         result = fit(trials, total_steps, max_loss=args.max_loss, confidence=args.confidence,
-                     min_trials=args.min_trials, whole_edges=args.whole_bins, part_edges=args.part_bins)
+                     min_trials=args.min_trials, whole_edges=args.whole_bins, part_edges=args.part_bins,
+                     clusters=prompts)
     except ValueError as exc:
         raise CalibrationError(str(exc)) from None
-    report = markdown(result, measurement)
+    report = markdown(result, summary)
     (args.out / "calibration.md").write_text("# Calibration\n\n" + report)
     (args.out / "tables.json").write_text(json.dumps(tables_json(result), indent=1) + "\n")
     plotted = plot(result, args.out / "calibration.png")
     print(report)
-    print(f"wrote {args.out}/tables.json, calibration.md, trials.jsonl" + (", calibration.png" if plotted else
-                                                                           " (no plot: matplotlib is not installed)"))
+    written = ["tables.json", "calibration.md"] + ([] if args.trials else ["trials.jsonl"])
+    print(f"wrote {args.out}/{', '.join(written)}" + (", calibration.png" if plotted else
+                                                      " (no plot: matplotlib is not installed)"))
     if args.apply:
         ns = parse_namespace(args.namespace) if args.namespace else None
         if ns is None and namespace is not None and (sampler is not None or make_sampler is not None):
@@ -186,8 +202,9 @@ def _apply(target: str, ns: Namespace, result: Fit, token: str | None) -> int:
     from ..client import CacheClient
     from ..tables import StepTables
 
-    tables = StepTables(whole=result.whole, composed=result.composed, partial_object=result.partial_object,
-                        partial_background=result.partial_background, max_loss=result.max_loss)
+    fitted = tables_json(result)
+    tables = StepTables(whole=fitted["whole"], composed=fitted["composed"], partial_object=fitted["partial_object"],
+                        partial_background=fitted["partial_background"], max_loss=fitted["max_loss"])
     with CacheClient(target, ns, token=token, timeout_s=10.0) as client:
         applied = client.set_step_tables(tables)
     if applied is None:

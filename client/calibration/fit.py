@@ -2,7 +2,10 @@
 
 For each table and each bin of similarity (composed: each cell of object x background similarity), and
 each K measured there, the trials give a mean paired loss and its one-sided upper confidence bound,
-mean + z * sd / sqrt(n), z the normal quantile of `confidence`. A bin's K is the largest measured K such
+mean + z * se, z the normal quantile of `confidence`. The standard error is clustered by request
+prompt (`clusters`): trials of one prompt (its repeats in the set, its several donors) share that
+prompt's difficulty, so they count as one draw of it, not as independent ones; without clusters,
+by request (one request's several donors). A bin's K is the largest measured K such
 that it and every smaller measured K have at least `min_trials` trials and a bound within `max_loss`:
 a K that passes only because its neighbours below happened to fail is not trusted.
 
@@ -77,15 +80,34 @@ def _bin_of(value: float, edges: Sequence[float]) -> float | None:
     return max(below) if below else None
 
 
+def standard_error(losses: np.ndarray, clusters: np.ndarray | None = None) -> float:
+    """Of the mean of `losses`; cluster-robust when `clusters` (one label per loss) is given: the
+    sum over clusters of their summed residuals squared, with the usual G / (G - 1) correction."""
+    n = len(losses)
+    if n < 2:
+        return math.inf
+    if clusters is None:
+        return float(losses.std(ddof=1)) / math.sqrt(n)
+    residuals = losses - losses.mean()
+    _, index = np.unique(clusters, return_inverse=True)
+    sums = np.bincount(index, weights=residuals)
+    groups = len(sums)
+    if groups < 2:
+        return math.inf
+    return math.sqrt(groups / (groups - 1) * float((sums ** 2).sum())) / n
+
+
 def fit(trials: Iterable[Trial], total_steps: int, *, max_loss: float = 1.0, confidence: float = 0.95,
         min_trials: int = 20, whole_edges: Sequence[float] = WHOLE_EDGES,
-        part_edges: Sequence[float] = PART_EDGES) -> Fit:
+        part_edges: Sequence[float] = PART_EDGES, clusters: Sequence[object] | None = None) -> Fit:
+    """`clusters[r]`: the cluster of request r (e.g. its prompt text); None: every trial independent."""
     if not max_loss >= 0 or not math.isfinite(max_loss):
         raise ValueError(f"max_loss must be a finite number of points >= 0, not {max_loss}")
     if not 0.5 <= confidence < 1:
         raise ValueError(f"confidence must be in [0.5, 1), not {confidence}")
     z = NormalDist().inv_cdf(confidence)
     groups: dict[tuple[str, float, float, int], list[float]] = defaultdict(list)
+    members: dict[tuple[str, float, float, int], list[object]] = defaultdict(list)
     for t in trials:
         edges = whole_edges if t.table == "whole" else part_edges
         lo = _bin_of(t.similarity, edges)
@@ -93,6 +115,7 @@ def fit(trials: Iterable[Trial], total_steps: int, *, max_loss: float = 1.0, con
         if lo is None or blo is None:
             continue  # below every bin: never granted
         groups[(t.table, lo, blo, t.k)].append(t.loss)
+        members[(t.table, lo, blo, t.k)].append(t.request if clusters is None else clusters[t.request])
 
     stats: list[BinStat] = []
     certified: dict[str, dict[tuple[float, float], int | None]] = {}
@@ -108,11 +131,10 @@ def fit(trials: Iterable[Trial], total_steps: int, *, max_loss: float = 1.0, con
             for k in ks:
                 losses = np.asarray(groups[(table, lo, blo, k)])
                 n, mean = len(losses), float(losses.mean())
-                sd = float(losses.std(ddof=1)) if n > 1 else math.inf
-                upper = mean + z * sd / math.sqrt(n) if n > 1 else math.inf
+                se = standard_error(losses, np.asarray(members[(table, lo, blo, k)]))
+                upper = mean + z * se
                 within = n >= min_trials and upper <= max_loss
-                stats.append(BinStat(table, lo, hi, blo, bhi, k, n, mean,
-                                     1.96 * sd / math.sqrt(n) if n > 1 else math.inf, upper, within))
+                stats.append(BinStat(table, lo, hi, blo, bhi, k, n, mean, 1.96 * se, upper, within))
                 if n >= min_trials:
                     best = best or 0
                     if passing and within:

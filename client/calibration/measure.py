@@ -64,6 +64,11 @@ class Measurement:
     videos_sampled: float = 0.0  # in from-scratch generations: a resume at K counts (N - K) / N
     seconds: float = 0.0
 
+    def summary(self) -> str:
+        return (f"{len(self.prompts)} prompts ({len(set(self.prompts))} distinct), {len(self.trials)} paired trials, "
+                f"{self.videos_sampled:.0f} generations' worth of sampling, {self.seconds / 60:.1f} min; scores from "
+                f"scratch {self.scratch.mean():.1f} on average.")
+
 
 def default_ks(total_steps: int) -> dict[str, tuple[int, ...]]:
     """K grids: tenths of N for whole-prompt starts (up to 0.9 N), tenths up to half of N for composed and

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from .fit import Fit
-from .measure import Measurement
 
 __all__ = ["markdown", "plot", "tiers_text"]
 
@@ -30,13 +29,9 @@ def tiers_text(fit: Fit, table: str) -> str:
     return ",".join(f"{s:.3g}:{f:.2f}" for s, f in tiers)
 
 
-def markdown(fit: Fit, measurement: Measurement | None = None) -> str:
-    lines = []
-    if measurement is not None:
-        lines += [f"{len(measurement.prompts)} prompts ({len(set(measurement.prompts))} distinct), "
-                  f"{len(measurement.trials)} paired trials, {measurement.videos_sampled:.0f} generations' worth of "
-                  f"sampling, {measurement.seconds / 60:.1f} min; scores from scratch "
-                  f"{measurement.scratch.mean():.1f} on average.", ""]
+def markdown(fit: Fit, summary: str = "") -> str:
+    """The report; `summary`: a line about what was sampled (Measurement.summary)."""
+    lines = [summary, ""] if summary else []
     lines += [f"Budget: loss <= {fit.max_loss:g} points, upper bound at {fit.confidence:.0%} confidence; "
               f"N = {fit.total_steps}.", "",
               "| table | similarity | background similarity | K | trials | mean loss ± 95 % CI | upper bound "
