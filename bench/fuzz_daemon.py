@@ -73,7 +73,7 @@ GARBAGE_METHODS = {m.full_name: m for service in (pb.DESCRIPTOR.services_by_name
                    for m in service.methods}
 """Garbage goes to NodeService's methods too: a node's peers and operators call them (node.proto)."""
 KINDS = {"Put": 20, "PutDirect": 8, "Lookup": 20, "Fetch": 10, "FetchDirect": 10, "Delete": 6, "Verify": 6,
-         "Stats": 3, "garbage": 10, "dataport": 15}
+         "Stats": 3, "SetStepTables": 3, "GetStepTables": 2, "ReportQuality": 4, "garbage": 10, "dataport": 15}
 """Relative weights of the case kinds."""
 
 _INT_RANGES = {FieldDescriptor.TYPE_INT32: (-2**31, 2**31 - 1), FieldDescriptor.TYPE_INT64: (-2**63, 2**63 - 1),
@@ -268,6 +268,20 @@ class Fuzzer:
             return pb.DeleteRequest(namespace=ns, entry_id=self._some_id(rng, deletable=True))
         if kind == "Verify":
             return pb.VerifyRequest(namespace=ns, entry_id=self._some_id(rng, deletable=False))
+        if kind == "SetStepTables":  # never the kept entries' namespace: their lookups must still hit afterwards
+            tables = pb.StepTables(whole=[pb.StepTier(min_similarity=0.9, fraction=0.3),
+                                          pb.StepTier(min_similarity=0.7, fraction=0.1)],
+                                   composed=[pb.ComposedTier(min_object_similarity=0.8, min_background_similarity=0.8,
+                                                             fraction=0.1)])
+            return pb.SetStepTablesRequest(namespace=OTHER_NS.to_proto(), tables=tables, reset=rng.random() < 0.2)
+        if kind == "GetStepTables":
+            return pb.StepTablesRequest(namespace=ns)
+        if kind == "ReportQuality":
+            tables = ("whole", "composed", "partial_object", "partial_background")
+            return pb.ReportQualityRequest(namespace=ns, samples=[
+                pb.QualitySample(table=rng.choice(tables), similarity=rng.uniform(0.5, 1.0),
+                                 background_similarity=rng.uniform(0.5, 1.0), granted_steps=rng.choice((5, 10, 15, 25)),
+                                 loss=rng.uniform(-20, 20)) for _ in range(rng.randint(0, 8))])
         return pb.StatsRequest()
 
     # ---- cases ----
@@ -350,6 +364,15 @@ class Fuzzer:
 
     def _case_stats(self, rng: random.Random, index: int) -> None:
         self._unary(rng, index, "Stats")
+
+    def _case_setsteptables(self, rng: random.Random, index: int) -> None:
+        self._unary(rng, index, "SetStepTables")
+
+    def _case_getsteptables(self, rng: random.Random, index: int) -> None:
+        self._unary(rng, index, "GetStepTables")
+
+    def _case_reportquality(self, rng: random.Random, index: int) -> None:
+        self._unary(rng, index, "ReportQuality")
 
     def _case_fetchdirect(self, rng: random.Random, index: int) -> None:
         answer = self._unary(rng, index, "FetchDirect")
@@ -540,6 +563,9 @@ def _string(rng: random.Random) -> str:
 
 
 def _mutate_repeated(rng: random.Random, values: Any, f: FieldDescriptor) -> None:
+    if f.type == FieldDescriptor.TYPE_MESSAGE:  # a step table's tiers, a report's samples
+        _mutate_repeated_messages(rng, values)
+        return
     op = rng.choice(("clear", "append", "many", "edge", "truncate", "double"))
     if op == "clear":
         del values[:]
@@ -553,6 +579,23 @@ def _mutate_repeated(rng: random.Random, values: Any, f: FieldDescriptor) -> Non
         values.extend([value] * n)
     elif op == "edge" and len(values):
         values[rng.randrange(len(values))] = _scalar(rng, f)
+    elif op == "truncate" and len(values):
+        del values[rng.randrange(len(values)):]
+    elif op == "double":
+        values.extend(list(values))
+
+
+def _mutate_repeated_messages(rng: random.Random, values: Any) -> None:
+    op = rng.choice(("clear", "append", "many", "edge", "truncate", "double"))
+    if op == "clear":
+        del values[:]
+    elif op == "append":
+        mutate(rng, values.add())
+    elif op == "many" and len(values):
+        for _ in range(rng.choice((65, 1025, 5000))):
+            values.add().CopyFrom(values[0])
+    elif op == "edge" and len(values):
+        mutate(rng, values[rng.randrange(len(values))])
     elif op == "truncate" and len(values):
         del values[rng.randrange(len(values)):]
     elif op == "double":
