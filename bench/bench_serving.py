@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import signal
 import sys
@@ -36,13 +37,14 @@ from bench.launch import daemon
 from bench.report import ci95, points
 from bench.traces import Trace, build_trace, describe, load_intents, sample_intents
 from flexcache.client import CacheClient, Namespace
+from flexcache.client.tables import StepTables
 from flexcache.daemon.entries import record_size
 from flexcache.v1 import cache_pb2 as pb
 from flexcache_model.reference import world
 from flexcache_model.reference.grounding import Grounder
 from flexcache_model.reference.worker.fleet import FleetRun, run_fleet
 from flexcache_model.reference.worker.modes import MODES
-from flexcache_model.reference.worker.worker import Job, store_generation
+from flexcache_model.reference.worker.worker import Job, namespace_for, store_generation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,9 +61,15 @@ HIGH_WATERMARK, LOW_WATERMARK = 0.95, 0.85  # the daemon's defaults, passed expl
 # any K from x0; a NIRVANA-style cache keeps checkpoints up to 50 % only, so under this table it serves
 # those requests from its K = 25 row. docs/bench_rebuild_paraphrase.md measured the price on same-clip
 # requests: about 1 point against from scratch at K = 25, 35 and 45 alike.
-TABLES = {"nirvana": None, "calibrated": "0.97:0.5,0.94:0.4,0.91:0.2,0.88:0.1",
-          "any-k": "0.995:0.9,0.97:0.7,0.94:0.4,0.91:0.2,0.88:0.1"}
+TABLES: dict[str, str | Path | None] = {
+    "nirvana": None, "calibrated": "0.97:0.5,0.94:0.4,0.91:0.2,0.88:0.1",
+    "any-k": "0.995:0.9,0.97:0.7,0.94:0.4,0.91:0.2,0.88:0.1",
+    # fitted by bench/bench_calibrate.py (flexcache-model calibrate) on another trace, installed per
+    # namespace with SetStepTables: whole, composed and partial tables (docs/bench_calibrate.md)
+    "measured": ROOT / "bench/calibrated_tables.json",
+}
 STORAGE_GENERATIONS = 3
+ABLATIONS = "flexcache-whole,flexcache-admit-all,flexcache-uncapped"  # modes run at --ablation-budget only
 SIMILARITY_BINS = (0.65, 0.75, 0.85, 0.88, 0.91, 0.94, 0.97, 1.0001)
 
 
@@ -200,9 +208,12 @@ def run_cell(mode: str, budget: float | None, max_bytes: int, table: str, worklo
         settings["composed_max_fraction"] = spec.composed_max_fraction
     if max_bytes:
         settings.update(max_bytes=max_bytes, high_watermark=HIGH_WATERMARK, low_watermark=LOW_WATERMARK)
-    if TABLES[table] is not None:
-        settings["skip_thresholds"] = TABLES[table]
+    chosen = TABLES[table]
+    if isinstance(chosen, str):
+        settings["skip_thresholds"] = chosen
     with daemon(**settings) as d:
+        if isinstance(chosen, Path):
+            install_tables(d.target, chosen)
         cpu0 = d.cpu_seconds()
         run = run_fleet(mode, d.target, workload.jobs, workload.warmup, workers, steps=STEPS, progress=progress)
         cpu = d.cpu_seconds() - cpu0
@@ -212,6 +223,28 @@ def run_cell(mode: str, budget: float | None, max_bytes: int, table: str, worklo
         if while_up is not None:
             while_up(cell, d.target)
     return cell
+
+
+def table_text(chosen: str | Path | None) -> str:
+    if chosen is None:
+        return "the daemon default"
+    if isinstance(chosen, Path):
+        return f"whole {json.loads(chosen.read_text())['whole']} and the composed and partial tables of {chosen.name}"
+    return chosen
+
+
+def install_tables(target: str, path: Path) -> None:
+    """Set a tables.json (flexcache-calibrate's output) as the reference namespace's step tables."""
+    fitted = json.loads(path.read_text())
+    tables = StepTables(whole=tuple(map(tuple, fitted["whole"])), composed=tuple(map(tuple, fitted["composed"])),
+                        partial_object=tuple(map(tuple, fitted["partial_object"])),
+                        partial_background=tuple(map(tuple, fitted["partial_background"])),
+                        max_loss=fitted["max_loss"])
+    from flexcache_model.reference.pipeline import load_pipeline
+
+    with CacheClient(target, namespace_for(load_pipeline("flow"), STEPS), timeout_s=10.0) as client:
+        if client.set_step_tables(tables) is None:
+            raise RuntimeError(f"the daemon at {target} refused the tables of {path}")
 
 
 @dataclass
@@ -469,6 +502,10 @@ def render_doc(args: argparse.Namespace, workload: Workload, groups: Sequence[Gr
                storage: dict[str, dict[str, tuple[float, float]]], shapes: dict[str, tuple[int, ...]]) -> str:
     facts = describe(workload.trace)
     cmd = "-m bench.bench_serving" + (" --quick" if args.quick else f" --repeats {args.repeats} --plan '{args.plan}'")
+    if not args.quick and args.ablations != ABLATIONS:
+        cmd += f" --ablations '{args.ablations}'"
+    if args.out is not None:
+        cmd += f" --out {args.out}"
     verdicts = []
     for f, n in pairs(groups):
         d, r = f.fidelity - base.fidelity, round_ratios(f, n)
@@ -481,7 +518,7 @@ def render_doc(args: argparse.Namespace, workload: Workload, groups: Sequence[Gr
             "storage table for video latents); "
             f"fidelity {points(d, True)} points vs no cache (target within 1 point: "
             f"{'met' if d.mean() >= -0.01 else 'MISSED'})")
-    tables = "; ".join(f"**{name}** `{TABLES[name] or 'the daemon default'}`" for name in TABLES)
+    tables = "; ".join(f"**{name}** `{table_text(TABLES[name])}`" for name in TABLES)
     return "\n".join([
         "# End-to-end serving: no cache, NIRVANA-style and FlexCache",
         "",
@@ -606,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--plan", default="any-k=0.05,0.1,0.25;calibrated=0.1;nirvana=0.1",
                     help="steps table=budgets;... : the cells every mode of --modes runs")
     ap.add_argument("--modes", default="nirvana,flexcache", help="cache modes run in every cell of --plan")
-    ap.add_argument("--ablations", default="flexcache-whole,flexcache-admit-all,flexcache-uncapped",
+    ap.add_argument("--ablations", default=ABLATIONS,
                     help="modes run only at --ablation-budget with the plan's first table")
     ap.add_argument("--ablation-budget", type=float, default=0.1)
     ap.add_argument("--repeats", type=int, default=2, help="rounds; each runs every cell once")
