@@ -28,8 +28,11 @@ How it works (see docs/prompt_split.md for the full description and the measured
    body, a single cloud or a camera-named thing (drone, frame, painting) heading a clause's subject
    phrase before its verb is an object ("*The sun rises*", "*A black drone is floating* in the air",
    but "drone shot of a beach", "at sunset under the moon"); so is one with a material ("a metal
-   frame"). A noun, an -s word and a determiner read the -s word as the verb ("One person *hands* a
-   camera"), and a passive agent ends a place phrase ("thrown into the air | *by the pillow*").
+   frame"), and so is the first of coordinated subjects before a verb ("*A black drone and a blue
+   drone are floating*"). A noun, an -s word and a determiner or object pronoun read the -s word as
+   the verb ("One person *hands* a camera", "the broomstick *catches* it mid-air"), a passive agent
+   ends a place phrase ("thrown into the air | *by the pillow*"), and a thing's possessive inside a
+   place phrase stays with the object ("flies | *the sloth's* | path").
 
 Style and camera words ("cinematic, 4k, slow pan", "in the style of Van Gogh", "front view") are part
 of the background text -- they set the global look, which the background donor supplies -- and are
@@ -268,6 +271,7 @@ DETERMINERS: frozenset[str] = _words(
 SUBORDINATORS: frozenset[str] = _words("as while when whilst then meanwhile and but so suddenly")
 
 PRONOUNS: frozenset[str] = _words("he she they it we i you him them someone somebody everyone")
+_OBJ_PRONOUNS: frozenset[str] = _words("it him them us me")  # after a noun and an -s word: the -s word is a verb
 
 # Verbs that introduce the subject from a style/scene frame: "A whimsical scene, featuring a bear".
 PRESENT_VERBS: frozenset[str] = _words(
@@ -425,7 +429,7 @@ class PromptSplitter:
                 and w.endswith("s")
                 and not w.endswith("ss")
                 and j + 1 < end
-                and words[j + 1] in DETERMINERS
+                and (words[j + 1] in DETERMINERS or words[j + 1] in _OBJ_PRONOUNS)
                 and words[head_idx] not in DETERMINERS
                 and not _is_adj(words[head_idx])
                 and (
@@ -433,7 +437,9 @@ class PromptSplitter:
                     or not self._in(w, self.bg_words | self.style | PATTERN_WORDS)
                 )
             ):
-                break  # "One person hands a camera", "The camera tracks a car": noun, -s verb, determiner
+                # "One person hands a camera", "The camera tracks a car", "the broomstick catches it
+                # mid-air": noun, -s verb, determiner or object pronoun.
+                break
             if len(w) > 4 and w.endswith("ly") and w not in _NOUN_LY:
                 if head_idx >= 0 and words[head_idx] not in ADJECTIVES:
                     break
@@ -459,6 +465,9 @@ class PromptSplitter:
         if subject and verb and verb not in CAMERA_VERBS and hw in SUBJECT_NOUNS:
             # "The sun rises", "A black drone is floating": the subject of a verb is an object.
             return 4, j, through
+        if subject and not verb and hw in SUBJECT_NOUNS and self._coordinated_subject(words, j):
+            # "A black drone and a blue drone are floating": the verb comes after the second subject.
+            return 4, j, through
         if hw in SUBJECT_NOUNS and any(w in MATERIAL_WORDS for w in words[start:head_idx]):
             # "into a metal frame", "a wooden drone": camera words take no material, things do.
             return 4, j, through
@@ -482,6 +491,14 @@ class PromptSplitter:
         ):
             return 5, j, through
         return 4, j, through
+
+    def _coordinated_subject(self, words: list[str], j: int) -> bool:
+        """True when words[j:] is "and/or <noun phrase> <verb>" (not a camera verb): the phrase before
+        j is the first of coordinated subjects ("A black drone and a blue drone are floating")."""
+        if j + 1 >= len(words) or words[j] not in {"and", "or"} or words[j + 1] not in DETERMINERS:
+            return False
+        cls, k = self._head_class(words, j + 1, len(words), subject=True)
+        return cls == 4 and k < len(words) and self._is_verbish(words, k) and words[k] not in CAMERA_VERBS
 
     # -- main ------------------------------------------------------------------------------------
     def split(self, text: str) -> PromptSplit:
@@ -663,6 +680,8 @@ class PromptSplitter:
                     for t in range(i, stop):
                         labels[t] = _BG
                         styles[t] = cls == 1
+                    if cls == 0:
+                        self._give_possessor(words, j, end, labels)
                     i = stop
                     cur = lead
                     continue
@@ -725,6 +744,21 @@ class PromptSplitter:
             cls, _ = self._head_class(words, i, b, subject=True)
             return cls in (2, 4)
         return False
+
+    def _give_possessor(self, words: list[str], j: int, end: int, labels: list[int]) -> None:
+        """In a place phrase words[j:end] sent to the background, hand a possessor that is a thing
+        back to the object: "flies into the sloth's path" -> object "the sloth's", background "into
+        ... path". A scene/light/style possessor ("the castle's courtyard") stays background."""
+        bg = self.bg_words | self.style | PATTERN_WORDS
+        for k in range(j, end):
+            w = words[k]
+            if not (w.endswith("'s") or w.endswith("s'")):
+                continue
+            stem = w[:-2] if w.endswith("'s") else w[:-1]
+            if stem and stem not in PRONOUNS and not self._in(stem, bg):
+                for t in range(j, k + 1):
+                    labels[t] = _OBJ
+            return
 
     def _camera_target(self, words: list[str], i: int, end: int) -> bool:
         """True when words[i] ("on", "to", "at") follows a camera move ("zooms in on", "pans slowly to")
