@@ -697,17 +697,10 @@ class PromptSplitter:
                     i = stop
                     cur = lead
                     continue
-            elif w == "to" and lead == _BG and i + 1 < b and self._camera_target(words, i, b):
-                cls, end = self._head_class(words, i + 1, b)
-                if cls == 4:
-                    stop = self._clause_end(words, end, b)
-                    labels[i] = _BG
-                    for t in range(i + 1, stop):
-                        labels[t] = _OBJ
-                    self._label_tail(words, end, stop, _OBJ, labels, styles)
-                    i = stop
-                    continue
-            elif (w in PRESENT_VERBS or w in FOLLOW_VERBS or w == "with") and lead == _BG and i + 1 < b:
+            elif lead == _BG and i + 1 < b and (
+                (w == "to" and self._camera_target(words, i, b))  # "the camera pans to a cyclist"
+                or w in PRESENT_VERBS or w in FOLLOW_VERBS or w == "with"
+            ):
                 cls, end = self._head_class(words, i + 1, b)
                 if cls == 4:
                     stop = self._clause_end(words, end, b)
