@@ -128,13 +128,14 @@ def test_cli_refits_saved_trials(tmp_path: Path) -> None:
     (("--trials", "TRIALS", "--max-loss", "nan"), "max_loss must be"),
     (("--trials", "TRIALS", "--apply", "127.0.0.1:1"), "--apply needs --namespace"),
     (("--trials", "TRIALS", "--apply", "127.0.0.1:1", "--namespace", "a/b"), "is not tenant/model"),
+    (("--trials", "TRIALS", "--out", "/proc/flexcache-calibration"), "cannot write /proc/flexcache-calibration"),
 ])
 def test_cli_bad_input_is_one_sentence_and_exit_2(tmp_path: Path, args: tuple[str, ...], says: str) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red ball\na blue cube\n")
     saved = write_trials(tmp_path / "trials.jsonl", trials("whole", 0.999, 25, 0.0))
     args = tuple(str(prompts) if a == "PROMPTS" else str(saved) if a == "TRIALS" else a for a in args)
-    result = run(*args, "--out", str(tmp_path / "out"))
+    result = run("--out", str(tmp_path / "out"), *args)  # a case's own --out comes last and wins
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("flexcache-calibrate: ") and says in lines[0], result.stderr

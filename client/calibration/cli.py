@@ -149,7 +149,6 @@ def run(args: argparse.Namespace, make_sampler: Callable[[], Any] | None, make_s
     if set(tables) - set(TABLES):
         raise CalibrationError(f"--tables: unknown table {sorted(set(tables) - set(TABLES))[0]!r}; "
                                f"the tables are {', '.join(TABLES)}")
-    args.out.mkdir(parents=True, exist_ok=True)
     sampler = None
     measurement: Measurement | None = None
     summary = ""
@@ -165,8 +164,9 @@ def run(args: argparse.Namespace, make_sampler: Callable[[], Any] | None, make_s
             raise CalibrationError("sampling needs --sampler and --scorer")
         prompts = _read_prompts(args.prompts, args.limit)
         sampler, scorer = make_sampler(), make_scorer()
-        measurement = measure(sampler, scorer, prompts, tables=tables, donors=args.donors, progress=log.info,
-                              ks=_grid(args, sampler.total_steps))
+        ks = _grid(args, sampler.total_steps)
+        args.out.mkdir(parents=True, exist_ok=True)  # before sampling, so an unwritable folder fails first
+        measurement = measure(sampler, scorer, prompts, tables=tables, donors=args.donors, progress=log.info, ks=ks)
         total_steps, trials = measurement.total_steps, measurement.trials
         with (args.out / "trials.jsonl").open("w") as f:
             summary = measurement.summary()
@@ -181,6 +181,7 @@ def run(args: argparse.Namespace, make_sampler: Callable[[], Any] | None, make_s
     except ValueError as exc:
         raise CalibrationError(str(exc)) from None
     report = markdown(result, summary)
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "calibration.md").write_text("# Calibration\n\n" + report)
     (args.out / "tables.json").write_text(json.dumps(tables_json(result), indent=1) + "\n")
     plotted = plot(result, args.out / "calibration.png")
@@ -229,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args, make_sampler, make_scorer, lambda s: getattr(s, "namespace", None))
     except CalibrationError as exc:
         print(f"flexcache-calibrate: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an output folder that cannot be written
+        print(f"flexcache-calibrate: cannot write {exc.filename or 'the outputs'}: {exc.strerror}", file=sys.stderr)
         return 2
 
 
