@@ -45,6 +45,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import math
 import random
 import threading
 import time
@@ -56,6 +57,7 @@ import numpy as np
 
 from .base import CacheBase, Namespace
 from .optional import MissingExtra
+from .shadow import Shadow, quality_sample
 from .stores import BackgroundStores
 
 if TYPE_CHECKING:
@@ -126,6 +128,8 @@ class CacheOutcome:
     stored: bool = False  # x0 handed to the store thread
     reason: str = ""
     x0: Any = field(default=None, repr=False)  # the final latent before decode (torch, float32, CPU)
+    shadow_loss: float | None = None  # a shadowed hit's score from scratch minus its served score
+    shadow_seconds: float = 0.0  # the shadow's generation and scoring (after the served output was made)
 
     @property
     def saved_seconds(self) -> float:
@@ -442,11 +446,18 @@ class CachedPipeline:
 
     `client`: a CacheClient (or LocalCache) whose namespace's total_steps is the N callers use (another N
     bypasses the cache). `embed(prompt) -> 1-D vector`: one embedder per namespace. `admit_max_start`:
-    store generations that started at K <= this fraction of N. `store=False`: look up only. Attribute
+    store generations that started at K <= this fraction of N. `store=False`: look up only. `shadow`
+    (flexcache.client.shadow.Shadow) and `score(prompt, video) -> float`: that fraction of hits is also run
+    from scratch after the served output is made (the call takes that much longer), both videos are scored
+    and the paired loss is reported to the daemon's quality guard (`CacheOutcome.shadow_loss`). Attribute
     access falls through to the pipeline. One call at a time (a pipeline's scheduler is call state)."""
 
     def __init__(self, pipe: Any, client: CacheBase, *, embed: Callable[[str], Any] | None = None,
-                 admit_max_start: float = 0.1, store: bool = True, store_backlog: int = 8) -> None:
+                 admit_max_start: float = 0.1, store: bool = True, store_backlog: int = 8,
+                 shadow: Shadow | None = None, score: Callable[[str, Any], float] | None = None) -> None:
+        if shadow is not None and score is None:
+            raise ValueError("shadow samples need a score(prompt, video) callable")
+        self.shadow, self.score = shadow, score
         self._runner = _Runner(pipe)
         self.pipe = pipe
         self.client = client
@@ -537,7 +548,7 @@ class CachedPipeline:
         eps, seed = self._runner.noise(call)
         call["latents"] = eps
         outcome.seed = seed
-        start, k, vector, lookup_failed = None, 0, None, False
+        start, k, vector, lookup_failed, hit = None, 0, None, False, None
         try:
             vector = np.asarray(self.embed(prompt), dtype=np.float32)
             rebuild_at = self._runner.rebuilder(eps, n)
@@ -561,14 +572,52 @@ class CachedPipeline:
             log.warning("flexcache: cache lookup failed (treated as a miss): %s: %s", type(exc).__name__, exc)
             outcome.kind, lookup_failed = "miss", True
         outcome.lookup_seconds = time.perf_counter() - t0
+        shadowed = self.shadow is not None and k > 0 and seed is not None and self.shadow.wants(hit)
+        scratch_call = {**call, "latents": eps} if shadowed else None  # before the served run changes `call`
         output = self._runner.denoise(call, outcome, start=start, k=k)
         complete = outcome.steps_run == n - k and outcome.x0 is not None
+        if scratch_call is not None and complete:
+            self._shadow(prompt, scratch_call, seed, output, hit, outcome)
         if (self._storer is not None and complete and not lookup_failed and vector is not None
                 and k <= self.admit_max_start * n and bool(torch.isfinite(outcome.x0).all())):
             x0, client, step_seconds = outcome.x0.numpy(), self.client, outcome.step_seconds
             outcome.stored = self._storer.submit(
                 lambda: client.put(prompt, x0, vector, seed=seed, step_seconds=step_seconds))
         return output
+
+
+    def _shadow(self, prompt: str, call: dict[str, Any], seed: int, served: Any, hit: Any,
+                outcome: CacheOutcome) -> None:
+        """Run the same call from scratch (the seed's generator anew), score both videos, report the loss to
+        the daemon's quality guard on the store thread (client/shadow.py). Never raises: a failing scorer or
+        pipeline is a warning, and the served output stands."""
+        import torch
+
+        t0 = time.perf_counter()
+        try:
+            call["generator"] = torch.Generator(call["generator"].device).manual_seed(seed)
+            scratch = self._runner.denoise(call, CacheOutcome("shadow", total_steps=outcome.total_steps),
+                                           start=None, k=0)
+            assert self.score is not None
+            loss = float(self.score(prompt, _video(scratch))) - float(self.score(prompt, _video(served)))
+            if not math.isfinite(loss):
+                raise ValueError(f"the score is not a finite number ({loss})")
+        except Exception as exc:
+            self._warn_once("shadow", "flexcache: a shadow sample failed (nothing reported): %s: %s",
+                            type(exc).__name__, exc)
+            return
+        outcome.shadow_loss, outcome.shadow_seconds = loss, time.perf_counter() - t0
+        sample, client = quality_sample(hit, loss), self.client
+        if self._storer is not None:
+            self._storer.submit(lambda: client.report_quality([sample]))
+        else:
+            client.report_quality([sample])
+
+
+def _video(output: Any) -> Any:
+    """The first video of a pipeline's output (its `frames`, or the tuple form's first item)."""
+    frames = output.frames if hasattr(output, "frames") else output[0]
+    return frames[0]
 
 
 def _float32() -> Any:
@@ -697,8 +746,7 @@ class DiffusersSampler:
         output = self._runner.denoise(call, outcome, start=start, k=k)
         if outcome.x0 is None or outcome.steps_run != self.total_steps - k:
             raise RuntimeError(f"the pipeline ran {outcome.steps_run} of {self.total_steps - k} steps")
-        frames = output.frames if hasattr(output, "frames") else output[0]
-        return outcome.x0.numpy(), frames[0]
+        return outcome.x0.numpy(), _video(output)
 
     @staticmethod
     def _generated(made: list[tuple[Any, Any]]) -> Generated:

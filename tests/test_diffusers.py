@@ -134,6 +134,31 @@ def test_a_miss_runs_n_transformer_calls_and_a_hit_n_minus_k(daemon) -> None:
         pipe.close()
 
 
+def test_a_shadowed_hit_is_scored_against_the_uncached_run_and_reported(start_daemon) -> None:
+    from flexcache.client.shadow import Shadow
+
+    def score(prompt: str, video: object) -> float:  # a stand-in for a CLIP score: deterministic, video-dependent
+        return -float(np.abs(np.asarray(video, dtype=np.float64) - 0.5).mean()) * 100
+
+    daemon = start_daemon(guard_max_loss=1.0)
+    with connect(daemon.target, NS) as client:
+        pipe = cached(tiny_wan(), client, embed=embed, shadow=Shadow(1.0), score=score)
+        prompt = "a red fox running through snow"
+        _, miss = pipe.run(**request(prompt, 1, output_type="np"))
+        assert miss.kind == "miss" and miss.shadow_loss is None  # only hits have shadows
+        pipe.flush()
+        served, hit = pipe.run(**request(prompt, 2, output_type="np"))
+        assert hit.kind == "full" and hit.shadow_loss is not None and hit.shadow_seconds > 0
+        plain, _ = uncached(tiny_wan(), prompt, 2, output_type="np")
+        assert hit.shadow_loss == pytest.approx(score(prompt, plain.frames[0]) - score(prompt, served.frames[0]))
+        pipe.flush()  # the report goes out on the store thread
+        (fig,) = client.step_tables().bins
+        assert (fig.table, fig.granted_steps, fig.samples) == ("whole", hit.start_step, 1)
+        pipe.close()
+    with pytest.raises(ValueError, match="score"):
+        cached(tiny_wan(), client, shadow=Shadow(0.5))
+
+
 def test_a_resume_from_the_true_x_k_reproduces_the_uncached_run() -> None:
     pipe = tiny_wan()
     prompt, seed, k = "a lighthouse at dusk", 7, 3
