@@ -37,12 +37,14 @@ import torch
 from bench.bench_serving import TABLES as SERVING_TABLES
 from bench.bench_serving import build_workload
 from bench.traces import build_trace, load_intents, sample_intents
-from flexcache.client import compose, masks
+from flexcache.client import masks
 from flexcache.client.calibration.fit import standard_error
+from flexcache.client.calibration.measure import best_pair, start_latent
 from flexcache.client.calibration.sampler import score_all
 from flexcache.client.prompt_split import split_prompt
 from flexcache.client.tables import StepTables
 from flexcache.daemon.config import NIRVANA_THRESHOLDS, parse_thresholds
+from flexcache.daemon.steps import Tables
 from flexcache_model.reference import cli
 from flexcache_model.reference.calibration import ProbeScorer, ReferenceSampler
 from flexcache_model.reference.grounding import Grounder
@@ -55,10 +57,8 @@ COMPOSED_CAP = 0.1  # the daemon's default composed_max_fraction
 def flag_tables(thresholds: str, cap: float = COMPOSED_CAP) -> StepTables:
     """The tables a daemon derives from its flags (docs/step_tables.md): composed and partial from the
     whole table, capped."""
-    whole = parse_thresholds(thresholds)
-    return StepTables(whole=whole, composed=tuple((a, b, min(fa, fb, cap)) for a, fa in whole for b, fb in whole),
-                      partial_object=tuple((s, min(f, cap)) for s, f in whole),
-                      partial_background=tuple((s, min(f, cap)) for s, f in whole))
+    t = Tables.from_whole(parse_thresholds(thresholds), cap)
+    return StepTables(t.whole, t.composed, t.partial_object, t.partial_background)
 
 
 def trace_prompts(requests: int, seed: int) -> list[str]:
@@ -113,32 +113,18 @@ class Evaluation:
                 continue
             if not self.has_parts[q]:
                 continue
-            top_o = np.argsort(-self.obj_sim[q])[:3]
-            top_b = np.argsort(-self.bg_sim[q])[:3]
-            scored = [(compose.pair_score(self.obj_sim[q, o], self.bg_sim[q, b], self.masks[o], self.masks[b]),
-                       int(o), int(b)) for o in top_o for b in top_b]
-            scored = [s for s in scored if s[0] is not None]
-            if scored:
-                _, o, b = max(scored)
+            pair = best_pair(self.obj_sim[q], self.bg_sim[q], self.masks)
+            if pair is not None:
+                o, b = pair
                 k = tables.composed_grant(float(self.obj_sim[q, o]), float(self.bg_sim[q, b]), STEPS)
                 if k:
                     out.append(("composed", q, (o, b), k, float(self.obj_sim[q, o])))
                     continue
-            o = int(top_o[0])
+            o = int(np.argsort(-self.obj_sim[q])[0])
             k = tables.grant(float(self.obj_sim[q, o]), STEPS, "partial_object")
             if k:
                 out.append(("partial_object", q, (o,), k, float(self.obj_sim[q, o])))
         return out
-
-    def start(self, kind: str, q: int, donors: tuple[int, ...], k: int) -> np.ndarray:
-        rebuild = self.sampler.rebuild
-        if kind == "whole":
-            return rebuild(self.x0[donors[0]], self.seeds[q], k)
-        if kind == "composed":
-            o, b = donors
-            return compose.compose(rebuild(self.x0[o], self.seeds[q], k), rebuild(self.x0[b], self.seeds[q], k),
-                                   self.masks[o], self.masks[b])[0]
-        return rebuild(compose.one_part(self.x0[donors[0]], self.masks[donors[0]], "object"), self.seeds[q], k)
 
     def losses(self, plan: list[tuple[str, int, tuple[int, ...], int, float]]) -> np.ndarray:
         todo = [p for p in plan if p[:4] not in self.cache]
@@ -146,7 +132,8 @@ class Evaluation:
             group = [p for p in todo if p[3] == k]
             for i in range(0, len(group), self.batch):
                 part = group[i:i + self.batch]
-                starts = np.stack([self.start(*p[:4]) for p in part]).astype(np.float32)
+                starts = np.stack([start_latent(self.sampler, p[0], self.x0, self.masks, p[2], self.seeds[p[1]], k)
+                                   for p in part]).astype(np.float32)
                 prompts = [self.prompts[p[1]] for p in part]
                 made = self.sampler.resume(prompts, [self.seeds[p[1]] for p in part], starts, k)
                 for p, s in zip(part, score_all(self.scorer, prompts, made.videos), strict=True):
@@ -195,12 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = cli.main(command)
     if code:
         return code
-    fitted = json.loads((args.workdir / "tables.json").read_text())
     if not args.quick:  # what the serving benchmark's "measured" table installs
         (ROOT / "bench/calibrated_tables.json").write_text((args.workdir / "tables.json").read_text())
-    calibrated = StepTables(whole=tuple(map(tuple, fitted["whole"])), composed=tuple(map(tuple, fitted["composed"])),
-                            partial_object=tuple(map(tuple, fitted["partial_object"])),
-                            partial_background=tuple(map(tuple, fitted["partial_background"])))
+    calibrated = StepTables.from_json(json.loads((args.workdir / "tables.json").read_text()))
     t_cal = time.perf_counter() - t0
 
     print(f"held-out set: {args.heldout} intents, twice each, generating ...", flush=True)

@@ -235,11 +235,7 @@ def table_text(chosen: str | Path | None) -> str:
 
 def install_tables(target: str, path: Path) -> None:
     """Set a tables.json (flexcache-calibrate's output) as the reference namespace's step tables."""
-    fitted = json.loads(path.read_text())
-    tables = StepTables(whole=tuple(map(tuple, fitted["whole"])), composed=tuple(map(tuple, fitted["composed"])),
-                        partial_object=tuple(map(tuple, fitted["partial_object"])),
-                        partial_background=tuple(map(tuple, fitted["partial_background"])),
-                        max_loss=fitted["max_loss"])
+    tables = StepTables.from_json(json.loads(path.read_text()))
     from flexcache_model.reference.pipeline import load_pipeline
 
     with CacheClient(target, namespace_for(load_pipeline("flow"), STEPS), timeout_s=10.0) as client:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base import Namespace
+from ..tables import StepTables
 from .fit import PART_EDGES, WHOLE_EDGES, Fit, fit
 from .measure import TABLES, Measurement, Trial, measure
 from .report import markdown, plot
@@ -135,11 +136,11 @@ NOTHING = ((-1.0, 0.0),)  # a list that grants nothing (an empty one would be de
 NOTHING_COMPOSED = ((-1.0, -1.0, 0.0),)
 
 
-def tables_json(result: Fit) -> dict[str, Any]:
+def fitted_tables(result: Fit) -> StepTables:
     """The fit as the daemon takes it: every list explicit, a table that grants nothing as one tier of 0."""
-    return {"whole": result.whole or NOTHING, "composed": result.composed or NOTHING_COMPOSED,
-            "partial_object": result.partial_object or NOTHING,
-            "partial_background": result.partial_background or NOTHING, "max_loss": result.max_loss}
+    return StepTables(whole=result.whole or NOTHING, composed=result.composed or NOTHING_COMPOSED,
+                      partial_object=result.partial_object or NOTHING,
+                      partial_background=result.partial_background or NOTHING, max_loss=result.max_loss)
 
 
 def run(args: argparse.Namespace, make_sampler: Callable[[], Any] | None, make_scorer: Callable[[], Any] | None,
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace, make_sampler: Callable[[], Any] | None, make_s
     report = markdown(result, summary)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "calibration.md").write_text("# Calibration\n\n" + report)
-    (args.out / "tables.json").write_text(json.dumps(tables_json(result), indent=1) + "\n")
+    (args.out / "tables.json").write_text(json.dumps(fitted_tables(result).to_json(), indent=1) + "\n")
     plotted = plot(result, args.out / "calibration.png")
     print(report)
     written = ["tables.json", "calibration.md"] + ([] if args.trials else ["trials.jsonl"])
@@ -201,11 +202,8 @@ def run(args: argparse.Namespace, make_sampler: Callable[[], Any] | None, make_s
 
 def _apply(target: str, ns: Namespace, result: Fit, token: str | None) -> int:
     from ..client import CacheClient
-    from ..tables import StepTables
 
-    fitted = tables_json(result)
-    tables = StepTables(whole=fitted["whole"], composed=fitted["composed"], partial_object=fitted["partial_object"],
-                        partial_background=fitted["partial_background"], max_loss=fitted["max_loss"])
+    tables = fitted_tables(result)
     with CacheClient(target, ns, token=token, timeout_s=10.0) as client:
         applied = client.set_step_tables(tables)
     if applied is None:

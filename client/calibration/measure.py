@@ -33,7 +33,7 @@ from ..prompt_split import split_prompt
 from ..tables import TABLES
 from .sampler import Sampler, score_all
 
-__all__ = ["TABLES", "Measurement", "Trial", "default_ks", "measure"]
+__all__ = ["TABLES", "Measurement", "PromptVectors", "Trial", "best_pair", "default_ks", "measure", "start_latent"]
 
 log = logging.getLogger("flexcache.client.calibration")
 
@@ -87,7 +87,65 @@ class _Start:
     donors: tuple[int, ...]
     similarity: float
     background_similarity: float
-    build: Callable[[int], np.ndarray]  # k -> the step-k start latent
+
+
+@dataclass(frozen=True)
+class PromptVectors:
+    """The vectors a serving worker looks up with: the whole prompt's, and its parts' (zero where the
+    splitter found none, `has_object` / `has_background` false); a prompt is looked up by part only when
+    it has both (`both`), but an entry with one part is that part's donor."""
+
+    full: np.ndarray
+    object: np.ndarray
+    background: np.ndarray
+    has_object: np.ndarray
+    has_background: np.ndarray
+
+    @property
+    def both(self) -> np.ndarray:
+        return self.has_object & self.has_background
+
+    @classmethod
+    def of(cls, sampler: Sampler, prompts: Sequence[str]) -> PromptVectors:
+        full = sampler.embed(prompts)
+        splits = [split_prompt(p) for p in prompts]
+        parts = []
+        for role in ("object", "background"):
+            texts = [getattr(s, role) for s in splits]
+            distinct = sorted({t for t in texts if t})
+            vec = dict(zip(distinct, sampler.embed(distinct), strict=True)) if distinct else {}
+            parts.append(np.stack([vec[t] if t else np.zeros(full.shape[1], np.float32) for t in texts]))
+        return cls(full, parts[0], parts[1], np.array([bool(s.object) for s in splits]),
+                   np.array([bool(s.background) for s in splits]))
+
+
+def best_pair(object_similarity: np.ndarray, background_similarity: np.ndarray, object_masks: Sequence[np.ndarray],
+              min_similarity: float = -np.inf) -> tuple[int, int] | None:
+    """The composite's donors as the client picks them (CacheBase.get): among the top PART_DONORS of each
+    part, the pair with the best compose.pair_score; None when no pair can be placed."""
+    top_o = np.argsort(-object_similarity)[:PART_DONORS]
+    top_b = np.argsort(-background_similarity)[:PART_DONORS]
+    scored = [(compose.pair_score(object_similarity[o], background_similarity[b], object_masks[o],
+                                  object_masks[b]), int(o), int(b))
+              for o in top_o for b in top_b
+              if object_similarity[o] >= min_similarity and background_similarity[b] >= min_similarity]
+    scored = [t for t in scored if t[0] is not None]
+    return max(scored)[1:] if scored else None
+
+
+def start_latent(sampler: Sampler, table: str, x0: np.ndarray, object_masks: Sequence[np.ndarray],
+                 donors: Sequence[int], seed: int, k: int) -> np.ndarray:
+    """A request's step-k start from its donors (indices into x0), with the request's noise `seed`, as the
+    serving worker builds a hit of `table`: a donor rebuilt at k; two donors composed at k; one part of a
+    donor kept, the rest flattened (compose.one_part), rebuilt at k."""
+    if table == "whole":
+        return sampler.rebuild(x0[donors[0]], seed, k)
+    if table == "composed":
+        o, b = donors
+        return compose.compose(sampler.rebuild(x0[o], seed, k), sampler.rebuild(x0[b], seed, k),
+                               object_masks[o], object_masks[b])[0]
+    j = donors[0]
+    return sampler.rebuild(compose.one_part(x0[j], object_masks[j], table.removeprefix("partial_")), seed, k)
 
 
 def measure(sampler: Sampler, scorer: object, prompts: Sequence[str], *, seeds: Sequence[int] | None = None,
@@ -117,7 +175,8 @@ def measure(sampler: Sampler, scorer: object, prompts: Sequence[str], *, seeds: 
     x0, scratch = np.concatenate(parts_x0), np.concatenate(scores)
     result = Measurement(prompts, seeds, steps, scratch, videos_sampled=float(n))
 
-    starts = _starts(sampler, prompts, seeds, x0, tables, donors, min_similarity)
+    object_masks = [masks.estimate_object_mask(x) for x in x0]
+    starts = _starts(PromptVectors.of(sampler, prompts), object_masks, tables, donors, min_similarity)
     for table in tables:
         chosen = [s for s in starts if s.table == table]
         for k in grid[table]:
@@ -126,7 +185,8 @@ def measure(sampler: Sampler, scorer: object, prompts: Sequence[str], *, seeds: 
             progress(f"{table}: {len(chosen)} starts at K = {k}")
             for i in range(0, len(chosen), batch):
                 part = chosen[i:i + batch]
-                latents = np.stack([s.build(k) for s in part]).astype(np.float32)
+                latents = np.stack([start_latent(sampler, s.table, x0, object_masks, s.donors, seeds[s.request], k)
+                                    for s in part]).astype(np.float32)
                 ps = [prompts[s.request] for s in part]
                 made = sampler.resume(ps, [seeds[s.request] for s in part], latents, k)
                 scores = score_all(scorer, ps, made.videos)
@@ -138,60 +198,31 @@ def measure(sampler: Sampler, scorer: object, prompts: Sequence[str], *, seeds: 
     return result
 
 
-def _starts(sampler: Sampler, prompts: list[str], seeds: list[int], x0: np.ndarray, tables: Sequence[str],
-            donors: int, min_similarity: float) -> list[_Start]:
-    """Every start the plan measures, as the serving worker would build it from the same donors."""
-    n = len(prompts)
-    full = sampler.embed(prompts)
-    splits = [split_prompt(p) for p in prompts]
-    parts: dict[str, np.ndarray | None] = {}
-    has: dict[str, np.ndarray] = {}
-    for role in ("object", "background"):
-        texts = [getattr(s, role) for s in splits]
-        has[role] = np.array([bool(t) for t in texts])
-        distinct = sorted({t for t in texts if t})
-        vec = dict(zip(distinct, sampler.embed(distinct), strict=True)) if distinct else {}
-        parts[role] = np.stack([vec[t] if t else np.zeros(full.shape[1], np.float32) for t in texts])
-    object_masks = [masks.estimate_object_mask(x) for x in x0]
-
-    def similarities(vectors: np.ndarray, i: int, usable: np.ndarray | None = None) -> np.ndarray:
-        sims = vectors @ vectors[i]
+def _starts(vectors: PromptVectors, object_masks: Sequence[np.ndarray], tables: Sequence[str], donors: int,
+            min_similarity: float) -> list[_Start]:
+    """Every start the plan measures: each request's donors, chosen as the serving worker would."""
+    def similarities(table: np.ndarray, i: int, usable: np.ndarray | None = None) -> np.ndarray:
+        sims = table @ table[i]
         sims[i] = -np.inf  # a request is never its own donor
         if usable is not None:
             sims[~usable] = -np.inf
         return sims
 
-    def rebuilt(j: int, i: int) -> Callable[[int], np.ndarray]:
-        return lambda k: sampler.rebuild(x0[j], seeds[i], k)
-
     out: list[_Start] = []
-    for i in range(n):
+    for i in range(len(vectors.full)):
         if "whole" in tables:
-            sims = similarities(full, i)
-            for j in np.argsort(-sims)[:donors]:
-                if sims[j] >= min_similarity:
-                    out.append(_Start("whole", i, (int(j),), float(sims[j]), 0.0, rebuilt(int(j), i)))
-        if not (has["object"][i] and has["background"][i]):
+            sims = similarities(vectors.full, i)
+            out += [_Start("whole", i, (int(j),), float(sims[j]), 0.0)
+                    for j in np.argsort(-sims)[:donors] if sims[j] >= min_similarity]
+        if not vectors.both[i]:
             continue  # the worker looks up parts only for a prompt that has both
-        so = similarities(parts["object"], i, has["object"])
-        sb = similarities(parts["background"], i, has["background"])
-        top_o, top_b = np.argsort(-so)[:PART_DONORS], np.argsort(-sb)[:PART_DONORS]
-        if "composed" in tables:
-            scored = [(compose.pair_score(so[o], sb[b], object_masks[o], object_masks[b]), int(o), int(b))
-                      for o in top_o for b in top_b if so[o] >= min_similarity and sb[b] >= min_similarity]
-            scored = [t for t in scored if t[0] is not None]
-            if scored:
-                _, o, b = max(scored)
-
-                def build(k: int, o: int = o, b: int = b, i: int = i) -> np.ndarray:
-                    return compose.compose(sampler.rebuild(x0[o], seeds[i], k), sampler.rebuild(x0[b], seeds[i], k),
-                                           object_masks[o], object_masks[b])[0]
-                out.append(_Start("composed", i, (o, b), float(so[o]), float(sb[b]), build))
-        for role, sims, top in (("object", so, top_o), ("background", sb, top_b)):
-            table = f"partial_{role}"
-            j = int(top[0])
+        so = similarities(vectors.object, i, vectors.has_object)
+        sb = similarities(vectors.background, i, vectors.has_background)
+        pair = best_pair(so, sb, object_masks, min_similarity) if "composed" in tables else None
+        if pair is not None:
+            out.append(_Start("composed", i, pair, float(so[pair[0]]), float(sb[pair[1]])))
+        for table, sims in (("partial_object", so), ("partial_background", sb)):
+            j = int(np.argsort(-sims)[0])
             if table in tables and sims[j] >= min_similarity:
-                def build_part(k: int, j: int = j, i: int = i, role: str = role) -> np.ndarray:
-                    return sampler.rebuild(compose.one_part(x0[j], object_masks[j], role), seeds[i], k)
-                out.append(_Start(table, i, (j,), float(sims[j]), 0.0, build_part))
+                out.append(_Start(table, i, (j,), float(sims[j]), 0.0))
     return out
