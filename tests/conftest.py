@@ -7,8 +7,10 @@ Every process a test starts is stopped at teardown, whatever the test did to it.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,13 @@ from flexcache.daemon.process import metric as scrape
 
 NS = Namespace(tenant="acme", model="wan2.1-t2v-1.3b", width=832, height=480, frames=81, scheduler="flow",
                total_steps=50)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The free disk where the tests' daemons write. A store refuses puts below its reserve, so a
+    nearly full CI disk reads here as one line rather than only as RESOURCE_EXHAUSTED failures."""
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    terminalreporter.write_line(f"disk: {free / 2**30:.1f} GiB free in {tempfile.gettempdir()} at the end")
 
 
 @pytest.fixture
