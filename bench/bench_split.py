@@ -3,8 +3,8 @@
 Run:  .venv/bin/python -m bench.bench_split [--data bench/prompts] [--examples N]
 
 Prints markdown: the label-based precision/recall table (metric defined in docs/prompt_split.md),
-a leave-label-out ablation for scene labels, the VBench-2.0 subject-noun suite 1 (dev and test
-halves, now both development data) and held-out suite 2, the FETV content-class proxy, timing, and
+a leave-label-out ablation for scene labels, the subject-noun suites 1-3 (VBench-2.0; each held out
+until it was measured, development data since) and held-out suite 4, the FETV content-class proxy, timing, and
 example splits of long Open-Sora / VBench-2.0 prompts. Deterministic; needs no model and no network.
 """
 
@@ -254,19 +254,28 @@ def heldout_subjects(data: Path) -> list[Subject]:
 
 
 SUITE2_LABELS = Path("labels/vbench2_suite2_subjects.json")
+SUITE3_LABELS = Path("labels/vbench2_suite3_subjects.json")
+SUITE4_LABELS = Path("labels/vbench2_suite4_subjects.json")
+SUITES = [
+    ("Suite 2: VBench-2.0 subject nouns (held out until measured, development data since)", SUITE2_LABELS),
+    ("Suite 3: VBench-2.0 subject nouns (held out until measured, development data since)", SUITE3_LABELS),
+    ("Suite 4: VBench and VBench-2.0 subject nouns (held out)", SUITE4_LABELS),
+]
 
 
-def suite2_subjects(data: Path) -> list[Subject]:
-    """Held-out suite 2: one subject noun per prompt of three VBench-2.0 dimensions suite 1 did not use.
+def labelled_subjects(data: Path, labels: Path) -> list[Subject]:
+    """A labelled subject-noun suite (bench/prompts/labels/, each file's "about" says how it was made):
+    rows of VBench-2.0 meta_info prompts with their subject nouns, checked against the source files.
 
-    Thermotics and Motion_Rationality labels come from the shipped ``auxiliary_info`` questions,
-    Motion_Order_Understanding's are ours; all are in bench/prompts/labels/ (see its "about").
+    Suite 2: Thermotics and Motion_Rationality from the shipped ``auxiliary_info`` questions,
+    Motion_Order_Understanding ours (development data since its failures were fixed). Suite 3, held
+    out: Mechanics and Material mostly shipped, Multi-View_Consistency and Camera_Motion ours.
     """
-    doc = json.loads((data / SUITE2_LABELS).read_text())
+    doc = json.loads((data / labels).read_text())
     srcs = {k: json.loads((data / VB / Path(v).relative_to("vbench")).read_text()) for k, v in doc["sources"].items()}
     out: list[Subject] = []
     for row in doc["labels"]:
-        assert srcs[row["dimension"]][row["index"]]["prompt_en"] == row["prompt"], f"suite 2: {row} misaligned"
+        assert srcs[row["dimension"]][row["index"]]["prompt_en"] == row["prompt"], f"{labels}: {row} misaligned"
         origin = "shipped" if row["origin"].startswith("shipped") else "our labels"
         out.append(Subject(row["prompt"], tuple(row["subjects"]), f"{row['dimension']}, {origin}"))
     return out
@@ -312,6 +321,19 @@ def score_subjects(
             if failures is not None and not (in_obj and not in_bg):
                 failures.append((it, noun, sp))
     return sc
+
+
+def print_suite(items: list[Subject]) -> None:
+    """One row per source of a labelled suite, then the whole suite."""
+    print("| source | prompts | subject nouns found | in object only | background only | both | neither |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for src in sorted({it.source for it in items}):
+        sub = [it for it in items if it.source == src]
+        sc = score_subjects(sub)
+        print(f"| {src} | {len(sub)} | {sc.present} | {fmt(sc.rate())} | {sc.bg_only} | {sc.both} | {sc.neither} |")
+    sc = score_subjects(items)
+    print(f"| **all** | {len(items)} | {sc.present} | **{fmt(sc.rate())}** | {sc.bg_only} | {sc.both} "
+          f"| {sc.neither} |\n")
 
 
 FETV_PEOPLE_ANIMALS = {"people", "animals"}
@@ -426,20 +448,10 @@ def main(argv: list[str] | None = None) -> int:
         "labels whose word is not in the prompt are not counted.\n"
     )
 
-    print("## Held-out suite 2: VBench-2.0 subject nouns\n")
-    print(f"Thermotics, Motion_Rationality, Motion_Order_Understanding; labels: bench/prompts/{SUITE2_LABELS}.\n")
-    print("| source | prompts | subject nouns found | in object only | background only | both | neither |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    suite2 = suite2_subjects(data)
-    for src in sorted({it.source for it in suite2}):
-        sub = [it for it in suite2 if it.source == src]
-        s2 = score_subjects(sub)
-        print(f"| {src} | {len(sub)} | {s2.present} | {fmt(s2.rate())} | {s2.bg_only} | {s2.both} | {s2.neither} |")
-    s2 = score_subjects(suite2)
-    print(
-        f"| **all** | {len(suite2)} | {s2.present} | **{fmt(s2.rate())}** | {s2.bg_only} | {s2.both} "
-        f"| {s2.neither} |\n"
-    )
+    for title, labels_file in SUITES:
+        print(f"## {title}\n")
+        print(f"Labels: bench/prompts/{labels_file}.\n")
+        print_suite(labelled_subjects(data, labels_file))
 
     print("## FETV content-class proxy (held out: not used while writing the rules)\n")
     print("| check | hits / total | rate |")

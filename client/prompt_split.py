@@ -32,7 +32,11 @@ How it works (see docs/prompt_split.md for the full description and the measured
    drone are floating*"). A noun, an -s word and a determiner or object pronoun read the -s word as
    the verb ("One person *hands* a camera", "the broomstick *catches* it mid-air"), a passive agent
    ends a place phrase ("thrown into the air | *by the pillow*"), and a thing's possessive inside a
-   place phrase stays with the object ("flies | *the sloth's* | path").
+   place phrase stays with the object ("flies | *the sloth's* | path"). A weather mass (fog, mist,
+   steam, smoke) stays weather as a subject ("Mist rises from the waterfall") but is a thing when its
+   subject phrase carries a place of its own before the verb ("*mist* | in a rainforest | *comes into
+   contact with a cold metal surface*"), and "as" before a bare subject and its finite verb opens a
+   clause as "as the ..." does ("as *steam from a boiling pot comes* ...", not "as if", "as well as").
 
 Style and camera words ("cinematic, 4k, slow pan", "in the style of Van Gogh", "front view") are part
 of the background text -- they set the global look, which the background donor supplies -- and are
@@ -186,6 +190,14 @@ SUBJECT_NOUNS: frozenset[str] = _words(
     """
 )
 
+# Weather masses (and their kin): background as a subject too ("Mist rises from the waterfall", "fog
+# rolls in"), but a thing when the subject phrase carries a place of its own before its verb ("as mist
+# in a rainforest comes into contact with a cold metal surface", "steam from a boiling pot comes ...").
+MASS_NOUNS: frozenset[str] = _words("fog mist haze smog smoke steam vapor vapour")
+
+# Words after "as" that open no clause ("as if", "as well as", "as soon as").
+_AS_NOT_CLAUSE: frozenset[str] = _words("if though well soon much many long far usual such part opposed")
+
 # Materials: a SUBJECT_NOUNS head with one of these before it is a thing ("a metal frame").
 MATERIAL_WORDS: frozenset[str] = _words(
     "wooden wood metal metallic glass plastic steel iron stone brick paper cardboard leather ceramic "
@@ -210,6 +222,16 @@ FOLLOW_VERBS: frozenset[str] = _words(
     "follows following tracks tracking approaches approaching circles circling orbits orbiting"
 )
 _MOVE_PARTICLES: frozenset[str] = _words("in out up down back closer over across around then")
+
+# Single structures: scene words as a setting ("in front of the castle"), but the subject when a
+# prompt names one alone for the camera to move around ("Castle, the camera circles around").
+STRUCTURE_WORDS: frozenset[str] = _words(
+    "castle tower lighthouse windmill bridge arch gate pagoda cathedral church temple mosque shrine "
+    "fortress mansion villa house cottage cabin hut barn farmhouse skyscraper building"
+)
+# Words of a camera move that names no target of its own ("the camera circles around", "pan left").
+_ORBIT_MOVES: frozenset[str] = CAMERA_MOVES | FOLLOW_VERBS | _words("circle circles orbit dolly truck")
+
 _BE: frozenset[str] = _words("is are was were be being been")
 
 # Words that make a noun phrase an attribute of the subject, not a place ("in a red dress").
@@ -276,7 +298,8 @@ _OBJ_PRONOUNS: frozenset[str] = _words("it him them us me")  # after a noun and 
 # Verbs that introduce the subject from a style/scene frame: "A whimsical scene, featuring a bear".
 PRESENT_VERBS: frozenset[str] = _words(
     "featuring features showcasing showcases showing shows depicting depicts including includes "
-    "focusing focuses highlighting highlights presenting presents starring capturing captures"
+    "focusing focuses highlighting highlights presenting presents starring capturing captures "
+    "records recording documents documenting"
 )
 
 CLAUSE_BREAKERS: frozenset[str] = _words("while whilst as then who whose which that where when")
@@ -330,9 +353,22 @@ _OBJ, _BG, _UNK = 0, 1, 2
 _ADJ_SUFFIXES = ("al", "ic", "ful", "ous", "ive", "ish", "less", "ent", "ant", "able", "ible", "ary")
 
 
+# Common nouns that end like adjectives ("Table, zoom in" is a thing, not an adjective before a comma).
+_NOUN_ADJ: frozenset[str] = _words(
+    "table tables cable cables vegetable vegetables timetable animal animals crystal crystals metal "
+    "metals petal petals pedal pedals sandal sandals medal medals signal signals festival hospital "
+    "canal canals portal portals capital mosaic picnic clinic student students parent "
+    "parents agent agents serpent serpents patient patients element elements instrument instruments "
+    "monument monuments ornament ornaments garment garments apartment tournament experiment "
+    "elephant elephants plant plants giant giants merchant merchants infant infants pheasant "
+    "pheasants servant servants peasant peasants assistant restaurant olive olives detective "
+    "detectives locomotive locomotives archive library canary canaries secretary radish handful"
+)
+
+
 def _is_adj(word: str) -> bool:
     """Known adjective, or an adjective-looking word ("majestic", "peaceful", "formal")."""
-    return word in ADJECTIVES or (len(word) > 4 and word.endswith(_ADJ_SUFFIXES))
+    return word in ADJECTIVES or (len(word) > 4 and word.endswith(_ADJ_SUFFIXES) and word not in _NOUN_ADJ)
 
 
 def _singular(word: str) -> str:
@@ -465,8 +501,17 @@ class PromptSplitter:
         if subject and verb and verb not in CAMERA_VERBS and hw in SUBJECT_NOUNS:
             # "The sun rises", "A black drone is floating": the subject of a verb is an object.
             return 4, j, through
-        if subject and not verb and hw in SUBJECT_NOUNS and self._coordinated_subject(words, j):
-            # "A black drone and a blue drone are floating": the verb comes after the second subject.
+        if subject and not verb and (
+            (hw in SUBJECT_NOUNS and self._coordinated_subject(words, j))
+            or (
+                (hw in SUBJECT_NOUNS or hw in MASS_NOUNS)
+                and j < end
+                and words[j] in PLACE_PREPS
+                and self._clause_verb(words, start, end) >= 0
+            )
+        ):
+            # "A black drone and a blue drone are floating": the verb comes after the second subject;
+            # "mist in a rainforest comes into contact": after the subject's place phrase.
             return 4, j, through
         if hw in SUBJECT_NOUNS and any(w in MATERIAL_WORDS for w in words[start:head_idx]):
             # "into a metal frame", "a wooden drone": camera words take no material, things do.
@@ -499,6 +544,25 @@ class PromptSplitter:
             return False
         cls, k = self._head_class(words, j + 1, len(words), subject=True)
         return cls == 4 and k < len(words) and self._is_verbish(words, k) and words[k] not in CAMERA_VERBS
+
+    def _clause_verb(self, words: list[str], i: int, end: int) -> int:
+        """Index of the finite verb of a clause whose subject noun phrase starts at words[i], after at
+        most one prepositional phrase that modifies the subject ("steam from a boiling pot *comes*",
+        "mist in a rainforest *comes*", "rain *continues*"); -1 where no such verb follows. Finite only
+        (an auxiliary, or an -s/-ed word), so "such as dogs running" is no clause; a camera verb is
+        none ("the frame shows")."""
+        cls, k = self._head_class(words, i, end)
+        if cls not in (0, 4):
+            return -1
+        if k < end and (words[k] in PLACE_PREPS or words[k] == "of"):
+            cls, k = self._head_class(words, k + 1, end)
+            if cls == 5:
+                return -1
+        if k >= end or words[k] in CAMERA_VERBS:
+            return -1
+        w = words[k]
+        finite = w in AUX_VERBS or (len(w) > 3 and not w.endswith("ss") and (w.endswith("s") or w.endswith("ed")))
+        return k if finite and w not in _NOUN_ING and not self._in(w, self.bg_words | self.style) else -1
 
     # -- main ------------------------------------------------------------------------------------
     def split(self, text: str) -> PromptSplit:
@@ -534,6 +598,12 @@ class PromptSplitter:
                 and (
                     w in {"while", "whilst", "where"}
                     or (w in {"as", "and"} and (words[i + 1] in DETERMINERS or words[i + 1] in PRONOUNS))
+                    or (
+                        w == "as"
+                        and words[i + 1].isalpha()
+                        and words[i + 1] not in _AS_NOT_CLAUSE
+                        and self._clause_verb(words, i + 1, n) >= 0
+                    )
                 )
             ):
                 chunks.append((s, i, sent))
@@ -544,6 +614,12 @@ class PromptSplitter:
         chunk_lead: list[int] = []
         for a, b, _ in chunks:
             chunk_lead.append(self._label_chunk(words, a, b, labels, styles))
+        for k in range(len(chunks) - 1):
+            if chunk_lead[k] == _BG and self._orbited(words, chunks[k], chunks[k + 1]):
+                a, b, _ = chunks[k]
+                chunk_lead[k] = _OBJ
+                for t in range(a, b):
+                    labels[t], styles[t] = _OBJ, False
 
         # Resolve 'unknown' chunks (participle clauses, bare adjectives): inherit from the previous
         # chunk of the same sentence, else from the next one, else object.
@@ -752,6 +828,20 @@ class PromptSplitter:
                 for t in range(j, k + 1):
                     labels[t] = _OBJ
             return
+
+    def _orbited(self, words: list[str], chunk: tuple[int, int, int], after: tuple[int, int, int]) -> bool:
+        """True when `chunk` is only a noun phrase naming one structure or camera-named thing and the
+        next chunk of its sentence is a camera move with no target of its own: "Castle, the camera
+        circles around", "Drone, zoom in" (what the camera moves around is the subject)."""
+        (a, b, sent), (c, d, sent_after) = chunk, after
+        if sent != sent_after or not any(w in _ORBIT_MOVES for w in words[c:d]):
+            return False
+        _, end = self._head_class(words, a, b)
+        head = words[end - 1] if end > a else ""
+        if end != b or not (head in STRUCTURE_WORDS or head in SUBJECT_NOUNS):
+            return False
+        camera = self.style | _ORBIT_MOVES | _MOVE_PARTICLES | RELATIONAL_WORDS | DETERMINERS
+        return all(self._in(w, camera) or w in _BE or w in _CHUNK_END for w in words[c:d])
 
     def _camera_target(self, words: list[str], i: int, end: int) -> bool:
         """True when words[i] ("on", "to", "at") follows a camera move ("zooms in on", "pans slowly to")

@@ -146,6 +146,27 @@ def test_procedural_captions(prompt: str, obj: str, bg: str) -> None:
         ("The kite flies into the sloth's path", "The kite flies, the sloth's", "path"),
         ("The car drives past the old man's house", "The car drives, the old man's", "house"),
         ("A girl walks into the castle's courtyard", "A girl walks", "into the castle's courtyard"),
+        # "as" with a bare subject and its verb opens a clause; a weather mass with a place of its own
+        # before its verb is a thing, bare before its verb it stays weather
+        (
+            "A photo shows the mirror as steam from the kettle drifts toward it.",
+            "the mirror as steam from the kettle drifts toward it.",
+            "A photo shows",
+        ),
+        (
+            "A slow shot of a window as fog in the harbour drifts against the glass.",
+            "a window as fog, drifts against the glass.",
+            "A slow shot, in the harbour",
+        ),
+        ("Mist rises from the lake at dawn.", "", "Mist rises from the lake at dawn."),
+        ("The kite dances as if it were alive.", "The kite dances as if it were alive.", ""),
+        # a noun that ends like an adjective is a noun; a structure the camera moves around is the
+        # subject (a place is not); recording verbs hand their object back like "captures"
+        ("Table, pan left.", "Table", "pan left."),
+        ("The camera orbits around. Lighthouse, the camera circles around.", "Lighthouse",
+         "The camera orbits around. the camera circles around."),
+        ("Beach, the camera circles around.", "", "Beach, the camera circles around."),
+        ("A timelapse records the melting of a candle.", "the melting of a candle.", "A timelapse records"),
     ],
 )
 def test_subjects_by_context(prompt: str, obj: str, bg: str) -> None:
@@ -267,16 +288,28 @@ def test_heldout_vbench2_subject_floor() -> None:
     assert broken.rate() == 0.0 and broken.bg_only == broken.present
 
 
-def test_heldout_suite2_subject_floor() -> None:
-    """Held-out suite 2 (Thermotics, Motion_Rationality, Motion_Order_Understanding): 0.970 (194 / 200)
-    when written, before and after the suite-1 fixes; the floor sits a little below so it can fail."""
+def test_suite2_subject_floor() -> None:
+    """Suite 2 (Thermotics, Motion_Rationality, Motion_Order_Understanding): 0.970 (194 / 200) held
+    out, before and after the suite-1 fixes; its six misses (steam, mist, fog in "as" clauses) were
+    then fixed, so it is development data now (1.000)."""
     b = _bench()
-    items = b.suite2_subjects(DATA)
+    items = b.labelled_subjects(DATA, b.SUITE2_LABELS)
     s = b.score_subjects(items)
     assert s.present >= 195
-    assert s.rate() >= 0.96
+    assert s.rate() >= 0.99
     broken = b.score_subjects(items, lambda t: PromptSplit(object="", background=t))
     assert broken.rate() == 0.0
+
+
+def test_suite3_subject_floor() -> None:
+    """Suite 3 (Mechanics, Material, Multi-View_Consistency, Camera_Motion): 0.842 held out before
+    issue 21's last fixes, 0.931 after the "as"-clause fix; its misses (adjective-looking nouns,
+    orbited structures, "records"/"documents") were then fixed, so it is development data (0.992)."""
+    b = _bench()
+    items = b.labelled_subjects(DATA, b.SUITE3_LABELS)
+    s = b.score_subjects(items)
+    assert s.present >= 250
+    assert s.rate() >= 0.98
 
 
 def test_metric_detects_a_broken_splitter() -> None:
