@@ -223,12 +223,6 @@ FOLLOW_VERBS: frozenset[str] = _words(
 )
 _MOVE_PARTICLES: frozenset[str] = _words("in out up down back closer over across around then")
 
-# Single structures: scene words as a setting ("in front of the castle"), but the subject when a
-# prompt names one alone for the camera to move around ("Castle, the camera circles around").
-STRUCTURE_WORDS: frozenset[str] = _words(
-    "castle tower lighthouse windmill bridge arch gate pagoda cathedral church temple mosque shrine "
-    "fortress mansion villa house cottage cabin hut barn farmhouse skyscraper building"
-)
 # Words of a camera move that names no target of its own ("the camera circles around", "pan left").
 _ORBIT_MOVES: frozenset[str] = CAMERA_MOVES | FOLLOW_VERBS | _words("circle circles orbit dolly truck")
 
@@ -830,15 +824,16 @@ class PromptSplitter:
             return
 
     def _orbited(self, words: list[str], chunk: tuple[int, int, int], after: tuple[int, int, int]) -> bool:
-        """True when `chunk` is only a noun phrase naming one structure or camera-named thing and the
-        next chunk of its sentence is a camera move with no target of its own: "Castle, the camera
-        circles around", "Drone, zoom in" (what the camera moves around is the subject)."""
+        """True when `chunk` is only a noun phrase naming a camera-named thing or a celestial body and
+        the next chunk of its sentence is a camera move with no target of its own: "Drone, the camera
+        circles around", "Moon, zoom in" (what the camera moves around is the subject; a structure or
+        a place stays the scene, as VBench labels "castle" or "lighthouse")."""
         (a, b, sent), (c, d, sent_after) = chunk, after
         if sent != sent_after or not any(w in _ORBIT_MOVES for w in words[c:d]):
             return False
         _, end = self._head_class(words, a, b)
         head = words[end - 1] if end > a else ""
-        if end != b or not (head in STRUCTURE_WORDS or head in SUBJECT_NOUNS):
+        if end != b or head not in SUBJECT_NOUNS:
             return False
         camera = self.style | _ORBIT_MOVES | _MOVE_PARTICLES | RELATIONAL_WORDS | DETERMINERS
         return all(self._in(w, camera) or w in _BE or w in _CHUNK_END for w in words[c:d])

@@ -160,12 +160,13 @@ def test_procedural_captions(prompt: str, obj: str, bg: str) -> None:
         ),
         ("Mist rises from the lake at dawn.", "", "Mist rises from the lake at dawn."),
         ("The kite dances as if it were alive.", "The kite dances as if it were alive.", ""),
-        # a noun that ends like an adjective is a noun; a structure the camera moves around is the
-        # subject (a place is not); recording verbs hand their object back like "captures"
+        # a noun that ends like an adjective is a noun; a drone the camera moves around is the subject
+        # (a structure or a place stays the scene, as in VBench's labels); recording verbs hand their
+        # object back like "captures"
         ("Table, pan left.", "Table", "pan left."),
-        ("The camera orbits around. Lighthouse, the camera circles around.", "Lighthouse",
+        ("The camera orbits around. Drone, the camera circles around.", "Drone",
          "The camera orbits around. the camera circles around."),
-        ("Beach, the camera circles around.", "", "Beach, the camera circles around."),
+        ("Lighthouse, the camera circles around.", "", "Lighthouse, the camera circles around."),
         ("A timelapse records the melting of a candle.", "the melting of a candle.", "A timelapse records"),
     ],
 )
@@ -301,15 +302,29 @@ def test_suite2_subject_floor() -> None:
     assert broken.rate() == 0.0
 
 
-def test_suite3_subject_floor() -> None:
-    """Suite 3 (Mechanics, Material, Multi-View_Consistency, Camera_Motion): 0.842 held out before
-    issue 21's last fixes, 0.931 after the "as"-clause fix; its misses (adjective-looking nouns,
-    orbited structures, "records"/"documents") were then fixed, so it is development data (0.992)."""
+def test_suite3_and_4_subject_floors() -> None:
+    """Suites 3 (Mechanics, Material, Multi-View_Consistency, Camera_Motion) and 4 (VBench competition
+    prompts, trustworthiness rows, Complex_Plot, Diversity) were held out until measured once (0.842
+    and 0.908 as labelled; docs/prompt_split.md), then their misses were read and fixed where they
+    generalise, so both are development data now (0.992 and 0.967 with the labels VBench calls
+    scenes set apart). The floors sit a little below."""
     b = _bench()
-    items = b.labelled_subjects(DATA, b.SUITE3_LABELS)
-    s = b.score_subjects(items)
-    assert s.present >= 250
-    assert s.rate() >= 0.98
+    scene = b.vbench_scene_nouns(DATA)
+    s3 = b.score_subjects(b.labelled_subjects(DATA, b.SUITE3_LABELS), scene_nouns=scene)
+    s4 = b.score_subjects(b.labelled_subjects(DATA, b.SUITE4_LABELS), scene_nouns=scene)
+    assert (s3.present, s3.scene) == (254, 5) and (s4.present, s4.scene) == (212, 16)
+    assert s3.rate() >= 0.98
+    assert s4.rate() >= 0.96
+
+
+def test_suite5_subject_floor() -> None:
+    """Suite 5 (304 FETV captions, labelled under VBench's taxonomy before the splitter saw them):
+    0.881 at its one measurement, 0.878 with the splitter as committed (and as before suites 3-5);
+    its misses were read and listed in docs/prompt_split.md, not fixed. The floor sits a little below."""
+    b = _bench()
+    s = b.score_subjects(b.labelled_subjects(DATA, b.SUITE5_LABELS), scene_nouns=b.vbench_scene_nouns(DATA))
+    assert s.present == 336 and s.scene == 0
+    assert s.rate() >= 0.86
 
 
 def test_metric_detects_a_broken_splitter() -> None:
