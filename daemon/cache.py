@@ -418,7 +418,7 @@ class Cache:
         ns = validate.namespace_of(request)
         tables = None if request.reset else steps.checked(request.tables, self.steps.composed_max_fraction)
         with self.registry.lock:
-            self.registry.put(ns.key, None if tables is None else Entry(ns.name, tables, tables))
+            self.registry.put(ns.key, ns.name, None if tables is None else Entry(ns.name, tables, tables))
             self.quality.forget(ns.key)
         log.info("step tables of namespace %s %s", ns.name, "reset to the flags'" if tables is None else "set")
         return self.quality.describe(ns, request.namespace.total_steps)
@@ -428,21 +428,29 @@ class Cache:
         return self.quality.describe(ns, request.namespace.total_steps)
 
     def copy_step_tables(self, namespace: pb.Namespace, admin: pb.StepTables | None,
-                         current: pb.StepTables | None) -> pb.StepTablesResponse:
+                         current: pb.StepTables | None, version: int = 0) -> pb.StepTablesResponse:
         """Another cluster member's tables for the namespace (NodeService.CopyStepTables): `admin` those
-        set (None: the flags'), `current` those in use (None: back to the flags), checked and stored as
-        they are; this node's guard figures of the namespace restart."""
-        request = pb.StepTablesRequest(namespace=namespace)
-        ns = validate.namespace_of(request)
+        set (None: the flags'), `current` those in use (None: back to the flags), checked and kept as
+        they are if `version` is newer than this node's (TableRegistry.offer); the answer is this
+        node's tables after it."""
+        ns = validate.namespace_of(pb.StepTablesRequest(namespace=namespace))
+        self.offer_step_tables(ns.key, ns.name, admin, current, version)
+        return self.quality.describe(ns, namespace.total_steps)
+
+    def offer_step_tables(self, ns_key: str, name: str, admin: pb.StepTables | None, current: pb.StepTables | None,
+                          version: int) -> bool:
+        """A member's version of a namespace's tables, kept if newer (then this node's guard figures of
+        the namespace restart); whether it was kept. InvalidRequest for tables that do not check out."""
         cap, most = self.steps.composed_max_fraction, steps.MAX_TIERS ** 2  # derived composed lists are longer
         entry = None
         if current is not None:
-            entry = Entry(ns.name, steps.checked(admin, cap, most) if admin is not None else None,
+            entry = Entry(name, steps.checked(admin, cap, most) if admin is not None else None,
                           steps.checked(current, cap, most))
         with self.registry.lock:
-            self.registry.put(ns.key, entry)
-            self.quality.forget(ns.key)
-        return self.quality.describe(ns, namespace.total_steps)
+            kept = self.registry.offer(ns_key, name, entry, version)
+            if kept:
+                self.quality.forget(ns_key)
+        return kept
 
     def report_quality(self, request: pb.ReportQualityRequest, *, charge: bool = True) -> pb.ReportQualityResponse:
         """A worker's paired quality losses for the guard (quality.py). `charge`: a request token of the
@@ -457,7 +465,7 @@ class Cache:
             return self.quality.unused(samples)
         return self.quality.report(ns, request.namespace.total_steps, samples)
 
-    def _persist_tables(self, ns_key: str, value: bytes | None) -> None:
+    def _persist_tables(self, ns_key: str, value: bytes) -> None:
         try:
             self.store.put_step_tables(ns_key, value)
         except DiskFull as exc:

@@ -188,7 +188,7 @@ class QualityGuard:
             return
         current = tables.with_fractions(table, fractions)
         own = self.registry.entry(ns.key)
-        self.registry.put(ns.key, Entry(ns.name, own.admin if own else None, current))
+        self.registry.put(ns.key, ns.name, Entry(ns.name, own.admin if own else None, current))
         for j in changed:
             self._bins.pop((ns.key, table, j), None)
         self._changes[ns.key] = self._changes.get(ns.key, 0) + 1

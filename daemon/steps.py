@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -228,16 +229,33 @@ class Entry:
     current: Tables
 
 
+@dataclass(frozen=True)
+class Versioned:
+    """A namespace's tables as a version of them: `entry` None is a reset (back to the flags), kept so
+    that it wins over older tables still on a member that missed it."""
+
+    name: str
+    entry: Entry | None
+    version: int
+
+
 class TableRegistry:
     """The tables every namespace's lookups use: its own (`Entry`, set by SetStepTables or changed by
     the guard) or else the flags'. Reads take no lock (a dict read); changes are persisted through
-    `persist(ns_key, value or None)` before they take effect, under the registry's own lock, never the
-    cache's."""
+    `persist(ns_key, value)` before they take effect, under the registry's own lock, never the
+    cache's.
 
-    def __init__(self, flags: StepTable, persist: Callable[[str, bytes | None], None]):
+    Every change of a namespace's tables, a reset included, has a version: at the member that makes
+    it, the time in nanoseconds, and above every earlier version of the namespace there (a clock that
+    went back still orders them). A cluster member keeps a copy of another's change only if it is
+    newer than its own (`offer`), so the newest change of each namespace wins on every member, in
+    whatever order copies and repair passes bring it (docs/step_tables.md, "In a cluster")."""
+
+    def __init__(self, flags: StepTable, persist: Callable[[str, bytes], None]):
         self.flags = flags
         self._persist = persist
         self._own: dict[str, Entry] = {}
+        self._versions: dict[str, Versioned] = {}  # every namespace with a change, resets included
         self.lock = threading.Lock()  # held by whoever changes a namespace's entry (quality.py too)
 
     def load(self, stored: Mapping[str, bytes]) -> None:
@@ -247,13 +265,17 @@ class TableRegistry:
             try:
                 data = json.loads(raw)
                 admin = Tables.from_json(data["admin"]) if data["admin"] is not None else None
-                current = Tables.from_json(data["current"])
+                current = Tables.from_json(data["current"]) if data["current"] is not None else None
+                version = int(data.get("version", 0))
             except (ValueError, KeyError, TypeError) as exc:  # a damaged value: that namespace uses the flags
                 log.error("step tables of namespace key %s are unreadable (%s): the flags' apply", ns_key, exc)
                 continue
-            base = admin or self.flags.tables_for(data["name"])
-            if current.same_shape(base):
-                self._own[ns_key] = Entry(data["name"], admin, current)
+            entry = None if current is None else Entry(data["name"], admin, current)
+            if entry is not None and not current.same_shape(admin or self.flags.tables_for(data["name"])):
+                entry = None
+            self._versions[ns_key] = Versioned(data["name"], entry, version)
+            if entry is not None:
+                self._own[ns_key] = entry
 
     def tables(self, ns_key: str, name: str) -> Tables:
         own = self._own.get(ns_key)
@@ -273,19 +295,41 @@ class TableRegistry:
             return "guard"
         return "admin" if own.admin is not None else "flags"
 
-    def put(self, ns_key: str, entry: Entry | None) -> None:
+    def put(self, ns_key: str, name: str, entry: Entry | None, version: int = 0) -> int:
         """Persist then use `entry` (None, or the flags' tables unchanged: the namespace goes back to the
-        flags). Under `lock`."""
+        flags) as version `version` (0: a change made here, versioned now). Returns the version. Under
+        `lock`."""
         if entry is not None and entry.admin is None and entry.current == self.flags.tables_for(entry.name):
             entry = None
-        if entry is None:
-            self._persist(ns_key, None)
-            self._own.pop(ns_key, None)
-            return
-        value = {"name": entry.name, "admin": entry.admin.to_json() if entry.admin else None,
-                 "current": entry.current.to_json()}
+        if not version:
+            known = self._versions.get(ns_key)
+            version = max(time.time_ns(), (known.version if known else 0) + 1)
+        value = {"name": name, "admin": entry.admin.to_json() if entry and entry.admin else None,
+                 "current": entry.current.to_json() if entry else None, "version": version}
         self._persist(ns_key, json.dumps(value).encode())
-        self._own[ns_key] = entry
+        self._versions[ns_key] = Versioned(name, entry, version)
+        if entry is None:
+            self._own.pop(ns_key, None)
+        else:
+            self._own[ns_key] = entry
+        return version
+
+    def offer(self, ns_key: str, name: str, entry: Entry | None, version: int) -> bool:
+        """Another member's version of the namespace's tables: kept (as `put`) if newer than this one's,
+        or unversioned (0); whether it was kept. Under `lock`."""
+        known = self._versions.get(ns_key)
+        if version and known is not None and version <= known.version:
+            return False
+        self.put(ns_key, name, entry, version)
+        return True
+
+    def version(self, ns_key: str) -> int:
+        known = self._versions.get(ns_key)
+        return known.version if known else 0
+
+    def versions(self) -> dict[str, Versioned]:
+        """Every namespace's latest change (resets included), by namespace key. Under `lock`."""
+        return dict(self._versions)
 
     def entry(self, ns_key: str) -> Entry | None:
         return self._own.get(ns_key)

@@ -10,8 +10,9 @@ Key layout (entry ids are 64 hex characters, so '/' < '0' bounds a prefix):
     b/<entry id>/<i>    blob chunk i (8 hex digits), as the client streamed it (at most 1 MiB)
     s/puts              8-byte little-endian count  puts committed since the store was created
     t/<namespace key>   JSON {"name", "admin",     the namespace's own step tables (steps.TableRegistry):
-                        "current"}                 those an admin set (null: the flags') and those in
-                                                   use (the guard's changes); absent: the flags'
+                        "current", "version"}      those an admin set (null: the flags') and those in
+                                                   use (the guard's changes; null after a reset: the
+                                                   flags'), and the change's version; absent: the flags'
 
 A Put lands as one WriteBatch (chunks, record, vectors, usage, namespace, the put count), so a crash
 leaves either the whole entry or nothing. Reads of a blob go through a snapshot, so a concurrent delete
@@ -618,13 +619,10 @@ class Store:
             return False
         return True
 
-    def put_step_tables(self, ns_key: str, value: bytes | None) -> None:
-        """Write (None: delete) a namespace's step tables (DiskFull if the disk is full)."""
+    def put_step_tables(self, ns_key: str, value: bytes) -> None:
+        """Write a namespace's step tables (DiskFull if the disk is full)."""
         key = f"t/{ns_key}".encode()
-        if value is None:
-            self._write("step tables", lambda db: db.delete(key, self._write_options))
-        else:
-            self._write("step tables", lambda db: db.put(key, value, self._write_options), needs=len(value) + 4096)
+        self._write("step tables", lambda db: db.put(key, value, self._write_options), needs=len(value) + 4096)
 
     def step_tables(self) -> dict[str, bytes]:
         """Every namespace's persisted step tables, by namespace key."""

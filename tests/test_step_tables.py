@@ -13,6 +13,7 @@ on real daemon processes:
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -294,3 +295,50 @@ def test_a_cluster_shares_its_tables_and_one_member_decides(tmp_path: Path) -> N
         finally:
             for c in clients:
                 c.close()
+
+
+def _eventually(check, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return check()
+
+
+def test_a_member_that_missed_changes_catches_up_and_older_tables_never_win(tmp_path: Path) -> None:
+    """A member that was down while a namespace's tables changed gets the change at a repair pass
+    (SyncStepTables), a reset included; the older tables it kept meanwhile never overwrite the newer
+    ones on the others, restarts of any member included (versions are persisted)."""
+    first = StepTables(whole=((0.9, 0.5), (0.5, 0.2)), max_loss=1.0)
+    second = StepTables(whole=((0.9, 0.3),), max_loss=1.0)
+    with DaemonCluster(tmp_path, 3, **CLUSTER) as cluster:
+        wait_members(cluster.members, 3)
+        late = cluster.members[2]
+        with connect(cluster.targets[0]) as c0, connect(cluster.targets[1]) as c1:
+            fill(c0)
+            c0.set_step_tables(first)
+            with connect(late.target) as c2:
+                assert c2.step_tables().whole == first.whole
+            late.terminate()
+            c1.set_step_tables(second)  # the late member misses it
+            cluster.members[0].terminate()  # and a member that has it restarts: its version is persisted
+            cluster.members[0].start()
+            late.start()
+            wait_members(cluster.members, 3, timeout=30)
+            with connect(late.target) as c2:
+                assert _eventually(lambda: c2.step_tables().whole == second.whole)
+            time.sleep(1.5)  # passes of every member: the late one's older tables won nowhere
+            for target in cluster.targets:
+                with connect(target) as c:
+                    assert c.step_tables().whole == second.whole
+            late.terminate()
+            assert c1.reset_step_tables().source == "flags"  # missed too: the reset must win over `second`
+            late.start()
+            wait_members(cluster.members, 3, timeout=30)
+            with connect(late.target) as c2:
+                assert _eventually(lambda: c2.step_tables().source == "flags")
+            time.sleep(1.5)
+            for target in cluster.targets:
+                with connect(target) as c:
+                    assert c.step_tables().source == "flags"

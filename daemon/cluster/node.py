@@ -18,6 +18,9 @@ node's own Cache and its peers' NodeService.
   the first header wins (the others are cancelled).
 - Delete: here and on every peer (Forget, the namespace checked there). Verify: on a node holding it.
 - Stats: this node's own (dashboards sum over the nodes).
+- Step tables: a change is copied to every other member at once (CopyStepTables), and each repair
+  pass syncs every namespace's latest version with every member (SyncStepTables), so a member that
+  missed a change catches up; the newest version of each namespace wins (steps.TableRegistry).
 Fetches served and entries evicted here are passed to the entries' other copies (repair.Notifier), so
 that the copies rank alike for eviction and leave together.
 """
@@ -28,7 +31,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent import futures
 
 import grpc
@@ -42,6 +45,7 @@ from ..cache import Cache, PutSession
 from ..errors import CacheError, Corrupt, InvalidRequest, NotFound, TooLarge, Unavailable
 from ..metrics import Metrics
 from ..ranking import Gathered, decide, merge
+from ..steps import Versioned
 from . import placement
 from .membership import Membership, Peer
 
@@ -436,7 +440,7 @@ class ClusterNode:
         ns_key = validate.namespace_of(pb.StepTablesRequest(namespace=namespace)).key
         with self._tables_lock:  # concurrent changes reach every member in the order they were made here
             own = self.cache.registry.entry(ns_key)
-            copy = npb.StepTablesCopy(namespace=namespace)
+            copy = npb.StepTablesCopy(namespace=namespace, version=self.cache.registry.version(ns_key))
             if own is not None:
                 copy.current.CopyFrom(own.current.to_proto())
                 if own.admin is not None:
@@ -448,8 +452,51 @@ class ClusterNode:
                     call.result()
                 except grpc.RpcError as exc:
                     self._failed(peer, "CopyStepTables", exc)
-                    log.warning("cluster: the step tables of a namespace did not reach %s (%s); it keeps its own "
-                                "until the namespace's next change", peer.node_id, _peer_error(exc, peer.node_id))
+                    log.warning("cluster: the step tables of a namespace did not reach %s (%s); it gets them at "
+                                "the next repair pass", peer.node_id, _peer_error(exc, peer.node_id))
+
+    def sync_tables(self) -> int:
+        """A repair pass's anti-entropy: this node's latest version of every namespace's tables to each
+        other member (SyncStepTables), which keeps the newer ones and answers with its own newer ones,
+        kept here the same way. Returns how many namespaces' tables changed here."""
+        with self.cache.registry.lock:
+            mine = npb.StepTablesSync(namespaces=[_table_state(key, v)
+                                                  for key, v in self.cache.registry.versions().items()])
+        calls = [(peer, peer.stub.SyncStepTables.future(mine, timeout=self.timeout_s, metadata=self.metadata))
+                 for peer in self.membership.peers()]
+        changed = 0
+        for peer, call in calls:
+            try:
+                answer = call.result()
+            except grpc.RpcError as exc:
+                self._failed(peer, "SyncStepTables", exc)
+                continue
+            changed += self._keep_newer(answer.namespaces, peer.node_id)
+        return changed
+
+    def merge_tables(self, theirs: npb.StepTablesSync) -> npb.StepTablesSync:
+        """NodeService.SyncStepTables: keep the caller's versions that are newer than this node's, and
+        answer with this node's that are newer than the caller's or that it did not list."""
+        self._keep_newer(theirs.namespaces, "a peer")
+        known = {state.namespace_key: state.version for state in theirs.namespaces}
+        with self.cache.registry.lock:
+            newer = [_table_state(key, v) for key, v in self.cache.registry.versions().items()
+                     if v.version > known.get(key, 0)]
+        return npb.StepTablesSync(namespaces=newer)
+
+    def _keep_newer(self, states: Iterable[npb.NamespaceStepTables], source: str) -> int:
+        kept = 0
+        for state in states:
+            try:
+                kept += self.cache.offer_step_tables(state.namespace_key, state.name,
+                                                     state.admin if state.HasField("admin") else None,
+                                                     state.current if state.HasField("current") else None,
+                                                     state.version)
+            except CacheError as exc:  # a member's tables that do not check out here: keep this node's
+                log.warning("cluster: step tables of namespace %s from %s refused: %s", state.name, source, exc)
+        if kept:
+            log.info("cluster: step tables of %d namespace(s) updated from %s", kept, source)
+        return kept
 
     # ---- NodeService: this node alone ----
     def hello(self) -> npb.HelloResponse:
@@ -472,3 +519,12 @@ class ClusterNode:
     def touch(self, request: npb.TouchRequest) -> None:
         for t in request.touches:
             self.cache.touch(t.entry_id, wire.ROLE_BY_ENUM.get(t.role), t.granted_steps)
+
+
+def _table_state(ns_key: str, versioned: Versioned) -> npb.NamespaceStepTables:
+    state = npb.NamespaceStepTables(namespace_key=ns_key, name=versioned.name, version=versioned.version)
+    if versioned.entry is not None:
+        state.current.CopyFrom(versioned.entry.current.to_proto())
+        if versioned.entry.admin is not None:
+            state.admin.CopyFrom(versioned.entry.admin.to_proto())
+    return state

@@ -8,8 +8,9 @@ not be passed on). An entry this node holds but does not own (a node joined, the
 came back, this node drains) is dropped here once every owner holds it and means to keep it (it serves
 and owns the entry in its own view: HasResponse.keeps), so two nodes whose views of the members differ
 for a probe interval never both drop their copies counting on each other's. Copies go at
-repair_bytes_per_second at most. Only a node that serves or drains repairs: a joining one has not seen
-its peers yet, and would think it owns nothing.
+repair_bytes_per_second at most. The pass ends by syncing the namespaces' step tables with every
+member (ClusterNode.sync_tables): a member that missed a change catches up. Only a node that serves or
+drains repairs: a joining one has not seen its peers yet, and would think it owns nothing.
 
 Notifier: a fetch served here is credited on the other copies (TouchEntries), and an entry evicted here
 is forgotten on the other nodes (Forget), in batches a few times a second. So the copies of an entry
@@ -49,6 +50,7 @@ class RepairReport:
     copied: int = 0
     handed_off: int = 0
     under_replicated: int = 0
+    tables_synced: int = 0  # namespaces whose step tables a peer had newer (ClusterNode.sync_tables)
 
 
 class Repairer:
@@ -137,6 +139,7 @@ class Repairer:
                 node.metrics.handoffs.inc(dropped)
             report.checked += len(batch)
         node.metrics.under_replicated.set(report.under_replicated)
+        report.tables_synced = node.sync_tables()
         if report.copied or report.handed_off:
             log.info("cluster: repair pass: %d entries checked, %d copied to their owners, %d handed off, %d still "
                      "short of copies", report.checked, report.copied, report.handed_off, report.under_replicated)

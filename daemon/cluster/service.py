@@ -138,8 +138,15 @@ class NodeServicer:
     def CopyStepTables(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.StepTablesResponse:
         def copy(cache: Cache, r: npb.StepTablesCopy) -> pb.StepTablesResponse:
             return cache.copy_step_tables(r.namespace, r.admin if r.HasField("admin") else None,
-                                          r.current if r.HasField("current") else None)
+                                          r.current if r.HasField("current") else None, r.version)
         return self._unary("CopyStepTables", requests, context, npb.StepTablesCopy, copy)  # type: ignore[arg-type,return-value]
+
+    def SyncStepTables(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> npb.StepTablesSync:
+        def sync(cache: Cache, r: npb.StepTablesSync) -> npb.StepTablesSync:
+            if self.cluster is None:
+                raise WrongPath("this daemon is not in a cluster (peers, peers_dns): it has no members to sync with")
+            return self.cluster.node.merge_tables(r)
+        return self._unary("SyncStepTables", requests, context, npb.StepTablesSync, sync)  # type: ignore[arg-type,return-value]
 
     def ReportQualityLocal(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.ReportQualityResponse:
         def report(cache: Cache, r: pb.ReportQualityRequest) -> pb.ReportQualityResponse:
