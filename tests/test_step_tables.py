@@ -275,7 +275,8 @@ def test_tables_survive_a_restart_and_the_guard_counts_do_not(start_daemon) -> N
 
 def test_a_cluster_shares_its_tables_and_one_member_decides(tmp_path: Path) -> None:
     """SetStepTables on any member applies on every serving member; ReportQuality through any member is
-    counted by one (the namespace's deciding member), whose guard's changes reach the others."""
+    counted by one (the namespace's deciding member), whose guard's changes reach the others, and
+    GetStepTables through any member answers with that member's figures."""
     with DaemonCluster(tmp_path, 3, **CLUSTER) as cluster:
         wait_members(cluster.members, 3)
         clients = [connect(t) for t in cluster.targets]
@@ -290,6 +291,8 @@ def test_a_cluster_shares_its_tables_and_one_member_decides(tmp_path: Path) -> N
             for c in clients:
                 assert c.step_tables().whole == ((0.9, 0.4), (0.5, 0.2)) and whole_k(c, 0.95) == 20
             assert sum(metric(n, "flexcache_guard_changes_total", direction="lower") for n in cluster.members) == 1
+            # GetStepTables through any member is the deciding member's answer, with the guard's figures
+            assert [c.step_tables().guard_changes for c in clients] == [1, 1, 1]
             assert clients[2].reset_step_tables().source == "flags"
             assert all(c.step_tables().source == "flags" for c in clients)
         finally:

@@ -402,8 +402,25 @@ class ClusterNode:
         return answer
 
     def step_tables(self, request: pb.StepTablesRequest) -> pb.StepTablesResponse:
-        """This node's: every member uses the same tables; the guard's figures are the deciding member's."""
+        """The deciding member's answer (NodeService.StepTablesLocal), which has the guard's figures:
+        every member uses the same tables, but only that one counts the samples. This node's own if the
+        deciding member cannot be reached."""
+        decider = self._decider(validate.namespace_of(request).key)
+        if decider is not None:
+            try:
+                return decider.stub.StepTablesLocal(request, timeout=self.timeout_s, metadata=self.metadata)
+            except grpc.RpcError as exc:
+                self._failed(decider, "StepTablesLocal", exc)
+                error = _peer_error(exc, decider.node_id)
+                if not isinstance(error, Unavailable):
+                    raise error from None
         return self.cache.step_tables(request)
+
+    def _decider(self, ns_key: str) -> Peer | None:
+        """The namespace's deciding member: the first serving member in placement order for its key;
+        None when that is this node."""
+        order = placement.ranked(ns_key, self.membership.placement())
+        return self.membership.peer(order[0]) if order and order[0] != self.node_id else None
 
     def report_quality(self, request: pb.ReportQualityRequest) -> pb.ReportQualityResponse:
         """One member decides for a namespace, so that its samples count in one place: the first of the
@@ -411,8 +428,7 @@ class ClusterNode:
         there (NodeService.ReportQualityLocal); if that member cannot be reached, this one decides."""
         ns = validate.namespace_of(request)
         self.cache.tenants.request(request.namespace.tenant)
-        order = placement.ranked(ns.key, self.membership.placement())
-        decider = self.membership.peer(order[0]) if order and order[0] != self.node_id else None
+        decider = self._decider(ns.key)
         if decider is not None:
             try:
                 return decider.stub.ReportQualityLocal(request, timeout=self.timeout_s, metadata=self.metadata)

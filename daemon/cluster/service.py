@@ -141,6 +141,10 @@ class NodeServicer:
                                           r.current if r.HasField("current") else None, r.version)
         return self._unary("CopyStepTables", requests, context, npb.StepTablesCopy, copy)  # type: ignore[arg-type,return-value]
 
+    def StepTablesLocal(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.StepTablesResponse:
+        return self._unary("StepTablesLocal", requests, context, pb.StepTablesRequest,  # type: ignore[return-value]
+                           lambda cache, r: cache.step_tables(r))  # type: ignore[arg-type]
+
     def SyncStepTables(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> npb.StepTablesSync:
         def sync(cache: Cache, r: npb.StepTablesSync) -> npb.StepTablesSync:
             if self.cluster is None:
