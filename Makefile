@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.bench_daemon
 	$(BIN)/python -m bench.bench_namespaces
 	$(BIN)/python -m bench.bench_slow_clients
+	$(BIN)/python -m bench.bench_disk
 	$(BIN)/python -m bench.bench_load
 	$(BIN)/python -m bench.fuzz_daemon --cases 20000
 	$(BIN)/python -m bench.bench_codec
