@@ -20,7 +20,6 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
