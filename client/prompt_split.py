@@ -195,6 +195,11 @@ SUBJECT_NOUNS: frozenset[str] = _words(
 # in a rainforest comes into contact with a cold metal surface", "steam from a boiling pot comes ...").
 MASS_NOUNS: frozenset[str] = _words("fog mist haze smog smoke steam vapor vapour")
 
+# Plants (scene words as a setting): the subject of a prompt that names nothing else ("Flowers sway").
+PLANT_WORDS: frozenset[str] = _words(
+    "flower wildflower sunflower tree palm grass bush plant leaf leave fern moss rose tulip daisy lily"
+)
+
 # Words after "as" that open no clause ("as if", "as well as", "as soon as").
 _AS_NOT_CLAUSE: frozenset[str] = _words("if though well soon much many long far usual such part opposed")
 
@@ -247,7 +252,7 @@ FRAME_WORDS: frozenset[str] = _words(
     edge edges top bottom side sides middle center centre corner corners heart depths depth
     surface banks bank outskirts foot base interior inside outside part end rest front back
     group groups couple pair herd flock school pack swarm crowd team family bunch lot lots
-    number dozens hundreds thousands series row rows line lines cluster collection set
+    number dozens hundreds thousands series row rows line lines cluster collection set angle angles
     """
 )
 
@@ -647,6 +652,8 @@ class PromptSplitter:
             elif (w in _CHUNK_END or w in _SENT_END) and i == 0:
                 labels[i] = _OBJ
 
+        if all(lab != _OBJ for lab in labels):
+            self._plant_subject(words, chunks, labels, styles)
         obj = self._assemble(text, spans, words, [lab == _OBJ for lab in labels])
         bg = self._assemble(text, spans, words, [lab == _BG for lab in labels])
         sty = self._assemble(text, spans, words, [st and lab == _BG for st, lab in zip(styles, labels, strict=True)])
@@ -821,6 +828,25 @@ class PromptSplitter:
             if stem and stem not in PRONOUNS and not self._in(stem, bg):
                 for t in range(j, k + 1):
                     labels[t] = _OBJ
+            return
+
+    def _plant_subject(self, words: list[str], chunks: list[tuple[int, int, int]], labels: list[int],
+                       styles: list[bool]) -> None:
+        """A prompt with no object so far whose first clause is a plant and its verb: the plant is the
+        subject ("Flowers sway | in the wind", "Time-lapse of | white hyacinth flowers blooming"),
+        though plants are scene words as a setting ("a meadow of wildflowers", "under the trees")."""
+        for a, b, _ in chunks:
+            cls, end, through = self._head_class3(words, a, b, subject=True)
+            if cls != 0 or end >= b or end == a or _singular(words[end - 1]) not in PLANT_WORDS:
+                continue
+            w = words[end]
+            if not (self._is_verbish(words, end) or (w.endswith("s") and not w.endswith("ss") and len(w) > 3)):
+                return
+            stop = end + 1
+            while stop < b and len(words[stop]) > 4 and words[stop].endswith("ly") and words[stop] not in _NOUN_LY:
+                stop += 1
+            for t in range(through if through > a else a, stop):
+                labels[t], styles[t] = _OBJ, False
             return
 
     def _orbited(self, words: list[str], chunk: tuple[int, int, int], after: tuple[int, int, int]) -> bool:

@@ -168,6 +168,12 @@ def test_procedural_captions(prompt: str, obj: str, bg: str) -> None:
          "The camera orbits around. the camera circles around."),
         ("Lighthouse, the camera circles around.", "", "Lighthouse, the camera circles around."),
         ("A timelapse records the melting of a candle.", "the melting of a candle.", "A timelapse records"),
+        # a plant and its verb are the subject of a prompt that names nothing else; a camera angle is
+        # looked through like a view
+        ("Trees sway gently in the breeze.", "Trees sway gently", "in the breeze."),
+        ("a meadow of wildflowers.", "", "a meadow of wildflowers."),
+        ("Trees sway in the breeze while a deer grazes", "a deer grazes", "Trees sway in the breeze"),
+        ("low angle of a dog running", "a dog running", "low angle"),
     ],
 )
 def test_subjects_by_context(prompt: str, obj: str, bg: str) -> None:
@@ -319,12 +325,13 @@ def test_suite3_and_4_subject_floors() -> None:
 
 def test_suite5_subject_floor() -> None:
     """Suite 5 (304 FETV captions, labelled under VBench's taxonomy before the splitter saw them):
-    0.881 at its one measurement, 0.878 with the splitter as committed (and as before suites 3-5);
-    its misses were read and listed in docs/prompt_split.md, not fixed. The floor sits a little below."""
+    0.881 at its one measurement (0.878 with the splitter before suites 3-5); its misses were then
+    read, and two kinds fixed (a plant as the only subject, "angle of"): 0.893 as development data.
+    The floor sits a little below."""
     b = _bench()
     s = b.score_subjects(b.labelled_subjects(DATA, b.SUITE5_LABELS), scene_nouns=b.vbench_scene_nouns(DATA))
     assert s.present == 336 and s.scene == 0
-    assert s.rate() >= 0.86
+    assert s.rate() >= 0.88
 
 
 def test_metric_detects_a_broken_splitter() -> None:
