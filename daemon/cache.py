@@ -168,7 +168,7 @@ class Cache:
         self._pins = Pins()
         self.steps = steps
         self.registry = TableRegistry(steps, self._persist_tables)
-        self.quality = QualityGuard(self.registry, guard or GuardSettings(), metrics)
+        self.quality = QualityGuard(self.registry, guard or GuardSettings(), metrics, self._persist_guard)
         self._ranker = Ranker(index, store, self.registry)
         self.events = CacheEvents()
         self.data_dir = Path(store.path).parent  # build.open_cache keeps the store in <data_dir>/store
@@ -206,6 +206,7 @@ class Cache:
         namespaces = self.store.namespaces()
         ledger.restore_namespaces(namespaces)
         self.registry.load(self.store.step_tables())
+        self.quality.load(self.store.guard_figures())
         self._indexed_namespaces = self.index.namespaces()
         stored: dict[str, set[str]] = {ns_key: set() for ns_key in self._indexed_namespaces}
         keys: dict[bytes, str] = {}  # a namespace's encoding -> its key: one sha256 per namespace, not per entry
@@ -464,6 +465,13 @@ class Cache:
         if self._ledger.namespace(ns.key) is None and self.registry.entry(ns.key) is None:
             return self.quality.unused(samples)
         return self.quality.report(ns, request.namespace.total_steps, samples)
+
+    def _persist_guard(self, ns_key: str, value: bytes | None) -> None:
+        try:
+            self.store.put_guard_figures(ns_key, value)
+        except DiskFull as exc:
+            self.metrics.refused_writes.labels("guard_figures").inc()
+            raise TooLarge(str(exc)) from exc
 
     def _persist_tables(self, ns_key: str, value: bytes) -> None:
         try:

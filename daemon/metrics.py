@@ -175,7 +175,8 @@ class Metrics:
         self.refused_writes = add(Counter, "flexcache_refused_writes_total",
                                   "Writes refused because the disk was full, by write: put (answered "
                                   "RESOURCE_EXHAUSTED), usage (a fetch's usage record, skipped; the fetch served) or "
-                                  "step_tables (a SetStepTables or a guard change, answered RESOURCE_EXHAUSTED).",
+                                  "step_tables (a SetStepTables or a guard change, answered RESOURCE_EXHAUSTED) or "
+                                  "guard_figures (the guard's figures after a report, skipped; the report counted).",
                                   ("write",))
         self.lost = add(Counter, "flexcache_lost_entries_total",
                         "Acknowledged puts found missing at startup: RocksDB's write-ahead log was damaged or cut "

@@ -22,22 +22,27 @@ dozen samples, the cache's whole value with it; certifying a table is calibratio
 (flexcache.client.calibration), with as many trials as it takes. Here a tier is lowered once the
 reports show it too costly, and given back only once they show it well within the budget.
 
-Each change is a log line, a metric and persisted tables (source "guard"). The guard's figures live
-in memory only: a restart keeps the tables it reached, not its counts. It takes the registry's lock
+Each change is a log line, a metric and persisted tables (source "guard"). The figures are persisted
+too, after each report (`persist(ns_key, value or None)`, best effort: a full disk only costs the
+figures of that report if the daemon restarts before the next), stamped with the version of the
+tables they were counted at, so a restart keeps them (a shadow sample costs a generation from
+scratch) and figures of other tables are never read back. It takes the registry's lock
 (steps.TableRegistry), never the cache's.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
 
 from flexcache.v1 import cache_pb2 as pb
 
 from .entries import NamespaceKey
-from .errors import InvalidRequest
+from .errors import CacheError, InvalidRequest
 from .metrics import Metrics
 from .steps import TABLES, Entry, TableRegistry, Tables, composed_tier_of, decimal, steps_of, tier_of
 
@@ -120,8 +125,10 @@ def checked_samples(request: pb.ReportQualityRequest) -> list[pb.QualitySample]:
 class QualityGuard:
     """The guard over every namespace's tables in `registry` (the module docstring has the rule)."""
 
-    def __init__(self, registry: TableRegistry, settings: GuardSettings, metrics: Metrics):
+    def __init__(self, registry: TableRegistry, settings: GuardSettings, metrics: Metrics,
+                 persist: Callable[[str, bytes | None], None] = lambda ns_key, value: None):
         self.registry = registry
+        self._persist = persist
         self.settings = settings
         self._z = settings.z
         self._metrics = metrics
@@ -151,7 +158,39 @@ class QualityGuard:
                 stats = self._bins.setdefault(key, Bin())
                 stats.add(sample.loss)
                 self._decide(ns, total_steps, tables, sample.table, tier, stats)
+            if answer.accepted:
+                self._save(ns.key)
         return answer
+
+    def load(self, stored: Mapping[str, bytes]) -> None:
+        """The figures persisted by an earlier run (store.guard_figures), of namespaces whose tables
+        are still the version they were counted at; the others are dropped. Call after the registry's
+        load."""
+        for ns_key, raw in stored.items():
+            try:
+                data = json.loads(raw)
+                bins = [(str(table), int(tier), Bin(int(n), float(mean), float(m2)))
+                        for table, tier, n, mean, m2 in data["bins"]]
+                version = int(data["version"])
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("quality guard figures of namespace key %s are unreadable (%s): they start over",
+                            ns_key, exc)
+                continue
+            if version != self.registry.version(ns_key):
+                continue
+            for table, tier, stats in bins:
+                if table in TABLES:
+                    self._bins[(ns_key, table, tier)] = stats
+
+    def _save(self, ns_key: str) -> None:
+        """Persist the namespace's figures (under the lock); a refused write only loses them on a restart."""
+        bins = [[table, tier, b.n, b.mean, b.m2] for (key, table, tier), b in sorted(self._bins.items())
+                if key == ns_key]
+        value = json.dumps({"version": self.registry.version(ns_key), "bins": bins}).encode() if bins else None
+        try:
+            self._persist(ns_key, value)
+        except CacheError as exc:
+            log.warning("quality guard figures of a namespace not persisted: %s", exc)
 
     def unused(self, samples: list[pb.QualitySample]) -> pb.ReportQualityResponse:
         """Samples the guard does not keep figures for: all stale."""
@@ -203,8 +242,11 @@ class QualityGuard:
 
     def forget(self, ns_key: str) -> None:
         """New tables were set: the statistics of the old ones say nothing about them. Under the lock."""
-        for key in [k for k in self._bins if k[0] == ns_key]:
+        keys = [k for k in self._bins if k[0] == ns_key]
+        for key in keys:
             del self._bins[key]
+        if keys:
+            self._save(ns_key)
 
     def describe(self, ns: NamespaceKey, total_steps: int) -> pb.StepTablesResponse:
         """The namespace's effective tables, where they come from, and the guard's figures."""

@@ -13,6 +13,9 @@ Key layout (entry ids are 64 hex characters, so '/' < '0' bounds a prefix):
                         "current", "version"}      those an admin set (null: the flags') and those in
                                                    use (the guard's changes; null after a reset: the
                                                    flags'), and the change's version; absent: the flags'
+    g/<namespace key>   JSON {"version", "bins"}   the quality guard's figures (quality.QualityGuard):
+                                                   per tier n, mean and M2 of the losses reported
+                                                   at the tables of that version
 
 A Put lands as one WriteBatch (chunks, record, vectors, usage, namespace, the put count), so a crash
 leaves either the whole entry or nothing. Reads of a blob go through a snapshot, so a concurrent delete
@@ -626,12 +629,27 @@ class Store:
 
     def step_tables(self) -> dict[str, bytes]:
         """Every namespace's persisted step tables, by namespace key."""
+        return self._prefixed(b"t/")
+
+    def put_guard_figures(self, ns_key: str, value: bytes | None) -> None:
+        """Write (None: delete) the quality guard's figures of a namespace (DiskFull if the disk is full)."""
+        key = f"g/{ns_key}".encode()
+        if value is None:
+            self._write("guard figures", lambda db: db.delete(key, self._write_options))
+        else:
+            self._write("guard figures", lambda db: db.put(key, value, self._write_options), needs=len(value) + 4096)
+
+    def guard_figures(self) -> dict[str, bytes]:
+        """Every namespace's persisted guard figures, by namespace key."""
+        return self._prefixed(b"g/")
+
+    def _prefixed(self, prefix: bytes) -> dict[str, bytes]:
         found = {}
         with self._gate.shared():
-            for key, value in self._db.items(from_key=b"t/"):
-                if not key.startswith(b"t/"):
+            for key, value in self._db.items(from_key=prefix):
+                if not key.startswith(prefix):
                     break
-                found[key[2:].decode()] = value
+                found[key[len(prefix):].decode()] = value
         return found
 
     def delete(self, entry_id: str) -> None:
