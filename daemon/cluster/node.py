@@ -31,10 +31,12 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import node_pb2 as npb
@@ -50,6 +52,7 @@ from . import placement
 from .membership import Membership, Peer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 COPY_BYTES_PER_SECOND = 20 << 20  # the slowest a copy to a peer may go before its deadline cuts it
 STALL_PEER_TIMEOUTS = 4  # a peer's fetch stream may pause this many peer_timeout_seconds between messages...
@@ -405,22 +408,8 @@ class ClusterNode:
         """The deciding member's answer (NodeService.StepTablesLocal), which has the guard's figures:
         every member uses the same tables, but only that one counts the samples. This node's own if the
         deciding member cannot be reached."""
-        decider = self._decider(validate.namespace_of(request).key)
-        if decider is not None:
-            try:
-                return decider.stub.StepTablesLocal(request, timeout=self.timeout_s, metadata=self.metadata)
-            except grpc.RpcError as exc:
-                self._failed(decider, "StepTablesLocal", exc)
-                error = _peer_error(exc, decider.node_id)
-                if not isinstance(error, Unavailable):
-                    raise error from None
-        return self.cache.step_tables(request)
-
-    def _decider(self, ns_key: str) -> Peer | None:
-        """The namespace's deciding member: the first serving member in placement order for its key;
-        None when that is this node."""
-        order = placement.ranked(ns_key, self.membership.placement())
-        return self.membership.peer(order[0]) if order and order[0] != self.node_id else None
+        return self._at_decider(validate.namespace_of(request).key, "StepTablesLocal", request,
+                                lambda: self.cache.step_tables(request))
 
     def report_quality(self, request: pb.ReportQualityRequest) -> pb.ReportQualityResponse:
         """One member decides for a namespace, so that its samples count in one place: the first of the
@@ -428,16 +417,23 @@ class ClusterNode:
         there (NodeService.ReportQualityLocal); if that member cannot be reached, this one decides."""
         ns = validate.namespace_of(request)
         self.cache.tenants.request(request.namespace.tenant)
-        decider = self._decider(ns.key)
+        return self._at_decider(ns.key, "ReportQualityLocal", request, lambda: self.decide_quality(request))
+
+    def _at_decider(self, ns_key: str, method: str, request: Message, here: Callable[[], T]) -> T:
+        """`method` (NodeService) at the namespace's deciding member, the first serving member in
+        placement order for its key; `here()` when that is this node, or when it cannot be reached
+        (another error of its answer is the caller's)."""
+        order = placement.ranked(ns_key, self.membership.placement())
+        decider = self.membership.peer(order[0]) if order and order[0] != self.node_id else None
         if decider is not None:
             try:
-                return decider.stub.ReportQualityLocal(request, timeout=self.timeout_s, metadata=self.metadata)
+                return getattr(decider.stub, method)(request, timeout=self.timeout_s, metadata=self.metadata)
             except grpc.RpcError as exc:
-                self._failed(decider, "ReportQualityLocal", exc)
+                self._failed(decider, method, exc)
                 error = _peer_error(exc, decider.node_id)
                 if not isinstance(error, Unavailable):
                     raise error from None
-        return self.decide_quality(request)
+        return here()
 
     def decide_quality(self, request: pb.ReportQualityRequest) -> pb.ReportQualityResponse:
         """The samples counted by this node's guard (not charged again); tables it changed are copied
