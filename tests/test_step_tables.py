@@ -25,6 +25,8 @@ from flexcache.daemon import auth
 from flexcache.daemon.process import DaemonCluster, wait_members
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
+from flexcache.v1 import node_pb2 as npb
+from flexcache.v1 import node_pb2_grpc as npb_grpc
 from tests.conftest import NS, connect, metric
 from tests.vectors import at_similarity, unit
 
@@ -339,6 +341,12 @@ def test_a_member_that_missed_changes_catches_up_and_older_tables_never_win(tmp_
             for target in cluster.targets:
                 with connect(target) as c:
                     assert c.step_tables().whole == second.whole
+            node = npb_grpc.NodeServiceStub(cluster.members[0].channel())
+            bad = npb.StepTablesSync(namespaces=[npb.NamespaceStepTables(namespace_key="../x", version=1)])
+            with pytest.raises(grpc.RpcError) as refused:
+                node.SyncStepTables(bad, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "namespace key" in refused.value.details()
             late.terminate()
             assert c1.reset_step_tables().source == "flags"  # missed too: the reset must win over `second`
             late.start()

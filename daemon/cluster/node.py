@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -54,6 +55,9 @@ from .membership import Membership, Peer
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+MAX_SYNCED_NAMESPACES = 100_000  # namespaces with tables in one SyncStepTables (each is a few hundred bytes)
+MAX_SYNCED_NAME_CHARS = 4 * validate.MAX_NAME_CHARS  # a namespace's name: tenant/model/size/scheduler/steps
+_NS_KEY = re.compile(r"[0-9a-f]{32}")  # entries.NamespaceKey.key
 COPY_BYTES_PER_SECOND = 20 << 20  # the slowest a copy to a peer may go before its deadline cuts it
 STALL_PEER_TIMEOUTS = 4  # a peer's fetch stream may pause this many peer_timeout_seconds between messages...
 STALL_MIN_S = 2.0  # ...and never less than this
@@ -489,6 +493,13 @@ class ClusterNode:
     def merge_tables(self, theirs: npb.StepTablesSync) -> npb.StepTablesSync:
         """NodeService.SyncStepTables: keep the caller's versions that are newer than this node's, and
         answer with this node's that are newer than the caller's or that it did not list."""
+        if len(theirs.namespaces) > MAX_SYNCED_NAMESPACES:
+            raise InvalidRequest(f"{len(theirs.namespaces)} namespaces in one SyncStepTables, above "
+                                 f"{MAX_SYNCED_NAMESPACES}")
+        for i, state in enumerate(theirs.namespaces):
+            if not _NS_KEY.fullmatch(state.namespace_key) or len(state.name) > MAX_SYNCED_NAME_CHARS:
+                raise InvalidRequest(f"namespaces[{i}] has no namespace key of this daemon's form (32 hex digits) "
+                                     f"or a name over {MAX_SYNCED_NAME_CHARS} characters")
         self._keep_newer(theirs.namespaces, "a peer")
         known = {state.namespace_key: state.version for state in theirs.namespaces}
         with self.cache.registry.lock:
