@@ -832,9 +832,10 @@ class PromptSplitter:
 
     def _plant_subject(self, words: list[str], chunks: list[tuple[int, int, int]], labels: list[int],
                        styles: list[bool]) -> None:
-        """A prompt with no object so far whose first clause is a plant and its verb: the plant is the
-        subject ("Flowers sway | in the wind", "Time-lapse of | white hyacinth flowers blooming"),
-        though plants are scene words as a setting ("a meadow of wildflowers", "under the trees")."""
+        """A prompt with no object so far: the first chunk led by a plant, if its verb follows, makes the
+        plant and its verb the subject ("Flowers sway | in the wind", "Time-lapse of | white hyacinth
+        flowers blooming"), though plants are scene words as a setting ("a meadow of wildflowers",
+        "under the trees")."""
         for a, b, _ in chunks:
             cls, end, through = self._head_class3(words, a, b, subject=True)
             if cls != 0 or end >= b or end == a or _singular(words[end - 1]) not in PLANT_WORDS:
