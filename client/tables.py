@@ -69,16 +69,13 @@ class StepTables:
 
     def to_json(self) -> dict[str, object]:
         """The tables as flexcache-calibrate writes them (tables.json): the four lists and max_loss."""
-        return {"whole": self.whole, "composed": self.composed, "partial_object": self.partial_object,
-                "partial_background": self.partial_background, "max_loss": self.max_loss}
+        return wire.step_tables_json(self.whole, self.composed, self.partial_object, self.partial_background,
+                                     self.max_loss)
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> StepTables:
         """`to_json`'s output (e.g. a tables.json, read with json.loads) back into tables."""
-        def tiers(name: str) -> tuple:
-            return tuple(tuple(float(x) for x in tier) for tier in data.get(name) or ())  # type: ignore[attr-defined]
-        return cls(tiers("whole"), tiers("composed"), tiers("partial_object"), tiers("partial_background"),
-                   float(data.get("max_loss") or 0.0))  # type: ignore[arg-type]
+        return cls(*wire.step_table_lists_json(data, required=False))
 
     @classmethod
     def from_proto(cls, answer: pb.StepTablesResponse) -> StepTables:

@@ -130,15 +130,12 @@ class Tables:
                                 self.max_loss)
 
     def to_json(self) -> dict[str, object]:
-        return {"whole": self.whole, "composed": self.composed, "partial_object": self.partial_object,
-                "partial_background": self.partial_background, "max_loss": self.max_loss}
+        return wire.step_tables_json(self.whole, self.composed, self.partial_object, self.partial_background,
+                                     self.max_loss)
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> Tables:
-        def tiers(name: str) -> tuple:
-            return tuple(tuple(float(x) for x in tier) for tier in data[name])  # type: ignore[attr-defined]
-        return cls(tiers("whole"), tiers("composed"), tiers("partial_object"), tiers("partial_background"),
-                   float(data["max_loss"]))  # type: ignore[arg-type]
+        return cls(*wire.step_table_lists_json(data, required=True))
 
 
 def checked(message: pb.StepTables, cap: float, max_tiers: int = MAX_TIERS) -> Tables:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -179,6 +180,27 @@ def step_tables(whole: Sequence[Sequence[float]], composed: Sequence[Sequence[fl
                          partial_background=tiers(partial_background), max_loss=max_loss,
                          composed=[pb.ComposedTier(min_object_similarity=o, min_background_similarity=b, fraction=f)
                                    for o, b, f in composed])
+
+
+STEP_TABLES_JSON = ("whole", "composed", "partial_object", "partial_background")
+
+
+def step_tables_json(whole: Sequence[Sequence[float]], composed: Sequence[Sequence[float]],
+                     partial_object: Sequence[Sequence[float]], partial_background: Sequence[Sequence[float]],
+                     max_loss: float) -> dict[str, object]:
+    """Tier lists -> the tables' JSON form: the four lists by name, and max_loss. One form for the
+    tables.json flexcache-calibrate writes and the daemon's stored tables."""
+    return {"whole": whole, "composed": composed, "partial_object": partial_object,
+            "partial_background": partial_background, "max_loss": max_loss}
+
+
+def step_table_lists_json(data: Mapping[str, object], *, required: bool) -> tuple[tuple, tuple, tuple, tuple, float]:
+    """`step_tables_json`'s form -> (whole, composed, partial_object, partial_background, max_loss).
+    `required`: every key must be there (KeyError if not); else a missing list is empty, max_loss 0."""
+    def value(name: str, default: object) -> Any:
+        return data[name] if required else data.get(name) or default
+    lists = tuple(tuple(tuple(float(x) for x in tier) for tier in value(name, ())) for name in STEP_TABLES_JSON)
+    return (*lists, float(value("max_loss", 0.0)))  # type: ignore[return-value]
 
 
 def step_table_lists(message: pb.StepTables) -> tuple[tuple, tuple, tuple, tuple, float]:
