@@ -5,8 +5,9 @@ takes the next request from one shared queue as soon as it finishes the previous
 serving fleet with a queue of pending jobs runs; throughput is the fleet's capacity, and a request's
 latency is its service time (embed, cache, sampling, decode, store) without queueing.
 
-The warm-up requests run first and the fleet waits until all of them are done, so the measured
-phase starts from a filled cache and its clock excludes process start-up and model loading.
+The warm-up requests run first and the fleet waits until all of them are done and stored (a worker
+stores on a background thread; a warm-up result is reported only after that store has landed), so the
+measured phase starts from a filled cache and its clock excludes process start-up and model loading.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ class FleetRun:
 
 def _serve(mode_name: str, target: str | None, steps: int, schedule: str, threads: int, shadow: float, seed: int,
            jobs: mp.Queue, results: mp.Queue) -> None:
-    """A worker process: load the model once, then serve jobs until a None arrives. `shadow`: the
-    fraction of hits also generated from scratch for the daemon's quality guard (scored by the probe)."""
+    """A worker process: load the model once, then serve `(job, flush)` pairs until a None arrives;
+    with `flush` the result is reported only once the job's store has landed. `shadow`: the fraction
+    of hits also generated from scratch for the daemon's quality guard (scored by the probe)."""
     import torch
 
     from flexcache.client.shadow import Shadow
@@ -58,9 +60,13 @@ def _serve(mode_name: str, target: str | None, steps: int, schedule: str, thread
         return
     results.put(("ready", None))
     try:
-        while (job := jobs.get()) is not None:
+        while (item := jobs.get()) is not None:
+            job, flush = item
             try:
-                results.put(("done", worker.run(job)))
+                outcome = worker.run(job)
+                if flush:
+                    worker.flush()
+                results.put(("done", outcome))
             except Exception:  # a bug in the worker: the parent raises it
                 results.put(("error", traceback.format_exc()))
     finally:
@@ -124,11 +130,11 @@ def run_fleet(mode: str, target: str | None, jobs: Sequence[Job], warmup: int, w
 
             bar = tqdm(total=len(jobs), desc=f"{mode:>15}", unit="video", leave=False)
         for job in jobs[:warmup]:
-            job_q.put(job)
+            job_q.put((job, True))
         warm = _collect(result_q, min(warmup, len(jobs)), procs, bar)
         t0 = time.perf_counter()
         for job in jobs[warmup:]:
-            job_q.put(job)
+            job_q.put((job, False))
         measured = _collect(result_q, len(jobs) - len(warm), procs, bar)
         wall = time.perf_counter() - t0
     finally:
