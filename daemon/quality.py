@@ -28,6 +28,10 @@ figures of that report if the daemon restarts before the next), stamped with the
 tables they were counted at, so a restart keeps them (a shadow sample costs a generation from
 scratch) and figures of other tables are never read back. It takes the registry's lock
 (steps.TableRegistry), never the cache's.
+
+In a cluster one member counts a namespace's samples (its deciding member), and every repair pass
+gives its figures to the others (`figures`, `offer`: of figures at the same table version the ones
+over more samples win), so that the member deciding after it, when it goes down, goes on from them.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ log = logging.getLogger(__name__)
 
 MAX_SAMPLES = 1024  # QualitySample entries per ReportQuality
 MAX_LOSS = 1e6  # |loss| in points: past any score scale, so one report cannot swamp a mean
+MAX_FIGURE_SAMPLES = 1 << 40  # samples one tier's figures from another member may say they count
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,7 @@ class QualityGuard:
         self._z = settings.z
         self._metrics = metrics
         self._bins: dict[tuple[str, str, int], Bin] = {}  # (namespace key, table, tier): since the last change
+        self._names: dict[str, str] = {}  # namespace key -> name, of the namespaces with figures
         self._changes: dict[str, int] = {}  # namespace key -> changes since this start
 
     def max_loss(self, tables: Tables) -> float:
@@ -155,6 +161,7 @@ class QualityGuard:
                 answer.accepted += 1
                 self._metrics.guard_samples.labels(sample.table, "accepted").inc()
                 key = (ns.key, sample.table, tier)
+                self._names[ns.key] = ns.name
                 stats = self._bins.setdefault(key, Bin())
                 stats.add(sample.loss)
                 self._decide(ns, total_steps, tables, sample.table, tier, stats)
@@ -178,6 +185,8 @@ class QualityGuard:
                 continue
             if version != self.registry.version(ns_key):
                 continue
+            if isinstance(data.get("name"), str):
+                self._names[ns_key] = data["name"]
             for table, tier, stats in bins:
                 if table in TABLES:
                     self._bins[(ns_key, table, tier)] = stats
@@ -186,11 +195,47 @@ class QualityGuard:
         """Persist the namespace's figures (under the lock); a refused write only loses them on a restart."""
         bins = [[table, tier, b.n, b.mean, b.m2] for (key, table, tier), b in sorted(self._bins.items())
                 if key == ns_key]
-        value = json.dumps({"version": self.registry.version(ns_key), "bins": bins}).encode() if bins else None
+        value = (json.dumps({"version": self.registry.version(ns_key), "name": self._names.get(ns_key),
+                             "bins": bins}).encode() if bins else None)
         try:
             self._persist(ns_key, value)
         except CacheError as exc:
             log.warning("quality guard figures of a namespace not persisted: %s", exc)
+
+    def figures(self) -> dict[str, tuple[str, int, list[tuple[str, int, Bin]]]]:
+        """Every named namespace's figures, by namespace key: its name, the version of the tables they
+        were counted at, and (table, tier, statistics) of each tier with samples. Under the lock."""
+        out: dict[str, list[tuple[str, int, Bin]]] = {}
+        for (ns_key, table, tier), stats in sorted(self._bins.items()):
+            if ns_key in self._names:
+                out.setdefault(ns_key, []).append((table, tier, stats))
+        return {key: (self._names[key], self.registry.version(key), bins) for key, bins in out.items()}
+
+    def offer(self, ns_key: str, name: str, version: int, bins: list[tuple[str, int, Bin]]) -> bool:
+        """Another member's figures of a namespace, in place of this node's if they were counted at the
+        version of the tables in use here and over more samples; whether they were kept. InvalidRequest
+        for figures that do not fit those tables. Under the lock."""
+        if version != self.registry.version(ns_key):
+            return False
+        tables = self.registry.tables(ns_key, name)
+        seen: set[tuple[str, int]] = set()
+        for i, (table, tier, stats) in enumerate(bins):
+            if table not in TABLES or not 0 <= tier < len(tables.list_of(table)) or (table, tier) in seen:
+                raise InvalidRequest(f"bins[{i}] names no tier of the namespace's tables, or one named before")
+            if not (1 <= stats.n <= MAX_FIGURE_SAMPLES and math.isfinite(stats.mean) and abs(stats.mean) <= MAX_LOSS
+                    and math.isfinite(stats.m2) and stats.m2 >= 0):
+                raise InvalidRequest(f"bins[{i}] has no sample, too many, or a mean or spread out of range")
+            seen.add((table, tier))
+        own = sum(b.n for (key, _, _), b in self._bins.items() if key == ns_key)
+        if sum(stats.n for _, _, stats in bins) <= own:
+            return False
+        for key in [k for k in self._bins if k[0] == ns_key]:
+            del self._bins[key]
+        for table, tier, stats in bins:
+            self._bins[(ns_key, table, tier)] = Bin(stats.n, stats.mean, stats.m2)
+        self._names[ns_key] = name
+        self._save(ns_key)
+        return True
 
     def unused(self, samples: list[pb.QualitySample]) -> pb.ReportQualityResponse:
         """Samples the guard does not keep figures for: all stale."""

@@ -8,7 +8,8 @@ on real daemon processes:
 - the guard lowers a tier (and those it dominates) after enough bad reports, raises it back after good
   ones but never above the set table, ignores stale samples, and counts it all in its metrics;
 - a namespace without tables of its own keeps the flags' behaviour;
-- in a cluster, tables set through any member apply on all, and one member decides on reports.
+- in a cluster, tables set through any member apply on all, and one member decides on reports; the
+  member that decides after it goes on from its figures.
 """
 
 from __future__ import annotations
@@ -357,3 +358,47 @@ def test_a_member_that_missed_changes_catches_up_and_older_tables_never_win(tmp_
             for target in cluster.targets:
                 with connect(target) as c:
                     assert c.step_tables().source == "flags"
+
+
+def _local_samples(member) -> int:
+    """The samples of the guard's figures on `member` itself (NodeService.StepTablesLocal), not forwarded."""
+    answer = npb_grpc.NodeServiceStub(member.channel()).StepTablesLocal(pb.StepTablesRequest(namespace=NS.to_proto()),
+                                                                        timeout=5)
+    return sum(b.samples for b in answer.bins)
+
+
+def test_the_member_deciding_after_a_lost_one_goes_on_from_its_figures(tmp_path: Path) -> None:
+    """Repair passes give the deciding member's guard figures to the others, so the member that decides
+    while it is down goes on counting from them (not from nothing); when it is back, the figures over
+    more samples win there too. Figures that do not fit a member's tables are refused, its own kept."""
+    with DaemonCluster(tmp_path, 3, **CLUSTER) as cluster:
+        wait_members(cluster.members, 3)
+        with connect(cluster.targets[0]) as c0:
+            fill(c0)
+            c0.set_step_tables(StepTables(whole=((0.9, 0.5), (0.5, 0.2)), max_loss=1.0))
+            assert report(c0, 2, k=25, loss=0.0) == 2  # below guard_min_samples: figures, no decision
+        (decider,) = [m for m in cluster.members if metric(m, "flexcache_guard_samples_total", result="accepted")]
+        assert _eventually(lambda: [_local_samples(m) for m in cluster.members] == [2, 2, 2])
+        decider.terminate()
+        survivors = [m for m in cluster.members if m is not decider]
+        wait_members(survivors, 2, timeout=30)
+        with connect(survivors[0].target) as c:
+            assert report(c, 1, k=25, loss=0.0) == 1
+            (fig,) = c.step_tables().bins
+            assert fig.samples == 3  # counted on from the lost member's two
+        decider.start()  # it decides again, and has its own two samples persisted
+        wait_members(cluster.members, 3, timeout=30)
+        assert _eventually(lambda: [_local_samples(m) for m in cluster.members] == [3, 3, 3])
+        with connect(decider.target) as c:
+            assert report(c, 1, k=25, loss=0.0) == 1 and c.step_tables().bins[0].samples == 4
+        node = npb_grpc.NodeServiceStub(decider.channel())
+        key = node.SyncStepTables(npb.StepTablesSync(), timeout=5).figures[0].namespace_key
+        version = node.SyncStepTables(npb.StepTablesSync(), timeout=5).namespaces[0].version
+        unfit = npb.NamespaceGuardFigures(namespace_key=key, name="x", table_version=version,
+                                          bins=[npb.GuardBinFigures(table="whole", tier=7, samples=99)])
+        node.SyncStepTables(npb.StepTablesSync(figures=[unfit]), timeout=5)
+        assert _local_samples(decider) == 4
+        with pytest.raises(grpc.RpcError) as refused:
+            node.SyncStepTables(npb.StepTablesSync(figures=[npb.NamespaceGuardFigures(namespace_key="../x")]),
+                                timeout=5)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "figures[0]" in refused.value.details()

@@ -47,6 +47,7 @@ from .. import validate
 from ..cache import Cache, PutSession
 from ..errors import CacheError, Corrupt, InvalidRequest, NotFound, TooLarge, Unavailable
 from ..metrics import Metrics
+from ..quality import Bin
 from ..ranking import Gathered, decide, merge
 from ..steps import Versioned
 from . import placement
@@ -476,8 +477,9 @@ class ClusterNode:
         other member (SyncStepTables), which keeps the newer ones and answers with its own newer ones,
         kept here the same way. Returns how many namespaces' tables changed here."""
         with self.cache.registry.lock:
-            mine = npb.StepTablesSync(namespaces=[_table_state(key, v)
-                                                  for key, v in self.cache.registry.versions().items()])
+            mine = npb.StepTablesSync(
+                namespaces=[_table_state(key, v) for key, v in self.cache.registry.versions().items()],
+                figures=[_figures_state(key, *figures) for key, figures in self.cache.quality.figures().items()])
         calls = [(peer, peer.stub.SyncStepTables.future(mine, timeout=self.timeout_s, metadata=self.metadata))
                  for peer in self.membership.peers()]
         changed = 0
@@ -488,24 +490,31 @@ class ClusterNode:
                 self._failed(peer, "SyncStepTables", exc)
                 continue
             changed += self._keep_newer(answer.namespaces, peer.node_id)
+            self._keep_figures(answer.figures, peer.node_id)
         return changed
 
     def merge_tables(self, theirs: npb.StepTablesSync) -> npb.StepTablesSync:
         """NodeService.SyncStepTables: keep the caller's versions that are newer than this node's, and
         answer with this node's that are newer than the caller's or that it did not list."""
-        if len(theirs.namespaces) > MAX_SYNCED_NAMESPACES:
-            raise InvalidRequest(f"{len(theirs.namespaces)} namespaces in one SyncStepTables, above "
-                                 f"{MAX_SYNCED_NAMESPACES}")
-        for i, state in enumerate(theirs.namespaces):
-            if not _NS_KEY.fullmatch(state.namespace_key) or len(state.name) > MAX_SYNCED_NAME_CHARS:
-                raise InvalidRequest(f"namespaces[{i}] has no namespace key of this daemon's form (32 hex digits) "
-                                     f"or a name over {MAX_SYNCED_NAME_CHARS} characters")
+        for field in ("namespaces", "figures"):
+            states = getattr(theirs, field)
+            if len(states) > MAX_SYNCED_NAMESPACES:
+                raise InvalidRequest(f"{len(states)} {field} in one SyncStepTables, above {MAX_SYNCED_NAMESPACES}")
+            for i, state in enumerate(states):
+                if not _NS_KEY.fullmatch(state.namespace_key) or len(state.name) > MAX_SYNCED_NAME_CHARS:
+                    raise InvalidRequest(f"{field}[{i}] has no namespace key of this daemon's form (32 hex digits) "
+                                         f"or a name over {MAX_SYNCED_NAME_CHARS} characters")
         self._keep_newer(theirs.namespaces, "a peer")
+        self._keep_figures(theirs.figures, "a peer")
         known = {state.namespace_key: state.version for state in theirs.namespaces}
+        counted = {f.namespace_key: (f.table_version, sum(b.samples for b in f.bins)) for f in theirs.figures}
         with self.cache.registry.lock:
             newer = [_table_state(key, v) for key, v in self.cache.registry.versions().items()
                      if v.version > known.get(key, 0)]
-        return npb.StepTablesSync(namespaces=newer)
+            figures = [_figures_state(key, name, version, bins)
+                       for key, (name, version, bins) in self.cache.quality.figures().items()
+                       if counted.get(key, (version, -1)) < (version, sum(b.n for _, _, b in bins))]
+        return npb.StepTablesSync(namespaces=newer, figures=figures)
 
     def _keep_newer(self, states: Iterable[npb.NamespaceStepTables], source: str) -> int:
         kept = 0
@@ -520,6 +529,20 @@ class ClusterNode:
         if kept:
             log.info("cluster: step tables of %d namespace(s) updated from %s", kept, source)
         return kept
+
+    def _keep_figures(self, states: Iterable[npb.NamespaceGuardFigures], source: str) -> None:
+        """Another member's guard figures, kept where they are of the tables in use here and count more."""
+        kept = 0
+        with self.cache.registry.lock:
+            for state in states:
+                bins = [(b.table, b.tier, Bin(b.samples, b.mean, b.m2)) for b in state.bins]
+                try:
+                    kept += self.cache.quality.offer(state.namespace_key, state.name, state.table_version, bins)
+                except CacheError as exc:  # figures that do not fit this node's tables: keep its own
+                    log.warning("cluster: quality guard figures of namespace %s from %s refused: %s", state.name,
+                                source, exc)
+        if kept:
+            log.info("cluster: quality guard figures of %d namespace(s) updated from %s", kept, source)
 
     # ---- NodeService: this node alone ----
     def hello(self) -> npb.HelloResponse:
@@ -542,6 +565,13 @@ class ClusterNode:
     def touch(self, request: npb.TouchRequest) -> None:
         for t in request.touches:
             self.cache.touch(t.entry_id, wire.ROLE_BY_ENUM.get(t.role), t.granted_steps)
+
+
+def _figures_state(ns_key: str, name: str, version: int, bins: list[tuple[str, int, Bin]]) -> npb.NamespaceGuardFigures:
+    return npb.NamespaceGuardFigures(
+        namespace_key=ns_key, name=name, table_version=version,
+        bins=[npb.GuardBinFigures(table=table, tier=tier, samples=b.n, mean=b.mean, m2=b.m2)
+              for table, tier, b in bins])
 
 
 def _table_state(ns_key: str, versioned: Versioned) -> npb.NamespaceStepTables:
