@@ -271,8 +271,9 @@ OPTIONS: tuple[Option, ...] = (
            "in a row is down until it answers one."),
     Option("peer_probe_seconds", float, 1.0, "Cluster: seconds between two probes (NodeService.Hello) of each peer."),
     Option("hedge_seconds", float, 0.05,
-           "Cluster: a fetch from a peer that has not answered within this long is asked of the next owner too; "
-           "the first answer wins."),
+           "Cluster: a lookup's fan-out gives a peer still pending this long once the answers in hold a copy of "
+           "every entry; a fetch from a peer that has not answered within this long is asked of the next owner "
+           "too, and the first answer wins."),
     Option("repair_interval_seconds", float, 30.0,
            "Cluster: seconds between two repair passes: each node copies its entries to owners that lack them "
            "(a replaced or returning node), and hands off those it no longer owns (a node joined)."),

@@ -244,7 +244,7 @@ class Metrics:
         self.peer_errors = add(Counter, "flexcache_cluster_peer_errors_total",
                                "Cluster: calls to a peer that failed or missed peer_timeout_seconds, by peer node_id "
                                "and method; a Gather is also counted when the lookup went on without it (it had not "
-                               "answered hedge_seconds after all but replication_factor - 1 peers had).",
+                               "answered hedge_seconds after the answers in held a copy of every entry).",
                                ("peer", "method"))
         self.guard_samples = add(Counter, "flexcache_guard_samples_total",
                                  "Quality samples workers reported (ReportQuality), by table (whole, composed, "

@@ -184,11 +184,40 @@ def test_a_frozen_node_costs_a_bounded_wait(cluster: DaemonCluster) -> None:
         cluster.resume(2)
 
 
+def test_with_a_member_down_a_slow_peer_still_answers_a_lookup(tmp_path: Path) -> None:
+    """With one member down, the other peer may hold an entry's only reachable copy: a lookup waits for
+    it (up to peer_timeout_seconds), not only hedge_seconds, so an answer later than the hedge is not a
+    miss. Repair passes are slow here, so that the entries stay where they were put."""
+    with DaemonCluster(tmp_path, 3, **{**FAST, "peer_timeout_seconds": 1.0, "repair_interval_seconds": 120}) as cluster:
+        wait_members(cluster.members, 3)
+        entries = fill(cluster.targets, 20)
+        ids = [eid for eid, _ in entries]
+        eventually(lambda: set(copies(cluster.members, ids).values()) == {2}, 10, "every entry on 2 nodes")
+        not_on_0 = [(eid, v) for eid, v in entries if eid not in cluster.nodes[0].held(ids)]
+        assert not_on_0  # on nodes 1 and 2 only
+        cluster.nodes[2].kill()
+        wait_members(cluster.members[:2], 2, timeout=30)
+        with connect(cluster.targets[0], timeout_s=10.0) as client:
+            for eid, v in not_on_0:
+                cluster.pause(1)  # answers 0.3 s late: after hedge_seconds (0.05), within the peer deadline (1.0)
+                threading.Timer(0.3, cluster.resume, (1,)).start()
+                found = client.lookup(v)
+                assert found is not None and found.best is not None and found.best.entry_id == eid
+                time.sleep(0.4)  # resumed before the next pause
+
+
 @pytest.mark.parametrize("data_port", [True, False], ids=["data port", "stream"])
-def test_a_relayed_fetch_whose_source_freezes_midway_is_cut_short(cluster: DaemonCluster, data_port: bool) -> None:
-    """A node without a copy relays the blob from an owner, which is SIGSTOPped halfway: the relay gives up
-    on it after its stall deadline (2 s here) and the client's next try is served by the other owner,
-    well inside the client's 30 s transfer timeout."""
+def test_a_relayed_fetch_whose_source_freezes_midway_is_cut_short(tmp_path: Path, data_port: bool) -> None:
+    """A node without a copy relays the blob from an owner, which is SIGSTOPped once its header reached
+    the relay: the relay gives up on it after its stall deadline (2 s here) and the client's next try is
+    served by the other owner, well inside the client's 30 s transfer timeout. (hedge_seconds is 1 s, so
+    that the first owner sends the header, however slow the machine.)"""
+    with DaemonCluster(tmp_path, 3, **{**FAST, "hedge_seconds": 1.0}) as cluster:
+        wait_members(cluster.members, 3)
+        _relay_through_a_freeze(cluster, data_port)
+
+
+def _relay_through_a_freeze(cluster: DaemonCluster, data_port: bool) -> None:
     from flexcache.daemon.cluster import placement
     from flexcache.v1 import cache_pb2 as pb
 
@@ -203,6 +232,11 @@ def test_a_relayed_fetch_whose_source_freezes_midway_is_cut_short(cluster: Daemo
     relay = next(i for i in range(3) if i not in holders)
     source = int(placement.ranked(eid, [f"n{i}" for i in holders])[0][1:])
     result: dict[str, object] = {}
+
+    def relayed() -> float:
+        return metric(cluster.members[relay], "flexcache_cluster_fanout_seconds_count", method="Fetch")
+
+    before = relayed()
     with connect(cluster.targets[relay], data_port=data_port, transfer_timeout_s=30.0) as reader:
         def fetch() -> None:
             start = time.monotonic()
@@ -210,7 +244,9 @@ def test_a_relayed_fetch_whose_source_freezes_midway_is_cut_short(cluster: Daemo
             result["s"], result["ok"] = time.monotonic() - start, fetched is not None and bytes(fetched.data) == data
         thread = threading.Thread(target=fetch)
         thread.start()
-        time.sleep(0.05)
+        deadline = time.monotonic() + 10
+        while relayed() <= before and time.monotonic() < deadline:  # polled tightly: 64 MiB take a fraction of a s
+            time.sleep(0.002)
         cluster.pause(source)
         try:
             thread.join(40)

@@ -106,6 +106,10 @@ class Membership:
                     return p
         return None
 
+    def absent(self) -> int:
+        """Known members that are down: they may hold copies that no one can ask for now."""
+        return self._count("down")
+
     def placement(self) -> list[str]:
         """Node ids entries are placed on: the serving members that are up, this node included while it
         serves (not while it joins or drains)."""

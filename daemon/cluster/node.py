@@ -9,8 +9,9 @@ node's own Cache and its peers' NodeService.
   could take one: a node killed after the acknowledgement leaves a copy elsewhere.
 - Lookup: every member that holds entries answers Gather, its own candidates, within
   peer_timeout_seconds; the answers merge as one node holding all the entries would have ranked them
-  (ranking.merge, ranking.decide). Hedged: once all but replication_factor - 1 peers have answered,
-  the rest get hedge_seconds more, since every entry has a copy among those that answered. A member
+  (ranking.merge, ranking.decide). Hedged: once the members without an answer (down, failed or
+  pending) are at most replication_factor - 1, the rest get hedge_seconds more, since every entry has
+  a copy among those that answered. A member
   that does not answer in time is left out of this answer. With one Qdrant for the whole cluster (index_backend=qdrant),
   the index already holds every entry, and this node searches it alone: no fan-out.
 - Fetch: from this node's store if it holds the entry, else FetchLocal from the owners, best first,
@@ -266,17 +267,21 @@ class ClusterNode:
 
     def _gathered(self, answers: queue.Queue[tuple[Peer, grpc.Future]], pending: dict[int, grpc.Future],
                   waiting: dict[int, Peer]) -> list[Gathered]:
-        """The peers' Gather answers, hedged: every entry has replication_factor copies, so once all but
-        replication_factor - 1 peers have answered, every entry is among the answers (fully replicated
-        ones: an entry short of copies may be missed for this one lookup), and the stragglers get
-        hedge_seconds more, not the whole peer_timeout_seconds (a frozen peer that is not yet seen down)."""
+        """The peers' Gather answers, hedged: every entry has replication_factor copies, so once the
+        members without an answer (members down, peers that failed, peers still pending) are at most
+        replication_factor - 1, every entry is among the answers (fully replicated ones: an entry short
+        of copies may be missed for this one lookup), and the stragglers get hedge_seconds more, not the
+        whole peer_timeout_seconds (a frozen peer that is not yet seen down). Past that count a pending
+        peer may hold an entry's only reachable copy, and it gets the whole deadline."""
         parts: list[Gathered] = []
-        spare = self.replicas - 1
+        spare = self.replicas - 1 - self.membership.absent()
+        failed = 0
+        hedged = False
         deadline = time.monotonic() + self.timeout_s
         while pending:
-            if len(pending) <= spare:
+            if not hedged and len(pending) + failed <= spare:
                 deadline = min(deadline, time.monotonic() + self.hedge_s)
-                spare = -1  # the grace starts once
+                hedged = True  # the grace starts once
             try:
                 peer, call = answers.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
@@ -287,6 +292,7 @@ class ClusterNode:
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # type: ignore[attr-defined]
                     raise InvalidRequest(exc.details()) from None  # type: ignore[attr-defined]
+                failed += 1
                 self._failed(peer, "Gather", exc)
         for key, call in pending.items():  # hedged away, or past the deadline: counted as missed
             call.cancel()
