@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -200,17 +201,38 @@ def copies(nodes: Sequence[DaemonProcess], ids: Sequence[str]) -> dict[str, int]
     return count
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` loopback ports free now (bound and released at once: a cluster's members must know each
-    other's ports before any of them starts)."""
-    sockets = [socket.socket() for _ in range(count)]
+LOWEST_PORT = 10_000  # free_ports picks from here up to the kernel's ephemeral range
+
+
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands out for port-0 binds and outgoing connections (Linux), else 0."""
     try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports free now: a cluster's members must know each other's ports before
+    any of them starts, so each is bound and released here and bound again by its daemon. They are
+    taken below the kernel's ephemeral range where it says what that is (Linux), so that no port-0 bind
+    (another daemon's metrics or data port) and no outgoing connection can take one in between; else
+    the kernel's own choice."""
+    floor = _ephemeral_floor()
+    pool = range(LOWEST_PORT, floor) if floor - LOWEST_PORT >= 100 * count else None
+    ports: list[int] = []
+    tries = 0
+    while len(ports) < count:
+        tries += 1
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", random.choice(pool) if pool is not None and tries < 1000 else 0))
+            except OSError:  # in use (or lingering in TIME_WAIT): another one
+                continue
+            port = sock.getsockname()[1]
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 class DaemonCluster:
