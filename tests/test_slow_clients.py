@@ -223,7 +223,7 @@ def test_stalled_puts_hold_at_most_half_the_put_buffer(start_daemon, stalled) ->
     daemon = start_daemon(stream_idle_seconds=IDLE_S, put_buffer_bytes="64MiB", max_blob_bytes="32MiB")
     slow = stalled(daemon.target)
     slow.put(1, size=32 << 20)
-    time.sleep(0.3)
+    assert wait_for(lambda: metric(daemon, "flexcache_put_buffer_bytes") == 32 << 20)  # its header is in
     data = os.urandom(1 << 20)
     info = pb.BlobInfo(size=len(data), sha256=hashlib.sha256(data).digest(), codec="raw", dtype="uint8",
                        shape=[len(data)])

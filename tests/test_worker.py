@@ -48,7 +48,7 @@ def test_without_a_cache_every_step_runs(pipeline) -> None:
 
 
 def test_flexcache_stores_x0_once_and_a_repeat_starts_at_k(daemon, pipeline) -> None:
-    worker = DiffusionWorker.connect(pipeline, MODES["flexcache-admit-all"], daemon.target, steps=STEPS)
+    worker = DiffusionWorker.connect(pipeline, MODES["flexcache-admit-all"], daemon.target, steps=STEPS, timeout_s=10.0)
     try:
         first = worker.run(Job(0, PROMPT, seed=1))
         s = stats(worker)
@@ -66,7 +66,7 @@ def test_flexcache_stores_x0_once_and_a_repeat_starts_at_k(daemon, pipeline) -> 
 
 def test_flexcache_admits_only_generations_that_ran_most_steps_and_rebuilds_with_the_request_noise(
         daemon, pipeline) -> None:
-    worker = DiffusionWorker.connect(pipeline, MODES["flexcache"], daemon.target, steps=STEPS)
+    worker = DiffusionWorker.connect(pipeline, MODES["flexcache"], daemon.target, steps=STEPS, timeout_s=10.0)
     try:
         assert worker.run(Job(0, PROMPT, seed=1)).kind == "miss" and stats(worker).entries == 1
         again = worker.run(Job(1, PROMPT, seed=2))
@@ -81,7 +81,7 @@ def test_flexcache_admits_only_generations_that_ran_most_steps_and_rebuilds_with
 
 
 def test_nirvana_stores_five_checkpoints_and_serves_the_largest(daemon, pipeline) -> None:
-    worker = DiffusionWorker.connect(pipeline, MODES["nirvana"], daemon.target, steps=STEPS)
+    worker = DiffusionWorker.connect(pipeline, MODES["nirvana"], daemon.target, steps=STEPS, timeout_s=10.0)
     try:
         worker.run(Job(0, PROMPT, seed=1))
         s = stats(worker)
@@ -100,6 +100,7 @@ def test_shadow_samples_score_a_hit_against_scratch_and_report_it_to_the_guard(s
     daemon = start_daemon(guard_max_loss=1.0)
     scorer = ProbeScorer()
     worker = DiffusionWorker.connect(pipeline, MODES["flexcache"], daemon.target, steps=STEPS, shadow=Shadow(1.0),
+                                     timeout_s=10.0,
                                      scorer=scorer)
     try:
         first = worker.run(Job(0, PROMPT, seed=1))
@@ -139,7 +140,8 @@ def test_a_dead_daemon_is_a_miss_and_the_worker_keeps_serving(pipeline, caplog) 
 def test_fleet_runs_a_trace_through_worker_processes(daemon) -> None:
     prompts = [PROMPT, "a large green circle bouncing on a yellow checkerboard"]
     jobs = [Job(i, prompts[i % 2], seed=100 + i) for i in range(8)]
-    run = run_fleet("flexcache", daemon.target, jobs, warmup=2, workers=2, steps=STEPS, progress=False)
+    run = run_fleet("flexcache", daemon.target, jobs, warmup=2, workers=2, steps=STEPS, progress=False,
+                    timeout_s=10.0)  # two torch processes fill both cores: a 1 s lookup deadline could miss
     assert [o.index for o in run.warmup] == [0, 1] and [o.index for o in run.measured] == list(range(2, 8))
     assert run.measured_wall_s > 0 and run.workers == 2
     assert [o.kind for o in run.measured] == ["full"] * 6  # the warm-up stored both prompts before the clock

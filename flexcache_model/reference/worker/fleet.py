@@ -36,8 +36,8 @@ class FleetRun:
     measured_wall_s: float  # first measured request handed out -> last one finished
 
 
-def _serve(mode_name: str, target: str | None, steps: int, schedule: str, threads: int, shadow: float, seed: int,
-           jobs: mp.Queue, results: mp.Queue) -> None:
+def _serve(mode_name: str, target: str | None, steps: int, schedule: str, threads: int, shadow: float,
+           timeout_s: float, seed: int, jobs: mp.Queue, results: mp.Queue) -> None:
     """A worker process: load the model once, then serve `(job, flush)` pairs until a None arrives;
     with `flush` the result is reported only once the job's store has landed. `shadow`: the fraction
     of hits also generated from scratch for the daemon's quality guard (scored by the probe)."""
@@ -53,7 +53,7 @@ def _serve(mode_name: str, target: str | None, steps: int, schedule: str, thread
     try:
         pipeline = load_pipeline(schedule)
         guard = (Shadow(shadow, seed=seed), ProbeScorer()) if shadow else (None, None)
-        worker = DiffusionWorker.connect(pipeline, MODES[mode_name], target, steps, *guard)
+        worker = DiffusionWorker.connect(pipeline, MODES[mode_name], target, steps, *guard, timeout_s=timeout_s)
         pipeline.embed(["warm up the text encoder"])
     except Exception:  # reported to the parent, which raises
         results.put(("error", traceback.format_exc()))
@@ -109,16 +109,17 @@ def _collect(results: mp.Queue, count: int, procs: Sequence[mp.Process], progres
 
 def run_fleet(mode: str, target: str | None, jobs: Sequence[Job], warmup: int, workers: int = 2, *,
               steps: int = 50, schedule: str = "flow", threads_per_worker: int = 1,
-              progress: bool = True, shadow_fraction: float = 0.0) -> FleetRun:
+              progress: bool = True, shadow_fraction: float = 0.0, timeout_s: float = 1.0) -> FleetRun:
     """Serve `jobs[:warmup]`, wait for them, then serve and time `jobs[warmup:]`. With `shadow_fraction`,
-    that share of hits is also generated from scratch and reported to the daemon's quality guard."""
+    that share of hits is also generated from scratch and reported to the daemon's quality guard.
+    `timeout_s`: each worker's client deadline (DiffusionWorker.connect)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
     ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch or gRPC state
     job_q: mp.Queue = ctx.Queue()
     result_q: mp.Queue = ctx.Queue()
-    procs = [ctx.Process(target=_serve, args=(mode, target, steps, schedule, threads_per_worker, shadow_fraction, i,
-                                              job_q, result_q),
+    procs = [ctx.Process(target=_serve, args=(mode, target, steps, schedule, threads_per_worker, shadow_fraction,
+                                              timeout_s, i, job_q, result_q),
                          name=f"flexcache-worker-{i}", daemon=True) for i in range(workers)]
     bar = None
     for p in procs:

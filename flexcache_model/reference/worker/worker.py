@@ -91,13 +91,15 @@ class DiffusionWorker:
 
     @classmethod
     def connect(cls, pipeline: Pipeline, mode: Mode, target: str | None, steps: int = 50,
-                shadow: Shadow | None = None, scorer: Any = None) -> DiffusionWorker:
-        """A worker with a client for `target` configured as the mode says (no client for `none`)."""
+                shadow: Shadow | None = None, scorer: Any = None, *, timeout_s: float = 1.0) -> DiffusionWorker:
+        """A worker with a client for `target` configured as the mode says (no client for `none`);
+        `timeout_s`: the client's deadline of a lookup (CacheClient), past which a call is a miss."""
         cache = None
         if mode.uses_cache:
             if not target:
                 raise ValueError(f"mode {mode.name} needs a daemon address")
-            cache = CacheClient(target, namespace_for(pipeline, steps), max_rel_error=mode.max_rel_error)
+            cache = CacheClient(target, namespace_for(pipeline, steps), max_rel_error=mode.max_rel_error,
+                                timeout_s=timeout_s)
         return cls(pipeline, mode, cache, steps, shadow=shadow, scorer=scorer)
 
     def flush(self) -> None:
