@@ -100,7 +100,9 @@ def test_backup_while_puts_go_on_restores_every_entry_whole(tmp_path: Path, star
             time.sleep(0.005)
         before = dict(acknowledged)  # acknowledged before the backup began: all must be in it
         answer = bk.backup(cache.store, str(tmp_path / "backup"), entries=cache.stats().entries, node="node-a")
-        time.sleep(0.05)  # puts go on after it too
+        deadline = time.monotonic() + 30  # puts go on during and after it: one more landed at least
+        while len(acknowledged) <= len(before) and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
     finally:
         stop.set()
         thread.join(30)

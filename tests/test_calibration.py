@@ -150,12 +150,12 @@ def test_cli_installs_the_fitted_tables_on_a_daemon(daemon, tmp_path: Path) -> N
     result = run("--trials", str(saved), "--out", str(tmp_path / "out"), "--apply", daemon.target, "--namespace", ns)
     assert result.returncode == 0, result.stderr
     assert "installed on" in result.stdout
-    with CacheClient(daemon.target, Namespace("acme", "wan2.1", 832, 480, 81, "flow", 50)) as client:
+    with CacheClient(daemon.target, Namespace("acme", "wan2.1", 832, 480, 81, "flow", 50), timeout_s=10) as client:
         tables = client.step_tables()
     assert tables.source == "admin" and tables.whole == ((0.995, 0.5), (0.93, 0.2))
     assert tables.composed == ((0.9, 0.9, 0.1),) and tables.max_loss == 1.0
     assert tables.partial_object == ((-1.0, 0.0),)  # calibrated to nothing, not derived from whole
-    with CacheClient(daemon.target, Namespace("acme", "wan2.1", 832, 480, 81, "flow", 50)) as client:
+    with CacheClient(daemon.target, Namespace("acme", "wan2.1", 832, 480, 81, "flow", 50), timeout_s=10) as client:
         assert client.step_tables().grant(0.99, 50, "partial_object") == 0
     dead = run("--trials", str(saved), "--out", str(tmp_path / "out"), "--apply", "127.0.0.1:1", "--namespace", ns)
     assert dead.returncode == 3 and "did not take the tables" in dead.stderr

@@ -172,14 +172,26 @@ def test_a_frozen_node_costs_a_bounded_wait(cluster: DaemonCluster) -> None:
                 slowest = max(slowest, time.monotonic() - start)
                 assert found is not None and found.best is not None and found.best.entry_id == eid
                 assert fetched is not None, f"{eid} ({'not ' if eid in not_on_0 else ''}on node 0)"
+            failed_to_n1 = metric(cluster.nodes[0], "flexcache_cluster_peer_errors_total", peer="n1",
+                                  method="Replicate")
             start = time.monotonic()
             written = [client.put(f"while frozen {i}", latent(rng), vector(rng), seed=i) for i in range(5)]
             put_each = (time.monotonic() - start) / 5
+            short = metric(cluster.nodes[0], "flexcache_cluster_peer_errors_total", peer="n1",
+                           method="Replicate") - failed_to_n1
         assert slowest < 2.0
         assert put_each < 2.0
         assert not_on_0  # some fetches had to come from the other nodes
         assert all(written)
-        assert set(copies(cluster.members[:2], written).values()) == {2}  # acknowledged with both copies
+        # A put whose owner n2 does not answer is stored on the next member instead: n0 itself and n1 are
+        # then its copies, both stored before the put is acknowledged. Only if n0's Replicate to n1 itself
+        # failed (missed peer_timeout_seconds on a busy machine) may a put be acknowledged short, by the
+        # rule in daemon/cluster/node.py; the repair passes then add the copy.
+        if short == 0:
+            assert set(copies(cluster.members[:2], written).values()) == {2}  # acknowledged with both copies
+        else:
+            eventually(lambda: set(copies(cluster.members[:2], written).values()) == {2}, 15,
+                       f"both copies on n0 and n1 after {short:.0f} failed Replicate to n1")
     finally:
         cluster.resume(2)
 
@@ -402,7 +414,10 @@ def test_a_cluster_over_mtls_with_tokens(tmp_path: Path) -> None:
                 "client_key": tmp_path / "node.key", "token": peer}
     client_tls = {"token": tenant, "tls_ca_file": str(tmp_path / "ca.pem"),
                   "tls_cert_file": str(tmp_path / "worker.pem"), "tls_key_file": str(tmp_path / "worker.key")}
-    with DaemonCluster(tmp_path / "c", 3, **FAST, **tls, **launcher) as cluster:
+    # No peer call may fail here (a refused certificate or token would fail them): deadlines no busy
+    # machine misses, so that a Gather hedged away or a call past peer_timeout_seconds is not counted.
+    patient = {**FAST, "hedge_seconds": 2.0, "peer_timeout_seconds": 3.0}
+    with DaemonCluster(tmp_path / "c", 3, **patient, **tls, **launcher) as cluster:
         wait_members(cluster.members, 3)
         rng = np.random.default_rng(21)
         entries = []
@@ -503,7 +518,10 @@ def test_two_members_with_one_node_id_are_told_once_and_kept_apart(tmp_path: Pat
         for node in nodes:
             node.start()
         wait_members(nodes, 1)
-        time.sleep(1.0)  # five probe rounds
+        for node in nodes:
+            eventually(lambda node=node: "has this node's node_id 'n0'" in node.log.read_text(), 15,
+                       f"{node.log} tells of the clash")
+        time.sleep(1.0)  # five more probe rounds, which must not tell it again
         for node in nodes:
             assert node.log.read_text().count("has this node's node_id 'n0'") == 1
             assert metric(node, "flexcache_cluster_members", state="serving") == 1

@@ -201,9 +201,9 @@ def test_starts_on_a_nearly_full_disk_and_evicts_to_make_room(disks: Disks) -> N
 
 
 def test_data_folder_stays_within_its_bound_under_churn(start_daemon, tmp_path: Path) -> None:
-    """8 writers churn a 50 MiB budget for 20 s; the folder's allocated bytes, sampled every 100 ms,
-    stay within 1.5 x max_bytes + 40 MiB (it used to peak at 6.1x: WAL, blob files awaiting garbage
-    collection, compaction)."""
+    """8 writers churn a 50 MiB budget for 20 s (longer, up to 120 s, until they wrote 4 x max_bytes);
+    the folder's allocated bytes, sampled every 100 ms, stay within 1.5 x max_bytes + 40 MiB (it used to
+    peak at 6.1x: WAL, blob files awaiting garbage collection, compaction)."""
     max_bytes = 50 * MIB
     daemon = start_daemon(max_bytes=max_bytes, scrub_bytes_per_second=0)
     stop = threading.Event()
@@ -226,8 +226,8 @@ def test_data_folder_stays_within_its_bound_under_churn(start_daemon, tmp_path: 
     for t in threads:
         t.start()
     peak, start = 0, time.monotonic()
-    try:
-        while time.monotonic() - start < 20:
+    try:  # 20 s at least, and on a slow machine on until several turnovers of the budget are written
+        while time.monotonic() - start < 20 or (puts[0] * MIB <= 4 * max_bytes and time.monotonic() - start < 120):
             peak = max(peak, folder_bytes(daemon.data_dir))
             time.sleep(0.1)
     finally:

@@ -176,9 +176,9 @@ def test_scrubber_keeps_to_its_rate(tmp_path: Path) -> None:
         cache.start_scrubber(4 << 20, pause_s=0.0)
         start = time.monotonic()
         while (cache.metrics.registry.get_sample_value("flexcache_scrub_passes_total") or 0) < 1:
-            assert time.monotonic() - start < 10
+            assert time.monotonic() - start < 15
             time.sleep(0.01)
         took = time.monotonic() - start
     finally:
         cache.close()
-    assert 1.0 <= took <= 4.0, took
+    assert 1.0 <= took <= 10.0, took  # the lower bound is the rate; the upper one loose (a busy machine)

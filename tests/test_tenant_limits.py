@@ -155,7 +155,9 @@ def test_the_request_rate_refuses_past_the_burst_and_recovers(start_daemon) -> N
 
 
 def test_verify_past_its_byte_budget_refuses(start_daemon) -> None:
-    daemon = start_daemon(verify_bytes_per_second="1MiB")
+    # 256 KiB/s, bursts of one second's: the first Verify's 768 KiB leave the bucket 512 KiB in debt, so
+    # the second is refused unless it comes 3 s later (a slow machine's calls come well within that).
+    daemon = start_daemon(verify_bytes_per_second="256KiB")
     alice, bob = tenant_ns("alice").to_proto(), tenant_ns("bob").to_proto()
     size = 768 * KIB
     with grpc.insecure_channel(daemon.target) as channel:
@@ -169,7 +171,7 @@ def test_verify_past_its_byte_budget_refuses(start_daemon) -> None:
         assert "verify_bytes_per_second" in refused.value.details()
         assert f"this entry's {size} bytes" in refused.value.details()
         assert stub.Verify(pb.VerifyRequest(namespace=bob, entry_id=theirs), timeout=10).intact
-        time.sleep(0.8)  # 0.75 MiB back
+        time.sleep(3.5)  # 768 KiB back: the bucket full again
         assert stub.Verify(pb.VerifyRequest(namespace=alice, entry_id=mine), timeout=10).intact
     assert metric(daemon, "flexcache_calls_refused_total", method="Verify", reason="verify_bytes") == 1
 
