@@ -16,7 +16,9 @@ entries (its Corpus, fill_store and fill_index):
   * in-process diagnostics of what a start costs: the shard's load (first search of a reopened
     index), the index-only search p50/p99 (EdgeIndex.search, limit 5), listing the shard's entry
     ids (what the first use of a namespace after a start does), and the daemon's Cache.open with
-    the scan of every record it makes;
+    the scan of every record it makes; the daemon's whole lookup without gRPC (Cache.lookup) in a
+    tight loop and on a thread that waits 1 ms between calls, as a daemon's worker waits for the
+    next request, interleaved in blocks of 100 (the same code, on a CPU that idles between calls);
   * a real `flexcache serve` subprocess on the folder (flexcache.daemon.process.DaemonProcess): time
     from exec to SERVING, its resident memory (/proc/<pid>/status: VmRSS, RssAnon, RssFile) and
     threads, the first lookup (which reconciles the namespace and loads the shard), then
@@ -36,10 +38,12 @@ import datetime
 import json
 import logging
 import pstats
+import queue
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -82,6 +86,50 @@ class Mem:
     def __str__(self) -> str:
         return (f"{self.rss / MB:,.0f} MB ({self.anon / MB:,.0f} anon + {self.file / MB:,.0f} file), "
                 f"{self.threads} threads")
+
+
+IDLE_BETWEEN_S = 0.001  # cache_lookups: how long the worker thread waits between two calls
+BLOCK = 100  # cache_lookups: calls per block; the two ways alternate block by block
+
+
+def cache_lookups(size: Size, corpus: Corpus, data_dir: Path, queries: np.ndarray) -> None:
+    """Cache.lookup in-process (the daemon's whole lookup, without gRPC), timed in a tight loop and on a
+    worker thread that is handed each request and waits IDLE_BETWEEN_S before the next, as a daemon's
+    gRPC worker waits between requests; the two alternate in blocks, so they share the machine's state.
+    The code is the same: the difference is what a CPU that idles between calls costs (cold caches,
+    a woken core), which every served lookup pays and no tight loop shows."""
+    cache = _open_cache(data_dir, None)
+    jobs: queue.Queue = queue.Queue()
+    done: queue.Queue = queue.Queue()
+
+    def worker() -> None:
+        while (request := jobs.get()) is not None:
+            t0 = time.perf_counter()
+            cache.lookup(request)
+            done.put((time.perf_counter() - t0) * 1e3)
+
+    thread = threading.Thread(target=worker, name="idle-lookups", daemon=True)
+    try:
+        pb = corpus.pb
+        requests = [pb.LookupRequest(namespace=corpus.ns, vectors=pb.Vectors(full=q.tolist()), top_k=1)
+                    for q in queries]
+        cache.lookup(requests[0])  # reconciles the namespace and loads the shard
+        thread.start()
+        for start in range(0, len(requests), BLOCK):
+            block = requests[start:start + BLOCK]
+            for request in block:
+                t0 = time.perf_counter()
+                cache.lookup(request)
+                size.lookup_tight_ms.append((time.perf_counter() - t0) * 1e3)
+            for request in block:
+                jobs.put(request)
+                size.lookup_idle_ms.append(done.get())
+                time.sleep(IDLE_BETWEEN_S)
+    finally:
+        if thread.is_alive():
+            jobs.put(None)
+            thread.join()
+        cache.close()
 
 
 def proc_mem(pid: int) -> Mem:
@@ -129,6 +177,8 @@ class Size:
     index_ms: list[float] = field(default_factory=list)
     index_recall: float = 0.0
     list_ids_s: float = 0.0
+    lookup_tight_ms: list[float] = field(default_factory=list)
+    lookup_idle_ms: list[float] = field(default_factory=list)
     cache_open_s: float = 0.0
     records_scan_s: float = 0.0
     start_s: float = 0.0
@@ -284,6 +334,10 @@ def diagnose(size: Size, corpus: Corpus, data_dir: Path, queries: np.ndarray, ex
         cache.close()
     say(f"in-process: Cache.open {size.cache_open_s:.1f} s, of which a bare scan of the {count:,} records "
         f"(Store.entries) takes {size.records_scan_s:.1f} s")
+    cache_lookups(size, corpus, data_dir, queries)
+    say(f"in-process: Cache.lookup p50/p99 {statistics.median(size.lookup_tight_ms):.2f} / "
+        f"{pct(size.lookup_tight_ms, 99):.2f} ms in a tight loop, {statistics.median(size.lookup_idle_ms):.2f} / "
+        f"{pct(size.lookup_idle_ms, 99):.2f} ms on a thread idle 1 ms between calls")
     if not profile:
         return
     # The same two steps under cProfile (slower than the timed ones above): where a start's time goes.
@@ -376,6 +430,8 @@ def table(sizes: list[Size]) -> str:
         ("in-process: index search p50 / p99, ms", lambda s: ms(s.index_ms)),
         ("in-process: index recall@1", lambda s: f"{s.index_recall:.3f}"),
         ("in-process: list the shard's entry ids, s", lambda s: f"{s.list_ids_s:.1f}"),
+        ("in-process: Cache.lookup p50 / p99, tight loop, ms", lambda s: ms(s.lookup_tight_ms)),
+        ("in-process: Cache.lookup p50 / p99, thread idle 1 ms between calls, ms", lambda s: ms(s.lookup_idle_ms)),
         ("in-process: Cache.open (of which the records scan), s",
          lambda s: f"{s.cache_open_s:.1f} ({s.records_scan_s:.1f})"),
         ("daemon cold start: exec -> SERVING, s (CPU s)", lambda s: f"{s.start_s:.1f} ({s.start_cpu_s:.1f})"),
@@ -428,7 +484,9 @@ def verdicts(sizes: list[Size]) -> list[str]:
         lines.append(f"- {s.entries:,} entries: e2e lookup p99 {p99:.2f} ms{target}, {pct(s.second.e2e, 99):.2f} ms "
                      f"after the restart; a bare gRPC health check in the same loop: p99 {pct(s.first.rtt, 99):.2f} ms "
                      f"(median {statistics.median(s.first.rtt):.2f}); the index alone, in-process: p99 "
-                     f"{pct(s.index_ms, 99):.2f} ms")
+                     f"{pct(s.index_ms, 99):.2f} ms; the daemon's Cache.lookup in-process: p99 "
+                     f"{pct(s.lookup_tight_ms, 99):.2f} ms in a tight loop, {pct(s.lookup_idle_ms, 99):.2f} ms on a "
+                     f"thread idle 1 ms between calls")
     return lines
 
 
