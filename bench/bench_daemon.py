@@ -38,7 +38,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import replace_results
-from flexcache.daemon.process import DaemonProcess
+from flexcache.daemon.process import DaemonProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -122,12 +121,6 @@ class Procs:
             with contextlib.suppress(Exception):
                 self.stop(proc)
         self._procs.clear()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _read_line_until(proc: subprocess.Popen[str], pattern: str, timeout: float, log: Path) -> re.Match[str]:

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -38,7 +37,7 @@ import grpc
 import numpy as np
 
 from flexcache.client import CacheClient, Namespace
-from flexcache.daemon.process import DaemonProcess
+from flexcache.daemon.process import DaemonProcess, free_port
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
 
@@ -75,12 +74,6 @@ def substitute(expr: str, *, window: str, instance: str = ".*", namespace: str =
 
 
 # --- a real Prometheus -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Prometheus:

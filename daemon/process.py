@@ -235,6 +235,11 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+def free_port() -> int:
+    """One loopback port free now, as `free_ports` picks them."""
+    return free_ports(1)[0]
+
+
 class DaemonCluster:
     """`size` daemons on loopback that form one cluster (static `peers`, node ids n0, n1, ...), each a
     DaemonProcess over root/n<i>, all with `settings`. `add()` starts one more member (the others learn

@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
+from flexcache.daemon.process import free_port
 from flexcache.v1 import cache_pb2 as pb
 from flexcache.v1 import cache_pb2_grpc as pb_grpc
 from flexcache.v1 import wire
@@ -123,12 +124,6 @@ def test_tickets_name_the_advertised_host(start_daemon, caplog) -> None:
     assert metric(daemon, "flexcache_requests_total", method="FetchDirect", code="OK") == 1
     assert metric(daemon, "flexcache_requests_total", method="Fetch") == 0
     assert metric(daemon, "flexcache_requests_total", method="Put") == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("data_listen", ["fixed", "auto"])
