@@ -257,6 +257,7 @@ SUITE2_LABELS = Path("labels/vbench2_suite2_subjects.json")
 SUITE3_LABELS = Path("labels/vbench2_suite3_subjects.json")
 SUITE4_LABELS = Path("labels/vbench2_suite4_subjects.json")
 SUITE5_LABELS = Path("labels/fetv_suite5_subjects.json")
+SUITE6_LABELS = Path("labels/opensora_suite6_subjects.json")
 # Each was held out until its one measurement (docs/prompt_split.md has those figures); its failures
 # were read afterwards, so each is development data now.
 SUITES = [
@@ -264,6 +265,7 @@ SUITES = [
     ("Suite 3: VBench-2.0 subject nouns", SUITE3_LABELS),
     ("Suite 4: VBench and VBench-2.0 subject nouns", SUITE4_LABELS),
     ("Suite 5: FETV subject nouns", SUITE5_LABELS),
+    ("Suite 6: Open-Sora subject nouns", SUITE6_LABELS),
 ]
 
 
@@ -286,7 +288,8 @@ def labelled_subjects(data: Path, labels: Path) -> list[Subject]:
     Suite 2: Thermotics and Motion_Rationality from the shipped ``auxiliary_info`` questions,
     Motion_Order_Understanding ours. Suite 3: Mechanics and Material mostly shipped,
     Multi-View_Consistency and Camera_Motion ours. Suite 4: VBench competition prompts,
-    trustworthiness rows, Complex_Plot and Diversity, all ours. Suite 5: FETV captions, ours.
+    trustworthiness rows, Complex_Plot and Diversity, all ours. Suite 5: FETV captions, ours. Suite 6:
+    Open-Sora's prompt files (many a paragraph long), ours.
     """
     doc = json.loads((data / labels).read_text())
     srcs = {k: _source_prompts(data / v) for k, v in doc["sources"].items()}

@@ -227,6 +227,7 @@ FOLLOW_VERBS: frozenset[str] = _words(
     "follows following tracks tracking approaches approaching circles circling orbits orbiting"
 )
 _MOVE_PARTICLES: frozenset[str] = _words("in out up down back closer over across around then")
+_FOLLOW = _words("follows following")  # a chunk's lead that introduces what the camera follows
 
 # Words of a camera move that names no target of its own ("the camera circles around", "pan left").
 _ORBIT_MOVES: frozenset[str] = CAMERA_MOVES | FOLLOW_VERBS | _words("circle circles orbit dolly truck")
@@ -253,6 +254,7 @@ FRAME_WORDS: frozenset[str] = _words(
     surface banks bank outskirts foot base interior inside outside part end rest front back
     group groups couple pair herd flock school pack swarm crowd team family bunch lot lots
     number dozens hundreds thousands series row rows line lines cluster collection set angle angles
+    animation animations film movie cartoon
     """
 )
 
@@ -688,8 +690,9 @@ class PromptSplitter:
             rest = end
             for t in range(a, end):
                 labels[t] = lead
-        elif w0 in PRESENT_VERBS and i + 1 < b:
-            # "featuring a majestic zebra ... in a savanna": the introduced noun phrase decides.
+        elif (w0 in PRESENT_VERBS or w0 in _FOLLOW) and i + 1 < b:
+            # "featuring a majestic zebra ... in a savanna", "(the camera moves ...), following several
+            # people": the introduced noun phrase decides.
             cls, end = self._head_class(words, i + 1, b)
             lead = _BG if cls in (0, 1, 3) else _OBJ
             labels[i] = _BG

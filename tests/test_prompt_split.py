@@ -380,3 +380,14 @@ def test_reference_world_captions_split_into_both_parts() -> None:
     assert len(both) >= 0.97 * len(captions)
     assert split_prompt("a checkered yellow background with a large red square swelling") == PromptSplit(
         object="a large red square swelling", background="a checkered yellow background")
+
+
+def test_suite6_subject_floor() -> None:
+    """Suite 6 (136 Open-Sora prompts, many a paragraph long, labelled under VBench's taxonomy before the
+    splitter saw them): 0.783 at its one measurement; most misses are subjects named again in the
+    prompt's background sentences ("the focus is on the woman"). Two kinds were then fixed ("animation
+    of X", "..., following several people"): 0.799 as development data. The floor sits a little below."""
+    b = _bench()
+    s = b.score_subjects(b.labelled_subjects(DATA, b.SUITE6_LABELS), scene_nouns=b.vbench_scene_nouns(DATA))
+    assert s.present == 184 and s.scene == 0
+    assert s.rate() >= 0.79
