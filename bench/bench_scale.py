@@ -38,14 +38,13 @@ import datetime
 import json
 import logging
 import pstats
-import queue
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -98,37 +97,25 @@ def cache_lookups(size: Size, corpus: Corpus, data_dir: Path, queries: np.ndarra
     gRPC worker waits between requests; the two alternate in blocks, so they share the machine's state.
     The code is the same: the difference is what a CPU that idles between calls costs (cold caches,
     a woken core), which every served lookup pays and no tight loop shows."""
+    pb = corpus.pb
+    requests = [pb.LookupRequest(namespace=corpus.ns, vectors=pb.Vectors(full=q.tolist()), top_k=1) for q in queries]
     cache = _open_cache(data_dir, None)
-    jobs: queue.Queue = queue.Queue()
-    done: queue.Queue = queue.Queue()
 
-    def worker() -> None:
-        while (request := jobs.get()) is not None:
-            t0 = time.perf_counter()
-            cache.lookup(request)
-            done.put((time.perf_counter() - t0) * 1e3)
+    def timed_lookup(request: object) -> float:
+        t0 = time.perf_counter()
+        cache.lookup(request)
+        return (time.perf_counter() - t0) * 1e3
 
-    thread = threading.Thread(target=worker, name="idle-lookups", daemon=True)
     try:
-        pb = corpus.pb
-        requests = [pb.LookupRequest(namespace=corpus.ns, vectors=pb.Vectors(full=q.tolist()), top_k=1)
-                    for q in queries]
         cache.lookup(requests[0])  # reconciles the namespace and loads the shard
-        thread.start()
-        for start in range(0, len(requests), BLOCK):
-            block = requests[start:start + BLOCK]
-            for request in block:
-                t0 = time.perf_counter()
-                cache.lookup(request)
-                size.lookup_tight_ms.append((time.perf_counter() - t0) * 1e3)
-            for request in block:
-                jobs.put(request)
-                size.lookup_idle_ms.append(done.get())
-                time.sleep(IDLE_BETWEEN_S)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="idle-lookups") as worker:
+            for start in range(0, len(requests), BLOCK):
+                block = requests[start:start + BLOCK]
+                size.lookup_tight_ms += [timed_lookup(request) for request in block]
+                for request in block:
+                    size.lookup_idle_ms.append(worker.submit(timed_lookup, request).result())
+                    time.sleep(IDLE_BETWEEN_S)
     finally:
-        if thread.is_alive():
-            jobs.put(None)
-            thread.join()
         cache.close()
 
 

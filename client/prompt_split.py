@@ -695,7 +695,7 @@ class PromptSplitter:
             # people": the introduced noun phrase decides.
             cls, end = self._head_class(words, i + 1, b)
             lead = _BG if cls in (0, 1, 3) else _OBJ
-            labels[i] = _BG
+            labels[i] = _BG if w0 in PRESENT_VERBS else lead  # "following a dog" stays whole
             for t in range(i + 1, end):
                 labels[t] = lead
             rest = end

@@ -220,13 +220,14 @@ def free_ports(count: int) -> list[int]:
     the kernel's own choice."""
     floor = _ephemeral_floor()
     pool = range(LOWEST_PORT, floor) if floor - LOWEST_PORT >= 100 * count else None
+    pick = random.SystemRandom()  # not the module's generator: a seeded test must not repeat the ports
     ports: list[int] = []
     tries = 0
     while len(ports) < count:
         tries += 1
         with socket.socket() as sock:
             try:
-                sock.bind(("127.0.0.1", random.choice(pool) if pool is not None and tries < 1000 else 0))
+                sock.bind(("127.0.0.1", pick.choice(pool) if pool is not None and tries < 1000 else 0))
             except OSError:  # in use (or lingering in TIME_WAIT): another one
                 continue
             port = sock.getsockname()[1]

@@ -217,6 +217,8 @@ class QualityGuard:
         for figures that do not fit those tables. Under the lock."""
         if version != self.registry.version(ns_key):
             return False
+        own = self.registry.entry(ns_key)
+        name = self._names.get(ns_key) or (own.name if own else name)  # the name this node knows, first
         tables = self.registry.tables(ns_key, name)
         seen: set[tuple[str, int]] = set()
         for i, (table, tier, stats) in enumerate(bins):

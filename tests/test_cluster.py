@@ -209,13 +209,18 @@ def test_with_a_member_down_a_slow_peer_still_answers_a_lookup(tmp_path: Path) -
         assert not_on_0  # on nodes 1 and 2 only
         cluster.nodes[2].kill()
         wait_members(cluster.members[:2], 2, timeout=30)
+        waited = 0
         with connect(cluster.targets[0], timeout_s=10.0) as client:
             for eid, v in not_on_0:
                 cluster.pause(1)  # answers 0.3 s late: after hedge_seconds (0.05), within the peer deadline (1.0)
-                threading.Timer(0.3, cluster.resume, (1,)).start()
+                resume = threading.Timer(0.3, cluster.resume, (1,))
+                resume.start()
+                start = time.monotonic()
                 found = client.lookup(v)
+                waited += time.monotonic() - start >= 0.2
+                resume.join()
                 assert found is not None and found.best is not None and found.best.entry_id == eid
-                time.sleep(0.4)  # resumed before the next pause
+        assert waited  # the lookups did wait for the paused peer (the test exercised the hedge)
 
 
 @pytest.mark.parametrize("data_port", [True, False], ids=["data port", "stream"])
@@ -259,6 +264,7 @@ def _relay_through_a_freeze(cluster: DaemonCluster, data_port: bool) -> None:
         deadline = time.monotonic() + 10
         while relayed() <= before and time.monotonic() < deadline:  # polled tightly: 64 MiB take a fraction of a s
             time.sleep(0.002)
+        assert relayed() > before, "the source's header never reached the relay"
         cluster.pause(source)
         try:
             thread.join(40)
@@ -491,9 +497,9 @@ def test_members_by_dns_find_this_node_itself(tmp_path: Path) -> None:
     by its incarnation and serves as a one-member cluster (one host name with one address here: a
     headless Service's many cannot be made on loopback)."""
     from flexcache.daemon.cluster.membership import dns_addresses
-    from flexcache.daemon.process import free_ports
+    from flexcache.daemon.process import free_port
 
-    (port,) = free_ports(1)
+    port = free_port()
     assert dns_addresses(f"localhost:{port}")() == [f"127.0.0.1:{port}"]
     with DaemonProcess(tmp_path / "n", port=port, node_id="solo", peers_dns=f"localhost:{port}", **FAST) as node:
         wait_members([node], 1)

@@ -185,9 +185,11 @@ def test_unredeemed_tickets_expire_and_release_their_chunks() -> None:
     try:
         kept, redeemed = Chunks([b"ab", b"c"]), Chunks([b"xyz"])
         late = port.issue(kept, 3)
+        issued = time.monotonic()
         assert redeem(port.port, port.issue(redeemed, 3), 3) == b"xyz"
         assert redeemed.closed.wait(5)  # released once the transfer ends
-        assert not kept.closed.is_set()  # held until it expires...
+        if time.monotonic() - issued < 1.0:  # well inside the TTL: still held (a slow machine may be past it)
+            assert not kept.closed.is_set()  # held until it expires...
         assert kept.closed.wait(15), "the unredeemed ticket still holds its entry"  # ...TTL plus the sweep's 1 s
         assert redeem(port.port, late, 3) == b""
         pending = Chunks([b"abc"])

@@ -392,8 +392,8 @@ def test_the_member_deciding_after_a_lost_one_goes_on_from_its_figures(tmp_path:
         with connect(decider.target) as c:
             assert report(c, 1, k=25, loss=0.0) == 1 and c.step_tables().bins[0].samples == 4
         node = npb_grpc.NodeServiceStub(decider.channel())
-        key = node.SyncStepTables(npb.StepTablesSync(), timeout=5).figures[0].namespace_key
-        version = node.SyncStepTables(npb.StepTablesSync(), timeout=5).namespaces[0].version
+        everything = node.SyncStepTables(npb.StepTablesSync(), timeout=5)  # it lists nothing: all of its own
+        key, version = everything.figures[0].namespace_key, everything.namespaces[0].version
         unfit = npb.NamespaceGuardFigures(namespace_key=key, name="x", table_version=version,
                                           bins=[npb.GuardBinFigures(table="whole", tier=7, samples=99)])
         node.SyncStepTables(npb.StepTablesSync(figures=[unfit]), timeout=5)

@@ -31,6 +31,11 @@ from .membership import Membership, channel_options, dns_addresses, static_addre
 from .node import ClusterNode
 from .repair import Notifier, Repairer
 
+# How long a lost member counts against a lookup's hedge (ClusterNode._gathered): this many repair
+# passes, and at least ABSENT_MIN_S, for them to copy its entries to the members that are left.
+ABSENT_REPAIR_PASSES = 10
+ABSENT_MIN_S = 60.0
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Cluster", "node_id_of", "open_cluster"]
@@ -121,7 +126,8 @@ def open_cluster(config: Config, cache: Cache, metrics: Metrics) -> Cluster:
                             config.peer_probe_seconds, config.peer_timeout_seconds, metrics)
     node = ClusterNode(cache, membership, metrics, replicas=config.replication_factor,
                        timeout_s=config.peer_timeout_seconds, hedge_s=config.hedge_seconds,
-                       transfer_timeout_s=config.stream_max_seconds)
+                       transfer_timeout_s=config.stream_max_seconds,
+                       absent_s=max(ABSENT_MIN_S, ABSENT_REPAIR_PASSES * config.repair_interval_seconds))
     notifier = Notifier(node)
     cache.events.fetched = notifier.fetched
     cache.events.evicted = notifier.evicted

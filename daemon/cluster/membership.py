@@ -106,9 +106,13 @@ class Membership:
                     return p
         return None
 
-    def absent(self) -> int:
-        """Known members that are down: they may hold copies that no one can ask for now."""
-        return self._count("down")
+    def absent(self, within_s: float) -> int:
+        """Members down now that were last seen up (an address that never answered: first known) less
+        than `within_s` ago: they may hold copies that no one can ask for now. A member down for
+        longer is taken to have had its entries copied elsewhere by the repair passes meanwhile."""
+        now = time.monotonic()
+        with self._lock:
+            return sum(1 for p in self._peers.values() if p.failures >= PROBE_FAILURES and now - p.seen < within_s)
 
     def placement(self) -> list[str]:
         """Node ids entries are placed on: the serving members that are up, this node included while it

@@ -160,7 +160,7 @@ class ClusterPut:
 
 class ClusterNode:
     def __init__(self, cache: Cache, membership: Membership, metrics: Metrics, *, replicas: int, timeout_s: float,
-                 hedge_s: float, transfer_timeout_s: float, workers: int = 32):
+                 hedge_s: float, transfer_timeout_s: float, absent_s: float = 300.0, workers: int = 32):
         self.cache = cache
         self.membership = membership
         self.metrics = metrics
@@ -168,6 +168,7 @@ class ClusterNode:
         self.replicas = replicas
         self.timeout_s = timeout_s
         self.hedge_s = hedge_s
+        self.absent_s = absent_s  # how long a lost member counts against the hedge (_gathered)
         self.transfer_timeout_s = transfer_timeout_s
         self.pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="peer")
         self._tables_lock = threading.Lock()  # one copy of step tables to the members at a time
@@ -272,9 +273,11 @@ class ClusterNode:
         replication_factor - 1, every entry is among the answers (fully replicated ones: an entry short
         of copies may be missed for this one lookup), and the stragglers get hedge_seconds more, not the
         whole peer_timeout_seconds (a frozen peer that is not yet seen down). Past that count a pending
-        peer may hold an entry's only reachable copy, and it gets the whole deadline."""
+        peer may hold an entry's only reachable copy, and it gets the whole deadline. A member counts as
+        down for `absent_s` after it was last seen: by then the repair passes have copied its entries
+        elsewhere (a store that takes longer to copy may miss an entry short of copies, as above)."""
         parts: list[Gathered] = []
-        spare = self.replicas - 1 - self.membership.absent()
+        spare = self.replicas - 1 - self.membership.absent(self.absent_s)
         failed = 0
         hedged = False
         deadline = time.monotonic() + self.timeout_s
@@ -479,9 +482,10 @@ class ClusterNode:
                                 "the next repair pass", peer.node_id, _peer_error(exc, peer.node_id))
 
     def sync_tables(self) -> int:
-        """A repair pass's anti-entropy: this node's latest version of every namespace's tables to each
-        other member (SyncStepTables), which keeps the newer ones and answers with its own newer ones,
-        kept here the same way. Returns how many namespaces' tables changed here."""
+        """A repair pass's anti-entropy: this node's latest version of every namespace's tables, and its
+        guard figures, to each other member (SyncStepTables), which keeps the newer tables and the
+        figures over more samples and answers with its own, kept here the same way. Returns how many
+        namespaces' tables changed here (figures kept are logged)."""
         with self.cache.registry.lock:
             mine = npb.StepTablesSync(
                 namespaces=[_table_state(key, v) for key, v in self.cache.registry.versions().items()],
@@ -500,8 +504,10 @@ class ClusterNode:
         return changed
 
     def merge_tables(self, theirs: npb.StepTablesSync) -> npb.StepTablesSync:
-        """NodeService.SyncStepTables: keep the caller's versions that are newer than this node's, and
-        answer with this node's that are newer than the caller's or that it did not list."""
+        """NodeService.SyncStepTables: keep the caller's versions that are newer than this node's and its
+        figures that count more (QualityGuard.offer), and answer with this node's tables that are newer
+        than the caller's, and figures newer or over more samples than the caller's, or that it did not
+        list."""
         for field in ("namespaces", "figures"):
             states = getattr(theirs, field)
             if len(states) > MAX_SYNCED_NAMESPACES:

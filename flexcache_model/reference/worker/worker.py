@@ -93,7 +93,8 @@ class DiffusionWorker:
     def connect(cls, pipeline: Pipeline, mode: Mode, target: str | None, steps: int = 50,
                 shadow: Shadow | None = None, scorer: Any = None, *, timeout_s: float = 1.0) -> DiffusionWorker:
         """A worker with a client for `target` configured as the mode says (no client for `none`);
-        `timeout_s`: the client's deadline of a lookup (CacheClient), past which a call is a miss."""
+        `timeout_s`: the client's deadline of each call but the blob transfers (CacheClient's), past which
+        the call is a miss."""
         cache = None
         if mode.uses_cache:
             if not target:
