@@ -2,7 +2,8 @@
 
 A backup is a folder with two things in it:
 
-    <backup>/store/          a RocksDB checkpoint of <data_dir>/store (Store.checkpoint)
+    <backup>/store/          a checkpoint of <data_dir>/store (Store.checkpoint): RocksDB's, and the
+                             segment files in store/segments
     <backup>/manifest.json   what it is: format, FlexCache version, time, entry count, node
 
 `backup` takes one while the daemon serves (NodeService.Backup): the checkpoint is consistent (every
@@ -32,7 +33,11 @@ from .version import version
 if TYPE_CHECKING:
     from .store import Store
 
-FORMAT = 1  # manifest.json's "format": what `restore` knows how to read
+# manifest.json's "format": 2 since blobs are in segment files (<backup>/store/segments), which a release
+# restoring only format 1 would not know; format 1 backups (blobs in RocksDB) restore too, and the daemon
+# moves their blobs into segments when it first opens the store.
+FORMAT = 2
+RESTORES = (1, 2)
 MANIFEST = "manifest.json"
 STORE = "store"  # the checkpoint's folder in a backup, and the store's in a data folder
 
@@ -145,9 +150,9 @@ def read_manifest(backup: Path) -> dict[str, Any]:
         raise InvalidRequest(f"the manifest {manifest_file} cannot be read: {exc}") from exc
     if not isinstance(manifest, dict) or not isinstance(manifest.get("format"), int):
         raise InvalidRequest(f"the manifest {manifest_file} is not a FlexCache backup manifest")
-    if manifest["format"] != FORMAT:
-        raise InvalidRequest(f"backup {backup} has format {manifest['format']}; this release restores format "
-                             f"{FORMAT} (restore it with the release that wrote it, "
+    if manifest["format"] not in RESTORES:
+        raise InvalidRequest(f"backup {backup} has format {manifest['format']}; this release restores formats "
+                             f"{', '.join(map(str, RESTORES))} (restore it with the release that wrote it, "
                              f"{manifest.get('flexcache_version', 'unknown')})")
     if not isinstance(manifest.get("entries"), int) or manifest["entries"] < 0:
         raise InvalidRequest(f"the manifest {manifest_file} has no entry count")

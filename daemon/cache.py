@@ -97,8 +97,10 @@ class CacheEvents:
 
 
 class PutSession:
-    """One Put stream: validated header first, then chunks, then `finish`. Nothing is stored before.
-    `keep` (a cluster's coordinator, which forwards the blob) also keeps the chunks, in `chunks`."""
+    """One Put stream: validated header first, then chunks, then `finish`, or `close` to give it up
+    (a stream cut short, refused or cancelled); nothing is an entry before `finish`. The chunks go to
+    the store as they come, except with `keep` (a cluster's coordinator, which forwards the blob and
+    may not be one of its owners): they are kept, in `chunks`, and written here only by `finish`."""
 
     def __init__(self, cache: Cache, header: pb.PutHeader, ns: NamespaceKey, eid: str, existing: bool,
                  keep: bool = False):
@@ -110,7 +112,7 @@ class PutSession:
         self.received = 0
         self._digest = hashlib.sha256()
         self._crc = 0  # CRC-32C so far, checked when the header declares one
-        self._pending = cache.store.begin_put(eid)
+        self._pending = cache.store.begin_put(eid, header.blob.size)
         self.chunks: list[bytes] | None = [] if keep else None
 
     def add_chunk(self, data: bytes) -> None:
@@ -124,14 +126,25 @@ class PutSession:
         self._digest.update(data)
         if self.header.blob.HasField("crc32c"):
             self._crc = crc32c.crc32c(data, value=self._crc)
-        self._pending.add_chunk(data)
         if self.chunks is not None:
             self.chunks.append(data)
+        else:
+            self._pending.add_chunk(data)
 
     def finish(self) -> pb.PutResponse:
         """Check the blob (`check`) and store the entry here."""
-        self.check()
-        return self._cache._commit(self, self._pending)
+        try:
+            self.check()
+            for chunk in self.chunks or ():
+                self._pending.add_chunk(chunk)
+            return self._cache._commit(self, self._pending)
+        finally:
+            self._pending.close()
+
+    def close(self) -> None:
+        """Give up what was written of the blob, unless `finish` stored it (then a no-op). Not while
+        `finish` runs in another thread."""
+        self._pending.close()
 
     def check(self) -> None:
         """InvalidRequest or Corrupt unless exactly the declared bytes, with the declared checksums, came."""
@@ -178,6 +191,9 @@ class Cache:
         metrics.disk_full.set_function(lambda: 1 if store.full else 0)
         self._disk_sample = (-DISK_SAMPLE_S, 0)  # (monotonic time, the data folder's bytes)
         metrics.disk_bytes.set_function(self.disk_bytes)
+        metrics.segment_bytes.labels("live").set_function(lambda: store.segments.bytes()[1])
+        metrics.segment_bytes.labels("dead").set_function(lambda: store.segments.dead_bytes())
+        store.on_collected = metrics.collected_bytes.inc
         # Namespaces not reconciled with the index since this start: namespace key -> ids of its stored
         # entries, kept current by deletes (under the lock). open() fills it; a namespace leaves it at its
         # first use (_ensure_reconciled).
@@ -339,7 +355,7 @@ class Cache:
         header, ns, eid = session.header, session.ns, session.entry_id
         tenant = header.namespace.tenant
         vectors = validate.vectors(header.vectors, None, self.limits.max_vector_dim)
-        with self.store.room_for(header.blob.size) as over, self._lock:
+        with self._lock:
             if eid in self._ledger:
                 return pb.PutResponse(entry_id=eid, created=False, stored_bytes=self._ledger.size_of(eid))
             known = self._ledger.namespace(ns.key)
@@ -369,7 +385,7 @@ class Cache:
                 self.metrics.namespaces.set(self._ledger.namespace_count)
             self._evict_tenant(tenant)
             self._evict_if_needed(tenant)
-            if over:  # compaction did not catch up within the put's wait: give it fewer entries to keep
+            if over := self.store.over_target():  # collection and compaction did not catch up within the put's wait
                 self._make_room(over)
         self.metrics.payload.labels("Put").observe(header.blob.size)
         return pb.PutResponse(entry_id=eid, created=True, stored_bytes=usage.size)
@@ -497,13 +513,14 @@ class Cache:
             header = self.store.record(eid)
             if header is None:
                 raise NotFound(f"no entry {eid} in namespace {ns.name}")
+            chunks = self.store.read_blob(eid)
         except BaseException:
             self._pins.unpin(eid)
             raise
         self._persist_usage(eid, usage)
         self.metrics.payload.labels("Fetch").observe(header.blob.size)
         return (pb.FetchHeader(entry_id=eid, prompt=header.prompt, blob=header.blob),
-                PinnedChunks(self.store.read_blob(eid), lambda: self._pins.unpin(eid)))
+                PinnedChunks(chunks, lambda: self._pins.unpin(eid)))
 
     def _persist_usage(self, eid: str, usage: Usage) -> None:
         """Best effort: the ledger holds the fetch's credit either way, and a read never fails for its
@@ -595,8 +612,8 @@ class Cache:
         return answer
 
     def check_entry(self, eid: str, ns: NamespaceKey, found_by: str) -> pb.VerifyResponse | None:
-        """The one verify-and-delete path (Verify, the scrubber): re-read the entry from a snapshot with
-        RocksDB's checksums on and compare size and sha256 with its record; a corrupt entry is deleted
+        """The one verify-and-delete path (Verify, the scrubber): re-read the entry's blob as committed
+        and compare size and sha256 with its record; a corrupt entry is deleted
         whole (store, index, ledger, under the lock), counted by `found_by`. None: no such entry."""
         with self._lock:
             if not self._ledger.holds(eid, ns.key):
@@ -604,7 +621,7 @@ class Cache:
         header = self.store.record(eid)
         if header is None:
             return None
-        problem = scrub.blob_problem(self.store.read_blob(eid, checked=True), header.blob)
+        problem = scrub.blob_problem(self.store.read_blob(eid), header.blob)
         if problem is None:
             return pb.VerifyResponse(intact=True)
         with self._lock:
@@ -756,9 +773,10 @@ class Cache:
         within its target, but at most MAKE_ROOM_SHARE of the stored bytes a pass and a pass every
         MAKE_ROOM_EVERY_S (what it frees shows only once compaction has run, which the pass starts in
         the background), so that a disk another process filled does not empty the cache at once.
-        Oldest entries first, not the policy's order: they share the oldest blob files, so evicting them
-        frees whole files, while the policy's victims are spread over all of them and free little until
-        most of the cache is gone (docs/hardening.md). Called under the lock."""
+        Oldest entries first, not the policy's order: they share the oldest segment files, so evicting
+        them frees whole files at once (nothing to collect), while the policy's victims are spread over
+        all of them and free little until most of the cache is gone (docs/hardening.md). Called under
+        the lock."""
         now = time.monotonic()
         if now - self._made_room_at < MAKE_ROOM_EVERY_S:
             return

@@ -228,12 +228,12 @@ def _drain(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    """Check every entry of a stopped daemon's store with RocksDB's checksums on and its recorded size
-    and sha256; print each damaged one, and the acknowledged puts its log recovery lost. Changes
+    """Check every entry of a stopped daemon's store: its records with RocksDB's checksums on, its blob's
+    recorded size and sha256; print each damaged one, and the acknowledged puts its log recovery lost. Changes
     nothing of FlexCache's own (RocksDB replays its log, as a start would)."""
     try:
         from .scrub import Damage, verify_store
-        from .store import Store, StoreLocked
+        from .store import OldLayout, Store, StoreLocked
     except ModuleNotFoundError as exc:
         print(f"flexcache verify: {exc.name} is not installed; verify needs the 'daemon' extra: "
               "pip install 'flexcache[daemon]'", file=sys.stderr)
@@ -248,6 +248,9 @@ def _verify(args: argparse.Namespace) -> int:
     except StoreLocked:
         print(f"flexcache verify: the data folder {args.data_dir} is in use by a running daemon; stop it first "
               "(a running daemon checks itself: its scrubber, scrub_bytes_per_second)", file=sys.stderr)
+        return EXIT_CONFIG
+    except OldLayout as exc:
+        print(f"flexcache verify: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception as exc:  # RocksDB cannot open it at all: that is damage too
         print(f"flexcache verify: the store in {store_dir} cannot be opened: {exc}", file=sys.stderr)

@@ -167,8 +167,16 @@ class Metrics:
         self.scrub_passes = add(Counter, "flexcache_scrub_passes_total",
                                 "Passes of the background scrubber over every stored entry.")
         self.disk_bytes = add(Gauge, "flexcache_disk_bytes",
-                              "Bytes the data folder occupies on disk (allocated blocks: the store's RocksDB files, "
-                              "its write-ahead log and the embedded index), measured at each scrape.")
+                              "Bytes the data folder occupies on disk (allocated blocks: the store's segment files, "
+                              "its RocksDB files and write-ahead log, and the embedded index), measured at each "
+                              "scrape.")
+        self.segment_bytes = add(Gauge, "flexcache_segment_bytes",
+                                 "Bytes in the store's segment files (the blobs), by state: live (committed entries) "
+                                 "or dead (deleted, moved, or never committed: what the collector gives back).",
+                                 ("state",))
+        self.collected_bytes = add(Counter, "flexcache_collected_bytes_total",
+                                   "Live blob bytes the segment collector has copied out of mostly dead segments "
+                                   "so that it could delete them.")
         self.disk_full = add(Gauge, "flexcache_disk_full",
                              "1 while the store refuses writes because the disk is full (less free than the "
                              "store's reserve, or RocksDB out of space), else 0.")

@@ -1,17 +1,18 @@
 """Finding damaged entries before a client does: the blob check, the background scrubber, and the
 offline check behind `flexcache verify`.
 
-Why: fetches read blobs without RocksDB's checksums (the client checks end to end, docs/bench_daemon.md),
-so a blob damaged on disk is served until a client notices and asks for Verify. The scrubber walks every
-entry at a bounded rate (`scrub_bytes_per_second`), re-reading its chunks with RocksDB's checksums on
-and comparing size and sha256 with the entry's record; an entry that fails goes through the cache's own
-verify-and-delete path (`Cache.check_entry`: a second read from a snapshot, then the whole entry deleted
+Why: blobs live in segment files without a checksum of their own (the client checks every fetch end to
+end, daemon/segments.py), so a blob damaged on disk is served until a client notices and asks for Verify.
+The scrubber walks every entry at a bounded rate (`scrub_bytes_per_second`), re-reading its chunks and
+comparing size and sha256 with the entry's record; an entry that fails goes through the cache's own
+verify-and-delete path (`Cache.check_entry`: a second read, then the whole entry deleted
 under the cache's lock), so a concurrent delete is never taken for damage and nothing is half deleted.
 
 Contract:
 - Bounded: at most `bytes_per_second` blob bytes a second on average, one chunk (at most 1 MiB) in
-  memory, no iterator or snapshot held across its pauses (either would pin files that compaction
-  wants to delete); `pause_s` before the first pass and between passes.
+  memory, no iterator, snapshot or segment file held across its pauses (each would pin files that
+  compaction or the segment collector wants to delete); `pause_s` before the first pass and between
+  passes.
 - Counted: `flexcache_scrubbed_bytes_total`, `flexcache_scrub_passes_total`, and the entries it
   deletes in `flexcache_corrupt_entries_total{found_by="scrubber"}`.
 - `verify_store` checks a stopped store the same way, and reports rather than deletes.
@@ -41,14 +42,14 @@ PAGE = 256  # entry ids read per scan step
 
 
 def blob_problem(chunks: Iterable[bytes], blob: pb.BlobInfo) -> str | None:
-    """What is wrong with a stored blob read as `chunks` (RocksDB's read errors included), or None if
+    """What is wrong with a stored blob read as `chunks` (its segment's read errors included), or None if
     its size and sha256 are the ones its record declares."""
     digest, size = hashlib.sha256(), 0
     try:
         for chunk in chunks:
             digest.update(chunk)
             size += len(chunk)
-    except Exception as exc:  # RocksDB's own checksum failed, or the read did
+    except Exception as exc:  # the segment file missing, cut short, or failing its reads
         return f"reading it failed: {exc}"
     if size != blob.size:
         return f"{size} bytes stored, {blob.size} declared"
@@ -134,8 +135,8 @@ class Damage:
 
 
 def verify_store(store: Store) -> Iterator[Damage | tuple[int, int]]:
-    """Every damaged entry of a stopped store (its record, vectors and blob, with RocksDB's checksums on),
-    then (entries checked, blob bytes checked)."""
+    """Every damaged entry of a stopped store (its record and vectors with RocksDB's checksums on, its
+    blob's size and sha256), then (entries checked, blob bytes checked)."""
     entries = checked = 0
     for eid in _all_ids(store):
         entries += 1
@@ -155,7 +156,7 @@ def verify_store(store: Store) -> Iterator[Damage | tuple[int, int]]:
         except Exception as exc:
             yield Damage(eid, namespace, prompt, f"its vectors cannot be read: {exc}")
             continue
-        problem = blob_problem(store.read_blob(eid, checked=True), header.blob)
+        problem = blob_problem(store.read_blob(eid), header.blob)
         if problem is not None:
             yield Damage(eid, namespace, prompt, problem)
         checked += header.blob.size

@@ -374,13 +374,14 @@ class CacheServicer:
             if session.existing:  # content-addressed: the same entry is already stored, skip the upload
                 return pb.PutResponse(entry_id=session.entry_id, created=False)
             self.guard.hold(watch, first.header.blob.size)  # the blob is buffered whole until it is stored
-            for message in messages:
-                if message.WhichOneof("msg") != "chunk":
-                    raise InvalidRequest("only chunks may follow the Put header")
-                session.add_chunk(message.chunk)
-            if not context.is_active():
-                raise InvalidRequest("client cancelled the Put")
-            return session.finish()
+            with closing(session):  # a stream cut short, refused or cancelled gives its bytes up at once
+                for message in messages:
+                    if message.WhichOneof("msg") != "chunk":
+                        raise InvalidRequest("only chunks may follow the Put header")
+                    session.add_chunk(message.chunk)
+                if not context.is_active():
+                    raise InvalidRequest("client cancelled the Put")
+                return session.finish()
 
     def Lookup(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.LookupResponse:
         with self.call("Lookup", context) as (cache, watch, who):
@@ -486,7 +487,10 @@ class DirectPut:
             self._release()
 
     def abort(self) -> None:
-        self._release()
+        try:
+            self._session.close()
+        finally:
+            self._release()
 
 
 def own_stats(stats: pb.StatsResponse, who: Identity) -> pb.StatsResponse:

@@ -7,8 +7,12 @@ Key layout (entry ids are 64 hex characters, so '/' < '0' bounds a prefix):
                                                    present <=> the entry exists
     v/<entry id>        packed float16 vectors     entries.split_record: read only to rebuild the index
     u/<entry id>        Usage JSON                 hits and credit, rewritten on each fetch
-    b/<entry id>/<i>    blob chunk i (8 hex digits), as the client streamed it (at most 1 MiB)
+    b/<entry id>        segments.Location          where the blob's bytes are: segment, offset, size
+    l/<segment>/<offset> entry id, 8-byte size     the same, by place (16 hex digits each): what a
+                                                   segment holds, for counting and collecting it
     s/puts              8-byte little-endian count  puts committed since the store was created
+    s/layout            b"2"                       blobs in segment files (an earlier release kept
+                                                   them as b/<entry id>/<i> chunk values: moved at open)
     t/<namespace key>   JSON {"name", "admin",     the namespace's own step tables (steps.TableRegistry):
                         "current", "version"}      those an admin set (null: the flags') and those in
                                                    use (the guard's changes; null after a reset: the
@@ -17,26 +21,28 @@ Key layout (entry ids are 64 hex characters, so '/' < '0' bounds a prefix):
                                                    per tier n, mean and M2 of the losses reported
                                                    at the tables of that version
 
-A Put lands as one WriteBatch (chunks, record, vectors, usage, namespace, the put count), so a crash
-leaves either the whole entry or nothing. Reads of a blob go through a snapshot, so a concurrent delete
-never tears a stream. Large values go to RocksDB blob files, which keeps compaction from rewriting latents.
+A blob's bytes go to the store's segment files as they arrive (segments.py: written once, where they
+stay); the Put then lands as one WriteBatch (its Location, record, vectors, usage, namespace, the put
+count), so a crash leaves either the whole entry or nothing but dead segment bytes. A blob is read
+from the segment file opened when its stream is made, so a concurrent delete or move never tears it.
 
 Disk contract (docs/hardening.md has the measurements and the reasons):
 
-- Bounded disk. RocksDB's sizes follow the byte budget, or the disk when it is smaller
-  (`Tuning.for_budget`): memtables of 1/32 of it (2 to 64 MiB), so a small write-ahead log; blob
-  files the size of a memtable; compaction after two flushes; blob garbage collection of the oldest
-  tenth of blob files. A put waits (`room_for`, at most STALL_S) while the folder is over
-  `Tuning.disk_target`, so that writers go at the pace of compaction, and the folder stays within
-  `Tuning.disk_bound`: 1.5 x max_bytes plus a few memtables.
+- Bounded disk. Sizes follow the byte budget, or the disk when it is smaller (`Tuning.for_budget`):
+  segments and memtables of 1/32 of it (2 to 64 MiB). A segment left without live blobs is deleted
+  at once; the collector (`_collect_loop`) copies the live blobs out of the sealed segment with the
+  least of them while dead bytes are over COLLECT_DEAD_SHARE of the segments (or the folder is over
+  its target), and deletes it. A put waits (`_admit`, at most STALL_S, before its bytes) while the folder is over
+  `Tuning.disk_target`, so that writers go at the pace of collection and compaction, and the folder
+  stays within `Tuning.disk_bound`: 1.5 x max_bytes plus a few segments.
 - Disk full is a refusal, not a failure. A put that would leave less than `Tuning.reserve` bytes
-  free is refused before RocksDB sees it (DiskFull), so RocksDB's own flushes always have room; a
-  write RocksDB itself fails for lack of space is DiskFull too, and gives up the BALLAST file so that
-  RocksDB can recover. Usage writes are best effort (a read never fails for them); deletes are always
-  tried (they free space). While the disk is full, blob garbage collection is off (its rewrite is what
-  would run out of space). Once space is back, RocksDB's own recovery resumes writes; a store whose
-  writes still fail RECOVERY_WAIT_S later reopens its database (`_reopen`). A start on a nearly full
-  disk gives up the ballast first, so RocksDB's log recovery has room.
+  free is refused before its bytes are written (DiskFull), so RocksDB's own flushes always have
+  room; a write that RocksDB or a segment file fails for lack of space is DiskFull too, and gives up
+  the BALLAST file so that RocksDB can recover. Usage writes are best effort (a read never fails for
+  them); deletes are always tried (they free space). While the disk is full, nothing is collected
+  (the copy is what would run out of space). Once space is back, RocksDB's own recovery resumes
+  writes; a store whose writes still fail RECOVERY_WAIT_S later reopens its database (`_reopen`).
+  A start on a nearly full disk gives up the ballast first, so RocksDB's log recovery has room.
 - Lost writes are counted. Every committed Put bumps `s/puts` in its own batch and then the count in
   the ACKED file beside the database; a put acknowledged but missing after RocksDB's log recovery
   (a damaged or cut write-ahead log) shows as ACKED ahead of `s/puts` at the next open (`lost_puts`).
@@ -44,6 +50,7 @@ Disk contract (docs/hardening.md has the measurements and the reasons):
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -60,7 +67,9 @@ from typing import TypeVar
 import rocksdict
 
 from flexcache.v1 import cache_pb2 as pb
+from flexcache.v1.wire import CHUNK_BYTES
 
+from . import segments
 from .entries import Usage, split_record, unpack_vectors
 
 log = logging.getLogger(__name__)
@@ -71,11 +80,22 @@ _PUTS_KEY = b"s/puts"
 ACKED_FILE = "ACKED"  # beside RocksDB's files, which RocksDB leaves alone (not names it owns)
 BALLAST_FILE = "BALLAST"
 _ACKED = struct.Struct("<QI")  # puts acknowledged, crc32 of the count
-DISK_FACTOR = 1.5  # the folder's bound: this many max_bytes plus a few memtables (Tuning)
-STALL_S = 1.0  # the longest a put waits for compaction to bring the folder back within its bound
+_LAYOUT_KEY = b"s/layout"
+_OLD_CHUNK_KEY_BYTES = len("b/") + 64 + len("/") + 8  # b/<entry id>/<chunk index, 8 hex digits>
+LAYOUT = b"2"  # blobs in segment files
+DISK_FACTOR = 1.5  # the folder's bound: this many max_bytes plus a few segments (Tuning)
+STALL_S = 1.0  # the longest a put waits for collection and compaction to bring the folder back within its bound
+COLLECT_DEAD_SHARE = 0.2  # collect while dead bytes are over this share of the segments' bytes ...
+COLLECT_LIVE_SHARE = 0.5  # ... from sealed segments at most this live (any share, when the folder is over target)
+COLLECT_IDLE_S = 1.0  # how often the collector looks when nothing wakes it
+COLLECT_RETRY_S = 30.0  # how long the collector waits after the file system failed it
 DISK_SAMPLE_S = 0.02  # how stale the folder's measured size may be when a put checks it
 RECOVERY_WAIT_S = 10.0  # how long RocksDB's own recovery may take, once space is back, before the store reopens
-REOPEN_GATE_S = 2.0  # how long a reopen waits for a moment with no read under way
+REOPEN_GATE_S = 2.0  # how long a reopen waits for a moment with no use of the database under way
+
+
+class OldLayout(Exception):
+    """An audit (`flexcache verify`) of a store whose blobs are still in an earlier release's layout."""
 
 
 @dataclass(frozen=True)
@@ -87,30 +107,22 @@ class NamespaceInfo:
 
 @dataclass(frozen=True)
 class Tuning:
-    """RocksDB's sizes for a byte budget.
+    """The store's sizes for a byte budget.
 
-    Why each: the write-ahead log holds every blob byte until its memtable is flushed, and RocksDB
-    preallocates it by 1.1 x the memtable size, so memtables (and with them the log) are a small
-    fraction of the budget; a blob file holds one flush, so a deleted entry's bytes are in a small
-    file that is freed whole once the entries around it are gone; compaction starts after two
-    flushes, so dead blobs do not wait behind a large L0 (a blob file is freed only once compaction
-    has dropped every reference to it); blob garbage collection rewrites the live blobs of the oldest
-    `gc_age_cutoff` of blob files as compaction passes over them (a larger share rewrote more than
-    eviction frees and made the folder bigger, docs/hardening.md), and compaction is forced where
-    the oldest files are `gc_force_threshold` garbage.
-    `reserve`: the free bytes a write must leave, for RocksDB to flush both memtables, roll its log
-    and MANIFEST, and for the garbage collector's rewrite of the oldest files. `ballast`: the size of
-    the BALLAST file the store keeps and gives up when RocksDB itself runs out of space or the daemon
+    `write_buffer`: the size of a segment file and of a RocksDB memtable. A segment holds a small share
+    of the budget, so that deleting entries frees whole files soon and collecting one copies little;
+    RocksDB holds only records (the blobs are in segments), so its memtables and write-ahead log stay
+    small whatever their limit. `reserve`: the free bytes a write must leave, for RocksDB to flush both
+    memtables, roll its log and MANIFEST, and for the collector's copy of a segment. `ballast`: the
+    size of the BALLAST file the store keeps and gives up when a write runs out of space or the daemon
     starts on a full disk, so that RocksDB can always flush a memtable and roll its log, and with that
     recover and delete what eviction freed (without it, a disk filled to the last byte by another
     process would need an operator even for the daemon to make room).
-    `disk_target`: where puts start to wait for compaction (`Store.room_for`); `disk_bound`: the
-    folder's stated bound, the target plus what is written while a put is admitted (its log bytes, a
-    flush's blob file beside the log it replaces, a garbage collector's rewrite)."""
+    `disk_target`: where puts start to wait for collection and compaction (`Store._admit`);
+    `disk_bound`: the folder's stated bound, the target plus what is written while a put is admitted
+    (its blob in a segment, the collector's copy of a segment, a memtable's flush)."""
 
     write_buffer: int
-    gc_age_cutoff: float
-    gc_force_threshold: float
     reserve: int
     ballast: int
     disk_target: int
@@ -118,30 +130,64 @@ class Tuning:
 
     @classmethod
     def for_budget(cls, max_bytes: int, disk_size: int | None = None) -> Tuning:
-        """`disk_size`: the file system's size; a smaller disk than the budget sizes the memtables
+        """`disk_size`: the file system's size; a smaller disk than the budget sizes the segments
         and the reserve (the budget's bound still counts max_bytes)."""
         sized = max_bytes if disk_size is None else min(max_bytes, disk_size)
         write_buffer = min(64 * MIB, max(2 * MIB, sized // 32))
         ballast = write_buffer + 2 * MIB
-        return cls(write_buffer=write_buffer, gc_age_cutoff=0.1, gc_force_threshold=0.75,
-                   reserve=3 * write_buffer + 4 * MIB, ballast=ballast,
+        return cls(write_buffer=write_buffer, reserve=3 * write_buffer + 4 * MIB, ballast=ballast,
                    disk_target=int(DISK_FACTOR * max_bytes) + 2 * write_buffer + 8 * MIB + ballast,
                    disk_bound=int(DISK_FACTOR * max_bytes) + 4 * write_buffer + 16 * MIB + ballast)
 
 
 class PendingPut:
-    """A Put being received: chunks accumulate in a WriteBatch that only `Store.commit` applies."""
+    """A Put being received: its blob's bytes go to a reservation in a segment as they come (the
+    first chunk makes it, once the store admits the whole blob: `_admit`, `_reserve`); only
+    `Store.commit` makes them an entry. A failure to write (the disk full, say) is kept, the rest of
+    the bytes dropped, and raised by `commit`. `close` gives the reservation up if it was not committed."""
 
-    def __init__(self, entry_id: str):
+    def __init__(self, store: Store, entry_id: str, size: int):
         self.entry_id = entry_id
-        self.batch = rocksdict.WriteBatch(raw_mode=True)
-        self.chunks = 0
+        self.size = size
         self.bytes = 0
+        self.failed: BaseException | None = None
+        self._store = store
+        self._writer: segments.Writer | None = None
 
-    def add_chunk(self, data: bytes) -> None:
-        self.batch.put(_chunk_key(self.entry_id, self.chunks), data)
-        self.chunks += 1
-        self.bytes += len(data)
+    def add_chunk(self, data: bytes | memoryview) -> None:
+        if self.failed is not None:
+            return
+        try:
+            if self._writer is None:
+                self._store._admit(self.size)
+                self._writer = self._store._reserve(self.size)
+            self._writer.write(data)
+        except DiskFull as exc:
+            self.failed = exc
+        except OSError as exc:
+            self.failed = self._store._write_failed("a put's blob", exc)
+        else:
+            self.bytes += len(data)
+
+    def location(self, sync: bool) -> segments.Location:
+        if self.failed is not None:
+            raise self.failed
+        if self._writer is None:
+            raise ValueError("a put with no bytes")
+        try:
+            return self._writer.finish(sync)
+        except OSError as exc:
+            self.failed = self._store._write_failed("a put's blob", exc)
+            raise self.failed  # noqa: B904 (the OSError itself, or DiskFull with it as its context)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+class DiskFull(Exception):
+    """A write refused for lack of disk space; the message is a sentence for the caller. Nothing of
+    that write was stored."""
 
 
 class StoreLocked(Exception):
@@ -152,17 +198,23 @@ class StoreLocked(Exception):
         self.lock = lock
 
 
-class DiskFull(Exception):
-    """A write refused for lack of disk space; the message is a sentence for the caller. Nothing of
-    that write was stored."""
+def _location_key(entry_id: str) -> bytes:
+    return f"b/{entry_id}".encode()
 
 
-def _chunk_key(entry_id: str, index: int) -> bytes:
-    return f"b/{entry_id}/{index:08x}".encode()
+def _place_key(loc: segments.Location) -> bytes:
+    return f"l/{loc.segment:016x}/{loc.offset:016x}".encode()
 
 
-def _blob_range(entry_id: str) -> tuple[bytes, bytes]:
-    return f"b/{entry_id}/".encode(), f"b/{entry_id}0".encode()
+def _place_value(entry_id: str, loc: segments.Location) -> bytes:
+    return entry_id.encode() + loc.size.to_bytes(8, "little")
+
+
+def _place(key: bytes, value: bytes) -> tuple[str, segments.Location]:
+    """An `l/` key and value: the entry id and its Location."""
+    segment, offset = key[2:].split(b"/")
+    size = int.from_bytes(value[-8:], "little")
+    return value[:-8].decode(), segments.Location(int(segment, 16), int(offset, 16), size)
 
 
 def folder_bytes(root: Path) -> int:
@@ -200,9 +252,8 @@ def _is_space_error(exc: BaseException) -> bool:
 class _Gate:
     """Shared use of the database handle, and an exclusive moment to swap it (`_reopen`, `close`).
     Shared use never waits but for an exclusive section under way, so a thread may nest it (a scan
-    that reads each entry's vectors) and a blob stream may hold it across threads (its chunks are
-    read from whichever thread serves the stream). An exclusive section waits, at most `timeout`,
-    for a moment with no user; it says whether it got one."""
+    that reads each entry's vectors). An exclusive section waits, at most `timeout`, for a moment
+    with no user; it says whether it got one."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -210,20 +261,14 @@ class _Gate:
 
     @contextmanager
     def shared(self) -> Iterator[None]:
-        self.enter_shared()
+        with self._cond:
+            self._users += 1
         try:
             yield
         finally:
-            self.exit_shared()
-
-    def enter_shared(self) -> None:
-        with self._cond:
-            self._users += 1
-
-    def exit_shared(self) -> None:
-        with self._cond:
-            self._users -= 1
-            self._cond.notify_all()
+            with self._cond:
+                self._users -= 1
+                self._cond.notify_all()
 
     @contextmanager
     def exclusive(self, timeout: float) -> Iterator[bool]:
@@ -232,57 +277,61 @@ class _Gate:
 
 
 class BlobStream:
-    """A blob's chunks (Store.read_blob): the snapshot is taken, and the store's handle held (its gate),
-    when the stream is made, not at its first chunk; both are let go at its end, on a read error, or at
-    close(), whichever comes first."""
+    """A blob's chunks of at most CHUNK_BYTES (Store.read_blob), from the segment file opened when the
+    stream is made: what was committed then, whatever happens to the entry meanwhile. The file is
+    closed at the stream's end, on a read error, or at close(), whichever comes first. A segment file
+    cut short ends the stream with EOFError, never as if the blob had ended; a segment file missing
+    (a damaged store) with the OSError of its open, at the first chunk, like any read error."""
 
-    def __init__(self, store: Store, entry_id: str, checked: bool):
-        start, self._end = _blob_range(entry_id)
-        self._gate = store._gate
-        self._gate.enter_shared()  # held until the stream ends: a reopen waits for it
+    def __init__(self, store: Store, entry_id: str):
+        self._loc: segments.Location | None = None
+        self._fd: int | None = None
+        self._error: OSError | None = None
+        self._at = 0
         try:
-            snapshot = store._db.snapshot()
-            self._it: rocksdict.RdictIter | None = snapshot.iter(store._checked_read if checked else store._blob_read)
-            self._it.seek(start)
-        except BaseException:
-            self._gate.exit_shared()
-            raise
-        self._open = True
+            opened = store._open_blob(entry_id)
+        except OSError as exc:
+            self._error = exc
+        else:
+            if opened is not None:
+                self._loc, self._fd = opened
 
     def __iter__(self) -> BlobStream:
         return self
 
     def __next__(self) -> bytes:
-        if not self._open:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        loc, fd = self._loc, self._fd
+        if fd is None or loc is None or self._at >= loc.size:
+            self.close()
             raise StopIteration
-        it = self._it
-        assert it is not None
         try:
-            if it.valid() and it.key() < self._end:
-                value = it.value()
-                it.next()
-                return value
-            it.status()  # a read error ends the stream with an exception, not as if the blob had ended
+            chunk = segments.SegmentLog.read(fd, loc, self._at, min(CHUNK_BYTES, loc.size - self._at))
         except BaseException:
             self.close()
             raise
-        self.close()
-        raise StopIteration
+        self._at += len(chunk)
+        return chunk
 
     def close(self) -> None:
-        if self._open:
-            self._open = False
-            self._it = None
-            self._gate.exit_shared()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class Store:
     def __init__(self, path: Path, fsync: bool = False, max_bytes: int = 10 << 30, audit: bool = False):
         """Open (or create) the database in `path`; StoreLocked if another process has it open.
 
-        `max_bytes`: the cache's budget, which sizes RocksDB (Tuning). `audit`: opened by `flexcache
+        `max_bytes`: the cache's budget, which sizes the store (Tuning). `audit`: opened by `flexcache
         verify`: `lost_puts` is reported but the ACKED record is left as found, for the daemon to
-        report again when it starts."""
+        report again when it starts, no segment is made or deleted, and a store in an earlier
+        release's layout is OldLayout (a daemon's open moves its blobs into segments)."""
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
         disk = os.statvfs(path)
@@ -297,40 +346,58 @@ class Store:
         self._ballast_missing = True  # until _keep_ballast finds or makes it
         if not audit and free_bytes(path) < self.tuning.reserve:  # RocksDB's log recovery needs the room
             self._release_ballast("the daemon starts on a nearly full disk")
-        self._count_lock = threading.Lock()  # the put count and its ACKED record
+        self._batch_lock = threading.Lock()  # batches that add, move or drop a Location; the put count, ACKED
         self._state_lock = threading.Lock()  # the full state
         self._reopen_lock = threading.Lock()
         self._db = self._open()
         self._closed = False  # closed by a reopen that could not open it again
         self._write_options = rocksdict.WriteOptions()
         self._write_options.sync = fsync
-        # Blob chunks are read without RocksDB's per-record checksum: clients verify every fetched blob
-        # end to end (CRC-32C or sha256), which covers the same bytes and more, and RocksDB's check
-        # dominated the time to fetch an entry flushed to a blob file (measured in docs/bench_daemon.md).
-        self._blob_read = rocksdict.ReadOptions()
-        self._blob_read.set_verify_checksums(False)
-        self._checked_read = rocksdict.ReadOptions()  # for Verify and the scrubber: RocksDB's own checks on
-        self._checked_read.set_verify_checksums(True)
         self.full_since: float | None = None  # monotonic time puts began to be refused for space
         self._rocksdb_failed = False  # since then, RocksDB failed a write (not only the store's own check)
         self._space_back_since: float | None = None  # RocksDB failing with space available, since
-        self._room = threading.Condition()  # puts admitted within the bound, not yet committed
-        self._admitted = 0
         self._disk_sample = (-1.0, 0)  # (monotonic time, folder bytes)
-        self.stalled_s = 0.0  # seconds puts have waited for the folder to come back within its bound
         raw = self._db.get(_PUTS_KEY)
         self._puts = 0 if raw is None else int.from_bytes(raw, "little")
         self._acked_fd = os.open(path / ACKED_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         acked = self._read_acked()
         self.lost_puts = max(0, acked - self._puts) if acked is not None else 0
-        if not audit:
-            self._write_acked()
-            free = self.free_bytes()
-            if free < self.tuning.reserve:  # a start on a nearly full disk: puts wait for the space
-                self._refuse(f"the disk is nearly full at startup: {free} bytes free in {path}, the store keeps "
-                             f"{self.tuning.reserve} free for RocksDB's own writes")
-            else:
-                self._keep_ballast()
+        self.segments = segments.SegmentLog(path, self.tuning.write_buffer, fsync, writable=not audit)
+        self.on_collected: Callable[[int], None] = lambda nbytes: None  # live blob bytes the collector copied
+        self._collect_wake = threading.Event()
+        self._stopping = threading.Event()
+        self._collector: threading.Thread | None = None
+        self._damaged_segments: set[int] = set()  # a blob in them cut short: collecting them would fail again
+        try:
+            self._load(audit)
+        except BaseException:
+            self._stopping.set()
+            self._db.close()
+            os.close(self._acked_fd)
+            raise
+
+    def _load(self, audit: bool) -> None:
+        """The segments counted, an earlier layout moved (not in an audit), the collector started."""
+        new_layout = self._db.get(_LAYOUT_KEY) is not None
+        if audit:
+            if not new_layout and self._has_old_chunks():
+                raise OldLayout(f"the store in {self.path} keeps its blobs in an earlier release's layout; start "
+                                "the daemon on it once (it moves them into segment files), then verify it")
+            self.segments.load(self._locations())
+            return
+        self.segments.load(self._locations())
+        if not new_layout:  # made by an earlier release, or a move cut short, or a new store (nothing to do)
+            self._move_old_chunks()
+            self._db.put(_LAYOUT_KEY, LAYOUT, self._write_options)
+        self._collector = threading.Thread(target=self._collect_loop, name="segment-collector", daemon=True)
+        self._collector.start()
+        self._write_acked()
+        free = self.free_bytes()
+        if free < self.tuning.reserve:  # a start on a nearly full disk: puts wait for the space
+            self._refuse(f"the disk is nearly full at startup: {free} bytes free in {self.path}, the store keeps "
+                         f"{self.tuning.reserve} free for RocksDB's own writes")
+        else:
+            self._keep_ballast()
 
     def _open(self) -> rocksdict.Rdict:
         tuning = self.tuning
@@ -339,12 +406,6 @@ class Store:
         options.set_write_buffer_size(tuning.write_buffer)
         options.set_max_write_buffer_number(2)
         options.set_max_total_wal_size(2 * tuning.write_buffer)
-        options.set_enable_blob_files(True)
-        options.set_min_blob_size(64 * 1024)
-        options.set_blob_file_size(tuning.write_buffer)
-        options.set_enable_blob_gc(True)
-        options.set_blob_gc_age_cutoff(tuning.gc_age_cutoff)
-        options.set_blob_gc_force_threshold(tuning.gc_force_threshold)
         options.set_level_zero_file_num_compaction_trigger(2)
         options.set_manifest_preallocation_size(MIB)
         options.set_max_log_file_size(MIB)  # RocksDB's info LOG: at most 3 files of 1 MiB
@@ -360,6 +421,10 @@ class Store:
             raise
 
     def close(self) -> None:
+        self._stopping.set()
+        self._collect_wake.set()
+        if self._collector is not None:
+            self._collector.join(timeout=30.0)
         with self._gate.exclusive(timeout=30.0):
             self._db.close()
         os.close(self._acked_fd)
@@ -432,37 +497,29 @@ class Store:
             self._disk_sample = (now, size)
         return size
 
-    @contextmanager
-    def room_for(self, nbytes: int) -> Iterator[int]:
-        """Admit a put of `nbytes` (call before taking the cache's lock, commit inside): while the folder
-        plus the puts already admitted would exceed `Tuning.disk_target`, flush (the tombstones of
-        evicted entries reach compaction only through a flush) and wait, at most STALL_S, for compaction
-        to give the space back. A put that waited that long goes ahead: the wait slows writers to the
-        pace of compaction, and a disk that really fills is DiskFull's to handle. Yields the bytes the
-        folder is still over its target (0 if within it), for the caller to evict."""
+    def _admit(self, nbytes: int) -> None:
+        """Let a put write its `nbytes` (PendingPut's first chunk): while the folder plus the bytes other
+        puts have reserved and not written yet would exceed `Tuning.disk_target`, wake the collector,
+        flush (the tombstones of evicted entries reach compaction only through a flush) and wait, at
+        most STALL_S, for them to give the space back. A put that waited that long goes ahead: the wait
+        slows writers to the pace of collection and compaction, and a disk that really fills is
+        DiskFull's to handle; the caller evicts what `over_target` says."""
         target = self.tuning.disk_target
-        over = 0
-        with self._room:
-            if self._sampled_disk_bytes() + self._admitted + nbytes > target:
-                start = time.monotonic()
-                self._flush_soon()
-                deadline = start + STALL_S
-                while (over := self._sampled_disk_bytes() + self._admitted + nbytes - target) > 0:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._room.wait(min(left, DISK_SAMPLE_S))
-                over = max(0, over)
-                self.stalled_s += time.monotonic() - start
-            self._admitted += nbytes
-        try:
-            yield over
-        finally:
-            with self._room:
-                self._admitted -= nbytes
-                self._room.notify_all()
+        if self._sampled_disk_bytes() + self.segments.unwritten() + nbytes <= target:
+            return
+        self._flush_soon()
+        deadline = time.monotonic() + STALL_S
+        while self._sampled_disk_bytes() + self.segments.unwritten() + nbytes > target:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stopping.wait(min(left, DISK_SAMPLE_S)):
+                return
+
+    def over_target(self) -> int:
+        """Bytes the folder is over `Tuning.disk_target` (0 within it), for the caller to evict."""
+        return max(0, self._sampled_disk_bytes() - self.tuning.disk_target)
 
     def _flush_soon(self) -> None:
+        self._collect_wake.set()
         try:
             with self._gate.shared():
                 self._db.flush(False)
@@ -488,18 +545,15 @@ class Store:
             if self.full_since is None:
                 self.full_since = time.monotonic()
                 log.error("%s; refusing puts until space is back", message)
-                self._collect_garbage(False)
         return DiskFull(message)
 
-    def _collect_garbage(self, on: bool) -> None:
-        """Blob garbage collection rewrites live blobs into new files before the old ones go: on a nearly
-        full disk that rewrite is what runs out of space, and compaction without it still deletes the
-        blob files whose entries are all gone. Off while the disk is full, on again once space is back."""
-        try:
-            with self._gate.shared():
-                self._db.set_options({"enable_blob_garbage_collection": "true" if on else "false"})
-        except Exception as exc:
-            log.warning("store: blob garbage collection not switched %s: %s", "on" if on else "off", exc)
+    def _write_failed(self, what: str, exc: OSError) -> BaseException:
+        """What a segment write's OSError is: DiskFull for lack of space (the ballast given up, as for
+        RocksDB), else the error itself."""
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        self._release_ballast("a segment write ran out of space")
+        return self._refuse(f"the disk is full: {what} could not be written ({exc.strerror})")
 
     def _space_back(self) -> None:
         with self._state_lock:
@@ -507,7 +561,6 @@ class Store:
                 log.warning("disk space is back: puts accepted again after %.1f s", time.monotonic() - self.full_since)
                 self.full_since = self._space_back_since = None
                 self._rocksdb_failed = False
-                self._collect_garbage(True)
                 self._keep_ballast()
 
     def _write(self, what: str, write: Callable[[rocksdict.Rdict], T], needs: int = 0) -> T:
@@ -553,10 +606,10 @@ class Store:
             self._reopen()
 
     def _reopen(self) -> None:
-        """Close and open the database again (RocksDB forgets its background error). Only when no read
-        is under way: a live snapshot keeps the old handle, and its lock, open."""
+        """Close and open the database again (RocksDB forgets its background error). Only when no use of
+        the handle is under way (an iterator keeps the old handle, and its lock, open)."""
         with self._reopen_lock, self._gate.exclusive(REOPEN_GATE_S) as alone:
-            if not alone:  # blob streams under way: the next failed write tries again
+            if not alone:  # scans under way: the next failed write tries again
                 log.warning("store: waiting for reads under way before reopening the database")
                 return
             if not self._closed:
@@ -573,28 +626,52 @@ class Store:
 
     def reclaim(self) -> None:
         """Flush and compact, so that the space of deleted entries is given back now, not after the
-        next flushes (it frees blob files all of whose entries are gone)."""
+        next flushes (it drops the deleted entries' records and tombstones; their segment bytes are the
+        collector's)."""
         with self._gate.shared():
             self._db.flush(True)
             self._db.compact_range(None, None)
 
     def checkpoint(self, path: Path) -> None:
-        """An online, consistent copy of the database in `path`, a folder that must not exist yet (its
-        parent must): RocksDB flushes the memtables, then hard-links its immutable files (SST and blob
-        files; it copies them where `path` is on another file system) and copies its MANIFEST and live
-        log, all as of one moment. Puts go on meanwhile; each is in the copy whole or not at all (one
-        WriteBatch). Under the gate, like a write, so that a reopen never swaps the handle under it;
-        DiskFull if RocksDB's flush runs out of space. The ACKED and BALLAST files are not part of it."""
-        self._write("checkpoint", lambda db: rocksdict.Checkpoint(db).create_checkpoint(str(path)))
+        """An online, consistent copy of the store in `path`, a folder that must not exist yet (its
+        parent must): RocksDB flushes the memtables, then hard-links its immutable files (it copies them
+        where `path` is on another file system) and copies its MANIFEST and live log, all as of one
+        moment; then the segment files go to `path`/segments (SegmentLog.copy_into), none deleted
+        meanwhile, so every Location in the copy is in its files. Puts go on meanwhile; each is in the
+        copy whole or not at all (its bytes are written before its batch). Under the gate, like a
+        write, so that a reopen never swaps the handle under it; DiskFull if RocksDB's flush runs out
+        of space. The ACKED and BALLAST files are not part of it."""
+        with self.segments.hold():
+            self._write("checkpoint", lambda db: rocksdict.Checkpoint(db).create_checkpoint(str(path)))
+            self.segments.copy_into(path)
 
     # ---- writes ----
-    def begin_put(self, entry_id: str) -> PendingPut:
-        return PendingPut(entry_id)
+    def begin_put(self, entry_id: str, size: int) -> PendingPut:
+        """A put of a `size`-byte blob: feed it the bytes (PendingPut.add_chunk), then `commit` it or
+        close it."""
+        return PendingPut(self, entry_id, size)
+
+    def _reserve(self, size: int) -> segments.Writer:
+        """A segment reservation of `size` bytes, if the disk has them beside those reserved and not
+        written yet and the reserve (else DiskFull)."""
+        free = self.free_bytes() - self.segments.unwritten()
+        if free < size + self.tuning.reserve:
+            raise self._refuse(f"the disk is full: {free} bytes free in {self.path}, a put of {size} bytes needs "
+                               f"{size + self.tuning.reserve} (the store keeps {self.tuning.reserve} bytes free "
+                               "for RocksDB's own writes)")
+        try:
+            return self.segments.reserve(size)
+        except OSError as exc:
+            raise self._write_failed("a new segment file", exc)  # noqa: B904 (as in PendingPut.location)
 
     def commit(self, pending: PendingPut, header: pb.PutHeader, usage: Usage,
                new_namespace: NamespaceInfo | None = None) -> None:
-        """Apply the whole Put (DiskFull: nothing of it stored, and the daemon keeps serving reads)."""
-        batch = pending.batch
+        """Make the put's bytes an entry (DiskFull: nothing of it stored, and the daemon keeps serving
+        reads). The caller closes `pending` after, whatever happened."""
+        loc = pending.location(self._fsync)
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        batch.put(_location_key(pending.entry_id), loc.pack())
+        batch.put(_place_key(loc), _place_value(pending.entry_id, loc))
         record, vectors = split_record(header)
         batch.put(f"m/{pending.entry_id}".encode(), record.SerializeToString(deterministic=True))
         batch.put(f"v/{pending.entry_id}".encode(), vectors)
@@ -602,10 +679,16 @@ class Store:
         if new_namespace is not None:
             value = json.dumps({"name": new_namespace.name, "dim": new_namespace.dim}).encode()
             batch.put(f"n/{new_namespace.key}".encode(), value)
-        with self._count_lock:
+        with self._batch_lock:
             count = self._puts + 1
             batch.put(_PUTS_KEY, count.to_bytes(8, "little"))
-            self._write("put", lambda db: db.write(batch, self._write_options), needs=pending.bytes + 4096)
+            old = self._location(pending.entry_id)  # the same entry put again (content-addressed: the same bytes)
+            if old is not None:
+                batch.delete(_place_key(old))
+            self._write("put", lambda db: db.write(batch, self._write_options), needs=4096)
+            self.segments.added(loc)
+            if old is not None:
+                self.segments.removed(old)
             self._puts = count
             self._write_acked()
         self._keep_ballast()
@@ -653,12 +736,195 @@ class Store:
         return found
 
     def delete(self, entry_id: str) -> None:
+        """Delete the entry; its segment bytes become dead (a segment left with none is deleted)."""
         batch = rocksdict.WriteBatch(raw_mode=True)
         batch.delete(f"m/{entry_id}".encode())
         batch.delete(f"v/{entry_id}".encode())
         batch.delete(f"u/{entry_id}".encode())
-        batch.delete_range(*_blob_range(entry_id))
-        self._write("delete", lambda db: db.write(batch, self._write_options))
+        batch.delete(_location_key(entry_id))
+        with self._batch_lock:
+            loc = self._location(entry_id)
+            if loc is not None:
+                batch.delete(_place_key(loc))
+            self._write("delete", lambda db: db.write(batch, self._write_options))
+            if loc is not None:
+                self.segments.removed(loc)
+        if loc is not None:
+            self._wake_collector()
+
+    # ---- segment collection ----
+    def _wake_collector(self) -> None:
+        if self.segments.dead_bytes() > COLLECT_DEAD_SHARE * self.segments.bytes()[0]:
+            self._collect_wake.set()
+
+    def _collect_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._collect_wake.wait(COLLECT_IDLE_S)
+            self._collect_wake.clear()
+            try:
+                while not self._stopping.is_set() and self._collect_one():
+                    pass
+            except DiskFull:  # the free space went below what the copy needs: the next wake tries again
+                continue
+            except Exception as exc:  # the file system failing: said once a retry, no traceback each second
+                log.warning("store: collecting a segment failed (%s); the collector tries again in %.0f s",
+                            exc, COLLECT_RETRY_S)
+                self._stopping.wait(COLLECT_RETRY_S)
+
+    def _collect_one(self) -> bool:
+        """Collect one segment if one is due: its live blobs copied into the active segment and their
+        Locations moved, each in its own batch; then the segment is deleted with its last live blob.
+        Whether its live bytes went down (so that a segment that cannot be emptied is not copied over
+        and over). Not while the disk is full or short of the segment's live bytes."""
+        dead, total = self.segments.dead_bytes(), self.segments.bytes()[0]
+        urgent = self._sampled_disk_bytes() > self.tuning.disk_target
+        if dead <= 0 or not (urgent or dead > COLLECT_DEAD_SHARE * total) or self.full_since is not None:
+            return False
+        found = self.segments.collectable(1.0 if urgent else COLLECT_LIVE_SHARE, skip=self._damaged_segments)
+        if found is None:
+            return False
+        number, _ = found
+        before = self.segments.live_in(number)
+        if self.free_bytes() < before + self.tuning.reserve:
+            return False
+        for entry_id, old in self._places(f"l/{number:016x}/".encode()):
+            if self._stopping.is_set():
+                break
+            self._move(entry_id, old)
+        return self.segments.live_in(number) < before
+
+    def _move(self, entry_id: str, old: segments.Location) -> None:
+        """Copy one blob to a new reservation and point its entry there, unless the entry changed meanwhile."""
+        if not self._still_at(entry_id, old):
+            return
+        try:
+            source = self.segments.open_blob(old)
+        except FileNotFoundError:
+            return  # its segment went with its last blob, deleted since the listing
+        try:
+            writer = self._reserve(old.size)
+            try:
+                try:
+                    for start in range(0, old.size, CHUNK_BYTES):
+                        writer.write(segments.SegmentLog.read(source, old, start, min(CHUNK_BYTES, old.size - start)))
+                except EOFError:  # its file cut short: left where it is, for the scrubber to find and delete
+                    log.warning("store: entry %s's blob is cut short in segment %d; the segment is not collected "
+                                "until the entry is deleted", entry_id, old.segment)
+                    self._damaged_segments.add(old.segment)
+                    return
+                new = writer.finish(self._fsync)
+                with self._batch_lock:
+                    if self._location(entry_id) != old:  # deleted or put again during the copy: it is dead
+                        return
+                    batch = rocksdict.WriteBatch(raw_mode=True)
+                    batch.put(_location_key(entry_id), new.pack())
+                    batch.put(_place_key(new), _place_value(entry_id, new))
+                    batch.delete(_place_key(old))
+                    self._write("collection", lambda db: db.write(batch, self._write_options), needs=4096)
+                    self.segments.added(new)
+                    self.segments.removed(old)
+                    self.on_collected(old.size)
+            finally:
+                writer.close()
+        except OSError as exc:
+            raise self._write_failed("a collected blob", exc)  # noqa: B904 (as in PendingPut.location)
+        finally:
+            os.close(source)
+
+    def _still_at(self, entry_id: str, old: segments.Location) -> bool:
+        """Whether the entry's blob is still at `old`. An `l/` key whose entry points elsewhere (which no
+        write leaves behind) is deleted and its bytes counted dead, so that it cannot keep its segment."""
+        with self._batch_lock:
+            if self._location(entry_id) == old:
+                return True
+            with self._gate.shared():
+                stale = self._db.get(_place_key(old)) is not None
+            if stale:
+                log.warning("store: segment %d held a place for entry %s, which is elsewhere; dropped it",
+                            old.segment, entry_id)
+                self._write("collection", lambda db: db.delete(_place_key(old), self._write_options))
+                self.segments.removed(old)
+            return False
+
+    # ---- an earlier release's layout ----
+    def _has_old_chunks(self) -> bool:
+        """Whether any blob is still in an earlier release's layout (a move cut short leaves some)."""
+        with self._gate.shared():
+            for key in self._db.keys(from_key=b"b/"):
+                if not key.startswith(b"b/"):
+                    break
+                if len(key) == _OLD_CHUNK_KEY_BYTES:
+                    return True
+        return False
+
+    def _move_old_chunks(self) -> None:
+        """Move the blobs of an earlier release's layout (b/<entry id>/<i> chunk values) into segments, an
+        entry a batch, so that a start cut short goes on where it stopped. Compacting gives the old
+        values' space back (RocksDB deletes a blob file once no table refers to it): at the end, and
+        whenever the disk is short of room for the next blob, so that the move needs little more disk
+        than the store already holds. DiskFull, with a sentence, if even that leaves no room."""
+        moved, since_compaction = 0, 0
+        started = time.monotonic()
+        after = b"b/"
+        while True:
+            with self._gate.shared():
+                it = self._db.iter()
+                it.seek(after)
+                entry_id, chunks = None, []
+                while it.valid() and it.key().startswith(b"b/"):
+                    key = it.key()
+                    if len(key) == _OLD_CHUNK_KEY_BYTES:
+                        if entry_id is None:
+                            entry_id = key[2:66].decode()
+                        elif key[2:66].decode() != entry_id:
+                            break
+                        chunks.append(it.value())
+                    it.next()
+                del it
+            if entry_id is None:
+                break
+            size = sum(len(c) for c in chunks)
+            if since_compaction and self.free_bytes() < size + self.tuning.reserve:
+                self._compact()
+                since_compaction = 0
+            try:
+                self._move_one_old(entry_id, chunks)
+            except DiskFull as exc:
+                raise DiskFull(f"the store in {self.path} is moving its blobs into segment files (this release's "
+                               f"layout) and the disk has no room for the next one: {exc}; free some space and start "
+                               f"again (the move goes on where it stopped, {moved} entries moved)") from exc
+            moved += 1
+            since_compaction += 1
+            after = f"b/{entry_id}0".encode()
+        self._compact()  # also after a move cut short between its last entry and its compaction
+        if moved:
+            log.warning("store: moved %d entries' blobs into segment files (the layout of this release) in %.1f s",
+                        moved, time.monotonic() - started)
+
+    def _compact(self) -> None:
+        with self._gate.shared():
+            self._db.compact_range(None, None)
+
+    def _move_one_old(self, entry_id: str, chunks: list[bytes]) -> None:
+        start, end = f"b/{entry_id}/".encode(), f"b/{entry_id}0".encode()
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        batch.delete_range(start, end)
+        writer = None
+        if chunks and self._db.get(f"m/{entry_id}".encode()) is not None:
+            writer = self._reserve(sum(len(c) for c in chunks))
+            for chunk in chunks:
+                writer.write(chunk)
+            loc = writer.finish(self._fsync)
+            batch.put(_location_key(entry_id), loc.pack())
+            batch.put(_place_key(loc), _place_value(entry_id, loc))
+        try:
+            with self._batch_lock:
+                self._write("layout change", lambda db: db.write(batch, self._write_options))
+                if writer is not None:
+                    self.segments.added(loc)
+        finally:
+            if writer is not None:
+                writer.close()
 
     # ---- reads ----
     def exists(self, entry_id: str) -> bool:
@@ -671,17 +937,63 @@ class Store:
             raw = self._db.get(f"m/{entry_id}".encode())
         return None if raw is None else pb.PutHeader.FromString(raw)
 
-    def read_blob(self, entry_id: str, checked: bool = False) -> BlobStream:
-        """The blob's chunks from one snapshot, taken now: consistent even if the entry is deleted before
-        the first chunk is read or meanwhile. `checked`: with RocksDB's per-record checksums (slower;
-        fetches leave them to the client). Close the stream if it is not read to its end."""
-        return BlobStream(self, entry_id, checked)
+    def read_blob(self, entry_id: str) -> BlobStream:
+        """The blob's chunks as committed now: consistent even if the entry is deleted or moved before
+        the first chunk is read or meanwhile; no chunk if there is no such entry. Close the stream if
+        it is not read to its end."""
+        return BlobStream(self, entry_id)
 
     def read_chunk(self, entry_id: str, index: int) -> bytes | None:
-        """Chunk `index` of the entry's blob with RocksDB's checksums on, None past the last one. No
-        snapshot is held between chunks (the scrubber reads slowly; a concurrent delete ends its read)."""
+        """Chunk `index` (of CHUNK_BYTES) of the entry's blob, None past the last one or if there is no
+        such entry. Nothing is held between chunks (the scrubber reads slowly); a delete or a move
+        between two calls makes the next one read the entry's bytes where they are then, or None."""
+        opened = self._open_blob(entry_id)
+        if opened is None:
+            return None
+        loc, fd = opened
+        if index * CHUNK_BYTES >= loc.size:
+            os.close(fd)
+            return None
+        try:
+            start = index * CHUNK_BYTES
+            return segments.SegmentLog.read(fd, loc, start, min(CHUNK_BYTES, loc.size - start))
+        finally:
+            os.close(fd)
+
+    def _open_blob(self, entry_id: str) -> tuple[segments.Location, int] | None:
+        """The entry's Location and its segment opened (the caller closes it); None if no such entry.
+        A Location read just before the collector moved the blob and deleted its segment is read again."""
+        while True:
+            loc = self._location(entry_id)
+            if loc is None:
+                return None
+            try:
+                return loc, self.segments.open_blob(loc)
+            except FileNotFoundError:
+                if self._location(entry_id) == loc:  # not moved: the file is gone, a damaged store
+                    raise
+
+    def _location(self, entry_id: str) -> segments.Location | None:
         with self._gate.shared():
-            return self._db.get(_chunk_key(entry_id, index), read_opt=self._checked_read)
+            raw = self._db.get(_location_key(entry_id))
+        return None if raw is None else segments.Location.unpack(raw)
+
+    def _locations(self) -> Iterator[segments.Location]:
+        """Every committed blob's Location (by its `l/` key)."""
+        with self._gate.shared():
+            for key, value in self._db.items(from_key=b"l/"):
+                if not key.startswith(b"l/"):
+                    break
+                yield _place(key, value)[1]
+
+    def _places(self, prefix: bytes) -> list[tuple[str, segments.Location]]:
+        found = []
+        with self._gate.shared():
+            for key, value in self._db.items(from_key=prefix):
+                if not key.startswith(prefix):
+                    break
+                found.append(_place(key, value))
+        return found
 
     def vectors(self, entry_id: str) -> pb.Vectors:
         """The entry's vectors (to rebuild its index point)."""

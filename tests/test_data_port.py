@@ -222,26 +222,17 @@ def test_concurrent_fetches_each_get_their_blob(daemon) -> None:
 
 
 def test_blob_corrupt_on_disk_is_reported_and_deleted(daemon, caplog) -> None:
-    """Fetches skip RocksDB's checksums (the client checks end to end). A client that gets bad bytes
-    asks the daemon to Verify the entry; the daemon re-reads it with every check on and deletes it."""
-    import rocksdict
-
+    """Fetches read blobs without a check of the daemon's (the client checks end to end). A client that
+    gets bad bytes asks the daemon to Verify the entry; the daemon re-reads it and deletes it."""
     good, bad = os.urandom(2 << 20), os.urandom(2 << 20)
     good_id, bad_id = put_raw(daemon, good, "good"), put_raw(daemon, bad, "bad")
     daemon.terminate()
-    # Flush the entries into RocksDB's blob files, then flip bytes in the middle of the bad one's value.
-    options = rocksdict.Options(raw_mode=True)
-    options.set_enable_blob_files(True)
-    options.set_min_blob_size(64 * 1024)
-    db = rocksdict.Rdict(str(daemon.data_dir / "store"), options)
-    db.flush()
-    db.close()
+    # Flip bytes in the middle of the bad one's blob, where its segment file holds it.
     offsets = {}
-    for blob_file in (daemon.data_dir / "store").glob("*.blob"):
-        raw = blob_file.read_bytes()
-        offsets.update({blob_file: raw.find(bad[1 << 20:(1 << 20) + 64])})
-    ((blob_file, at),) = [(f, at) for f, at in offsets.items() if at >= 0]
-    with blob_file.open("r+b") as f:
+    for segment in (daemon.data_dir / "store" / "segments").glob("*.seg"):
+        offsets[segment] = segment.read_bytes().find(bad[1 << 20:(1 << 20) + 64])
+    ((segment, at),) = [(f, at) for f, at in offsets.items() if at >= 0]
+    with segment.open("r+b") as f:
         f.seek(at + 1000)
         f.write(bytes(b ^ 0xFF for b in bad[(1 << 20) + 1000:(1 << 20) + 1016]))
     daemon.start()

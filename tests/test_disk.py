@@ -245,31 +245,36 @@ def test_data_folder_stays_within_its_bound_under_churn(start_daemon, tmp_path: 
     assert metric(daemon, "flexcache_disk_bytes") > 0
 
 
-def test_store_reopens_only_with_no_read_under_way(tmp_path: Path) -> None:
+def test_store_reopens_only_with_no_database_use_under_way(tmp_path: Path) -> None:
     """In-process, the last resort of a store whose writes RocksDB keeps failing with space available
     (its background error outlived its own recovery): close and open the database again, but only at a
-    moment with no blob stream under way (a live snapshot keeps the old handle and its lock open)."""
+    moment with no use of the handle under way. A blob stream is not one (its bytes come from a
+    segment file it opened): it goes on across the reopen."""
     from flexcache.daemon import store as store_module
     from flexcache.daemon.entries import Usage
     from flexcache.v1 import cache_pb2 as pb
 
     store = store_module.Store(tmp_path / "store", max_bytes=50 * MIB)
+    size = MIB + 100_000  # two chunks
     try:
-        pending = store.begin_put("a" * 64)
-        pending.add_chunk(b"x" * 100_000)
+        pending = store.begin_put("a" * 64, size)
+        pending.add_chunk(b"x" * MIB)
+        pending.add_chunk(b"y" * 100_000)
         header = pb.PutHeader(prompt="p")
-        header.blob.size = 100_000
-        store.commit(pending, header, Usage(size=100_000, blob_size=100_000, created=0.0, last_access=0.0, step=0,
+        header.blob.size = size
+        store.commit(pending, header, Usage(size=size, blob_size=size, created=0.0, last_access=0.0, step=0,
                                             total_steps=50, step_cost=1.0))
+        pending.close()
         stream = store.read_blob("a" * 64)
-        assert len(next(stream)) == 100_000  # a stream under way, between chunks
+        assert next(stream) == b"x" * MIB  # a stream under way, between chunks
         old = store._db
-        start = time.monotonic()
-        store._reopen()
-        assert store._db is old and time.monotonic() - start >= store_module.REOPEN_GATE_S - 0.1
-        stream.close()
+        with store._gate.shared():  # a read of the database under way
+            start = time.monotonic()
+            store._reopen()
+            assert store._db is old and time.monotonic() - start >= store_module.REOPEN_GATE_S - 0.1
         store._reopen()
         assert store._db is not old
-        assert b"".join(store.read_blob("a" * 64)) == b"x" * 100_000 and store.exists("a" * 64)
+        assert next(stream) == b"y" * 100_000 and list(stream) == []
+        assert b"".join(store.read_blob("a" * 64)) == b"x" * MIB + b"y" * 100_000 and store.exists("a" * 64)
     finally:
         store.close()

@@ -157,6 +157,9 @@ class ClusterPut:
     def finish(self) -> pb.PutResponse:
         return self._node.store_copies(self._session)
 
+    def close(self) -> None:
+        """A no-op: a coordinator's session writes nothing before its `finish` (PutSession's `keep`)."""
+
 
 class ClusterNode:
     def __init__(self, cache: Cache, membership: Membership, metrics: Metrics, *, replicas: int, timeout_s: float,

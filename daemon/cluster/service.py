@@ -84,11 +84,12 @@ class NodeServicer:
             if session.existing:
                 return pb.PutResponse(entry_id=session.entry_id, created=False)
             self.front.guard.hold(watch, first.header.blob.size)
-            for message in messages:
-                if message.WhichOneof("msg") != "chunk":
-                    raise InvalidRequest("only chunks may follow the Replicate header")
-                session.add_chunk(message.chunk)
-            return session.finish()
+            with closing(session):  # a copy cut short gives its bytes up at once
+                for message in messages:
+                    if message.WhichOneof("msg") != "chunk":
+                        raise InvalidRequest("only chunks may follow the Replicate header")
+                    session.add_chunk(message.chunk)
+                return session.finish()
 
     def FetchLocal(self, requests: Iterator[bytes], context: grpc.ServicerContext
                    ) -> Iterator[pb.FetchResponse | bytes]:
