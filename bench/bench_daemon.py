@@ -8,14 +8,17 @@ Why one script: the numbers only mean something side by side, measured in the sa
 
 Part 1, blob throughput (MB/s, MB = 10^6 bytes; median over repetitions, the systems interleaved per
 repetition so that background load hits them alike):
-  * flexcache: a real `flexcache serve` subprocess on loopback, the real CacheClient: `put_blob`
-    (client sha256 + CRC-32C, streamed Put, the daemon's checks, RocksDB WriteBatch, index upsert)
-    and `fetch` as the client does by default: FetchDirect, then the blob on the daemon's data port
-    (daemon/dataport.py) into a bytearray, the client's CRC-32C check.
-  * flexcache-stream: `fetch` with data_port=False: the gRPC Fetch stream, 1 MiB chunk messages.
+  * flexcache: a real `flexcache serve` subprocess on loopback, the real CacheClient as a worker
+    runs it by default: `put_blob` (the client's CRC-32C, PutDirect, the bytes on the data port, the
+    daemon's CRC-32C check as they land in a segment file, its RocksDB WriteBatch, index upsert) and
+    `fetch` (FetchDirect, then the blob on the daemon's data port into a bytearray, the client's
+    CRC-32C check).
+  * flexcache-sha256: the same with put_sha256=True: the client's sha256 too, checked by the daemon.
+  * flexcache-stream: data_port=False: the gRPC Put and Fetch streams, 1 MiB chunk messages.
   * grpc-bare: a Python gRPC server streaming pre-built 1 MiB messages: the transport's ceiling.
   * redis: a real redis-server subprocess (no persistence), redis-py with hiredis, SET / GET.
   * rocksdict: in-process RocksDB, Options(raw_mode=True), no compression, put / get.
+Each repetition starts with another system (`_rotated`).
 Part 2, lookup latency (median and p99, ms) at 10k and 100k entries for the embedded Qdrant Edge
 index ("edge") and qdrant-client local mode ("qdrant", standing in for a Qdrant server):
   * e2e: CacheClient.lookup over gRPC to a daemon subprocess (search + record read + response).
@@ -59,7 +62,7 @@ MiB = 1 << 20
 MB = 1e6
 DIM = 384
 DOC = ROOT / "docs" / "bench_daemon.md"
-SYSTEMS = ("flexcache", "flexcache-stream", "grpc-bare", "redis", "redis-aof", "rocksdict")
+SYSTEMS = ("flexcache", "flexcache-sha256", "flexcache-stream", "grpc-bare", "redis", "redis-aof", "rocksdict")
 # The ceiling of the daemon's transport: a Python gRPC server (same grpcio, sync server, generic handler)
 # streaming pre-built 1 MiB messages; no storage, no protobuf, no checksum.
 BARE_STREAM_SERVER = """
@@ -187,6 +190,15 @@ def _timed(fn: Callable[[], object]) -> tuple[float, object]:
 TIMEOUTS = {"timeout_s": 10.0, "transfer_timeout_s": 120.0}
 
 
+def _rotated(ops: dict[str, Callable[[], object]], rep: int) -> dict[str, tuple[float, object]]:
+    """Each op timed once, starting with a different one each repetition: the background work one
+    system leaves behind (a RocksDB flush, an append-only file's fsync, a daemon's index optimizer)
+    then falls on each of the others alike, not always on the one that comes next."""
+    names = list(ops)
+    start = rep % len(names)
+    return {name: _timed(ops[name]) for name in names[start:] + names[:start]}
+
+
 def bench_throughput(procs: Procs, tmp: Path, sizes: Sequence[int], reps: int) -> list[Throughput]:
     """Put/get MB/s of each blob size for flexcache (data port and gRPC stream), redis (without and with
     its append-only file) and rocksdict, interleaved per repetition."""
@@ -195,6 +207,7 @@ def bench_throughput(procs: Procs, tmp: Path, sizes: Sequence[int], reps: int) -
     ns = Namespace(tenant="bench", model="wan2.1-t2v-1.3b", width=832, height=480, frames=81)
     target = start_daemon(procs, tmp / "tp-daemon").target
     clients = {"flexcache": CacheClient(target, ns, **TIMEOUTS),
+               "flexcache-sha256": CacheClient(target, ns, put_sha256=True, **TIMEOUTS),
                "flexcache-stream": CacheClient(target, ns, data_port=False, **TIMEOUTS)}
     return _throughput(clients, tmp, sizes, reps, procs)
 
@@ -245,29 +258,28 @@ def _throughput(clients: dict, tmp: Path, sizes: Sequence[int], reps: int, procs
             # One untimed warm-up op per system first (connections, first-use allocations).
             for rep in range(-1, reps):
                 key = f"blob:{size}:{rep}"
-                puts = {}
+                ops = {name: partial(client.put_blob, f"bench blob {size} {rep} {name}", data, info, vector)
+                       for name, client in clients.items()}
+                ops |= {name: partial(rcli.set, key, data) for name, rcli in redises.items()}
+                ops["rocksdict"] = partial(rdb.put, key.encode(), data)
+                puts = _rotated(ops, rep)
                 for name, client in clients.items():
-                    puts[name] = _timed(partial(client.put_blob, f"bench blob {size} {rep} {name}", data, info, vector))
                     if not isinstance(puts[name][1], str):
                         raise RuntimeError(f"{name}: daemon put failed: {client.last_error}")
                 entry_ids.append(puts["flexcache"][1])
-                for name, rcli in redises.items():
-                    puts[name] = _timed(partial(rcli.set, key, data))
-                puts["rocksdict"] = _timed(partial(rdb.put, key.encode(), data))
                 if rep >= 0:
                     for name, (dt, _) in puts.items():
                         rows[name].write_mbs.append(size / MB / dt)
             for rep in range(-1, reps):
                 key = f"blob:{size}:{rep}"
-                timings = {}
+                ops = {name: partial(client.fetch, entry_ids[rep + 1]) for name, client in clients.items()}
+                ops["grpc-bare"] = partial(bare, size)
+                ops |= {name: partial(rcli.get, key) for name, rcli in redises.items()}
+                ops["rocksdict"] = partial(rdb.get, key.encode())
+                timings = _rotated(ops, rep)
                 for name, client in clients.items():
-                    timings[name] = _timed(partial(client.fetch, entry_ids[rep + 1]))
                     if timings[name][1] is None:
                         raise RuntimeError(f"{name}: a daemon fetch failed: {client.last_error}")
-                timings["grpc-bare"] = _timed(partial(bare, size))
-                for name, rcli in redises.items():
-                    timings[name] = _timed(partial(rcli.get, key))
-                timings["rocksdict"] = _timed(partial(rdb.get, key.encode()))
                 got = {name: bytes(r.data) if name in clients else r for name, (_, r) in timings.items()}
                 if {len(g) for g in got.values()} != {size}:
                     raise RuntimeError(f"a read of {size} bytes came back with another size")
@@ -524,6 +536,7 @@ def bench_lookups(procs: Procs, tmp: Path, levels: Sequence[int], counts: dict[t
                      f"({(n - filled) / dt:.0f} puts/s)")
         print(f"  {notes[-1]}", flush=True)
         for backend in ("edge", "qdrant"):
+            first_row = len(results)
             count = counts[(backend, n)]
             queries, src = corpus.queries(n, count, seed=n)
             expect = [corpus.ids[i] for i in src]
@@ -561,9 +574,16 @@ def bench_lookups(procs: Procs, tmp: Path, levels: Sequence[int], counts: dict[t
                 results.append(Latency(backend, n, "e2e", samples, recall))
                 if backend == "edge":
                     results.append(Latency(backend, n, "rtt", rtt, float("nan")))
+            except RuntimeError as exc:
+                if backend == "edge":  # the daemon's default index: its failure is the benchmark's
+                    raise
+                # qdrant-client's local mode (the stand-in for a Qdrant server) searches by brute force
+                # in Python: at 100k entries a lookup can pass the client's deadline. Said, not fatal.
+                notes.append(f"{backend} {n} e2e: no row, {exc}".split("\n")[0])
+                print(f"  {notes[-1]}", flush=True)
             finally:
                 daemon.close()
-            for r in results[-3 if backend == "edge" else -2:]:
+            for r in results[first_row:]:
                 print(f"  {backend} {n} {r.path}: median {r.median:.2f} ms p99 {r.p99:.2f} ms "
                       f"(n={len(r.samples_ms)}, recall@1 {r.recall:.3f})", flush=True)
         filled = n
@@ -603,7 +623,8 @@ def verdicts(tp: list[Throughput], lat: list[Latency]) -> list[str]:
     lines = []
     by = {(r.system, r.size): r for r in tp}
     for size in sorted({r.size for r in tp}):
-        for system, path in (("flexcache", "data port"), ("flexcache-stream", "gRPC stream")):
+        for system, path in (("flexcache", "data port"), ("flexcache-sha256", "data port, sha256 too"),
+                             ("flexcache-stream", "gRPC stream")):
             a = statistics.median(by[(system, size)].write_mbs)
             for redis_row, what in (("redis", "SET"), ("redis-aof", "SET with its append-only file")):
                 b = statistics.median(by[(redis_row, size)].write_mbs)

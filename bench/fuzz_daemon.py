@@ -22,7 +22,7 @@ on a fresh daemon) usually does. The kinds of case:
 What must hold (`Report.failures` lists every breach): every call returns within its deadline; its
 status is one of ALLOWED (the daemon decodes requests itself: an undecodable one is
 INVALID_ARGUMENT); an answered Fetch or data port transfer carries exactly the bytes its header's
-size and sha256 describe; a random ticket brings back nothing; and the daemon process is alive.
+size and checksum describe; a random ticket brings back nothing; and the daemon process is alive.
 `check_kept` then checks that entries stored with the normal client before the fuzz are still found
 by lookup and fetched bit-exact on both paths (data port and stream), and that Stats answers.
 Measurements go in docs/hardening.md.
@@ -81,6 +81,13 @@ _INT_RANGES = {FieldDescriptor.TYPE_INT32: (-2**31, 2**31 - 1), FieldDescriptor.
                FieldDescriptor.TYPE_FIXED32: (0, 2**32 - 1), FieldDescriptor.TYPE_ENUM: (-2**31, 2**31 - 1)}
 _FLOATS = (0.0, -0.0, float("nan"), float("inf"), float("-inf"), 3.4e38, -3.4e38, 1e-45, 1e-30, 1.0, -1.0, 0.5,
            3600.0, 3601.0, 1e30)
+
+
+def _matches(data: bytes, blob: pb.BlobInfo) -> bool:
+    """Whether `data` has the checksum its blob info declares: its sha256 if it has one, else its CRC-32C."""
+    if blob.sha256:
+        return hashlib.sha256(data).digest() == blob.sha256
+    return blob.HasField("crc32c") and crc32c.crc32c(data) == blob.crc32c
 
 
 @dataclass(frozen=True)
@@ -417,9 +424,9 @@ class Fuzzer:
         responses = self._call(index, "Fetch", lambda: list(self._stub.Fetch(request, timeout=DEADLINE_S)), request)
         if responses:
             head, body = responses[0].header, b"".join(r.chunk for r in responses[1:])
-            if len(body) != head.blob.size or hashlib.sha256(body).digest() != head.blob.sha256:
+            if len(body) != head.blob.size or not _matches(body, head.blob):
                 self.report.fail(index, "Fetch", f"entry {head.entry_id}: {len(body)} bytes streamed, not the "
-                                                 f"{head.blob.size} its header describes (or another sha256)")
+                                                 f"{head.blob.size} its header describes (or another checksum)")
 
     def _case_garbage(self, rng: random.Random, index: int) -> None:
         full_name = rng.choice(sorted(GARBAGE_METHODS))
@@ -514,10 +521,10 @@ class Fuzzer:
             self.report.fail(index, "dataport", f"transfer of {size} bytes failed: {exc}")
             return
         self.report.codes["dataport transfer"] += 1
-        intact = hashlib.sha256(data).digest() == answer.header.blob.sha256
+        intact = _matches(data, answer.header.blob)
         if len(data) != size or not intact or extra:
             self.report.fail(index, "dataport", f"ticket for {answer.header.entry_id}: {len(data)} of {size} bytes, "
-                                                f"sha256 {'right' if intact else 'wrong'}, {len(extra)} bytes after")
+                                                f"checksum {'right' if intact else 'wrong'}, {len(extra)} bytes after")
 
 
 # ---- mutation ----

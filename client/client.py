@@ -104,7 +104,7 @@ class DirectRefusal(grpc.RpcError):
 class CacheClient(CacheBase):
     """The cache over gRPC, at `target` ('host:port', or any gRPC target).
 
-    `namespace`, `max_rel_error`, `warn_every_s`: see CacheBase. `timeout_s`: the deadline of a
+    `namespace`, `max_rel_error`, `warn_every_s`, `put_sha256`: see CacheBase. `timeout_s`: the deadline of a
     Lookup, Delete, Stats or FetchDirect call, retries included; `transfer_timeout_s`: the same for
     calls that move a blob (Put, Fetch, the data-port transfer, Verify).
     `retry` (flexcache.client.Retry): when a failed RPC is tried again. The default (None, `Retry()`)
@@ -128,9 +128,10 @@ class CacheClient(CacheBase):
     def __init__(self, target: str, namespace: Namespace, *, max_rel_error: float | None = codec.DEFAULT_MAX_REL_ERROR,
                  timeout_s: float = 1.0, transfer_timeout_s: float = 30.0, warn_every_s: float = 10.0,
                  data_port: bool = True, retry: Retry | None = None, token: str | None = None,
-                 tls_ca_file: str | None = None, tls_cert_file: str | None = None, tls_key_file: str | None = None):
+                 tls_ca_file: str | None = None, tls_cert_file: str | None = None, tls_key_file: str | None = None,
+                 put_sha256: bool = False):
         super().__init__(namespace, target=target, max_rel_error=max_rel_error, timeout_s=timeout_s,
-                         warn_every_s=warn_every_s, retry=Retry() if retry is None else retry)
+                         warn_every_s=warn_every_s, retry=Retry() if retry is None else retry, put_sha256=put_sha256)
         self.transfer_timeout_s = transfer_timeout_s
         token = _setting(token, ENV_TOKEN).strip()  # a Secret file keeps the newline `tokens add` printed
         files = [_setting(f, env) for f, env in ((tls_ca_file, ENV_TLS_CA_FILE), (tls_cert_file, ENV_TLS_CERT_FILE),

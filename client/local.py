@@ -72,8 +72,8 @@ class LocalCache(CacheBase):
 
     `settings`: daemon settings by name, as `flexcache serve` takes them (max_bytes, eviction_policy,
     skip_thresholds, composed_max_fraction...; see the README's settings table); listen addresses are
-    ignored, nothing listens. `namespace`, `max_rel_error`, `warn_every_s`, `retry`: as for
-    CacheClient. `timeout_s` bounds a call's retries only (an in-process call is not interrupted).
+    ignored, nothing listens. `namespace`, `max_rel_error`, `warn_every_s`, `retry`, `put_sha256`: as
+    for CacheClient. `timeout_s` bounds a call's retries only (an in-process call is not interrupted).
     The folder is opened at construction (an error there raises: it is this process's own storage)
     and held until `close()`; RocksDB allows one holder of a folder at a time.
     """
@@ -81,7 +81,7 @@ class LocalCache(CacheBase):
     def __init__(self, data_dir: str | PathLike[str], namespace: Namespace, *,
                  settings: Mapping[str, Any] | None = None,
                  max_rel_error: float | None = codec.DEFAULT_MAX_REL_ERROR, timeout_s: float = 1.0,
-                 warn_every_s: float = 10.0, retry: Retry | None = None):
+                 warn_every_s: float = 10.0, retry: Retry | None = None, put_sha256: bool = False):
         config_module, build, errors = (_daemon_module(n) for n in ("config", "build", "errors"))
         known = {option.name for option in config_module.OPTIONS}
         unknown = sorted(set(settings or {}) - known)
@@ -89,7 +89,8 @@ class LocalCache(CacheBase):
             raise config_module.ConfigError(f"LocalCache: unknown setting {unknown[0]!r}")
         self.config: Config = config_module.resolve(env={}, flags={**(settings or {}), "data_dir": str(data_dir)})
         super().__init__(namespace, target=f"local:{Path(data_dir)}", max_rel_error=max_rel_error,
-                         timeout_s=timeout_s, warn_every_s=warn_every_s, retry=Retry() if retry is None else retry)
+                         timeout_s=timeout_s, warn_every_s=warn_every_s, retry=Retry() if retry is None else retry,
+                         put_sha256=put_sha256)
         self._domain_error: type[Exception] = errors.CacheError
         self._core: Cache | None = build.open_cache(self.config)
 

@@ -110,7 +110,7 @@ class PutSession:
         self.entry_id = eid
         self.existing = existing  # already stored: the caller may skip the upload
         self.received = 0
-        self._digest = hashlib.sha256()
+        self._digest = hashlib.sha256() if header.blob.sha256 else None  # checked when declared, as the CRC
         self._crc = 0  # CRC-32C so far, checked when the header declares one
         self._pending = cache.store.begin_put(eid, header.blob.size)
         self.chunks: list[bytes] | None = [] if keep else None
@@ -123,7 +123,8 @@ class PutSession:
         self.received += len(data)
         if self.received > self.header.blob.size:
             raise InvalidRequest(f"stream carries more than the declared {self.header.blob.size} bytes")
-        self._digest.update(data)
+        if self._digest is not None:
+            self._digest.update(data)
         if self.header.blob.HasField("crc32c"):
             self._crc = crc32c.crc32c(data, value=self._crc)
         if self.chunks is not None:
@@ -151,7 +152,7 @@ class PutSession:
         size = self.header.blob.size
         if self.received != size:
             raise InvalidRequest(f"stream ended after {self.received} of {size} declared bytes")
-        if self._digest.digest() != self.header.blob.sha256:
+        if self._digest is not None and self._digest.digest() != self.header.blob.sha256:
             raise Corrupt(f"blob checksum mismatch: declared sha256 {self.header.blob.sha256.hex()}, "
                           f"received {self._digest.hexdigest()}")
         if self.header.blob.HasField("crc32c") and self._crc != self.header.blob.crc32c:
@@ -613,7 +614,7 @@ class Cache:
 
     def check_entry(self, eid: str, ns: NamespaceKey, found_by: str) -> pb.VerifyResponse | None:
         """The one verify-and-delete path (Verify, the scrubber): re-read the entry's blob as committed
-        and compare size and sha256 with its record; a corrupt entry is deleted
+        and compare size and checksum with its record; a corrupt entry is deleted
         whole (store, index, ledger, under the lock), counted by `found_by`. None: no such entry."""
         with self._lock:
             if not self._ledger.holds(eid, ns.key):

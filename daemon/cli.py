@@ -229,8 +229,8 @@ def _drain(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     """Check every entry of a stopped daemon's store: its records with RocksDB's checksums on, its blob's
-    recorded size and sha256; print each damaged one, and the acknowledged puts its log recovery lost. Changes
-    nothing of FlexCache's own (RocksDB replays its log, as a start would)."""
+    recorded size and checksum; print each damaged one, and the acknowledged puts its log recovery lost.
+    Changes nothing of FlexCache's own (RocksDB replays its log, as a start would)."""
     try:
         from .scrub import Damage, verify_store
         from .store import OldLayout, Store, StoreLocked

@@ -172,7 +172,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("fsync", parse_bool, False, "fsync every write (survives power loss, not only a crash)."),
     Option("scrub_bytes_per_second", parse_size, "4MiB",
            "Background scrubber: blob bytes per second it re-reads with every check on (RocksDB's checksums, "
-           "the entry's size and sha256); an entry that fails is deleted. 0 disables."),
+           "the entry's size and checksum); an entry that fails is deleted. 0 disables."),
     Option("scrub_pause_seconds", float, 60.0,
            "Background scrubber: seconds it waits after startup and between passes."),
     Option("max_blob_bytes", parse_size, "1GiB", "Largest blob one Put may store."),

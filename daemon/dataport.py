@@ -17,7 +17,7 @@ gRPC keeps everything else (validation, accounting, credentials, status codes). 
 A put is the same in the other direction: PutDirect takes the Put's header (checked, deduplicated:
 an entry already stored needs no ticket), reserves the blob's share of `put_buffer_bytes`, and answers
 a ticket; the client sends the ticket and then exactly blob.size bytes; the daemon checks and stores
-them as a Put stream's (sha256, CRC-32C, one WriteBatch) and writes the reply frame (wire.PUT_REPLY:
+them as a Put stream's (CRC-32C and sha256 checks, one WriteBatch) and writes the reply frame (wire.PUT_REPLY:
 the status code's number, a length, a PutResponse or the error's message). The connection is then
 kept, as after a fetch.
 

@@ -4,9 +4,10 @@ offline check behind `flexcache verify`.
 Why: blobs live in segment files without a checksum of their own (the client checks every fetch end to
 end, daemon/segments.py), so a blob damaged on disk is served until a client notices and asks for Verify.
 The scrubber walks every entry at a bounded rate (`scrub_bytes_per_second`), re-reading its chunks and
-comparing size and sha256 with the entry's record; an entry that fails goes through the cache's own
-verify-and-delete path (`Cache.check_entry`: a second read, then the whole entry deleted
-under the cache's lock), so a concurrent delete is never taken for damage and nothing is half deleted.
+comparing size and checksum (sha256, else CRC-32C: `blob_problem`) with the entry's record; an entry
+that fails goes through the cache's own verify-and-delete path (`Cache.check_entry`: a second read,
+then the whole entry deleted under the cache's lock), so a concurrent delete is never taken for
+damage and nothing is half deleted.
 
 Contract:
 - Bounded: at most `bytes_per_second` blob bytes a second on average, one chunk (at most 1 MiB) in
@@ -28,6 +29,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import crc32c
+
 from flexcache.v1 import cache_pb2 as pb
 
 from .entries import NamespaceKey
@@ -43,18 +46,25 @@ PAGE = 256  # entry ids read per scan step
 
 def blob_problem(chunks: Iterable[bytes], blob: pb.BlobInfo) -> str | None:
     """What is wrong with a stored blob read as `chunks` (its segment's read errors included), or None if
-    its size and sha256 are the ones its record declares."""
-    digest, size = hashlib.sha256(), 0
+    its size and checksum are the ones its record declares: its sha256 when it has one (the stronger),
+    else its CRC-32C (a blob has at least one: wire.blob_problem)."""
+    digest = hashlib.sha256() if blob.sha256 else None
+    crc, size = 0, 0
     try:
         for chunk in chunks:
-            digest.update(chunk)
+            if digest is not None:
+                digest.update(chunk)
+            else:
+                crc = crc32c.crc32c(chunk, value=crc)
             size += len(chunk)
     except Exception as exc:  # the segment file missing, cut short, or failing its reads
         return f"reading it failed: {exc}"
     if size != blob.size:
         return f"{size} bytes stored, {blob.size} declared"
-    if digest.digest() != blob.sha256:
+    if digest is not None and digest.digest() != blob.sha256:
         return f"sha256 {digest.hexdigest()} read, {blob.sha256.hex()} declared"
+    if digest is None and crc != blob.crc32c:
+        return f"crc32c {crc:08x} read, {blob.crc32c:08x} declared"
     return None
 
 
@@ -136,7 +146,7 @@ class Damage:
 
 def verify_store(store: Store) -> Iterator[Damage | tuple[int, int]]:
     """Every damaged entry of a stopped store (its record and vectors with RocksDB's checksums on, its
-    blob's size and sha256), then (entries checked, blob bytes checked)."""
+    blob's size and checksum), then (entries checked, blob bytes checked)."""
     entries = checked = 0
     for eid in _all_ids(store):
         entries += 1

@@ -6,8 +6,9 @@ A blob is written once, where it stays: at an offset of an append-only segment f
 Why not RocksDB's own blob files: RocksDB writes every value to its write-ahead log first and to a
 blob file at the next flush, each time with a CRC it computes in software in the rocksdict wheel,
 which made an 8 MiB put spend 15 ms in RocksDB against 2 ms for these writes (docs/hardening.md,
-"Blob segments"). The entry's own checks stay: the daemon checks sha256 and CRC-32C as the bytes
-arrive, the client checks the CRC-32C of every fetch, the scrubber and `flexcache verify` the sha256.
+"Blob segments"). The entry's own checks stay: the daemon checks the CRC-32C (and the sha256, when a client sends one)
+as the bytes arrive, the client checks the CRC-32C of every fetch, the scrubber and `flexcache verify`
+the checksum of every stored blob.
 
 The contract:
 

@@ -373,7 +373,7 @@ class CacheServicer:
             session = self._begin_put(cache, who, first.header)
             if session.existing:  # content-addressed: the same entry is already stored, skip the upload
                 return pb.PutResponse(entry_id=session.entry_id, created=False)
-            self.guard.hold(watch, first.header.blob.size)  # the blob is buffered whole until it is stored
+            self.guard.hold(watch, first.header.blob.size)  # its share of the Put buffer until it is stored
             with closing(session):  # a stream cut short, refused or cancelled gives its bytes up at once
                 for message in messages:
                     if message.WhichOneof("msg") != "chunk":

@@ -145,8 +145,6 @@ def put_header(header: pb.PutHeader, dim: int | None, limits: Limits) -> None:
     blob = header.blob
     if blob.size < 1:
         raise InvalidRequest("blob.size must be at least 1 byte")
-    if len(blob.sha256) != 32:
-        raise InvalidRequest(f"blob.sha256 must be 32 bytes, got {len(blob.sha256)}")
     if blob.size > limits.max_blob_bytes:
         raise TooLarge(f"blob of {blob.size} bytes exceeds max_blob_bytes ({limits.max_blob_bytes})")
     blob_fields(blob, limits.max_blob_bytes)

@@ -58,6 +58,8 @@ def blob_info(data: bytes, **fields: Any) -> pb.BlobInfo:
         elif name == "attrs":
             info.attrs.clear()
             info.attrs.update(value)
+        elif value is None:
+            info.ClearField(name)
         else:
             setattr(info, name, value)
     return info
@@ -100,6 +102,14 @@ def varint(n: int) -> bytes:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     return bytes([*out, n])
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A status the fake answers a call with (what the real daemon answers an invalid request with)."""
+
+    code: grpc.StatusCode
+    details: str
 
 
 @dataclass
@@ -188,7 +198,10 @@ class FakeDaemon(pb_grpc.CacheServiceServicer):
         header = next(request_iterator).header
         for _ in request_iterator:
             pass
-        return self.script.put(header)
+        answer = self.script.put(header)
+        if isinstance(answer, Refusal):
+            context.abort(answer.code, answer.details)
+        return answer
 
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> Answer:
         return self.script.lookup(request)
@@ -328,8 +341,10 @@ HOSTILE_LOOKUPS: dict[str, tuple[Callable[[pb.LookupRequest], Answer], str]] = {
     "blob whose shape overflows int64": (lookup_of(candidate(blob=blob_info(DATA[IDS["a"]], shape=[1 << 62] * 4))),
                                          "holds more than"),
     "blob of 2**63 bytes": (lookup_of(candidate(blob=blob_info(DATA[IDS["a"]], size=1 << 63))), "is outside 1.."),
-    "blob without its sha256": (lookup_of(candidate(blob=blob_info(DATA[IDS["a"]], sha256=b""))),
-                                "sha256 has 0 bytes"),
+    "blob without a checksum": (lookup_of(candidate(blob=blob_info(DATA[IDS["a"]], sha256=None, crc32c=None))),
+                                "neither a sha256 nor a crc32c"),
+    "blob with a short sha256": (lookup_of(candidate(blob=blob_info(DATA[IDS["a"]], sha256=b"abc"))),
+                                 "sha256 has 3 bytes"),
     "blob seed that is no integer": (lookup_of(candidate(blob=blob_info(DATA[IDS["a"]], attrs={"seed": "1e999"}))),
                                      "is not an integer"),
     "codec blob of a dtype the codec does not store": (lookup_of(candidate(
@@ -476,6 +491,26 @@ def test_other_hostile_answers_are_misses(fake: FakeDaemon, name: str) -> None:
         results = every_call(c)
     method = name.split(":")[0]
     assert results["fetch" if method == "verify" else method] is None
+
+
+def test_a_daemon_that_requires_sha256_gets_it_from_then_on(fake: FakeDaemon, caplog) -> None:
+    """A put carries its CRC-32C alone unless `put_sha256`; a daemon of an earlier release refused
+    that, in these words (no earlier release can run here, so the fake answers as it did)."""
+    sent: list[bytes] = []
+
+    def put(header: pb.PutHeader) -> Answer:
+        sent.append(header.blob.sha256)
+        if not header.blob.sha256:
+            return Refusal(grpc.StatusCode.INVALID_ARGUMENT, "blob.sha256 must be 32 bytes, got 0")
+        return pb.PutResponse(entry_id=IDS["a"], created=True)
+
+    fake.script = Script(put=put)
+    with caplog.at_level(logging.WARNING, logger="flexcache.client"), client_of(fake) as c:
+        assert not c.put_sha256
+        assert c.put("a corgi", LATENT, unit(1), seed=7) == IDS["a"]
+        assert c.put("a corgi", LATENT, unit(1), seed=7) == IDS["a"] and c.put_sha256
+    assert len(sent) == 3 and sent[0] == b"" and len(sent[1]) == 32 and sent[2] == sent[1]
+    assert "requires each put's sha256" in caplog.text
 
 
 def test_a_codec_blob_at_odds_with_its_record_is_not_decoded(fake: FakeDaemon) -> None:

@@ -123,6 +123,22 @@ def test_put_is_content_addressed(client: CacheClient) -> None:
     assert client.stats().entries == 2
 
 
+@pytest.mark.parametrize("data_port", [True, False], ids=["PutDirect", "Put stream"])
+def test_a_put_carries_its_sha256_only_when_asked(daemon, data_port: bool) -> None:
+    """By default a blob's CRC-32C is its check end to end; with put_sha256 the daemon checks the
+    sha256 too and keeps it. The two are different entries (the checksums are part of the identity)."""
+    latent = np.random.default_rng(3).standard_normal((64, 64, 64)).astype(np.float32)  # 1 MiB: PutDirect
+    with connect(daemon.target, data_port=data_port) as crc_only, \
+            connect(daemon.target, data_port=data_port, put_sha256=True) as both:
+        plain, strong = crc_only.put("a corgi", latent, unit(60)), both.put("a corgi", latent, unit(60))
+        assert plain and strong and plain != strong
+        assert crc_only.put("a corgi", latent, unit(60)) == plain  # still content-addressed
+        fetched = {e: crc_only.fetch(e) for e in (plain, strong)}
+    assert fetched[plain].blob.sha256 == b"" and fetched[plain].blob.HasField("crc32c")
+    assert len(fetched[strong].blob.sha256) == 32 and fetched[strong].blob.crc32c == fetched[plain].blob.crc32c
+    assert bytes(fetched[plain].data) == bytes(fetched[strong].data)
+
+
 def test_namespaces_are_isolated(daemon, client: CacheClient) -> None:
     entry_id = client.put("tenant a's prompt", np.ones(8, np.float32), unit(50))
     other_tenant = dataclasses.replace(NS, tenant="globex")

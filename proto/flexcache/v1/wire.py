@@ -114,8 +114,10 @@ def blob_problem(blob: pb.BlobInfo, total_steps: int | None = None) -> str | Non
     and dtype are checked for the codecs a client decodes, other codecs are opaque bytes."""
     if not 1 <= blob.size <= MAX_BLOB_BYTES:
         return f"blob size {blob.size} is outside 1..{MAX_BLOB_BYTES}"
-    if len(blob.sha256) != 32:
+    if len(blob.sha256) not in (0, 32):
         return f"blob sha256 has {len(blob.sha256)} bytes, not 32"
+    if not blob.sha256 and not blob.HasField("crc32c"):
+        return "blob has neither a sha256 nor a crc32c: nothing could check its bytes"
     shape = list(blob.shape)
     if len(shape) > MAX_NDIM or min(shape, default=0) < 0:
         return f"blob shape {shape[:MAX_NDIM + 1]} is not 0 to {MAX_NDIM} non-negative sizes"
