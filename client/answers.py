@@ -5,7 +5,7 @@ candidate whose mask or blob header does not add up, steps a worker cannot skip,
 another entry, a stream longer than it declared. Such an answer is `Malformed`; the caller turns it
 into a miss with a warning. Sizes are products of Python ints, bounded (wire.MAX_BLOB_BYTES,
 wire.MAX_MASK_CELLS) before anything is allocated. Fetched bytes are verified against the entry's
-CRC-32C, or its sha256 when it was stored without one (`receive_blob`, `verify_blob`).
+CRC-32C, or its sha256 when it was stored without one, as they arrive (`BlobCheck`, `receive_blob`).
 """
 
 from __future__ import annotations
@@ -111,13 +111,29 @@ def _verifier(blob: pb.BlobInfo) -> _Digest:
     return _ThreadedDigest(blob) if blob.size >= _THREADED_HASH_BYTES else _Digest(blob)
 
 
-def verify_blob(entry_id: str, blob: pb.BlobInfo, data: bytearray) -> None:
-    """Raise ChecksumMismatch unless `data` is the blob `blob` describes (its CRC-32C, else sha256). The
-    bytes are all there: nothing to overlap a helper thread with."""
-    verifier = _Crc32c(blob) if blob.HasField("crc32c") else _Digest(blob)
-    verifier.update(memoryview(data))
-    if not verifier.matches():
-        raise ChecksumMismatch(f"entry {entry_id}: checksum mismatch, blob discarded")
+class BlobCheck:
+    """The checksum of a blob (its CRC-32C, else its sha256) computed as its bytes arrive, so that it
+    overlaps the rest of the transfer: `update` with each piece in order, then `finish`, which raises
+    ChecksumMismatch unless the whole matches; `close` if the transfer is given up (a large blob
+    without a CRC-32C is hashed on a helper thread, which it stops)."""
+
+    def __init__(self, entry_id: str, blob: pb.BlobInfo):
+        self._entry_id = entry_id
+        self._verifier = _verifier(blob)
+
+    def update(self, piece: memoryview) -> None:
+        self._verifier.update(piece)
+
+    def finish(self) -> None:
+        try:
+            matches = self._verifier.matches()
+        finally:
+            self._verifier.close()
+        if not matches:
+            raise ChecksumMismatch(f"entry {self._entry_id}: checksum mismatch, blob discarded")
+
+    def close(self) -> None:
+        self._verifier.close()
 
 
 def receive_blob(header: pb.FetchHeader, chunks: Iterable[bytes | memoryview]) -> bytearray:
@@ -126,7 +142,7 @@ def receive_blob(header: pb.FetchHeader, chunks: Iterable[bytes | memoryview]) -
     blob without a CRC-32C is hashed on a helper thread while the next chunks arrive (hashlib releases
     the GIL). Raises Malformed (an empty chunk, more or fewer bytes than declared) or ChecksumMismatch."""
     size, entry_id = header.blob.size, header.entry_id
-    verifier = _verifier(header.blob)
+    check = BlobCheck(entry_id, header.blob)
     try:
         data = bytearray(size)
         view = memoryview(data)
@@ -138,14 +154,13 @@ def receive_blob(header: pb.FetchHeader, chunks: Iterable[bytes | memoryview]) -
             if end > size:
                 raise Malformed(f"entry {entry_id}: the daemon sent more than the declared {size} bytes")
             view[offset:end] = chunk
-            verifier.update(view[offset:end])  # check the copy in place; the chunk can be freed
+            check.update(view[offset:end])  # check the copy in place; the chunk can be freed
             offset = end
         if offset != size:
             raise Malformed(f"entry {entry_id}: the blob ended after {offset} of {size} bytes")
-        if not verifier.matches():
-            raise ChecksumMismatch(f"entry {entry_id}: checksum mismatch, blob discarded")
+        check.finish()
     finally:
-        verifier.close()
+        check.close()
     return data
 
 

@@ -26,6 +26,7 @@ from flexcache.v1 import wire
 
 from . import codec, dataport
 from .answers import (
+    BlobCheck,
     ChecksumMismatch,
     Fetched,
     Malformed,
@@ -33,7 +34,6 @@ from .answers import (
     check_header,
     check_ticket,
     receive_blob,
-    verify_blob,
 )
 from .base import CacheBase, Namespace
 from .retry import Retry
@@ -285,11 +285,13 @@ class CacheClient(CacheBase):
             return None
         request.granted_steps = 0  # credited
         header = answer.header
+        check = BlobCheck(header.entry_id, header.blob)
         try:
             data = conns.receive(answer.data_port, answer.ticket, header.blob.size, self.transfer_timeout_s,
-                                  answer.data_host)
-            verify_blob(header.entry_id, header.blob, data)
+                                  answer.data_host, on_bytes=check.update)
+            check.finish()
         except (OSError, ValueError, ChecksumMismatch) as exc:
+            check.close()
             self._failed("fetch over the data port", exc)
             if isinstance(exc, dataport.Unreachable):  # do not pay a connect timeout on every fetch
                 self._data_paused_until = time.monotonic() + DATA_PORT_RETRY_S

@@ -58,11 +58,13 @@ class DataConnections:
         self._idle: dict[tuple[str, int], list[socket.socket]] = {}
         self._lock = threading.Lock()
 
-    def receive(self, port: int, ticket: bytes, size: int, timeout_s: float, host: str = "") -> bytearray:
+    def receive(self, port: int, ticket: bytes, size: int, timeout_s: float, host: str = "",
+                on_bytes: Callable[[memoryview], None] | None = None) -> bytearray:
         """Redeem a FetchDirect `ticket` on the data port `port` of `host` (empty: `self.host`): exactly
-        `size` bytes. Raises Unreachable (no connection), another OSError (the connection is dropped) or
+        `size` bytes, each piece handed to `on_bytes` as it arrives (a checksum, while the daemon sends
+        the next). Raises Unreachable (no connection), another OSError (the connection is dropped) or
         ValueError (the daemon closed it early: an expired ticket, say)."""
-        return self._redeem(host or self.host, port, lambda conn: _receive(conn, ticket, size, timeout_s))
+        return self._redeem(host or self.host, port, lambda conn: _receive(conn, ticket, size, timeout_s, on_bytes))
 
     def send(self, port: int, ticket: bytes, data: bytes | bytearray | memoryview,
              timeout_s: float, host: str = "") -> tuple[int, bytes]:
@@ -126,11 +128,12 @@ class DataConnections:
                 conn.close()
 
 
-def _receive(conn: socket.socket, ticket: bytes, size: int, timeout_s: float) -> bytearray:
+def _receive(conn: socket.socket, ticket: bytes, size: int, timeout_s: float,
+             on_bytes: Callable[[memoryview], None] | None) -> bytearray:
     conn.settimeout(timeout_s)
     conn.sendall(ticket)
     data = bytearray(size)
-    _fill(conn, memoryview(data))
+    _fill(conn, memoryview(data), on_bytes)
     return data
 
 
@@ -149,12 +152,15 @@ def _send(conn: socket.socket, ticket: bytes, data: bytes | bytearray | memoryvi
     return code, bytes(payload)
 
 
-def _fill(conn: socket.socket, view: memoryview) -> None:
-    """Read exactly len(view) bytes; _Unused if the connection closes before the first, ValueError after."""
+def _fill(conn: socket.socket, view: memoryview, on_bytes: Callable[[memoryview], None] | None = None) -> None:
+    """Read exactly len(view) bytes, each piece to `on_bytes` once read; _Unused if the connection closes
+    before the first, ValueError after."""
     offset = 0
     while offset < len(view):
         n = conn.recv_into(view[offset:])
         if n == 0:
             raise (_Unused if offset == 0 else ValueError)(
                 f"data port closed the connection after {offset} of {len(view)} bytes")
+        if on_bytes is not None:
+            on_bytes(view[offset:offset + n])
         offset += n
