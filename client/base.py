@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -162,7 +163,8 @@ class CacheBase(abc.ABC):
     and its scrubber checks instead of the CRC-32C; off, a put's bytes carry their CRC-32C alone, end to
     end (computed here, checked by the daemon as they arrive and by every fetch), which saves the
     third of an 8 MiB put's time that sha256 takes on each side (docs/hardening.md, "Checksums").
-    A daemon of an earlier release, which requires sha256, gets it from then on. After a failure,
+    A daemon of an earlier release, which requires sha256, gets it from then on (the put it refused
+    is tried once more, with a deadline of its own). After a failure,
     `last_error` holds what went wrong (a grpc.RpcError, with its status code, for a daemon's refusal).
     """
 
@@ -178,6 +180,7 @@ class CacheBase(abc.ABC):
         self.retry = retry
         self.put_sha256 = put_sha256
         self.last_error: grpc.RpcError | Exception | None = None
+        self._this_thread = threading.local()  # .error: this thread's last failure (last_error is everyone's)
         self._last_warning: dict[str, float] = {}
         self._credential_refused = False  # told once that the daemon refuses this client's credential
         self._ns = namespace.to_proto()
@@ -255,7 +258,7 @@ class CacheBase(abc.ABC):
     def _failed(self, method: str, error: Exception) -> None:
         """Record and (rate-limited) log a failure that the caller sees as a miss. A refused credential
         is told once, in its own words, whatever the method: it will not fix itself."""
-        self.last_error = error
+        self.last_error = self._this_thread.error = error
         if isinstance(error, grpc.RpcError) and _status(error) in REFUSED_CREDENTIAL:
             if not self._credential_refused:
                 self._credential_refused = True
@@ -323,8 +326,9 @@ class CacheBase(abc.ABC):
         if object_mask is not None:
             shape, bits = tensors.pack_mask(object_mask)
             header.object_mask.CopyFrom(pb.Mask(shape=shape, bits=bits))
+        self._this_thread.error = None
         answer = self._put_blob(header, data)
-        if answer is None and not header.blob.sha256 and _needs_sha256(self.last_error):
+        if answer is None and not header.blob.sha256 and _needs_sha256(self._this_thread.error):
             log.warning("flexcache: the daemon at %s requires each put's sha256 (an earlier release); this client "
                         "sends it from now on", self.target)
             self.put_sha256 = True

@@ -291,11 +291,12 @@ class CacheClient(CacheBase):
                                   answer.data_host, on_bytes=check.update)
             check.finish()
         except (OSError, ValueError, ChecksumMismatch) as exc:
-            check.close()
             self._failed("fetch over the data port", exc)
             if isinstance(exc, dataport.Unreachable):  # do not pay a connect timeout on every fetch
                 self._data_paused_until = time.monotonic() + DATA_PORT_RETRY_S
             return _STREAM
+        finally:
+            check.close()  # a sha256 helper thread stops, whatever ended the transfer
         return Fetched(header.entry_id, header.prompt, header.blob, data)
 
     def _fetch_stream(self, request: pb.FetchRequest, expect: pb.BlobInfo | None, timeout: float) -> Fetched:

@@ -153,11 +153,16 @@ def _send(conn: socket.socket, ticket: bytes, data: bytes | bytearray | memoryvi
 
 
 def _fill(conn: socket.socket, view: memoryview, on_bytes: Callable[[memoryview], None] | None = None) -> None:
-    """Read exactly len(view) bytes, each piece to `on_bytes` once read; _Unused if the connection closes
-    before the first, ValueError after."""
+    """Read exactly len(view) bytes, each piece to `on_bytes` once read; _Unused (or a ConnectionError)
+    if the connection closes before the first, ValueError after (the ticket is spent: no retry)."""
     offset = 0
     while offset < len(view):
-        n = conn.recv_into(view[offset:])
+        try:
+            n = conn.recv_into(view[offset:])
+        except ConnectionError as exc:
+            if offset == 0:
+                raise  # a kept connection the daemon had closed: `_redeem` tries a new one
+            raise ValueError(f"data port connection lost after {offset} of {len(view)} bytes: {exc}") from exc
         if n == 0:
             raise (_Unused if offset == 0 else ValueError)(
                 f"data port closed the connection after {offset} of {len(view)} bytes")

@@ -274,6 +274,23 @@ def _relay_through_a_freeze(cluster: DaemonCluster, data_port: bool) -> None:
     assert 1.5 <= result["s"] < 8.0, result  # the freeze caught the transfer, and the stall deadline cut it
 
 
+def test_a_member_refusing_what_another_stored_leaves_the_put_acknowledged(tmp_path: Path) -> None:
+    """A copy refused as invalid by a member whose rules differ (a member of another release, here one
+    with a smaller max_vector_dim) after the coordinator stored its own: the put is answered with that
+    copy, one short, not with an error for an entry that exists."""
+    cluster = DaemonCluster(tmp_path, 2, **FAST)
+    cluster.nodes[1].settings["max_vector_dim"] = DIM // 2
+    with cluster:
+        wait_members(cluster.members, 2)
+        rng = np.random.default_rng(5)
+        with connect(cluster.targets[0]) as client, connect(cluster.targets[1]) as strict:
+            eid = client.put("a corgi in the snow", latent(rng), vector(rng), seed=1)
+            assert eid is not None, client.last_error
+            assert copies(cluster.members, [eid]) == {eid: 1}
+            assert strict.put("a corgi in the rain", latent(rng), vector(rng), seed=2) is None  # its own rule
+            assert strict.last_error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_a_replaced_node_gets_its_copies_back(cluster: DaemonCluster) -> None:
     entries = fill(cluster.targets, 60)
     ids = [eid for eid, _ in entries]

@@ -64,6 +64,7 @@ COPY_BYTES_PER_SECOND = 20 << 20  # the slowest a copy to a peer may go before i
 STALL_PEER_TIMEOUTS = 4  # a peer's fetch stream may pause this many peer_timeout_seconds between messages...
 STALL_MIN_S = 2.0  # ...and never less than this
 READ_AHEAD = 4  # messages of a peer's fetch stream read ahead of the client
+REFUSAL_LOG_S = 60.0  # a member refusing copies another stored is said at most this often
 _END = object()
 
 
@@ -175,6 +176,7 @@ class ClusterNode:
         self.transfer_timeout_s = transfer_timeout_s
         self.pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="peer")
         self._tables_lock = threading.Lock()  # one copy of step tables to the members at a time
+        self._refusal_said_at = -REFUSAL_LOG_S  # store_copies: the last warning of a member's refusal
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -201,9 +203,10 @@ class ClusterNode:
         running: dict[futures.Future[pb.PutResponse], str] = {}
         stored: dict[str, pb.PutResponse] = {}
         errors: list[CacheError] = []
+        refused: list[CacheError] = []  # InvalidRequest or Corrupt: the request's fault, unless a member stored it
 
         def launch() -> None:
-            while len(stored) + len(running) < want:
+            while not refused and len(stored) + len(running) < want:
                 node_id = next(candidates, None)
                 if node_id is None:
                     return
@@ -219,13 +222,21 @@ class ClusterNode:
                 node_id = running.pop(future)
                 try:
                     stored[node_id] = future.result()
-                except (InvalidRequest, Corrupt):
-                    raise  # the client's mistake: no other node would take it either
+                except (InvalidRequest, Corrupt) as exc:  # no other member would take it either: none is tried
+                    refused.append(exc)
                 except CacheError as exc:  # counted in peer_errors; a down member fails every put until probed
                     errors.append(exc)
                     log.debug("cluster: a copy of %s on %s failed (%s); trying the next member", session.entry_id,
                               node_id, exc)
             launch()
+        if refused and not stored:
+            raise refused[0]  # the client's mistake, answered once every copy under way has ended
+        if refused and time.monotonic() - self._refusal_said_at >= REFUSAL_LOG_S:
+            # A member of another release refusing what this one stored: a copy short (repair retries it).
+            self._refusal_said_at = time.monotonic()
+            log.warning("cluster: a member refused a copy of %s that %s stored (%s); members of different "
+                        "releases? (said at most every %.0f s)", session.entry_id, ", ".join(stored), refused[0],
+                        REFUSAL_LOG_S)
         if not stored:
             raise errors[0] if errors else Unavailable("no member could store the entry")
         if len(stored) < want:  # the repair passes add the rest (flexcache_cluster_under_replicated_entries)
