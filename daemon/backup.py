@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from flexcache.v1 import node_pb2
 
 from .errors import InvalidRequest, TooLarge, Unavailable, WrongPath
+from .segments import fsync_path
 from .version import version
 
 if TYPE_CHECKING:
@@ -124,15 +125,7 @@ def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     partial.replace(root / MANIFEST)
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(root)
 
 
 def read_manifest(backup: Path) -> dict[str, Any]:
@@ -185,11 +178,11 @@ def restore(backup: Path, data_dir: Path, force: bool = False) -> int:
         shutil.rmtree(leftover, ignore_errors=True)
     try:
         shutil.copytree(backup / STORE, incoming, copy_function=_copy_synced)
-        _fsync_dir(incoming)
+        fsync_path(incoming)
         if os.path.lexists(store_dir):
             store_dir.rename(outgoing)
         incoming.rename(store_dir)
-        _fsync_dir(data_dir)
+        fsync_path(data_dir)
     except BaseException:
         if os.path.lexists(outgoing) and not os.path.lexists(store_dir):
             outgoing.rename(store_dir)  # the store that was there, back in its place

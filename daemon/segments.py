@@ -189,7 +189,7 @@ class SegmentLog:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.close(fd)
         if self.fsync:
-            _fsync_dir(self.root)
+            fsync_path(self.root)
         if self._active is not None:
             self._active.sealed = True
             self._maybe_delete(self._active)
@@ -303,10 +303,9 @@ class SegmentLog:
         with self._locked():
             return sum(max(0, s.end - s.live) for s in self._segments.values())
 
-    def collectable(self, max_live_share: float, skip: Collection[int] = ()) -> tuple[int, int] | None:
-        """(number, dead bytes) of the sealed segment, with no writer and some dead bytes, whose live
-        share of its bytes is the smallest and at most `max_live_share`, not one of `skip`; None if
-        there is none."""
+    def collectable(self, max_live_share: float, skip: Collection[int] = ()) -> int | None:
+        """The number of the sealed segment, with no writer and some dead bytes, whose live share of its
+        bytes is the smallest and at most `max_live_share`, not one of `skip`; None if there is none."""
         with self._locked():
             best, best_share = None, max_live_share
             for segment in self._segments.values():
@@ -315,7 +314,7 @@ class SegmentLog:
                 share = segment.live / segment.end
                 if share <= best_share:
                     best, best_share = segment, share
-            return None if best is None else (best.number, best.end - best.live)
+            return None if best is None else best.number
 
     def live_in(self, number: int) -> int:
         with self._locked():
@@ -357,18 +356,16 @@ class SegmentLog:
                     except OSError:  # another file system, or no hard links there
                         pass
                 shutil.copyfile(path, destination)
-                _fsync_file(destination)
+                fsync_path(destination)
             except FileNotFoundError:  # deleted empty before the hold (its blobs in no checkpoint)
                 continue
-        _fsync_dir(target)
+        fsync_path(target)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Sync a file, or a folder's entries (through a read-only descriptor of it, as for a file)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-_fsync_dir = _fsync_file  # a folder's entries are synced through a read-only descriptor of it too

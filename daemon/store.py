@@ -149,7 +149,6 @@ class PendingPut:
     def __init__(self, store: Store, entry_id: str, size: int):
         self.entry_id = entry_id
         self.size = size
-        self.bytes = 0
         self.failed: BaseException | None = None
         self._store = store
         self._writer: segments.Writer | None = None
@@ -166,8 +165,6 @@ class PendingPut:
             self.failed = exc
         except OSError as exc:
             self.failed = self._store._write_failed("a put's blob", exc)
-        else:
-            self.bytes += len(data)
 
     def location(self, sync: bool) -> segments.Location:
         if self.failed is not None:
@@ -780,10 +777,9 @@ class Store:
         urgent = self._sampled_disk_bytes() > self.tuning.disk_target
         if dead <= 0 or not (urgent or dead > COLLECT_DEAD_SHARE * total) or self.full_since is not None:
             return False
-        found = self.segments.collectable(1.0 if urgent else COLLECT_LIVE_SHARE, skip=self._damaged_segments)
-        if found is None:
+        number = self.segments.collectable(1.0 if urgent else COLLECT_LIVE_SHARE, skip=self._damaged_segments)
+        if number is None:
             return False
-        number, _ = found
         before = self.segments.live_in(number)
         if self.free_bytes() < before + self.tuning.reserve:
             return False
