@@ -751,8 +751,12 @@ class Store:
 
     # ---- segment collection ----
     def _wake_collector(self) -> None:
-        if self.segments.dead_bytes() > COLLECT_DEAD_SHARE * self.segments.bytes()[0]:
+        if self._mostly_dead():
             self._collect_wake.set()
+
+    def _mostly_dead(self) -> bool:
+        """Whether dead bytes are over COLLECT_DEAD_SHARE of the segments' bytes."""
+        return self.segments.dead_bytes() > COLLECT_DEAD_SHARE * self.segments.bytes()[0]
 
     def _collect_loop(self) -> None:
         while not self._stopping.is_set():
@@ -773,9 +777,8 @@ class Store:
         Locations moved, each in its own batch; then the segment is deleted with its last live blob.
         Whether its live bytes went down (so that a segment that cannot be emptied is not copied over
         and over). Not while the disk is full or short of the segment's live bytes."""
-        dead, total = self.segments.dead_bytes(), self.segments.bytes()[0]
         urgent = self._sampled_disk_bytes() > self.tuning.disk_target
-        if dead <= 0 or not (urgent or dead > COLLECT_DEAD_SHARE * total) or self.full_since is not None:
+        if self.segments.dead_bytes() <= 0 or not (urgent or self._mostly_dead()) or self.full_since is not None:
             return False
         number = self.segments.collectable(1.0 if urgent else COLLECT_LIVE_SHARE, skip=self._damaged_segments)
         if number is None:
